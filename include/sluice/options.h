@@ -1,0 +1,79 @@
+#pragma once
+
+#include <sluice/export.h>
+#include <sluice/sampler.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace sluice {
+
+/// Which reader a dataset path needs (config `dataset.format`).
+enum class DatasetFormat { kAuto, kShards, kTar, kTokens, kFiles };
+
+struct DatasetOptions {
+  std::filesystem::path path;  // relative paths in a config file are relative to that file
+  DatasetFormat format = DatasetFormat::kAuto;
+};
+
+enum class IoEngineKind { kAuto, kUring, kThreads };
+enum class DirectIo { kAuto, kOn, kOff };
+
+struct IoOptions {
+  IoEngineKind engine = IoEngineKind::kAuto;  // auto: io_uring when the kernel allows it
+  uint32_t queue_depth = 64;                  // reads in flight per loader thread
+  DirectIo direct = DirectIo::kAuto;          // O_DIRECT when the file system allows it
+};
+
+enum class DeviceKind { kCpu, kPinned, kCuda };
+
+struct DeviceOptions {
+  DeviceKind kind = DeviceKind::kCpu;
+  int index = 0;  // the N of cuda:N
+};
+
+struct DistributedOptions {
+  std::optional<uint32_t> rank;        // nullopt: read RANK from the environment (default 0)
+  std::optional<uint32_t> world_size;  // nullopt: read WORLD_SIZE from the environment (default 1)
+};
+
+/// Everything a Loader needs, as in the YAML config (CONTRACT.md). Plain values with defaults;
+/// every key can be set from YAML, from set() with a dotted key, or directly in C++.
+struct SLUICE_EXPORT LoaderOptions {
+  DatasetOptions dataset;
+  uint64_t batch_size = 256;
+  bool drop_last = true;
+  uint64_t seed = 0;
+  ShuffleOptions shuffle;
+  uint32_t prefetch = 4;  // batches in flight per rank
+  IoOptions io;
+  DeviceOptions device;
+  DistributedOptions distributed;
+
+  /// Parses a YAML config file. Throws Error(kConfig) naming file, line and key for unknown
+  /// keys, wrong types and bad values; Error(kNotFound) when the file does not exist.
+  static LoaderOptions from_yaml(const std::filesystem::path& path);
+  /// Parses YAML text; `source` names it in errors; relative paths resolve against `base_dir`.
+  static LoaderOptions from_yaml_string(std::string_view text, const std::string& source,
+                                        const std::filesystem::path& base_dir = {});
+  /// Sets one key by its dotted config name from a YAML scalar, e.g.
+  /// set("shuffle.mode", "block"), set("batch_size", "512"). Same errors as from_yaml.
+  void set(std::string_view key, std::string_view yaml_value);
+
+  /// The options as the sampler needs them.
+  SamplerOptions sampler_options() const;
+  /// rank and world size, with "env" resolved from RANK / WORLD_SIZE; throws kConfig when
+  /// those variables are malformed or rank >= world_size.
+  uint32_t resolved_rank() const;
+  uint32_t resolved_world_size() const;
+  /// The options as YAML, in the config file's shape.
+  std::string to_yaml() const;
+};
+
+SLUICE_EXPORT std::string_view to_string(ShuffleMode mode);
+SLUICE_EXPORT std::string_view to_string(DatasetFormat format);
+
+}  // namespace sluice

@@ -1,0 +1,16 @@
+#pragma once
+
+/// sluice: a data loader that keeps GPUs fed. This header pulls in the whole public API.
+
+#include <sluice/dataset.h>
+#include <sluice/error.h>
+#include <sluice/export.h>
+#include <sluice/options.h>
+#include <sluice/sampler.h>
+
+namespace sluice {
+
+/// The library's version, "MAJOR.MINOR.PATCH".
+SLUICE_EXPORT const char* version();
+
+}  // namespace sluice

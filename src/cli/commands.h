@@ -1,0 +1,38 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace sluice::cli {
+
+struct PackArgs {
+  std::vector<std::filesystem::path> sources;
+  std::filesystem::path output;
+  std::string format = "auto";
+  uint64_t shard_bytes = 256ull << 20;
+  uint32_t alignment = 4096;
+  bool force = false;
+  bool json = false;
+};
+
+struct OrderArgs {
+  std::filesystem::path config;
+  int64_t rank = -1;        // -1: from the config / environment
+  int64_t world_size = -1;  // -1: from the config / environment
+  uint64_t epoch = 0;
+  uint64_t position = 0;    // resume point in the epoch's global order
+  bool json = false;
+};
+
+// Each returns the process exit code; user errors throw sluice::Error.
+int run_pack(const PackArgs& args);
+int run_inspect(const std::filesystem::path& dataset, bool json);
+int run_verify(const std::filesystem::path& dataset, bool json);
+int run_order(const OrderArgs& args);
+
+/// "256M", "1GiB", "4096" -> bytes; throws Error(kInvalidArgument) naming `text`.
+uint64_t parse_size(const std::string& text);
+
+}  // namespace sluice::cli

@@ -1,0 +1,68 @@
+// The `sluice` command line: pack, inspect, verify, order.
+
+#include <sluice/sluice.h>
+
+#include "cli/commands.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+
+int main(int argc, char** argv) {
+  using namespace sluice::cli;
+  CLI::App app{"sluice: a data loader that keeps GPUs fed"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", sluice::version());
+
+  PackArgs pack;
+  std::string shard_size;
+  auto* pack_cmd = app.add_subcommand("pack", "Pack a source dataset into sluice shards");
+  pack_cmd->add_option("SRC", pack.sources, "Source: a directory tree, one file per sample, "
+                       "parent directory name = label")->required();
+  pack_cmd->add_option("-o,--output", pack.output, "Destination dataset directory")->required();
+  pack_cmd->add_option("--format", pack.format, "Source format")
+      ->check(CLI::IsMember({"auto", "files", "tar", "npy", "tokens"}));
+  pack_cmd->add_option("--shard-size", shard_size, "Bytes of sample data per shard (e.g. 256M)");
+  pack_cmd->add_option("--alignment", pack.alignment, "Direct-I/O block size (power of two)");
+  pack_cmd->add_flag("--force", pack.force, "Replace an existing dataset at the destination");
+  pack_cmd->add_flag("--json", pack.json, "Print a JSON summary, no progress bar");
+
+  std::string dataset;
+  bool json = false;
+  auto* inspect_cmd = app.add_subcommand("inspect", "Describe a packed dataset");
+  inspect_cmd->add_option("DST", dataset, "Dataset directory")->required();
+  inspect_cmd->add_flag("--json", json, "Machine-readable output");
+
+  auto* verify_cmd = app.add_subcommand("verify", "Check every header, index entry and checksum");
+  verify_cmd->add_option("DST", dataset, "Dataset directory")->required();
+  verify_cmd->add_flag("--json", json, "Machine-readable output");
+
+  OrderArgs order;
+  auto* order_cmd = app.add_subcommand("order", "Print the global sample indices a rank "
+                                       "receives in an epoch, in delivery order");
+  order_cmd->add_option("CONFIG", order.config, "YAML config")->required();
+  order_cmd->add_option("--rank", order.rank, "Rank (default: the config's, or $RANK)");
+  order_cmd->add_option("--world-size", order.world_size,
+                        "World size (default: the config's, or $WORLD_SIZE)");
+  order_cmd->add_option("--epoch", order.epoch, "Epoch");
+  order_cmd->add_option("--position", order.position,
+                        "Resume from this many samples of the epoch consumed (all ranks)");
+  order_cmd->add_flag("--json", order.json, "Machine-readable output");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (!shard_size.empty()) pack.shard_bytes = parse_size(shard_size);
+    if (*pack_cmd) return run_pack(pack);
+    if (*inspect_cmd) return run_inspect(dataset, json);
+    if (*verify_cmd) return run_verify(dataset, json);
+    if (*order_cmd) return run_order(order);
+  } catch (const sluice::Error& e) {
+    fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
+    return e.code() == sluice::ErrorCode::kInvalidArgument ? 2 : 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
+    return 1;
+  }
+  return 0;
+}

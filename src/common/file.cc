@@ -1,0 +1,75 @@
+#include "common/file.h"
+
+#include "common/errors.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace sluice::detail {
+
+UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
+  if (this != &other) reset(other.release());
+  return *this;
+}
+
+void UniqueFd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+UniqueFd open_file(const std::filesystem::path& path, int flags, unsigned mode) {
+  int fd;
+  do {
+    fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) fail_errno(errno, "open " + path.string());
+  return UniqueFd(fd);
+}
+
+size_t pread_full(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& what) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done,
+                        static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      fail_errno(errno, fmt::format("read {} [{}+{}]", what, offset, buf.size()));
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
+void write_full(int fd, std::span<const std::byte> buf, const std::string& what,
+                int64_t offset) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t n = offset < 0 ? ::write(fd, buf.data() + done, buf.size() - done)
+                           : ::pwrite(fd, buf.data() + done, buf.size() - done,
+                                      static_cast<off_t>(offset) + static_cast<off_t>(done));
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      fail_errno(errno, "write " + what);
+    }
+    done += static_cast<size_t>(n);
+  }
+}
+
+void fsync_or_throw(int fd, const std::string& what) {
+  if (::fsync(fd) != 0) fail_errno(errno, "fsync " + what);
+}
+
+void fsync_dir(const std::filesystem::path& dir) {
+  UniqueFd fd = open_file(dir, O_RDONLY | O_DIRECTORY);
+  fsync_or_throw(fd.get(), dir.string());
+}
+
+uint64_t file_size(int fd, const std::string& what) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail_errno(errno, "stat " + what);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+}  // namespace sluice::detail

@@ -1,0 +1,350 @@
+#include <sluice/options.h>
+
+#include "common/errors.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <charconv>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+
+namespace sluice {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Where a value came from, for errors: "train.yaml:7: shuffle.mode: ...".
+struct Context {
+  const std::string& source;
+  const fs::path& base_dir;
+};
+
+[[noreturn]] void config_error(const Context& ctx, const YAML::Node& node, std::string_view key,
+                               const std::string& what) {
+  std::string where = ctx.source;
+  if (node.Mark().line >= 0) where += fmt::format(":{}", node.Mark().line + 1);
+  throw Error(ErrorCode::kConfig, fmt::format("{}: {}: {}", where, key, what));
+}
+
+std::string shown(const YAML::Node& node) {
+  if (!node.IsDefined() || node.IsNull()) return "nothing";
+  if (node.IsScalar()) return fmt::format("\"{}\"", node.Scalar());
+  return node.IsMap() ? "a mapping" : "a list";
+}
+
+std::string scalar(const Context& ctx, const YAML::Node& node, std::string_view key,
+                   std::string_view expected) {
+  if (!node.IsScalar()) config_error(ctx, node, key, fmt::format("expected {}, got {}", expected, shown(node)));
+  return node.Scalar();
+}
+
+uint64_t parse_uint(const Context& ctx, const YAML::Node& node, std::string_view key,
+                    uint64_t min = 0, uint64_t max = UINT64_MAX) {
+  std::string expected = min > 0 ? "a positive integer" : "a non-negative integer";
+  std::string s = scalar(ctx, node, key, expected);
+  uint64_t value = 0;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  if (ec != std::errc() || end != s.data() + s.size() || s.empty())
+    config_error(ctx, node, key, fmt::format("expected {}, got \"{}\"", expected, s));
+  if (value < min || value > max)
+    config_error(ctx, node, key, fmt::format("{} is out of range [{}, {}]", value, min, max));
+  return value;
+}
+
+bool parse_bool(const Context& ctx, const YAML::Node& node, std::string_view key) {
+  std::string s = scalar(ctx, node, key, "true or false");
+  bool value;
+  if (!YAML::convert<bool>::decode(node, value))
+    config_error(ctx, node, key, fmt::format("expected true or false, got \"{}\"", s));
+  return value;
+}
+
+template <typename E>
+E parse_enum(const Context& ctx, const YAML::Node& node, std::string_view key,
+             std::initializer_list<std::pair<std::string_view, E>> values) {
+  std::string names;
+  for (const auto& [name, _] : values) names += (names.empty() ? "" : ", ") + std::string(name);
+  std::string s = scalar(ctx, node, key, "one of " + names);
+  for (const auto& [name, value] : values)
+    if (s == name) return value;
+  config_error(ctx, node, key, fmt::format("unknown value \"{}\" (expected {})", s, names));
+}
+
+std::optional<uint32_t> parse_rank(const Context& ctx, const YAML::Node& node, std::string_view key,
+                                   uint64_t min) {
+  if (node.IsScalar() && node.Scalar() == "env") return std::nullopt;
+  if (!node.IsScalar() || node.Scalar().empty() || !std::isdigit(static_cast<unsigned char>(node.Scalar()[0])))
+    config_error(ctx, node, key, fmt::format("expected env or an integer, got {}", shown(node)));
+  return static_cast<uint32_t>(parse_uint(ctx, node, key, min, UINT32_MAX));
+}
+
+DeviceOptions parse_device(const Context& ctx, const YAML::Node& node, std::string_view key) {
+  std::string s = scalar(ctx, node, key, "cpu, pinned or cuda:N");
+  if (s == "cpu") return {DeviceKind::kCpu, 0};
+  if (s == "pinned") return {DeviceKind::kPinned, 0};
+  if (s == "cuda") return {DeviceKind::kCuda, 0};
+  if (s.starts_with("cuda:")) {
+    int index = -1;
+    auto [end, ec] = std::from_chars(s.data() + 5, s.data() + s.size(), index);
+    if (ec == std::errc() && end == s.data() + s.size() && index >= 0 && s.size() > 5)
+      return {DeviceKind::kCuda, index};
+  }
+  config_error(ctx, node, key, fmt::format("unknown value \"{}\" (expected cpu, pinned, cuda:N)", s));
+}
+
+using Setter = std::function<void(LoaderOptions&, const YAML::Node&, const Context&)>;
+
+const std::vector<std::pair<std::string_view, Setter>>& setters() {
+  static const std::vector<std::pair<std::string_view, Setter>> table = {
+      {"dataset.path",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         std::string s = scalar(c, n, "dataset.path", "a path");
+         if (s.empty()) config_error(c, n, "dataset.path", "must not be empty");
+         fs::path p(s);
+         o.dataset.path = p.is_absolute() || c.base_dir.empty() ? p : (c.base_dir / p).lexically_normal();
+       }},
+      {"dataset.format",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.format = parse_enum<DatasetFormat>(
+             c, n, "dataset.format",
+             {{"auto", DatasetFormat::kAuto}, {"shards", DatasetFormat::kShards},
+              {"tar", DatasetFormat::kTar}, {"tokens", DatasetFormat::kTokens},
+              {"files", DatasetFormat::kFiles}});
+       }},
+      {"batch_size",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.batch_size = parse_uint(c, n, "batch_size", 1, 1u << 24);
+       }},
+      {"drop_last",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.drop_last = parse_bool(c, n, "drop_last");
+       }},
+      {"seed",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.seed = parse_uint(c, n, "seed");
+       }},
+      {"shuffle.mode",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.shuffle.mode = parse_enum<ShuffleMode>(
+             c, n, "shuffle.mode",
+             {{"global", ShuffleMode::kGlobal}, {"block", ShuffleMode::kBlock},
+              {"shard", ShuffleMode::kShard}, {"none", ShuffleMode::kNone}});
+       }},
+      {"shuffle.block_size",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.shuffle.block_size = parse_uint(c, n, "shuffle.block_size", 1);
+       }},
+      {"shuffle.buffer_size",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.shuffle.buffer_size = parse_uint(c, n, "shuffle.buffer_size", 1);
+       }},
+      {"prefetch",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.prefetch = static_cast<uint32_t>(parse_uint(c, n, "prefetch", 1, 1024));
+       }},
+      {"io.engine",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.io.engine = parse_enum<IoEngineKind>(
+             c, n, "io.engine",
+             {{"auto", IoEngineKind::kAuto}, {"uring", IoEngineKind::kUring},
+              {"threads", IoEngineKind::kThreads}});
+       }},
+      {"io.queue_depth",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.io.queue_depth = static_cast<uint32_t>(parse_uint(c, n, "io.queue_depth", 1, 4096));
+       }},
+      {"io.direct",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         std::string s = scalar(c, n, "io.direct", "auto, true or false");
+         o.io.direct = s == "auto" ? DirectIo::kAuto
+                                   : (parse_bool(c, n, "io.direct") ? DirectIo::kOn : DirectIo::kOff);
+       }},
+      {"device",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.device = parse_device(c, n, "device");
+       }},
+      {"distributed.rank",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.rank = parse_rank(c, n, "distributed.rank", 0);
+       }},
+      {"distributed.world_size",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.world_size = parse_rank(c, n, "distributed.world_size", 1);
+       }},
+  };
+  return table;
+}
+
+const Setter* find_setter(std::string_view key) {
+  for (const auto& [name, setter] : setters())
+    if (name == key) return &setter;
+  return nullptr;
+}
+
+bool is_section(std::string_view key) {
+  for (const auto& [name, _] : setters())
+    if (name.starts_with(key) && name.size() > key.size() && name[key.size()] == '.') return true;
+  return false;
+}
+
+void apply_map(LoaderOptions& o, const YAML::Node& map, const std::string& prefix,
+               const Context& ctx) {
+  std::set<std::string> seen;
+  for (const auto& kv : map) {
+    const YAML::Node& key_node = kv.first;
+    if (!key_node.IsScalar()) config_error(ctx, key_node, prefix + "?", "keys must be names");
+    std::string key = prefix + key_node.Scalar();
+    if (!seen.insert(key).second) config_error(ctx, key_node, key, "duplicate key");
+    if (kv.second.IsMap() && is_section(key)) {
+      apply_map(o, kv.second, key + ".", ctx);
+    } else if (const Setter* s = find_setter(key)) {
+      (*s)(o, kv.second, ctx);
+    } else if (is_section(key)) {
+      config_error(ctx, kv.second, key, fmt::format("expected a mapping, got {}", shown(kv.second)));
+    } else {
+      config_error(ctx, key_node, key, "unknown key");
+    }
+  }
+}
+
+std::optional<uint32_t> env_uint(const char* name, uint64_t min) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return std::nullopt;
+  uint64_t value = 0;
+  std::string_view s(v);
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  if (ec != std::errc() || end != s.data() + s.size() || value < min || value > UINT32_MAX)
+    detail::fail(ErrorCode::kConfig, "environment variable {}=\"{}\": expected an integer >= {}",
+                 name, s, min);
+  return static_cast<uint32_t>(value);
+}
+
+}  // namespace
+
+LoaderOptions LoaderOptions::from_yaml_string(std::string_view text, const std::string& source,
+                                              const fs::path& base_dir) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+  } catch (const YAML::Exception& e) {
+    detail::fail(ErrorCode::kConfig, "{}:{}:{}: invalid YAML: {}", source, e.mark.line + 1,
+                 e.mark.column + 1, e.msg);
+  }
+  Context ctx{source, base_dir};
+  LoaderOptions o;
+  if (root.IsNull()) return o;
+  if (!root.IsMap())
+    detail::fail(ErrorCode::kConfig, "{}: expected a mapping of config keys at the top level",
+                 source);
+  apply_map(o, root, "", ctx);
+  return o;
+}
+
+LoaderOptions LoaderOptions::from_yaml(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) {
+    std::error_code ec;
+    if (!fs::exists(path, ec))
+      throw Error(ErrorCode::kNotFound, fmt::format("{}: config file not found", path.string()),
+                  ENOENT);
+    detail::fail_errno(errno, "read config " + path.string());
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  return from_yaml_string(text.str(), path.string(), fs::absolute(path).parent_path());
+}
+
+void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
+  const Setter* s = find_setter(key);
+  std::string source = fmt::format("override {}", key);
+  if (!s) detail::fail(ErrorCode::kConfig, "{}: unknown key", key);
+  YAML::Node node;
+  try {
+    node = YAML::Load(std::string(yaml_value));
+  } catch (const YAML::Exception& e) {
+    detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
+  }
+  fs::path cwd = fs::current_path();
+  const std::string overrides = "override";
+  Context ctx{overrides, cwd};
+  (*s)(*this, node, ctx);
+}
+
+SamplerOptions LoaderOptions::sampler_options() const {
+  return {shuffle, seed, batch_size, drop_last};
+}
+
+uint32_t LoaderOptions::resolved_world_size() const {
+  if (distributed.world_size) return *distributed.world_size;
+  return env_uint("WORLD_SIZE", 1).value_or(1);
+}
+
+uint32_t LoaderOptions::resolved_rank() const {
+  uint32_t rank = distributed.rank ? *distributed.rank : env_uint("RANK", 0).value_or(0);
+  uint32_t world = resolved_world_size();
+  if (rank >= world)
+    detail::fail(ErrorCode::kConfig, "distributed.rank: rank {} is not below world_size {}", rank,
+                 world);
+  return rank;
+}
+
+std::string_view to_string(ShuffleMode mode) {
+  switch (mode) {
+    case ShuffleMode::kGlobal: return "global";
+    case ShuffleMode::kBlock: return "block";
+    case ShuffleMode::kShard: return "shard";
+    case ShuffleMode::kNone: return "none";
+  }
+  return "?";
+}
+
+std::string_view to_string(DatasetFormat format) {
+  switch (format) {
+    case DatasetFormat::kAuto: return "auto";
+    case DatasetFormat::kShards: return "shards";
+    case DatasetFormat::kTar: return "tar";
+    case DatasetFormat::kTokens: return "tokens";
+    case DatasetFormat::kFiles: return "files";
+  }
+  return "?";
+}
+
+std::string LoaderOptions::to_yaml() const {
+  auto engine = io.engine == IoEngineKind::kAuto ? "auto"
+                : io.engine == IoEngineKind::kUring ? "uring" : "threads";
+  auto direct = io.direct == DirectIo::kAuto ? "auto" : io.direct == DirectIo::kOn ? "true" : "false";
+  std::string dev = device.kind == DeviceKind::kCpu      ? "cpu"
+                    : device.kind == DeviceKind::kPinned ? "pinned"
+                                                         : fmt::format("cuda:{}", device.index);
+  auto opt = [](const std::optional<uint32_t>& v) { return v ? std::to_string(*v) : "env"; };
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  out << YAML::Key << "dataset" << YAML::Value << YAML::Flow << YAML::BeginMap
+      << YAML::Key << "path" << YAML::Value << dataset.path.string()
+      << YAML::Key << "format" << YAML::Value << std::string(to_string(dataset.format))
+      << YAML::EndMap;
+  out << YAML::Key << "batch_size" << YAML::Value << batch_size;
+  out << YAML::Key << "drop_last" << YAML::Value << drop_last;
+  out << YAML::Key << "seed" << YAML::Value << seed;
+  out << YAML::Key << "shuffle" << YAML::Value << YAML::Flow << YAML::BeginMap
+      << YAML::Key << "mode" << YAML::Value << std::string(to_string(shuffle.mode))
+      << YAML::Key << "block_size" << YAML::Value << shuffle.block_size
+      << YAML::Key << "buffer_size" << YAML::Value << shuffle.buffer_size << YAML::EndMap;
+  out << YAML::Key << "prefetch" << YAML::Value << prefetch;
+  out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap
+      << YAML::Key << "engine" << YAML::Value << engine
+      << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
+      << YAML::Key << "direct" << YAML::Value << direct << YAML::EndMap;
+  out << YAML::Key << "device" << YAML::Value << dev;
+  out << YAML::Key << "distributed" << YAML::Value << YAML::Flow << YAML::BeginMap
+      << YAML::Key << "rank" << YAML::Value << opt(distributed.rank)
+      << YAML::Key << "world_size" << YAML::Value << opt(distributed.world_size) << YAML::EndMap;
+  out << YAML::EndMap;
+  return out.c_str();
+}
+
+}  // namespace sluice

@@ -1,0 +1,188 @@
+#include "common/errors.h"
+#include "sampler/epoch_order.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace sluice {
+
+using detail::fail;
+using sampler::derive_key;
+using sampler::Permutation;
+
+namespace {
+uint64_t ceil_div(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+}  // namespace
+
+EpochOrder::EpochOrder(const SamplerOptions& o, uint64_t num_samples,
+                       const std::vector<uint64_t>& shard_sizes, uint64_t epoch)
+    : mode_(o.shuffle.mode), n_(num_samples),
+      key_(derive_key(derive_key(o.seed, epoch), static_cast<uint64_t>(o.shuffle.mode))) {
+  switch (mode_) {
+    case ShuffleMode::kGlobal:
+      global_ = Permutation(n_, key_);
+      break;
+    case ShuffleMode::kBlock: {
+      block_ = o.shuffle.block_size;
+      num_blocks_ = ceil_div(n_, block_);
+      tail_ = n_ % block_;
+      global_ = Permutation(num_blocks_, key_);  // over blocks
+      // Block ids are 0..num_blocks-1 and only the last one is partial.
+      tail_slot_ = tail_ ? global_.inverse(num_blocks_ - 1) : num_blocks_;
+      break;
+    }
+    case ShuffleMode::kShard: {
+      window_ = o.shuffle.buffer_size;
+      std::vector<uint64_t> sizes = shard_sizes;
+      if (sizes.empty() && n_ > 0) sizes.push_back(n_);  // no shard table: one group
+      Permutation shard_perm(sizes.size(), key_);
+      shard_firsts_.resize(sizes.size());
+      std::exclusive_scan(sizes.begin(), sizes.end(), shard_firsts_.begin(), uint64_t{0});
+      uint64_t pos = 0;
+      for (uint64_t k = 0; k < sizes.size(); ++k) {
+        uint64_t s = shard_perm(k);
+        if (sizes[s] == 0) continue;
+        stream_starts_.push_back(pos);
+        stream_shards_.push_back(s);
+        pos += sizes[s];
+      }
+      break;
+    }
+    case ShuffleMode::kNone:
+      break;
+  }
+}
+
+uint64_t EpochOrder::operator()(uint64_t p) const {
+  switch (mode_) {
+    case ShuffleMode::kGlobal: return global_(p);
+    case ShuffleMode::kBlock: return block_order(p);
+    case ShuffleMode::kShard: return shard_order(p);
+    case ShuffleMode::kNone: break;
+  }
+  return p;
+}
+
+uint64_t EpochOrder::block_order(uint64_t p) const {
+  // Slots before the partial block hold full blocks; the partial block occupies tail_ positions.
+  uint64_t slot, offset, size = block_;
+  uint64_t tail_start = tail_slot_ * block_;
+  if (p < tail_start) {
+    slot = p / block_;
+    offset = p % block_;
+  } else if (p < tail_start + tail_) {
+    slot = tail_slot_;
+    offset = p - tail_start;
+    size = tail_;
+  } else {
+    uint64_t q = p - tail_start - tail_;
+    slot = tail_slot_ + 1 + q / block_;
+    offset = q % block_;
+  }
+  uint64_t block = global_(slot);
+  Permutation inner(size, derive_key(key_, block + 1));
+  return block * block_ + inner(offset);
+}
+
+uint64_t EpochOrder::shard_order(uint64_t p) const {
+  uint64_t window = p / window_;
+  uint64_t start = window * window_;
+  uint64_t len = std::min(window_, n_ - start);
+  uint64_t q = start + Permutation(len, derive_key(key_, window + 1))(p - start);
+  auto k = static_cast<size_t>(
+      std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) - stream_starts_.begin() -
+      1);
+  return shard_firsts_[stream_shards_[k]] + (q - stream_starts_[k]);
+}
+
+Sampler::Sampler(const SamplerOptions& options, uint64_t num_samples,
+                 std::vector<uint64_t> shard_sizes)
+    : options_(options), num_samples_(num_samples), shard_sizes_(std::move(shard_sizes)) {
+  if (options_.batch_size == 0) fail(ErrorCode::kInvalidArgument, "batch_size must be at least 1");
+  if (options_.shuffle.block_size == 0)
+    fail(ErrorCode::kInvalidArgument, "shuffle.block_size must be at least 1");
+  if (options_.shuffle.buffer_size == 0)
+    fail(ErrorCode::kInvalidArgument, "shuffle.buffer_size must be at least 1");
+  if (num_samples_ > (uint64_t{1} << 62))
+    fail(ErrorCode::kInvalidArgument, "{} samples is more than the sampler handles (2^62)",
+         num_samples_);
+  if (!shard_sizes_.empty() &&
+      std::accumulate(shard_sizes_.begin(), shard_sizes_.end(), uint64_t{0}) != num_samples_)
+    fail(ErrorCode::kInvalidArgument, "shard sizes do not add up to {} samples", num_samples_);
+}
+
+uint64_t Sampler::at(uint64_t epoch, uint64_t position) const {
+  if (position >= num_samples_)
+    fail(ErrorCode::kInvalidArgument, "position {} out of range (epoch has {} samples)", position,
+         num_samples_);
+  return EpochOrder(options_, num_samples_, shard_sizes_, epoch)(position);
+}
+
+RankPlan Sampler::plan(const SamplerState& state, uint32_t rank, uint32_t world_size) const {
+  if (world_size == 0) fail(ErrorCode::kInvalidArgument, "world_size must be at least 1");
+  if (rank >= world_size)
+    fail(ErrorCode::kInvalidArgument, "rank {} out of range for world_size {}", rank, world_size);
+  if (state.position > num_samples_)
+    fail(ErrorCode::kInvalidArgument, "resume position {} is past the epoch's {} samples",
+         state.position, num_samples_);
+  RankPlan p;
+  p.order_ = std::make_shared<EpochOrder>(options_, num_samples_, shard_sizes_, state.epoch);
+  p.epoch_ = state.epoch;
+  p.start_ = state.position;
+  p.remaining_ = num_samples_ - state.position;
+  p.batch_ = options_.batch_size;
+  p.world_ = world_size;
+  p.rank_ = rank;
+  uint64_t global = p.batch_ * p.world_;
+  p.full_batches_ = p.remaining_ / global;
+  uint64_t rest = p.remaining_ % global;
+  if (!options_.drop_last && rest > 0) {
+    p.tail_ = rest;
+    p.tail_per_rank_ = ceil_div(rest, p.world_);
+  }
+  p.num_batches_ = p.full_batches_ + (p.tail_ > 0);
+  return p;
+}
+
+uint64_t Sampler::num_batches(uint32_t world_size, uint64_t position) const {
+  return plan({0, position}, 0, world_size).num_batches();
+}
+
+uint64_t RankPlan::batch_samples(uint64_t step) const {
+  if (step < full_batches_) return batch_;
+  return step == full_batches_ && tail_ > 0 ? tail_per_rank_ : 0;
+}
+
+void RankPlan::batch(uint64_t step, std::vector<SampleRef>& out) const {
+  out.clear();
+  const EpochOrder& order = *order_;
+  if (step < full_batches_) {
+    uint64_t base = start_ + step * batch_ * world_ + rank_ * batch_;
+    for (uint64_t j = 0; j < batch_; ++j) out.push_back({order(base + j), false});
+    return;
+  }
+  if (step != full_batches_ || tail_ == 0)
+    fail(ErrorCode::kInvalidArgument, "batch {} out of range (epoch {} has {} batches per rank)",
+         step, epoch_, num_batches_);
+  // The last global batch holds tail_ real samples split into equal runs of tail_per_rank_;
+  // runs past the end repeat real samples of that batch and are marked as padding.
+  uint64_t base = start_ + full_batches_ * batch_ * world_;
+  for (uint64_t j = 0; j < tail_per_rank_; ++j) {
+    uint64_t q = rank_ * tail_per_rank_ + j;
+    if (q < tail_) out.push_back({order(base + q), false});
+    else out.push_back({order(base + q % tail_), true});
+  }
+}
+
+SamplerState RankPlan::state_after(uint64_t steps) const {
+  uint64_t consumed = std::min(steps, full_batches_) * batch_ * world_;
+  if (steps > full_batches_ && tail_ > 0) consumed += tail_;
+  return {epoch_, start_ + consumed};
+}
+
+uint64_t RankPlan::worker_batches(uint64_t num_batches, uint32_t worker, uint32_t workers) {
+  if (workers == 0 || worker >= workers) return 0;
+  return num_batches / workers + (worker < num_batches % workers);
+}
+
+}  // namespace sluice
