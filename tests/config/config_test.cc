@@ -1,0 +1,159 @@
+// YAML config parsing: every key, and errors that name file, line and key.
+
+#include "test_util.h"
+
+#include <fstream>
+
+namespace sluice {
+namespace {
+
+std::string config_error(const std::string& yaml) {
+  try {
+    LoaderOptions::from_yaml_string(yaml, "train.yaml", "/base");
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kConfig) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "no error for:\n" << yaml;
+  return {};
+}
+
+TEST(Config, ParsesEveryKey) {
+  auto o = LoaderOptions::from_yaml_string(R"(
+dataset: {path: data/imagenet, format: shards}
+batch_size: 512
+drop_last: false
+seed: 42
+shuffle: {mode: block, block_size: 128, buffer_size: 999}
+prefetch: 8
+io: {engine: threads, queue_depth: 32, direct: false}
+device: cuda:1
+distributed: {rank: 3, world_size: 8}
+)", "train.yaml", "/base");
+  EXPECT_EQ(o.dataset.path, "/base/data/imagenet");
+  EXPECT_EQ(o.dataset.format, DatasetFormat::kShards);
+  EXPECT_EQ(o.batch_size, 512u);
+  EXPECT_FALSE(o.drop_last);
+  EXPECT_EQ(o.seed, 42u);
+  EXPECT_EQ(o.shuffle.mode, ShuffleMode::kBlock);
+  EXPECT_EQ(o.shuffle.block_size, 128u);
+  EXPECT_EQ(o.shuffle.buffer_size, 999u);
+  EXPECT_EQ(o.prefetch, 8u);
+  EXPECT_EQ(o.io.engine, IoEngineKind::kThreads);
+  EXPECT_EQ(o.io.queue_depth, 32u);
+  EXPECT_EQ(o.io.direct, DirectIo::kOff);
+  EXPECT_EQ(o.device.kind, DeviceKind::kCuda);
+  EXPECT_EQ(o.device.index, 1);
+  EXPECT_EQ(o.resolved_rank(), 3u);
+  EXPECT_EQ(o.resolved_world_size(), 8u);
+  // to_yaml round-trips.
+  auto again = LoaderOptions::from_yaml_string(o.to_yaml(), "again.yaml");
+  EXPECT_EQ(again.to_yaml(), o.to_yaml());
+}
+
+TEST(Config, DefaultsMatchTheContract) {
+  auto o = LoaderOptions::from_yaml_string("dataset: {path: /d}\n", "t.yaml");
+  EXPECT_EQ(o.dataset.path, "/d");
+  EXPECT_EQ(o.dataset.format, DatasetFormat::kAuto);
+  EXPECT_EQ(o.batch_size, 256u);
+  EXPECT_TRUE(o.drop_last);
+  EXPECT_EQ(o.shuffle.mode, ShuffleMode::kGlobal);
+  EXPECT_EQ(o.shuffle.block_size, 4096u);
+  EXPECT_EQ(o.shuffle.buffer_size, 16384u);
+  EXPECT_EQ(o.prefetch, 4u);
+  EXPECT_EQ(o.io.queue_depth, 64u);
+  EXPECT_EQ(o.io.direct, DirectIo::kAuto);
+  EXPECT_EQ(o.device.kind, DeviceKind::kCpu);
+  EXPECT_FALSE(o.distributed.rank.has_value());
+}
+
+TEST(Config, ErrorsNameFileLineAndKey) {
+  EXPECT_EQ(config_error("dataset: {path: /d}\nshuffle:\n  mode: globl\n"),
+            "train.yaml:3: shuffle.mode: unknown value \"globl\" (expected global, block, "
+            "shard, none)");
+  EXPECT_EQ(config_error("batch_size: 8\nbatch_sz: 3\n"), "train.yaml:2: batch_sz: unknown key");
+  EXPECT_EQ(config_error("shuffle: {mode: global, blok_size: 3}\n"),
+            "train.yaml:1: shuffle.blok_size: unknown key");
+  EXPECT_EQ(config_error("batch_size: abc\n"),
+            "train.yaml:1: batch_size: expected a positive integer, got \"abc\"");
+  EXPECT_EQ(config_error("batch_size: 0\n"),
+            "train.yaml:1: batch_size: 0 is out of range [1, 16777216]");
+  EXPECT_EQ(config_error("batch_size: -5\n"),
+            "train.yaml:1: batch_size: expected a positive integer, got \"-5\"");
+  EXPECT_EQ(config_error("batch_size: [1, 2]\n"),
+            "train.yaml:1: batch_size: expected a positive integer, got a list");
+  EXPECT_EQ(config_error("drop_last: maybe\n"),
+            "train.yaml:1: drop_last: expected true or false, got \"maybe\"");
+  EXPECT_EQ(config_error("device: gpu\n"),
+            "train.yaml:1: device: unknown value \"gpu\" (expected cpu, pinned, cuda:N)");
+  EXPECT_EQ(config_error("io:\n  engine: spdk\n"),
+            "train.yaml:2: io.engine: unknown value \"spdk\" (expected auto, uring, threads)");
+  EXPECT_EQ(config_error("io: 3\n"), "train.yaml:1: io: expected a mapping, got \"3\"");
+  EXPECT_EQ(config_error("distributed: {world_size: 0}\n"),
+            "train.yaml:1: distributed.world_size: 0 is out of range [1, 4294967295]");
+  EXPECT_EQ(config_error("distributed: {rank: everyone}\n"),
+            "train.yaml:1: distributed.rank: expected env or an integer, got \"everyone\"");
+  EXPECT_EQ(config_error("seed: 1\nseed: 2\n"), "train.yaml:2: seed: duplicate key");
+  EXPECT_EQ(config_error("dataset: {path: \"\"}\n"), "train.yaml:1: dataset.path: must not be empty");
+  EXPECT_EQ(config_error("- a\n- b\n"),
+            "train.yaml: expected a mapping of config keys at the top level");
+  EXPECT_NE(config_error("batch_size: [1\n").find("train.yaml:"), std::string::npos);
+}
+
+TEST(Config, FileErrors) {
+  testing::TempDir tmp;
+  try {
+    LoaderOptions::from_yaml(tmp / "missing.yaml");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kNotFound);
+    EXPECT_NE(std::string(e.what()).find("missing.yaml"), std::string::npos);
+  }
+  {
+    std::ofstream f(tmp / "t.yaml");
+    f << "# a comment\ndataset: {path: rel/data}\n\nprefetch: 0\n";
+  }
+  try {
+    LoaderOptions::from_yaml(tmp / "t.yaml");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), (tmp / "t.yaml").string() +
+                                         ":4: prefetch: 0 is out of range [1, 1024]");
+  }
+  {
+    std::ofstream f(tmp / "t.yaml");
+    f << "dataset: {path: rel/data}\n";
+  }
+  EXPECT_EQ(LoaderOptions::from_yaml(tmp / "t.yaml").dataset.path, tmp / "rel/data");
+}
+
+TEST(Config, OverridesByDottedKey) {
+  LoaderOptions o;
+  o.set("shuffle.mode", "shard");
+  o.set("batch_size", "64");
+  o.set("io.direct", "auto");
+  o.set("distributed.rank", "env");
+  EXPECT_EQ(o.shuffle.mode, ShuffleMode::kShard);
+  EXPECT_EQ(o.batch_size, 64u);
+  EXPECT_THROW(o.set("shuffle.mod", "global"), Error);
+  EXPECT_THROW(o.set("batch_size", "-1"), Error);
+}
+
+TEST(Config, RankAndWorldSizeFromTheEnvironment) {
+  LoaderOptions o;
+  setenv("RANK", "2", 1);
+  setenv("WORLD_SIZE", "4", 1);
+  EXPECT_EQ(o.resolved_rank(), 2u);
+  EXPECT_EQ(o.resolved_world_size(), 4u);
+  setenv("RANK", "4", 1);
+  EXPECT_THROW(o.resolved_rank(), Error);
+  setenv("RANK", "two", 1);
+  EXPECT_THROW(o.resolved_rank(), Error);
+  unsetenv("RANK");
+  unsetenv("WORLD_SIZE");
+  EXPECT_EQ(o.resolved_rank(), 0u);
+  EXPECT_EQ(o.resolved_world_size(), 1u);
+}
+
+}  // namespace
+}  // namespace sluice

@@ -1,0 +1,63 @@
+#pragma once
+
+#include <sluice/sluice.h>
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace sluice::testing {
+
+/// A fresh directory under $TMPDIR, removed with everything in it at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "sluice-test-XXXXXX").string();
+    path_ = mkdtemp(tmpl.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// Deterministic sample bytes: sample i's field f has length and content derived from (i, f).
+inline std::vector<std::byte> sample_bytes(uint64_t index, size_t field, size_t length) {
+  std::vector<std::byte> out(length);
+  std::mt19937_64 rng(index * 1315423911u + field);
+  for (auto& b : out) b = static_cast<std::byte>(rng());
+  return out;
+}
+
+/// Writes a dataset of `n` samples with a variable-size "data" field (0..max_bytes bytes) and
+/// an int64 "label"; returns the bytes written per sample for checking.
+inline std::vector<std::vector<std::byte>> write_dataset(const std::filesystem::path& dir,
+                                                         uint64_t n, size_t max_bytes,
+                                                         uint64_t shard_bytes = 64 << 10,
+                                                         uint32_t alignment = 4096) {
+  WriterOptions options;
+  options.fields = {{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}};
+  options.shard_bytes = shard_bytes;
+  options.alignment = alignment;
+  auto writer = DatasetWriter::create(dir, options);
+  std::vector<std::vector<std::byte>> data;
+  for (uint64_t i = 0; i < n; ++i) {
+    data.push_back(sample_bytes(i, 0, (i * 7919) % (max_bytes + 1)));
+    auto label = static_cast<int64_t>(i % 10);
+    std::span<const std::byte> fields[] = {data.back(), std::as_bytes(std::span(&label, 1))};
+    EXPECT_EQ(writer->add(fields), i);
+  }
+  writer->finish();
+  return data;
+}
+
+}  // namespace sluice::testing
