@@ -126,9 +126,10 @@ class RecordLayout {
   uint64_t fixed_bytes_ = 0;
 };
 
-/// Where the next record goes: `offset` advanced so that a record of `size` bytes occupies the
-/// fewest possible `alignment`-sized blocks (small records never straddle a block boundary they
-/// could avoid; large ones start on a boundary).
+/// Where the next record goes: `offset`, or the next `alignment` boundary when the record would
+/// otherwise cover more `alignment`-sized blocks than ceil(size / alignment). So a record's
+/// aligned cover is as small as it can be, and reading it never reads more of a neighbour than
+/// the padding of its first and last blocks.
 uint64_t place_record(uint64_t offset, uint64_t size, uint32_t alignment);
 
 inline uint64_t align_up(uint64_t value, uint64_t alignment) {

@@ -82,14 +82,19 @@ struct Dataset::Impl {
       fail(ErrorCode::kCorruption, "{}: file is {} bytes, its header says {} (appended to?)",
            source, size, h.file_bytes);
     if (h.num_samples > 0) {
-      s.map_bytes = h.num_samples * sizeof(format::IndexEntry);
+      // The index starts 4 KiB-aligned; map from the page boundary below it so that machines
+      // with larger pages (16 or 64 KiB) read the same files.
+      static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+      uint64_t map_start = h.index_offset / page * page;
+      s.map_bytes = h.index_offset - map_start + h.num_samples * sizeof(format::IndexEntry);
       s.map = ::mmap(nullptr, s.map_bytes, PROT_READ, MAP_SHARED, s.fd.get(),
-                     static_cast<off_t>(h.index_offset));
+                     static_cast<off_t>(map_start));
       if (s.map == MAP_FAILED) {
         s.map = nullptr;
         detail::fail_errno(errno, "mmap index of " + source);
       }
-      s.index = static_cast<const format::IndexEntry*>(s.map);
+      s.index = reinterpret_cast<const format::IndexEntry*>(static_cast<const std::byte*>(s.map) +
+                                                            (h.index_offset - map_start));
     }
     shards.push_back(std::move(s));
   }

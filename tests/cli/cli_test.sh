@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# End-to-end test of the `sluice` CLI as a user runs it: pack a directory tree, inspect,
+# verify, print per-rank orders, and check the errors for bad input.
+# Usage: cli_test.sh path/to/sluice
+set -euo pipefail
+SLUICE=${1:?usage: cli_test.sh path/to/sluice}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fails=0
+passes=0
+check() {  # check NAME CONDITION...
+  local name=$1; shift
+  if "$@"; then passes=$((passes + 1)); else echo "FAIL: $name"; fails=$((fails + 1)); fi
+}
+expect_fail() {  # expect_fail NAME PATTERN CMD...: non-zero exit and PATTERN on stderr
+  local name=$1 pattern=$2; shift 2
+  local err rc=0
+  err=$("$@" 2>&1 >/dev/null) || rc=$?
+  if [[ $rc -ne 0 && "$err" == *"$pattern"* ]]; then passes=$((passes + 1));
+  else echo "FAIL: $name (rc=$rc, stderr: $err)"; fails=$((fails + 1)); fi
+}
+
+# A tree of 3 classes, 211 files of varied sizes (some empty), plus hidden files to ignore.
+for c in ant bee cow; do mkdir -p "$TMP/src/$c"; done
+for i in $(seq 0 210); do
+  c=$(( i % 3 )); cls=(ant bee cow)
+  head -c $(( (i * 977) % 9000 )) /dev/urandom > "$TMP/src/${cls[$c]}/f$i.bin"
+done
+touch "$TMP/src/.DS_Store" "$TMP/src/ant/.hidden"
+
+"$SLUICE" --help >/dev/null
+check "help lists commands" bash -c "'$SLUICE' --help | grep -q order"
+"$SLUICE" pack "$TMP/src" -o "$TMP/ds" --shard-size 64K >/dev/null
+check "pack made a manifest" test -f "$TMP/ds/manifest.sluice"
+check "pack left no staging dir" bash -c "! ls -a '$TMP' | grep -q partial"
+
+json=$("$SLUICE" inspect "$TMP/ds" --json)
+python3 - "$json" <<'PY' || { echo "FAIL: inspect --json"; exit 1; }
+import json, sys
+d = json.loads(sys.argv[1])
+assert d["samples"] == 211, d["samples"]
+assert d["shards"] > 1, d["shards"]
+assert d["fields"]["data"]["dtype"] == "uint8" and d["fields"]["label"]["dtype"] == "int64"
+assert d["classes"] == ["ant", "bee", "cow"]
+assert d["bytes"] > 0
+PY
+check "inspect text" bash -c "'$SLUICE' inspect '$TMP/ds' | grep -q 'samples   211'"
+check "verify ok" "$SLUICE" verify "$TMP/ds"
+
+# Per-rank order: ranks partition the epoch, every rank the same length, deterministic.
+cat > "$TMP/train.yaml" <<YAML
+dataset: {path: ds}
+batch_size: 8
+drop_last: false
+seed: 3
+shuffle: {mode: global}
+YAML
+for r in 0 1 2; do "$SLUICE" order "$TMP/train.yaml" --rank $r --world-size 3 --epoch 1 > "$TMP/o$r"; done
+check "ranks equal length" test "$(wc -l < "$TMP/o0")" -eq "$(wc -l < "$TMP/o2")"
+check "every sample once" test "$(cat "$TMP"/o? | grep -v pad | sort -n | uniq | wc -l)" -eq 211
+check "no duplicates" test "$(cat "$TMP"/o? | grep -v pad | wc -l)" -eq 211
+check "padding marked" test "$(cat "$TMP"/o? | grep -c pad)" -eq 2
+"$SLUICE" order "$TMP/train.yaml" --rank 0 --world-size 3 --epoch 1 > "$TMP/again"
+check "deterministic" cmp -s "$TMP/o0" "$TMP/again"
+"$SLUICE" order "$TMP/train.yaml" --rank 0 --world-size 3 --epoch 2 > "$TMP/e2"
+check "epochs differ" bash -c "! cmp -s '$TMP/o0' '$TMP/e2'"
+# Elastic resume from the CLI: 2 global batches of 3x8 done, the rest on 2 ranks.
+for r in 0 1; do "$SLUICE" order "$TMP/train.yaml" --rank $r --world-size 2 --epoch 1 --position 48 > "$TMP/r$r"; done
+check "elastic rest" test "$( (head -16 "$TMP/o0"; head -16 "$TMP/o1"; head -16 "$TMP/o2"; cat "$TMP"/r?) | grep -v pad | sort -n | uniq | wc -l)" -eq 211
+check "order --json" bash -c "'$SLUICE' order '$TMP/train.yaml' --rank 1 --world-size 3 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"batches\"] == 9 and len(d[\"indices\"]) == 71 and d[\"padding\"] == [], d'"
+
+# Bad input: non-zero exit and a one-line reason that names the input.
+expect_fail "missing dataset" "nope: dataset not found" "$SLUICE" inspect "$TMP/nope"
+expect_fail "pack exists" "already exists" "$SLUICE" pack "$TMP/src" -o "$TMP/ds"
+check "pack --force" "$SLUICE" pack "$TMP/src" -o "$TMP/ds" --force --json --shard-size 64K
+expect_fail "bad shard size" "size \"12X\"" "$SLUICE" pack "$TMP/src" -o "$TMP/x" --shard-size 12X
+expect_fail "bad arg" "" "$SLUICE" order
+printf 'dataset: {path: ds}\nshuffle:\n  mode: globl\n' > "$TMP/bad.yaml"
+expect_fail "config error" "bad.yaml:3: shuffle.mode: unknown value \"globl\"" "$SLUICE" order "$TMP/bad.yaml" --rank 0 --world-size 1
+expect_fail "rank range" "rank 3 out of range" "$SLUICE" order "$TMP/train.yaml" --rank 3 --world-size 3
+
+# Corruption: verify names the shard file and the sample, and exits non-zero.
+cp -r "$TMP/ds" "$TMP/bad"
+python3 - "$TMP/bad/shard-00001.sluice" <<'PY'
+import sys
+p = sys.argv[1]
+with open(p, "r+b") as f:
+    f.seek(4096 + 10)
+    b = f.read(1)
+    f.seek(4096 + 10)
+    f.write(bytes([b[0] ^ 0xff]))
+PY
+expect_fail "verify flipped byte" "shard-00001.sluice: sample" "$SLUICE" verify "$TMP/bad"
+truncate -s 5000 "$TMP/bad/shard-00002.sluice"
+expect_fail "verify truncated" "shard-00002.sluice: truncated" "$SLUICE" verify "$TMP/bad"
+rm "$TMP/bad/shard-00002.sluice"
+expect_fail "verify missing" "shard-00002.sluice: shard 2 is missing" "$SLUICE" verify "$TMP/bad"
+
+echo "$passes passed, $fails failed"
+[[ $fails -eq 0 ]]
