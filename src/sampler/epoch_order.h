@@ -15,6 +15,8 @@ class EpochOrder {
   EpochOrder(const SamplerOptions& options, uint64_t num_samples,
              const std::vector<uint64_t>& shard_sizes, uint64_t epoch);
   uint64_t operator()(uint64_t position) const;
+  /// out[j] = (*this)(first + j) for j < count; faster than one call per position.
+  void map_range(uint64_t first, size_t count, uint64_t* out) const;
   uint64_t size() const { return n_; }
 
  private:

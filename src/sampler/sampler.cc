@@ -63,6 +63,11 @@ uint64_t EpochOrder::operator()(uint64_t p) const {
   return p;
 }
 
+void EpochOrder::map_range(uint64_t first, size_t count, uint64_t* out) const {
+  if (mode_ == ShuffleMode::kGlobal) return global_.map_range(first, count, out);
+  for (size_t j = 0; j < count; ++j) out[j] = (*this)(first + j);
+}
+
 uint64_t EpochOrder::block_order(uint64_t p) const {
   // Slots before the partial block hold full blocks; the partial block occupies tail_ positions.
   uint64_t slot, offset, size = block_;
@@ -158,7 +163,14 @@ void RankPlan::batch(uint64_t step, std::vector<SampleRef>& out) const {
   const EpochOrder& order = *order_;
   if (step < full_batches_) {
     uint64_t base = start_ + step * batch_ * world_ + rank_ * batch_;
-    for (uint64_t j = 0; j < batch_; ++j) out.push_back({order(base + j), false});
+    // Map in chunks into a small stack buffer, then widen into SampleRefs.
+    uint64_t chunk[64];
+    out.resize(batch_);
+    for (uint64_t j = 0; j < batch_; j += 64) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(64, batch_ - j));
+      order.map_range(base + j, n, chunk);
+      for (size_t k = 0; k < n; ++k) out[j + k] = {chunk[k], false};
+    }
     return;
   }
   if (step != full_batches_ || tail_ == 0)

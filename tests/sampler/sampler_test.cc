@@ -38,6 +38,17 @@ TEST(Permutation, IsABijectionAndInverts) {
   }
 }
 
+TEST(Permutation, MapRangeMatchesSingleLookups) {
+  for (uint64_t n : {0ull, 1ull, 2ull, 17ull, 257ull, 100003ull, (1ull << 40) + 3}) {
+    Permutation p(n, 5);
+    uint64_t count = std::min<uint64_t>(n, 1000);
+    std::vector<uint64_t> out(count);
+    uint64_t first = n > count ? n - count : 0;  // the end of the range, where walks happen
+    p.map_range(first, count, out.data());
+    for (uint64_t j = 0; j < count; ++j) ASSERT_EQ(out[j], p(first + j)) << n << " " << j;
+  }
+}
+
 TEST(Permutation, HugeDomainsStayInRangeAndInvert) {
   for (uint64_t n : {(1ull << 40), (1ull << 40) + 12345, (1ull << 62)}) {
     Permutation p(n, 7);
