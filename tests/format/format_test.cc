@@ -32,7 +32,7 @@ TEST(Format, RoundTripVariableAndFixedFields) {
     auto fields = ds->parse_record(i, record);
     ASSERT_EQ(fields.fields.size(), 2u);
     ASSERT_EQ(fields.fields[0].size(), written[i].size()) << "sample " << i;
-    EXPECT_EQ(std::memcmp(fields.fields[0].data(), written[i].data(), written[i].size()), 0);
+    EXPECT_TRUE(std::equal(written[i].begin(), written[i].end(), fields.fields[0].begin()));
     int64_t label;
     std::memcpy(&label, fields.fields[1].data(), 8);
     EXPECT_EQ(label, static_cast<int64_t>(i % 10));

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a bare Debian 12 machine: installs what is missing, builds with
+# warnings as errors and runs every test, then builds and runs them again under
+# AddressSanitizer + UndefinedBehaviorSanitizer.
+#
+#   ./scripts/test.sh            # both passes
+#   SLUICE_SKIP_SANITIZERS=1 ./scripts/test.sh   # the plain pass only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+
+jobs=$(nproc)
+run_pass() {  # run_pass NAME BUILD_DIR CMAKE_ARGS...
+  local name=$1 dir=$2; shift 2
+  echo "== $name: configure and build ($dir)"
+  cmake -S . -B "$dir" -G Ninja -DSLUICE_WERROR=ON "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+  echo "== $name: tests"
+  (cd "$dir" && ctest -j "$jobs" --output-on-failure --timeout 600)
+}
+
+run_pass release build -DCMAKE_BUILD_TYPE=Release
+if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    run_pass asan-ubsan build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DSLUICE_SANITIZE=address,undefined -DSLUICE_BUILD_BENCHMARKS=OFF
+fi
+echo "== all test passes succeeded"
