@@ -38,7 +38,10 @@ void BM_GlobalPermutation(benchmark::State& state) {
   benchmark::DoNotOptimize(sum);
   state.SetItemsProcessed(int64_t(state.iterations()) * 1024);
 }
-BENCHMARK(BM_GlobalPermutation)->Arg(1'000'000)->Arg(1'000'000'000)->Arg(int64_t{1} << 40)
+BENCHMARK(BM_GlobalPermutation)
+    ->Arg(1'000'000)
+    ->Arg(1'000'000'000)
+    ->Arg(int64_t{1} << 40)
     ->Arg((int64_t{1} << 40) + 1);
 
 // The same lookups through map_range, as RankPlan::batch makes them (consecutive positions).
@@ -54,7 +57,10 @@ void BM_GlobalPermutationRange(benchmark::State& state) {
   }
   state.SetItemsProcessed(int64_t(state.iterations()) * 1024);
 }
-BENCHMARK(BM_GlobalPermutationRange)->Arg(1'000'000)->Arg(1'000'000'000)->Arg(int64_t{1} << 40)
+BENCHMARK(BM_GlobalPermutationRange)
+    ->Arg(1'000'000)
+    ->Arg(1'000'000'000)
+    ->Arg(int64_t{1} << 40)
     ->Arg((int64_t{1} << 40) + 1);
 
 void BM_EpochOrder(benchmark::State& state) {
@@ -104,7 +110,10 @@ void BM_MaterialisedPermutationPeer(benchmark::State& state) {
   benchmark::DoNotOptimize(sum);
   state.SetItemsProcessed(int64_t(state.iterations()) * int64_t(n));
 }
-BENCHMARK(BM_MaterialisedPermutationPeer)->Arg(1'000'000)->Arg(100'000'000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MaterialisedPermutationPeer)
+    ->Arg(1'000'000)
+    ->Arg(100'000'000)
+    ->Unit(benchmark::kMillisecond);
 
 std::filesystem::path big_dataset() {
   const char* env = std::getenv("SLUICE_BENCH_DIR");

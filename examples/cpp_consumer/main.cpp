@@ -15,8 +15,8 @@ int main(int argc, char** argv) {
     auto dataset = sluice::Dataset::open(options.dataset.path);
     sluice::Sampler sampler(options.sampler_options(), dataset->num_samples(),
                             dataset->shard_sizes());
-    sluice::RankPlan plan = sampler.plan({0, 0}, options.resolved_rank(),
-                                         options.resolved_world_size());
+    sluice::RankPlan plan =
+        sampler.plan({0, 0}, options.resolved_rank(), options.resolved_world_size());
     std::vector<sluice::SampleRef> batch;
     if (plan.num_batches() > 0) plan.batch(0, batch);
     for (const auto& s : batch) {

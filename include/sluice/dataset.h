@@ -17,8 +17,18 @@ namespace sluice {
 
 /// Element type of a field. Values are part of the on-disk format (docs/format.md).
 enum class DType : uint8_t {
-  kUInt8 = 0, kInt8 = 1, kUInt16 = 2, kInt16 = 3, kUInt32 = 4, kInt32 = 5,
-  kUInt64 = 6, kInt64 = 7, kFloat16 = 8, kBFloat16 = 9, kFloat32 = 10, kFloat64 = 11,
+  kUInt8 = 0,
+  kInt8 = 1,
+  kUInt16 = 2,
+  kInt16 = 3,
+  kUInt32 = 4,
+  kInt32 = 5,
+  kUInt64 = 6,
+  kInt64 = 7,
+  kFloat16 = 8,
+  kBFloat16 = 9,
+  kFloat32 = 10,
+  kFloat64 = 11,
   kBool = 12,
 };
 
@@ -57,12 +67,12 @@ struct ShardInfo {
 };
 
 struct WriterOptions {
-  std::vector<FieldSpec> fields;    // the schema; names unique, at least one field
+  std::vector<FieldSpec> fields;        // the schema; names unique, at least one field
   uint64_t shard_bytes = 256ull << 20;  // start a new shard once its data reaches this size
   uint64_t shard_samples = 1ull << 20;  // ... or holds this many samples (bounds writer memory)
-  uint32_t alignment = 4096;        // power of two >= 512: the direct-I/O block size
-  std::vector<std::string> classes; // optional label names, stored in the manifest
-  bool overwrite = false;           // replace an existing dataset at the destination
+  uint32_t alignment = 4096;            // power of two >= 512: the direct-I/O block size
+  std::vector<std::string> classes;     // optional label names, stored in the manifest
+  bool overwrite = false;               // replace an existing dataset at the destination
 };
 
 /// Writes a packed dataset. Everything goes to a hidden sibling directory that is renamed to

@@ -22,7 +22,7 @@ struct OrderArgs {
   int64_t rank = -1;        // -1: from the config / environment
   int64_t world_size = -1;  // -1: from the config / environment
   uint64_t epoch = 0;
-  uint64_t position = 0;    // resume point in the epoch's global order
+  uint64_t position = 0;  // resume point in the epoch's global order
   bool json = false;
 };
 

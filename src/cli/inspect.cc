@@ -32,16 +32,22 @@ int run_inspect(const fs::path& path, bool as_json) {
   if (as_json) {
     json fields = json::object();
     for (const auto& f : ds->fields())
-      fields[f.name] = {{"dtype", dtype_name(f.dtype)}, {"shape", f.shape},
-                        {"fixed_size", f.fixed_size()}};
+      fields[f.name] = {
+          {"dtype", dtype_name(f.dtype)}, {"shape", f.shape}, {"fixed_size", f.fixed_size()}};
     json shards = json::array();
     for (const auto& s : ds->shards())
-      shards.push_back({{"file", s.path.filename().string()}, {"first_sample", s.first_sample},
-                        {"samples", s.num_samples}, {"file_bytes", s.file_bytes}});
-    json out = {{"path", ds->path().string()},   {"format_version", ds->format_version()},
-                {"samples", ds->num_samples()},  {"shards", ds->shards().size()},
-                {"bytes", ds->total_bytes()},    {"alignment", ds->alignment()},
-                {"fields", fields},              {"classes", ds->classes()},
+      shards.push_back({{"file", s.path.filename().string()},
+                        {"first_sample", s.first_sample},
+                        {"samples", s.num_samples},
+                        {"file_bytes", s.file_bytes}});
+    json out = {{"path", ds->path().string()},
+                {"format_version", ds->format_version()},
+                {"samples", ds->num_samples()},
+                {"shards", ds->shards().size()},
+                {"bytes", ds->total_bytes()},
+                {"alignment", ds->alignment()},
+                {"fields", fields},
+                {"classes", ds->classes()},
                 {"shard_files", shards}};
     std::cout << out.dump(2) << "\n";
     return 0;
@@ -80,12 +86,14 @@ int run_verify(const fs::path& path, bool as_json) {
   }
   if (as_json) {
     json out = {{"ok", problems.empty()}, {"problems", problems}};
-    if (ds) out.update({{"samples", ds->num_samples()}, {"shards", ds->shards().size()},
-                        {"bytes", ds->total_bytes()}});
+    if (ds)
+      out.update({{"samples", ds->num_samples()},
+                  {"shards", ds->shards().size()},
+                  {"bytes", ds->total_bytes()}});
     std::cout << out.dump(2) << "\n";
   } else if (problems.empty()) {
-    fmt::print("OK: {} samples in {} shards, {} bytes, every checksum matches\n",
-               ds->num_samples(), ds->shards().size(), ds->total_bytes());
+    fmt::print("OK: {} samples in {} shards, {} bytes, every checksum matches\n", ds->num_samples(),
+               ds->shards().size(), ds->total_bytes());
   } else {
     constexpr size_t kShown = 20;
     for (size_t i = 0; i < std::min(problems.size(), kShown); ++i)
@@ -102,13 +110,15 @@ int run_order(const OrderArgs& args) {
   LoaderOptions options = LoaderOptions::from_yaml(args.config);
   if (options.dataset.format != DatasetFormat::kAuto &&
       options.dataset.format != DatasetFormat::kShards)
-    detail::fail(ErrorCode::kUnsupported, "{}: dataset.format {}: this build reads packed shards "
-                 "only", args.config.string(), to_string(options.dataset.format));
+    detail::fail(ErrorCode::kUnsupported,
+                 "{}: dataset.format {}: this build reads packed shards "
+                 "only",
+                 args.config.string(), to_string(options.dataset.format));
   if (options.dataset.path.empty())
     detail::fail(ErrorCode::kConfig, "{}: dataset.path: missing", args.config.string());
   auto ds = Dataset::open(options.dataset.path);
-  uint32_t world = args.world_size >= 0 ? static_cast<uint32_t>(args.world_size)
-                                        : options.resolved_world_size();
+  uint32_t world =
+      args.world_size >= 0 ? static_cast<uint32_t>(args.world_size) : options.resolved_world_size();
   uint32_t rank = args.rank >= 0 ? static_cast<uint32_t>(args.rank) : options.resolved_rank();
   Sampler sampler(options.sampler_options(), ds->num_samples(), ds->shard_sizes());
   RankPlan plan = sampler.plan({args.epoch, args.position}, rank, world);
@@ -123,10 +133,14 @@ int run_order(const OrderArgs& args) {
         indices.push_back(r.index);
       }
     }
-    std::cout << json{{"rank", rank},       {"world_size", world},
-                      {"epoch", args.epoch}, {"position", args.position},
-                      {"batches", plan.num_batches()}, {"batch_size", options.batch_size},
-                      {"indices", indices},  {"padding", padding}}
+    std::cout << json{{"rank", rank},
+                      {"world_size", world},
+                      {"epoch", args.epoch},
+                      {"position", args.position},
+                      {"batches", plan.num_batches()},
+                      {"batch_size", options.batch_size},
+                      {"indices", indices},
+                      {"padding", padding}}
               << "\n";
     return 0;
   }
@@ -136,8 +150,10 @@ int run_order(const OrderArgs& args) {
   for (uint64_t s = 0; s < plan.num_batches(); ++s) {
     plan.batch(s, batch);
     for (const auto& r : batch) {
-      if (r.padding) fmt::format_to(std::back_inserter(out), "{} pad\n", r.index);
-      else fmt::format_to(std::back_inserter(out), "{}\n", r.index);
+      if (r.padding)
+        fmt::format_to(std::back_inserter(out), "{} pad\n", r.index);
+      else
+        fmt::format_to(std::back_inserter(out), "{}\n", r.index);
     }
     if (out.size() > (1 << 20)) {
       std::fwrite(out.data(), 1, out.size(), stdout);

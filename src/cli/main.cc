@@ -4,8 +4,8 @@
 
 #include "cli/commands.h"
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdio>
 
@@ -18,8 +18,11 @@ int main(int argc, char** argv) {
   PackArgs pack;
   std::string shard_size;
   auto* pack_cmd = app.add_subcommand("pack", "Pack a source dataset into sluice shards");
-  pack_cmd->add_option("SRC", pack.sources, "Source: a directory tree, one file per sample, "
-                       "parent directory name = label")->required();
+  pack_cmd
+      ->add_option("SRC", pack.sources,
+                   "Source: a directory tree, one file per sample, "
+                   "parent directory name = label")
+      ->required();
   pack_cmd->add_option("-o,--output", pack.output, "Destination dataset directory")->required();
   pack_cmd->add_option("--format", pack.format, "Source format")
       ->check(CLI::IsMember({"auto", "files", "tar", "npy", "tokens"}));
@@ -39,7 +42,8 @@ int main(int argc, char** argv) {
   verify_cmd->add_flag("--json", json, "Machine-readable output");
 
   OrderArgs order;
-  auto* order_cmd = app.add_subcommand("order", "Print the global sample indices a rank "
+  auto* order_cmd = app.add_subcommand("order",
+                                       "Print the global sample indices a rank "
                                        "receives in an epoch, in delivery order");
   order_cmd->add_option("CONFIG", order.config, "YAML config")->required();
   order_cmd->add_option("--rank", order.rank, "Rank (default: the config's, or $RANK)");

@@ -25,10 +25,11 @@ uint64_t parse_size(const std::string& text) {
   size_t pos = 0;
   while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) ++pos;
   std::string suffix = text.substr(pos);
-  static const std::map<std::string, uint64_t> kUnits = {
-      {"", 1},          {"B", 1},          {"K", 1ull << 10}, {"KiB", 1ull << 10},
-      {"M", 1ull << 20}, {"MiB", 1ull << 20}, {"G", 1ull << 30}, {"GiB", 1ull << 30},
-      {"T", 1ull << 40}, {"TiB", 1ull << 40}};
+  static const std::map<std::string, uint64_t> kUnits = {{"", 1},           {"B", 1},
+                                                         {"K", 1ull << 10}, {"KiB", 1ull << 10},
+                                                         {"M", 1ull << 20}, {"MiB", 1ull << 20},
+                                                         {"G", 1ull << 30}, {"GiB", 1ull << 30},
+                                                         {"T", 1ull << 40}, {"TiB", 1ull << 40}};
   auto unit = kUnits.find(suffix);
   if (pos == 0 || pos > 15 || unit == kUnits.end())
     fail(ErrorCode::kInvalidArgument, "size \"{}\": expected bytes, optionally with K, M, G or T",
@@ -53,8 +54,10 @@ std::vector<SourceFile> scan_tree(const fs::path& root) {
   if (!fs::exists(root, ec))
     throw Error(ErrorCode::kNotFound, fmt::format("{}: no such directory", root.string()), ENOENT);
   if (!fs::is_directory(root, ec))
-    fail(ErrorCode::kInvalidArgument, "{}: not a directory (pack --format files takes a tree "
-         "of class directories)", root.string());
+    fail(ErrorCode::kInvalidArgument,
+         "{}: not a directory (pack --format files takes a tree "
+         "of class directories)",
+         root.string());
   std::vector<SourceFile> files;
   auto it = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
   if (ec) detail::fail_errno(ec.value(), "list " + root.string());
@@ -67,8 +70,10 @@ std::vector<SourceFile> scan_tree(const fs::path& root) {
     if (!it->is_regular_file(ec)) continue;
     fs::path rel = it->path().lexically_relative(root);
     if (!rel.has_parent_path())
-      fail(ErrorCode::kInvalidArgument, "{}: not inside a class directory (expected "
-           "SRC/<label>/<file>)", it->path().string());
+      fail(ErrorCode::kInvalidArgument,
+           "{}: not inside a class directory (expected "
+           "SRC/<label>/<file>)",
+           it->path().string());
     files.push_back({it->path(), it->path().parent_path().filename().string(),
                      static_cast<uint64_t>(it->file_size(ec))});
   }
@@ -81,8 +86,10 @@ std::vector<SourceFile> scan_tree(const fs::path& root) {
 
 int run_pack(const PackArgs& args) {
   if (args.format != "auto" && args.format != "files")
-    fail(ErrorCode::kUnsupported, "--format {}: this build packs directory trees only "
-         "(--format files)", args.format);
+    fail(ErrorCode::kUnsupported,
+         "--format {}: this build packs directory trees only "
+         "(--format files)",
+         args.format);
   if (args.sources.size() != 1)
     fail(ErrorCode::kInvalidArgument, "--format files takes one source directory, got {}",
          args.sources.size());
@@ -103,8 +110,6 @@ int run_pack(const PackArgs& args) {
   options.overwrite = args.force;
   auto writer = DatasetWriter::create(args.output, options);
 
-  uint64_t total = 0;
-  for (const auto& f : files) total += f.bytes;
   Progress progress("pack", files.size(), "files", !args.json);
   std::vector<std::byte> data;
   for (size_t i = 0; i < files.size(); ++i) {
@@ -114,8 +119,8 @@ int run_pack(const PackArgs& args) {
     data.resize(size);
     if (detail::pread_full(fd.get(), data, 0, f.path.string()) != size)
       fail(ErrorCode::kIo, "{}: file shrank while packing", f.path.string());
-    auto label = static_cast<int64_t>(
-        std::lower_bound(classes.begin(), classes.end(), f.label) - classes.begin());
+    auto label = static_cast<int64_t>(std::lower_bound(classes.begin(), classes.end(), f.label) -
+                                      classes.begin());
     std::span<const std::byte> fields[] = {data, std::as_bytes(std::span(&label, 1))};
     writer->add(fields);
     progress.update(i + 1);

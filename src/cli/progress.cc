@@ -8,8 +8,11 @@
 namespace sluice::cli {
 
 Progress::Progress(std::string label, uint64_t total, std::string unit, bool enabled)
-    : label_(std::move(label)), unit_(std::move(unit)), total_(total),
-      enabled_(enabled && isatty(STDERR_FILENO)), start_(std::chrono::steady_clock::now()),
+    : label_(std::move(label)),
+      unit_(std::move(unit)),
+      total_(total),
+      enabled_(enabled && isatty(STDERR_FILENO)),
+      start_(std::chrono::steady_clock::now()),
       last_(start_) {}
 
 Progress::~Progress() {
@@ -37,8 +40,8 @@ void Progress::draw(uint64_t done) {
   int filled = static_cast<int>(frac * kWidth);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   double rate = secs > 0 ? static_cast<double>(done) / secs : 0;
-  fmt::print(stderr, "\r{} [{:=<{}}{: <{}}] {:3.0f}% {}/{} {} ({:.0f} {}/s)", label_, "", filled, "",
-             kWidth - filled, frac * 100, done, total_, unit_, rate, unit_);
+  fmt::print(stderr, "\r{} [{:=<{}}{: <{}}] {:3.0f}% {}/{} {} ({:.0f} {}/s)", label_, "", filled,
+             "", kWidth - filled, frac * 100, done, total_, unit_, rate, unit_);
   std::fflush(stderr);
 }
 

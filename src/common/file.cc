@@ -30,8 +30,8 @@ UniqueFd open_file(const std::filesystem::path& path, int flags, unsigned mode) 
 size_t pread_full(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& what) {
   size_t done = 0;
   while (done < buf.size()) {
-    ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done,
-                        static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       fail_errno(errno, fmt::format("read {} [{}+{}]", what, offset, buf.size()));
@@ -42,8 +42,7 @@ size_t pread_full(int fd, std::span<std::byte> buf, uint64_t offset, const std::
   return done;
 }
 
-void write_full(int fd, std::span<const std::byte> buf, const std::string& what,
-                int64_t offset) {
+void write_full(int fd, std::span<const std::byte> buf, const std::string& what, int64_t offset) {
   size_t done = 0;
   while (done < buf.size()) {
     ssize_t n = offset < 0 ? ::write(fd, buf.data() + done, buf.size() - done)

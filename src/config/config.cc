@@ -38,7 +38,8 @@ std::string shown(const YAML::Node& node) {
 
 std::string scalar(const Context& ctx, const YAML::Node& node, std::string_view key,
                    std::string_view expected) {
-  if (!node.IsScalar()) config_error(ctx, node, key, fmt::format("expected {}, got {}", expected, shown(node)));
+  if (!node.IsScalar())
+    config_error(ctx, node, key, fmt::format("expected {}, got {}", expected, shown(node)));
   return node.Scalar();
 }
 
@@ -77,7 +78,8 @@ E parse_enum(const Context& ctx, const YAML::Node& node, std::string_view key,
 std::optional<uint32_t> parse_rank(const Context& ctx, const YAML::Node& node, std::string_view key,
                                    uint64_t min) {
   if (node.IsScalar() && node.Scalar() == "env") return std::nullopt;
-  if (!node.IsScalar() || node.Scalar().empty() || !std::isdigit(static_cast<unsigned char>(node.Scalar()[0])))
+  if (!node.IsScalar() || node.Scalar().empty() ||
+      !std::isdigit(static_cast<unsigned char>(node.Scalar()[0])))
     config_error(ctx, node, key, fmt::format("expected env or an integer, got {}", shown(node)));
   return static_cast<uint32_t>(parse_uint(ctx, node, key, min, UINT32_MAX));
 }
@@ -93,7 +95,8 @@ DeviceOptions parse_device(const Context& ctx, const YAML::Node& node, std::stri
     if (ec == std::errc() && end == s.data() + s.size() && index >= 0 && s.size() > 5)
       return {DeviceKind::kCuda, index};
   }
-  config_error(ctx, node, key, fmt::format("unknown value \"{}\" (expected cpu, pinned, cuda:N)", s));
+  config_error(ctx, node, key,
+               fmt::format("unknown value \"{}\" (expected cpu, pinned, cuda:N)", s));
 }
 
 using Setter = std::function<void(LoaderOptions&, const YAML::Node&, const Context&)>;
@@ -105,34 +108,33 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
          std::string s = scalar(c, n, "dataset.path", "a path");
          if (s.empty()) config_error(c, n, "dataset.path", "must not be empty");
          fs::path p(s);
-         o.dataset.path = p.is_absolute() || c.base_dir.empty() ? p : (c.base_dir / p).lexically_normal();
+         o.dataset.path =
+             p.is_absolute() || c.base_dir.empty() ? p : (c.base_dir / p).lexically_normal();
        }},
       {"dataset.format",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.dataset.format = parse_enum<DatasetFormat>(
-             c, n, "dataset.format",
-             {{"auto", DatasetFormat::kAuto}, {"shards", DatasetFormat::kShards},
-              {"tar", DatasetFormat::kTar}, {"tokens", DatasetFormat::kTokens},
-              {"files", DatasetFormat::kFiles}});
+         o.dataset.format = parse_enum<DatasetFormat>(c, n, "dataset.format",
+                                                      {{"auto", DatasetFormat::kAuto},
+                                                       {"shards", DatasetFormat::kShards},
+                                                       {"tar", DatasetFormat::kTar},
+                                                       {"tokens", DatasetFormat::kTokens},
+                                                       {"files", DatasetFormat::kFiles}});
        }},
       {"batch_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.batch_size = parse_uint(c, n, "batch_size", 1, 1u << 24);
        }},
-      {"drop_last",
-       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.drop_last = parse_bool(c, n, "drop_last");
-       }},
-      {"seed",
-       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.seed = parse_uint(c, n, "seed");
-       }},
+      {"drop_last", [](LoaderOptions& o, const YAML::Node& n,
+                       const Context& c) { o.drop_last = parse_bool(c, n, "drop_last"); }},
+      {"seed", [](LoaderOptions& o, const YAML::Node& n,
+                  const Context& c) { o.seed = parse_uint(c, n, "seed"); }},
       {"shuffle.mode",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.shuffle.mode = parse_enum<ShuffleMode>(
-             c, n, "shuffle.mode",
-             {{"global", ShuffleMode::kGlobal}, {"block", ShuffleMode::kBlock},
-              {"shard", ShuffleMode::kShard}, {"none", ShuffleMode::kNone}});
+         o.shuffle.mode = parse_enum<ShuffleMode>(c, n, "shuffle.mode",
+                                                  {{"global", ShuffleMode::kGlobal},
+                                                   {"block", ShuffleMode::kBlock},
+                                                   {"shard", ShuffleMode::kShard},
+                                                   {"none", ShuffleMode::kNone}});
        }},
       {"shuffle.block_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -148,10 +150,10 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        }},
       {"io.engine",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.io.engine = parse_enum<IoEngineKind>(
-             c, n, "io.engine",
-             {{"auto", IoEngineKind::kAuto}, {"uring", IoEngineKind::kUring},
-              {"threads", IoEngineKind::kThreads}});
+         o.io.engine = parse_enum<IoEngineKind>(c, n, "io.engine",
+                                                {{"auto", IoEngineKind::kAuto},
+                                                 {"uring", IoEngineKind::kUring},
+                                                 {"threads", IoEngineKind::kThreads}});
        }},
       {"io.queue_depth",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -160,13 +162,12 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
       {"io.direct",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          std::string s = scalar(c, n, "io.direct", "auto, true or false");
-         o.io.direct = s == "auto" ? DirectIo::kAuto
-                                   : (parse_bool(c, n, "io.direct") ? DirectIo::kOn : DirectIo::kOff);
+         o.io.direct = s == "auto"
+                           ? DirectIo::kAuto
+                           : (parse_bool(c, n, "io.direct") ? DirectIo::kOn : DirectIo::kOff);
        }},
-      {"device",
-       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.device = parse_device(c, n, "device");
-       }},
+      {"device", [](LoaderOptions& o, const YAML::Node& n,
+                    const Context& c) { o.device = parse_device(c, n, "device"); }},
       {"distributed.rank",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.distributed.rank = parse_rank(c, n, "distributed.rank", 0);
@@ -204,7 +205,8 @@ void apply_map(LoaderOptions& o, const YAML::Node& map, const std::string& prefi
     } else if (const Setter* s = find_setter(key)) {
       (*s)(o, kv.second, ctx);
     } else if (is_section(key)) {
-      config_error(ctx, kv.second, key, fmt::format("expected a mapping, got {}", shown(kv.second)));
+      config_error(ctx, kv.second, key,
+                   fmt::format("expected a mapping, got {}", shown(kv.second)));
     } else {
       config_error(ctx, key_node, key, "unknown key");
     }
@@ -294,55 +296,65 @@ uint32_t LoaderOptions::resolved_rank() const {
 
 std::string_view to_string(ShuffleMode mode) {
   switch (mode) {
-    case ShuffleMode::kGlobal: return "global";
-    case ShuffleMode::kBlock: return "block";
-    case ShuffleMode::kShard: return "shard";
-    case ShuffleMode::kNone: return "none";
+    case ShuffleMode::kGlobal:
+      return "global";
+    case ShuffleMode::kBlock:
+      return "block";
+    case ShuffleMode::kShard:
+      return "shard";
+    case ShuffleMode::kNone:
+      return "none";
   }
   return "?";
 }
 
 std::string_view to_string(DatasetFormat format) {
   switch (format) {
-    case DatasetFormat::kAuto: return "auto";
-    case DatasetFormat::kShards: return "shards";
-    case DatasetFormat::kTar: return "tar";
-    case DatasetFormat::kTokens: return "tokens";
-    case DatasetFormat::kFiles: return "files";
+    case DatasetFormat::kAuto:
+      return "auto";
+    case DatasetFormat::kShards:
+      return "shards";
+    case DatasetFormat::kTar:
+      return "tar";
+    case DatasetFormat::kTokens:
+      return "tokens";
+    case DatasetFormat::kFiles:
+      return "files";
   }
   return "?";
 }
 
 std::string LoaderOptions::to_yaml() const {
-  auto engine = io.engine == IoEngineKind::kAuto ? "auto"
-                : io.engine == IoEngineKind::kUring ? "uring" : "threads";
-  auto direct = io.direct == DirectIo::kAuto ? "auto" : io.direct == DirectIo::kOn ? "true" : "false";
+  auto engine = io.engine == IoEngineKind::kAuto    ? "auto"
+                : io.engine == IoEngineKind::kUring ? "uring"
+                                                    : "threads";
+  auto direct = io.direct == DirectIo::kAuto ? "auto"
+                : io.direct == DirectIo::kOn ? "true"
+                                             : "false";
   std::string dev = device.kind == DeviceKind::kCpu      ? "cpu"
                     : device.kind == DeviceKind::kPinned ? "pinned"
                                                          : fmt::format("cuda:{}", device.index);
   auto opt = [](const std::optional<uint32_t>& v) { return v ? std::to_string(*v) : "env"; };
   YAML::Emitter out;
   out << YAML::BeginMap;
-  out << YAML::Key << "dataset" << YAML::Value << YAML::Flow << YAML::BeginMap
-      << YAML::Key << "path" << YAML::Value << dataset.path.string()
-      << YAML::Key << "format" << YAML::Value << std::string(to_string(dataset.format))
-      << YAML::EndMap;
+  out << YAML::Key << "dataset" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
+      << "path" << YAML::Value << dataset.path.string() << YAML::Key << "format" << YAML::Value
+      << std::string(to_string(dataset.format)) << YAML::EndMap;
   out << YAML::Key << "batch_size" << YAML::Value << batch_size;
   out << YAML::Key << "drop_last" << YAML::Value << drop_last;
   out << YAML::Key << "seed" << YAML::Value << seed;
-  out << YAML::Key << "shuffle" << YAML::Value << YAML::Flow << YAML::BeginMap
-      << YAML::Key << "mode" << YAML::Value << std::string(to_string(shuffle.mode))
-      << YAML::Key << "block_size" << YAML::Value << shuffle.block_size
-      << YAML::Key << "buffer_size" << YAML::Value << shuffle.buffer_size << YAML::EndMap;
+  out << YAML::Key << "shuffle" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
+      << "mode" << YAML::Value << std::string(to_string(shuffle.mode)) << YAML::Key << "block_size"
+      << YAML::Value << shuffle.block_size << YAML::Key << "buffer_size" << YAML::Value
+      << shuffle.buffer_size << YAML::EndMap;
   out << YAML::Key << "prefetch" << YAML::Value << prefetch;
-  out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap
-      << YAML::Key << "engine" << YAML::Value << engine
-      << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
+  out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key << "engine"
+      << YAML::Value << engine << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
       << YAML::Key << "direct" << YAML::Value << direct << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << dev;
-  out << YAML::Key << "distributed" << YAML::Value << YAML::Flow << YAML::BeginMap
-      << YAML::Key << "rank" << YAML::Value << opt(distributed.rank)
-      << YAML::Key << "world_size" << YAML::Value << opt(distributed.world_size) << YAML::EndMap;
+  out << YAML::Key << "distributed" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
+      << "rank" << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value
+      << opt(distributed.world_size) << YAML::EndMap;
   out << YAML::EndMap;
   return out.c_str();
 }

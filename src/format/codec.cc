@@ -17,12 +17,18 @@ struct DTypeInfo {
   size_t size;
 };
 constexpr std::array<DTypeInfo, 13> kDTypes = {{
-    {DType::kUInt8, "uint8", 1},     {DType::kInt8, "int8", 1},
-    {DType::kUInt16, "uint16", 2},   {DType::kInt16, "int16", 2},
-    {DType::kUInt32, "uint32", 4},   {DType::kInt32, "int32", 4},
-    {DType::kUInt64, "uint64", 8},   {DType::kInt64, "int64", 8},
-    {DType::kFloat16, "float16", 2}, {DType::kBFloat16, "bfloat16", 2},
-    {DType::kFloat32, "float32", 4}, {DType::kFloat64, "float64", 8},
+    {DType::kUInt8, "uint8", 1},
+    {DType::kInt8, "int8", 1},
+    {DType::kUInt16, "uint16", 2},
+    {DType::kInt16, "int16", 2},
+    {DType::kUInt32, "uint32", 4},
+    {DType::kInt32, "int32", 4},
+    {DType::kUInt64, "uint64", 8},
+    {DType::kInt64, "int64", 8},
+    {DType::kFloat16, "float16", 2},
+    {DType::kBFloat16, "bfloat16", 2},
+    {DType::kFloat32, "float32", 4},
+    {DType::kFloat64, "float64", 8},
     {DType::kBool, "bool", 1},
 }};
 }  // namespace
@@ -125,8 +131,8 @@ class ByteReader {
 };
 
 bool safe_file_name(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
 }
 
 void check_alignment(uint32_t alignment, const std::string& source) {
@@ -180,8 +186,9 @@ Manifest decode_manifest(std::span<const std::byte> bytes, const std::string& so
   if (std::memcmp(h.magic, kManifestMagic, sizeof(h.magic)) != 0)
     fail(ErrorCode::kCorruption, "{}: bad header: not a sluice manifest (wrong magic)", source);
   if (h.version != kVersion)
-    fail(ErrorCode::kCorruption, "{}: bad header: unsupported format version {} (this build reads {})",
-         source, h.version, kVersion);
+    fail(ErrorCode::kCorruption,
+         "{}: bad header: unsupported format version {} (this build reads {})", source, h.version,
+         kVersion);
   if (h.header_checksum != checksum64(&h, offsetof(ManifestHeader, header_checksum)))
     fail(ErrorCode::kCorruption, "{}: bad header: header checksum mismatch", source);
   auto body = bytes.subspan(sizeof(h));
@@ -255,22 +262,26 @@ void validate_shard_header(const ShardHeader& h, const std::string& source) {
   if (std::memcmp(h.magic, kShardMagic, sizeof(h.magic)) != 0)
     fail(ErrorCode::kCorruption, "{}: bad header: not a sluice shard (wrong magic)", source);
   if (h.version != kVersion)
-    fail(ErrorCode::kCorruption, "{}: bad header: unsupported format version {} (this build reads {})",
-         source, h.version, kVersion);
+    fail(ErrorCode::kCorruption,
+         "{}: bad header: unsupported format version {} (this build reads {})", source, h.version,
+         kVersion);
   if (h.header_checksum != checksum64(&h, offsetof(ShardHeader, header_checksum)))
     fail(ErrorCode::kCorruption, "{}: bad header: header checksum mismatch", source);
   check_alignment(h.alignment, source);
   bool ok = h.header_bytes == kShardHeaderBytes && h.data_offset == h.header_bytes &&
             h.data_end >= h.data_offset && h.index_offset >= h.data_end &&
-            h.index_offset % kPageBytes == 0 && h.num_samples <= (UINT64_MAX - h.index_offset) / 16 &&
+            h.index_offset % kPageBytes == 0 &&
+            h.num_samples <= (UINT64_MAX - h.index_offset) / 16 &&
             h.file_bytes == h.index_offset + h.num_samples * sizeof(IndexEntry);
   if (!ok) fail(ErrorCode::kCorruption, "{}: bad header: inconsistent region offsets", source);
 }
 
 RecordLayout::RecordLayout(const std::vector<FieldSpec>& fields) : fields_(fields) {
   for (const auto& f : fields_) {
-    if (f.fixed_size()) fixed_bytes_ += f.fixed_bytes();
-    else ++num_variable_;
+    if (f.fixed_size())
+      fixed_bytes_ += f.fixed_bytes();
+    else
+      ++num_variable_;
   }
 }
 
@@ -323,8 +334,8 @@ std::string RecordLayout::split(std::span<const std::byte> record,
       len = variable_left;
     }
     if (!f.fixed_size() && len % dtype_size(f.dtype) != 0)
-      return fmt::format("field \"{}\": {} bytes is not a whole number of {} elements", f.name,
-                         len, dtype_name(f.dtype));
+      return fmt::format("field \"{}\": {} bytes is not a whole number of {} elements", f.name, len,
+                         dtype_name(f.dtype));
     out.push_back(record.subspan(pos, len));
     pos += len;
   }

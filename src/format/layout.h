@@ -52,10 +52,10 @@ struct ShardHeader {
   uint32_t alignment;
   uint64_t first_sample;
   uint64_t num_samples;
-  uint64_t data_offset;  // first record byte (== header_bytes)
-  uint64_t data_end;     // one past the last record byte
-  uint64_t index_offset; // page-aligned; num_samples IndexEntry follow
-  uint64_t file_bytes;   // index_offset + num_samples * sizeof(IndexEntry)
+  uint64_t data_offset;      // first record byte (== header_bytes)
+  uint64_t data_end;         // one past the last record byte
+  uint64_t index_offset;     // page-aligned; num_samples IndexEntry follow
+  uint64_t file_bytes;       // index_offset + num_samples * sizeof(IndexEntry)
   uint64_t index_checksum;   // XXH3-64 of the index region
   uint64_t header_checksum;  // XXH3-64 of the bytes of this struct before this field
 };

@@ -22,18 +22,18 @@ void validate_options(const WriterOptions& o) {
   std::set<std::string> names;
   for (const auto& f : o.fields) {
     if (f.name.empty() || f.name.size() > 255 || !names.insert(f.name).second)
-      fail(ErrorCode::kInvalidArgument, "field name \"{}\" is empty, too long or repeated",
-           f.name);
+      fail(ErrorCode::kInvalidArgument, "field name \"{}\" is empty, too long or repeated", f.name);
     if (dtype_size(f.dtype) == 0)
       fail(ErrorCode::kInvalidArgument, "field \"{}\": invalid dtype", f.name);
-    if (f.shape.size() > 32) fail(ErrorCode::kInvalidArgument, "field \"{}\": rank over 32", f.name);
+    if (f.shape.size() > 32)
+      fail(ErrorCode::kInvalidArgument, "field \"{}\": rank over 32", f.name);
     for (int64_t d : f.shape)
       if (d < -1) fail(ErrorCode::kInvalidArgument, "field \"{}\": bad dimension {}", f.name, d);
   }
   if (o.alignment < format::kMinAlignment || o.alignment > format::kMaxAlignment ||
       !std::has_single_bit(o.alignment))
-    fail(ErrorCode::kInvalidArgument, "alignment {} is not a power of two in [{}, {}]",
-         o.alignment, format::kMinAlignment, format::kMaxAlignment);
+    fail(ErrorCode::kInvalidArgument, "alignment {} is not a power of two in [{}, {}]", o.alignment,
+         format::kMinAlignment, format::kMaxAlignment);
   if (o.shard_bytes == 0 || o.shard_samples == 0)
     fail(ErrorCode::kInvalidArgument, "shard size limits must be positive");
   for (const auto& c : o.classes)

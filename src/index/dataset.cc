@@ -73,8 +73,10 @@ struct Dataset::Impl {
     if (h.dataset_id != manifest.dataset_id || h.shard_id != id ||
         h.first_sample != infos[id].first_sample || h.num_samples != entry.num_samples ||
         h.alignment != manifest.alignment || h.file_bytes != entry.file_bytes)
-      fail(ErrorCode::kCorruption, "{}: bad header: does not match the manifest "
-           "(shard {} of dataset {:016x} expected)", source, id, manifest.dataset_id);
+      fail(ErrorCode::kCorruption,
+           "{}: bad header: does not match the manifest "
+           "(shard {} of dataset {:016x} expected)",
+           source, id, manifest.dataset_id);
     if (size < h.file_bytes)
       fail(ErrorCode::kCorruption, "{}: truncated: file is {} bytes, its header says {}", source,
            size, h.file_bytes);
@@ -121,7 +123,8 @@ std::shared_ptr<Dataset> Dataset::open(const fs::path& dir) {
       if (e.code() != ErrorCode::kNotFound) throw;
       throw Error(ErrorCode::kNotFound,
                   fmt::format("{}: not a packed sluice dataset (no {}; was `sluice pack` "
-                              "interrupted?)", dir.string(), format::kManifestName),
+                              "interrupted?)",
+                              dir.string(), format::kManifestName),
                   ENOENT);
     }
     uint64_t size = detail::file_size(fd.get(), manifest_path.string());
@@ -169,8 +172,8 @@ SampleExtent Dataset::extent(uint64_t index) const {
     fail(ErrorCode::kInvalidArgument, "{}: sample {} out of range (dataset has {})",
          impl_->dir.string(), index, num_samples());
   const auto& firsts = impl_->first_samples;
-  auto shard = static_cast<uint32_t>(
-      std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin() - 1);
+  auto shard = static_cast<uint32_t>(std::upper_bound(firsts.begin(), firsts.end(), index) -
+                                     firsts.begin() - 1);
   const Shard& s = impl_->shards[shard];
   const format::IndexEntry& e = s.index[index - firsts[shard]];
   if (e.offset < s.header.data_offset || e.offset > s.header.data_end ||
@@ -190,8 +193,9 @@ std::vector<std::byte> Dataset::read_record(uint64_t index) const {
          index, n, x.size, x.offset);
   uint32_t sum = format::record_checksum(record.data(), record.size(), index);
   if (sum != x.checksum)
-    fail(ErrorCode::kCorruption, "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
-         path, index, x.checksum, sum);
+    fail(ErrorCode::kCorruption,
+         "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})", path, index,
+         x.checksum, sum);
   return record;
 }
 
@@ -222,8 +226,10 @@ std::vector<std::string> Dataset::verify(
       uint64_t index = info.first_sample + local;
       const format::IndexEntry& e = s.index[local];
       if (e.offset < h.data_offset || e.offset > h.data_end || e.size > h.data_end - e.offset) {
-        problems.push_back(fmt::format("{}: sample {}: index entry [{}+{}] lies outside the data "
-                                       "region", path, index, e.offset, e.size));
+        problems.push_back(
+            fmt::format("{}: sample {}: index entry [{}+{}] lies outside the data "
+                        "region",
+                        path, index, e.offset, e.size));
         continue;
       }
       if (e.offset < win_start || e.offset + e.size > win_end) {
@@ -239,8 +245,10 @@ std::vector<std::string> Dataset::verify(
       auto record = std::span(window).subspan(e.offset - win_start, e.size);
       uint32_t sum = format::record_checksum(record.data(), record.size(), index);
       if (sum != e.checksum)
-        problems.push_back(fmt::format("{}: sample {}: checksum mismatch (stored {:08x}, computed "
-                                       "{:08x})", path, index, e.checksum, sum));
+        problems.push_back(
+            fmt::format("{}: sample {}: checksum mismatch (stored {:08x}, computed "
+                        "{:08x})",
+                        path, index, e.checksum, sum));
       else if (auto why = impl_->layout.split(record, fields); !why.empty())
         problems.push_back(fmt::format("{}: sample {}: {}", path, index, why));
       done += e.size;

@@ -16,7 +16,8 @@ uint64_t ceil_div(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 EpochOrder::EpochOrder(const SamplerOptions& o, uint64_t num_samples,
                        const std::vector<uint64_t>& shard_sizes, uint64_t epoch)
-    : mode_(o.shuffle.mode), n_(num_samples),
+    : mode_(o.shuffle.mode),
+      n_(num_samples),
       key_(derive_key(derive_key(o.seed, epoch), static_cast<uint64_t>(o.shuffle.mode))) {
   switch (mode_) {
     case ShuffleMode::kGlobal:
@@ -55,10 +56,14 @@ EpochOrder::EpochOrder(const SamplerOptions& o, uint64_t num_samples,
 
 uint64_t EpochOrder::operator()(uint64_t p) const {
   switch (mode_) {
-    case ShuffleMode::kGlobal: return global_(p);
-    case ShuffleMode::kBlock: return block_order(p);
-    case ShuffleMode::kShard: return shard_order(p);
-    case ShuffleMode::kNone: break;
+    case ShuffleMode::kGlobal:
+      return global_(p);
+    case ShuffleMode::kBlock:
+      return block_order(p);
+    case ShuffleMode::kShard:
+      return shard_order(p);
+    case ShuffleMode::kNone:
+      break;
   }
   return p;
 }
@@ -94,9 +99,8 @@ uint64_t EpochOrder::shard_order(uint64_t p) const {
   uint64_t start = window * window_;
   uint64_t len = std::min(window_, n_ - start);
   uint64_t q = start + Permutation(len, derive_key(key_, window + 1))(p - start);
-  auto k = static_cast<size_t>(
-      std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) - stream_starts_.begin() -
-      1);
+  auto k = static_cast<size_t>(std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) -
+                               stream_starts_.begin() - 1);
   return shard_firsts_[stream_shards_[k]] + (q - stream_starts_[k]);
 }
 
@@ -181,8 +185,10 @@ void RankPlan::batch(uint64_t step, std::vector<SampleRef>& out) const {
   uint64_t base = start_ + full_batches_ * batch_ * world_;
   for (uint64_t j = 0; j < tail_per_rank_; ++j) {
     uint64_t q = rank_ * tail_per_rank_ + j;
-    if (q < tail_) out.push_back({order(base + q), false});
-    else out.push_back({order(base + q % tail_), true});
+    if (q < tail_)
+      out.push_back({order(base + q), false});
+    else
+      out.push_back({order(base + q % tail_), true});
   }
 }
 

@@ -29,7 +29,8 @@ prefetch: 8
 io: {engine: threads, queue_depth: 32, direct: false}
 device: cuda:1
 distributed: {rank: 3, world_size: 8}
-)", "train.yaml", "/base");
+)",
+                                           "train.yaml", "/base");
   EXPECT_EQ(o.dataset.path, "/base/data/imagenet");
   EXPECT_EQ(o.dataset.format, DatasetFormat::kShards);
   EXPECT_EQ(o.batch_size, 512u);
@@ -94,7 +95,8 @@ TEST(Config, ErrorsNameFileLineAndKey) {
   EXPECT_EQ(config_error("distributed: {rank: everyone}\n"),
             "train.yaml:1: distributed.rank: expected env or an integer, got \"everyone\"");
   EXPECT_EQ(config_error("seed: 1\nseed: 2\n"), "train.yaml:2: seed: duplicate key");
-  EXPECT_EQ(config_error("dataset: {path: \"\"}\n"), "train.yaml:1: dataset.path: must not be empty");
+  EXPECT_EQ(config_error("dataset: {path: \"\"}\n"),
+            "train.yaml:1: dataset.path: must not be empty");
   EXPECT_EQ(config_error("- a\n- b\n"),
             "train.yaml: expected a mapping of config keys at the top level");
   EXPECT_NE(config_error("batch_size: [1\n").find("train.yaml:"), std::string::npos);
@@ -117,8 +119,8 @@ TEST(Config, FileErrors) {
     LoaderOptions::from_yaml(tmp / "t.yaml");
     FAIL();
   } catch (const Error& e) {
-    EXPECT_EQ(std::string(e.what()), (tmp / "t.yaml").string() +
-                                         ":4: prefetch: 0 is out of range [1, 1024]");
+    EXPECT_EQ(std::string(e.what()),
+              (tmp / "t.yaml").string() + ":4: prefetch: 0 is out of range [1, 1024]");
   }
   {
     std::ofstream f(tmp / "t.yaml");

@@ -52,10 +52,9 @@ TEST(Format, ManyVariableFieldsKeepTheirLengths) {
   auto writer = DatasetWriter::create(tmp / "ds", options);
   std::vector<std::vector<std::vector<std::byte>>> samples;
   for (uint64_t i = 0; i < 200; ++i) {
-    std::vector<std::vector<std::byte>> f = {testing::sample_bytes(i, 0, i % 17),
-                                             testing::sample_bytes(i, 1, 24),
-                                             testing::sample_bytes(i, 2, 4 * (i % 5)),
-                                             testing::sample_bytes(i, 3, 4 * (i % 3))};
+    std::vector<std::vector<std::byte>> f = {
+        testing::sample_bytes(i, 0, i % 17), testing::sample_bytes(i, 1, 24),
+        testing::sample_bytes(i, 2, 4 * (i % 5)), testing::sample_bytes(i, 3, 4 * (i % 3))};
     std::vector<std::span<const std::byte>> spans(f.begin(), f.end());
     writer->add(spans);
     samples.push_back(std::move(f));

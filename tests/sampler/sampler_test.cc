@@ -19,13 +19,14 @@ using sampler::Permutation;
 
 std::vector<uint64_t> shard_sizes_for(uint64_t n, uint64_t shard) {
   std::vector<uint64_t> sizes;
-  for (uint64_t left = n; left > 0; left -= std::min(left, shard)) sizes.push_back(std::min(left, shard));
+  for (uint64_t left = n; left > 0; left -= std::min(left, shard))
+    sizes.push_back(std::min(left, shard));
   return sizes;
 }
 
 TEST(Permutation, IsABijectionAndInverts) {
-  for (uint64_t n : {0ull, 1ull, 2ull, 3ull, 4ull, 5ull, 7ull, 8ull, 9ull, 100ull, 1000ull,
-                     4097ull, 65535ull, 65536ull, 65537ull}) {
+  for (uint64_t n : {0ull, 1ull, 2ull, 3ull, 4ull, 5ull, 7ull, 8ull, 9ull, 100ull, 1000ull, 4097ull,
+                     65535ull, 65536ull, 65537ull}) {
     Permutation p(n, 42 + n);
     std::vector<bool> seen(n);
     for (uint64_t i = 0; i < n; ++i) {
@@ -116,8 +117,8 @@ std::vector<Case> cases() {
   for (uint64_t n : {0ull, 1ull, 7ull, 97ull, 1000ull, 4099ull})
     for (uint32_t world : {1u, 2u, 3u, 8u})
       for (uint64_t batch : {1ull, 5ull, 64ull})
-        for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard,
-                          ShuffleMode::kNone})
+        for (auto mode :
+             {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone})
           for (bool drop : {true, false}) out.push_back({n, world, batch, mode, drop});
   return out;
 }
@@ -163,8 +164,10 @@ TEST(Sampler, ExactlyOnceEqualBatchesMarkedPadding) {
           ASSERT_EQ(ranks[r][b].size(), ranks[0][b].size()) << "batch " << b << " sizes differ";
           for (const auto& ref : ranks[r][b]) {
             ASSERT_LT(ref.index, c.n);
-            if (ref.padding) ++padding;
-            else ++delivered[ref.index];
+            if (ref.padding)
+              ++padding;
+            else
+              ++delivered[ref.index];
           }
         }
       }
@@ -187,8 +190,8 @@ TEST(Sampler, ExactlyOnceEqualBatchesMarkedPadding) {
 }
 
 TEST(Sampler, EpochOrderIsABijectionInEveryMode) {
-  for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard,
-                    ShuffleMode::kNone}) {
+  for (auto mode :
+       {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone}) {
     for (uint64_t n : {1ull, 13ull, 14ull, 1000ull, 10007ull}) {
       SamplerOptions o;
       o.shuffle.mode = mode;
