@@ -20,8 +20,13 @@ class EpochOrder {
   uint64_t size() const { return n_; }
 
  private:
-  uint64_t block_order(uint64_t p) const;
-  uint64_t shard_order(uint64_t p) const;
+  // A position's block (kBlock) or window (kShard): its slot, offset inside, and size.
+  struct Slot {
+    uint64_t slot, offset, size;
+  };
+  Slot block_slot(uint64_t p) const;
+  Slot shard_window(uint64_t p) const;
+  uint64_t shard_sample(uint64_t stream_position) const;
 
   ShuffleMode mode_;
   uint64_t n_;

@@ -54,54 +54,58 @@ EpochOrder::EpochOrder(const SamplerOptions& o, uint64_t num_samples,
   }
 }
 
+EpochOrder::Slot EpochOrder::block_slot(uint64_t p) const {
+  // Slots before the partial block hold full blocks; the partial block occupies tail_ positions.
+  uint64_t tail_start = tail_slot_ * block_;
+  if (p < tail_start) return {p / block_, p % block_, block_};
+  if (p < tail_start + tail_) return {tail_slot_, p - tail_start, tail_};
+  uint64_t q = p - tail_start - tail_;
+  return {tail_slot_ + 1 + q / block_, q % block_, block_};
+}
+
+EpochOrder::Slot EpochOrder::shard_window(uint64_t p) const {
+  uint64_t window = p / window_;
+  uint64_t start = window * window_;
+  return {window, p - start, std::min(window_, n_ - start)};
+}
+
+uint64_t EpochOrder::shard_sample(uint64_t q) const {
+  auto k = static_cast<size_t>(
+      std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) - stream_starts_.begin() -
+      1);
+  return shard_firsts_[stream_shards_[k]] + (q - stream_starts_[k]);
+}
+
 uint64_t EpochOrder::operator()(uint64_t p) const {
-  switch (mode_) {
-    case ShuffleMode::kGlobal:
-      return global_(p);
-    case ShuffleMode::kBlock:
-      return block_order(p);
-    case ShuffleMode::kShard:
-      return shard_order(p);
-    case ShuffleMode::kNone:
-      break;
-  }
-  return p;
+  uint64_t out;
+  map_range(p, 1, &out);
+  return out;
 }
 
 void EpochOrder::map_range(uint64_t first, size_t count, uint64_t* out) const {
-  if (mode_ == ShuffleMode::kGlobal) return global_.map_range(first, count, out);
-  for (size_t j = 0; j < count; ++j) out[j] = (*this)(first + j);
-}
-
-uint64_t EpochOrder::block_order(uint64_t p) const {
-  // Slots before the partial block hold full blocks; the partial block occupies tail_ positions.
-  uint64_t slot, offset, size = block_;
-  uint64_t tail_start = tail_slot_ * block_;
-  if (p < tail_start) {
-    slot = p / block_;
-    offset = p % block_;
-  } else if (p < tail_start + tail_) {
-    slot = tail_slot_;
-    offset = p - tail_start;
-    size = tail_;
-  } else {
-    uint64_t q = p - tail_start - tail_;
-    slot = tail_slot_ + 1 + q / block_;
-    offset = q % block_;
+  switch (mode_) {
+    case ShuffleMode::kGlobal:
+      global_.map_range(first, count, out);
+      return;
+    case ShuffleMode::kNone:
+      for (size_t j = 0; j < count; ++j) out[j] = first + j;
+      return;
+    case ShuffleMode::kBlock:
+    case ShuffleMode::kShard:
+      break;
   }
-  uint64_t block = global_(slot);
-  Permutation inner(size, derive_key(key_, block + 1));
-  return block * block_ + inner(offset);
-}
-
-uint64_t EpochOrder::shard_order(uint64_t p) const {
-  uint64_t window = p / window_;
-  uint64_t start = window * window_;
-  uint64_t len = std::min(window_, n_ - start);
-  uint64_t q = start + Permutation(len, derive_key(key_, window + 1))(p - start);
-  auto k = static_cast<size_t>(std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) -
-                               stream_starts_.begin() - 1);
-  return shard_firsts_[stream_shards_[k]] + (q - stream_starts_[k]);
+  // Consecutive positions share a block (window) until its end, so each run is one batched
+  // lookup in that block's inner permutation.
+  const bool block = mode_ == ShuffleMode::kBlock;
+  for (size_t j = 0; j < count;) {
+    Slot s = block ? block_slot(first + j) : shard_window(first + j);
+    size_t run = static_cast<size_t>(std::min<uint64_t>(count - j, s.size - s.offset));
+    uint64_t base = block ? global_(s.slot) * block_ : s.slot * window_;
+    uint64_t id = block ? base / block_ : s.slot;
+    Permutation(s.size, derive_key(key_, id + 1)).map_range(s.offset, run, out + j);
+    for (size_t k = j; k < j + run; ++k) out[k] = block ? base + out[k] : shard_sample(base + out[k]);
+    j += run;
+  }
 }
 
 Sampler::Sampler(const SamplerOptions& options, uint64_t num_samples,

@@ -211,6 +211,23 @@ TEST(Sampler, EpochOrderIsABijectionInEveryMode) {
   }
 }
 
+TEST(Sampler, EpochOrderRangesMatchSingleLookups) {
+  for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard,
+                    ShuffleMode::kNone}) {
+    SamplerOptions o;
+    o.shuffle.mode = mode;
+    o.shuffle.block_size = 30;
+    o.shuffle.buffer_size = 45;
+    const uint64_t n = 1001;
+    EpochOrder order(o, n, shard_sizes_for(n, 100), 2);
+    for (uint64_t first : {0ull, 7ull, 29ull, 960ull}) {
+      std::vector<uint64_t> out(n - first);
+      order.map_range(first, out.size(), out.data());  // runs cross many blocks and windows
+      for (uint64_t j = 0; j < out.size(); ++j) ASSERT_EQ(out[j], order(first + j));
+    }
+  }
+}
+
 TEST(Sampler, ModesKeepTheirLocality) {
   constexpr uint64_t n = 10000;
   SamplerOptions o;
