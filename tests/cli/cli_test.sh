@@ -96,5 +96,26 @@ expect_fail "verify truncated" "shard-00002.sluice: truncated" "$SLUICE" verify 
 rm "$TMP/bad/shard-00002.sluice"
 expect_fail "verify missing" "shard-00002.sluice: shard 2 is missing" "$SLUICE" verify "$TMP/bad"
 
+# A pack killed mid-way leaves no directory that looks complete: the destination either does
+# not exist or verifies, and the hidden staging directory is not a dataset.
+python3 "$(dirname "$0")/../../examples/make_image_folder.py" "$TMP/many" --classes 2 --per-class 1500 \
+  --min-bytes 16384 --max-bytes 65536
+"$SLUICE" pack "$TMP/many" -o "$TMP/killed" --shard-size 1M >/dev/null &
+pid=$!
+for _ in $(seq 1 2000); do  # until the pack has closed a few shards (at most ~10 s)
+  compgen -G "$TMP/.killed.partial-*/shard-00002.sluice" >/dev/null && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.005
+done
+kill -9 $pid 2>/dev/null || true
+wait $pid 2>/dev/null || true
+if [[ -e "$TMP/killed" ]]; then
+  check "killed pack: complete if present" "$SLUICE" verify "$TMP/killed"
+else
+  partial=$(ls -d "$TMP"/.killed.partial-* 2>/dev/null | head -1)
+  check "killed pack: left a hidden staging dir" test -n "$partial"
+  expect_fail "killed pack: staging dir is no dataset" "not a packed sluice dataset" "$SLUICE" inspect "$partial"
+fi
+
 echo "$passes passed, $fails failed"
 [[ $fails -eq 0 ]]
