@@ -5,6 +5,7 @@
 #include <sluice/dataset.h>
 #include <sluice/error.h>
 #include <sluice/export.h>
+#include <sluice/loader.h>
 #include <sluice/options.h>
 #include <sluice/sampler.h>
 

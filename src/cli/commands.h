@@ -26,11 +26,19 @@ struct OrderArgs {
   bool json = false;
 };
 
+struct BenchArgs {
+  std::filesystem::path config;
+  double seconds = 10;
+  uint64_t epochs = 0;  // > 0: run this many epochs instead of `seconds`
+  bool json = false;
+};
+
 // Each returns the process exit code; user errors throw sluice::Error.
 int run_pack(const PackArgs& args);
 int run_inspect(const std::filesystem::path& dataset, bool json);
 int run_verify(const std::filesystem::path& dataset, bool json);
 int run_order(const OrderArgs& args);
+int run_bench(const BenchArgs& args);
 
 /// "256M", "1GiB", "4096" -> bytes; throws Error(kInvalidArgument) naming `text`.
 uint64_t parse_size(const std::string& text);

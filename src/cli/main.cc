@@ -1,4 +1,4 @@
-// The `sluice` command line: pack, inspect, verify, order.
+// The `sluice` command line: pack, inspect, verify, order, bench.
 
 #include <sluice/sluice.h>
 
@@ -54,6 +54,14 @@ int main(int argc, char** argv) {
                         "Resume from this many samples of the epoch consumed (all ranks)");
   order_cmd->add_flag("--json", order.json, "Machine-readable output");
 
+  BenchArgs bench;
+  auto* bench_cmd = app.add_subcommand("bench", "Run the loader with a consumer that touches "
+                                       "every sample; print samples/s, bytes/s, wait fraction");
+  bench_cmd->add_option("CONFIG", bench.config, "YAML config")->required();
+  bench_cmd->add_option("--seconds", bench.seconds, "How long to run (default 10)");
+  bench_cmd->add_option("--epochs", bench.epochs, "Run this many epochs instead");
+  bench_cmd->add_flag("--json", bench.json, "Machine-readable output, no progress bar");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (!shard_size.empty()) pack.shard_bytes = parse_size(shard_size);
@@ -61,6 +69,7 @@ int main(int argc, char** argv) {
     if (*inspect_cmd) return run_inspect(dataset, json);
     if (*verify_cmd) return run_verify(dataset, json);
     if (*order_cmd) return run_order(order);
+    if (*bench_cmd) return run_bench(bench);
   } catch (const sluice::Error& e) {
     fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
     return e.code() == sluice::ErrorCode::kInvalidArgument ? 2 : 1;

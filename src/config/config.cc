@@ -166,6 +166,18 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
                            ? DirectIo::kAuto
                            : (parse_bool(c, n, "io.direct") ? DirectIo::kOn : DirectIo::kOff);
        }},
+      {"io.threads",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.io.threads = static_cast<uint32_t>(parse_uint(c, n, "io.threads", 1, 64));
+       }},
+      {"io.timeout_ms",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.io.timeout_ms = static_cast<uint32_t>(parse_uint(c, n, "io.timeout_ms", 1, 86400000));
+       }},
+      {"io.verify",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.io.verify = parse_bool(c, n, "io.verify");
+       }},
       {"device", [](LoaderOptions& o, const YAML::Node& n,
                     const Context& c) { o.device = parse_device(c, n, "device"); }},
       {"distributed.rank",
@@ -350,7 +362,9 @@ std::string LoaderOptions::to_yaml() const {
   out << YAML::Key << "prefetch" << YAML::Value << prefetch;
   out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key << "engine"
       << YAML::Value << engine << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
-      << YAML::Key << "direct" << YAML::Value << direct << YAML::EndMap;
+      << YAML::Key << "direct" << YAML::Value << direct << YAML::Key << "threads" << YAML::Value
+      << io.threads << YAML::Key << "timeout_ms" << YAML::Value << io.timeout_ms << YAML::Key
+      << "verify" << YAML::Value << io.verify << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << dev;
   out << YAML::Key << "distributed" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
       << "rank" << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value

@@ -1,0 +1,89 @@
+#pragma once
+
+#include <sluice/dataset.h>
+#include <sluice/export.h>
+#include <sluice/options.h>
+#include <sluice/sampler.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace sluice {
+
+/// One field of a batch. Fixed-size fields are dense: `shape` is [B, ...] and `data` holds
+/// B * fixed_bytes. Variable-size fields are values + offsets: sample i is
+/// data[offsets[i], offsets[i+1]) and `shape` is [-1]. Views into the batch's buffer.
+struct FieldView {
+  std::string_view name;
+  DType dtype = DType::kUInt8;
+  std::vector<int64_t> shape;
+  std::span<const std::byte> data;
+  std::span<const uint64_t> offsets;  // B + 1 entries for a variable-size field, else empty
+
+  bool fixed_size() const { return offsets.empty(); }
+  /// The bytes of sample i of this batch.
+  std::span<const std::byte> sample(size_t i) const;
+};
+
+/// A batch in a pooled, 64-byte-aligned buffer. Immutable; shared by every holder of its
+/// shared_ptr, and its buffer goes back to the loader's pool when the last holder lets go
+/// (even after the Loader is destroyed). Thread-safe to read.
+class SLUICE_EXPORT Batch {
+ public:
+  virtual ~Batch() = default;
+  virtual size_t size() const = 0;  // samples, padding included
+  virtual uint64_t epoch() const = 0;
+  virtual uint64_t step() const = 0;  // batch number in the epoch, on this rank
+  /// Global sample indices, in delivery order.
+  virtual std::span<const uint64_t> indices() const = 0;
+  /// 1 where the sample is padding (drop_last: false); such samples repeat a real one.
+  virtual std::span<const uint8_t> padding() const = 0;
+  virtual size_t num_fields() const = 0;
+  virtual FieldView field(size_t i) const = 0;
+  /// Throws Error(kInvalidArgument) naming the field when there is none of that name.
+  virtual FieldView field(std::string_view name) const = 0;
+};
+
+/// What a Loader has done so far; cheap to read at any time.
+struct LoaderStats {
+  uint64_t batches = 0;       // delivered to the consumer
+  uint64_t samples = 0;
+  uint64_t bytes = 0;         // record bytes delivered
+  double wait_seconds = 0;    // consumer time spent blocked in next()
+  std::string engine;         // the IO engine in use and its features
+  bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
+};
+
+/// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO
+/// engine by loader threads, each batch assembled in a pooled buffer. Not thread-safe: one
+/// consumer thread calls next(). Throws sluice::Error.
+class SLUICE_EXPORT Loader {
+ public:
+  static std::unique_ptr<Loader> open(const LoaderOptions& options);
+  virtual ~Loader() = default;
+
+  /// The next batch of the current epoch, or nullptr once the epoch is over; the call after
+  /// that starts the following epoch. Rethrows a read or corruption error of this batch
+  /// (naming shard, offset and sample); waits at most the IO timeout.
+  virtual std::shared_ptr<const Batch> next() = 0;
+  /// Restarts at the beginning of `epoch`, dropping batches read ahead.
+  virtual void set_epoch(uint64_t epoch) = 0;
+  virtual uint64_t epoch() const = 0;
+  /// Batches this rank gets per epoch (equal on every rank); from a resume point, what is left.
+  virtual uint64_t num_batches() const = 0;
+  /// Where the consumer stands: resuming from it with load_state() delivers exactly the
+  /// samples not yet delivered, on any world size.
+  virtual SamplerState state() const = 0;
+  virtual void load_state(const SamplerState& state) = 0;
+
+  virtual const Dataset& dataset() const = 0;
+  virtual const LoaderOptions& options() const = 0;
+  virtual LoaderStats stats() const = 0;
+};
+
+}  // namespace sluice

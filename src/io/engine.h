@@ -1,0 +1,100 @@
+#pragma once
+
+// The IO engine: asynchronous positional reads into caller memory. Two implementations share
+// one interface: io_uring (liburing) and a pread thread pool for machines where io_uring is
+// blocked. read_all() drives either one and owns the policy every engine shares: queue depth,
+// short reads continued, EAGAIN/EINTR retried, errors and timeouts reported per op.
+//
+// Errors follow liburing: 0 or a count on success, -errno on failure.
+
+#include <sluice/options.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+namespace sluice::io {
+
+/// One read in flight: `length` bytes of file `file` (an index into the engine's file table)
+/// at `offset` into `dest`.
+struct Request {
+  uint64_t tag = 0;
+  uint32_t file = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  std::byte* dest = nullptr;
+};
+
+struct Completion {
+  uint64_t tag = 0;
+  int32_t result = 0;  // bytes read, or -errno
+};
+
+/// One engine per thread: not thread-safe, and an io_uring engine must be used by the thread
+/// that created it (SINGLE_ISSUER).
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  /// "io_uring" or "threads", plus what it could enable ("registered files", ...).
+  virtual std::string describe() const = 0;
+  virtual uint32_t queue_depth() const = 0;
+  /// Queues one read; 0 or -errno. May block only to make room (the queue is full).
+  virtual int submit(const Request& request) = 0;
+  /// Hands queued reads to the kernel or the worker threads; 0 or -errno.
+  virtual int flush() = 0;
+  /// Waits up to `timeout` for at least one completion; returns how many it wrote to `out`
+  /// (0 on timeout) or -errno.
+  virtual int reap(std::span<Completion> out, std::chrono::milliseconds timeout) = 0;
+  /// Lets reads into `buffer` use a registered (pinned, pre-mapped) buffer where the engine and
+  /// the memlock limit allow; best effort, returns whether it did.
+  virtual bool register_buffer(std::span<std::byte> buffer) {
+    (void)buffer;
+    return false;
+  }
+};
+
+/// What one read covers, for read_all.
+struct ReadOp {
+  uint32_t file = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  std::byte* dest = nullptr;
+};
+
+struct ReadFailure {
+  size_t op = 0;   // index into the ops span
+  int error = 0;   // -errno; -ETIMEDOUT when the deadline passed; -ENODATA for end of file
+};
+
+/// Reads every op completely with up to queue_depth() in flight. Returns nullopt-like
+/// (error == 0) on success, else the first failure. Never returns while a read it submitted
+/// is still in flight, unless the deadline passed (then the engine must be destroyed before
+/// the destination memory is reused).
+/// When `*cancel` becomes true, no new reads start; those in flight are drained and the
+/// result is -ECANCELED.
+ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
+                     std::chrono::steady_clock::time_point deadline,
+                     const std::atomic<bool>* cancel = nullptr);
+
+/// Creates the engine that `options.engine` asks for over `files` (file descriptors, indexed
+/// by Request::file). kAuto picks io_uring and falls back to threads when io_uring is blocked
+/// (seccomp, kernel.io_uring_disabled, ENOMEM); `on_choice` is called with a one-line account
+/// of what was chosen and why. kUring throws Error(kUnsupported) when io_uring is unavailable.
+std::unique_ptr<Engine> make_engine(const IoOptions& options, std::span<const int> files,
+                                    const std::function<void(const std::string&)>& on_choice);
+
+std::unique_ptr<Engine> make_uring_engine(uint32_t queue_depth, std::span<const int> files,
+                                          int* error, std::string* notes);
+std::unique_ptr<Engine> make_thread_engine(uint32_t queue_depth, std::span<const int> files);
+
+/// Test seams: make io_uring setup or buffer registration fail with `error` (-errno), as
+/// seccomp, the io_uring_disabled sysctl or a low memlock limit would. 0 restores normal.
+void set_uring_setup_fault(int error);
+void set_register_buffers_fault(int error);
+
+}  // namespace sluice::io

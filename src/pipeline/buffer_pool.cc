@@ -1,0 +1,81 @@
+#include "pipeline/buffer_pool.h"
+
+#include <new>
+
+namespace sluice::pipeline {
+
+bool AlignedBuffer::reserve(size_t bytes) {
+  if (bytes <= capacity_ && data_) return false;
+  size_t size = (std::max<size_t>(bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
+  size = std::max(size, capacity_ + capacity_ / 2);  // geometric growth: rare reallocations
+  size = (size + kAlignment - 1) / kAlignment * kAlignment;
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlignment, size) != 0) throw std::bad_alloc();
+  data_.reset(static_cast<std::byte*>(p));
+  capacity_ = size;
+  return true;
+}
+
+BufferPool::BufferPool(size_t budget) : budget_(budget) {}
+
+std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& stop_mu,
+                                                  std::condition_variable& stop_cv) {
+  std::unique_lock lock(stop_mu);
+  {
+    std::lock_guard pool_lock(mu_);
+    waiter_cv_ = &stop_cv;
+    waiter_mu_ = &stop_mu;
+  }
+  while (true) {
+    {
+      std::lock_guard pool_lock(mu_);
+      if (!free_.empty()) {
+        auto s = std::move(free_.back());
+        free_.pop_back();
+        return s;
+      }
+      if (total_ - with_consumer_ < budget_) {
+        ++total_;
+        return std::make_unique<BatchStorage>();
+      }
+    }
+    if (stop) return nullptr;
+    stop_cv.wait_for(lock, std::chrono::milliseconds(50));
+  }
+}
+
+void BufferPool::release(std::unique_ptr<BatchStorage> storage) {
+  // Notify under the pool lock so that detach() cannot return while a notify is under way.
+  std::lock_guard lock(mu_);
+  if (free_.size() < budget_) free_.push_back(std::move(storage));
+  else --total_;  // the consumer held more than the budget; give the memory back
+  if (waiter_cv_) waiter_cv_->notify_all();
+}
+
+void BufferPool::detach() {
+  std::lock_guard lock(mu_);
+  waiter_cv_ = nullptr;
+  waiter_mu_ = nullptr;
+}
+
+size_t BufferPool::held_by_consumer() const {
+  std::lock_guard lock(mu_);
+  return with_consumer_;
+}
+
+void BufferPool::note_delivered() {
+  std::lock_guard lock(mu_);
+  ++with_consumer_;
+}
+
+void BufferPool::note_returned_from_consumer() {
+  std::lock_guard lock(mu_);
+  --with_consumer_;
+}
+
+size_t BufferPool::free_count() const {
+  std::lock_guard lock(mu_);
+  return free_.size();
+}
+
+}  // namespace sluice::pipeline

@@ -1,0 +1,75 @@
+#pragma once
+
+// Pooled batch storage. A Batch handed to the consumer owns one BatchStorage; when the last
+// reference to the Batch dies, the storage goes back to the pool (which the batch keeps alive,
+// so this works after the Loader is gone). The loader's own share is bounded (`budget`: the
+// prefetch window); storages the consumer chooses to hold are the consumer's memory, and the
+// pool keeps at most `budget` idle ones, freeing the rest as they come back.
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace sluice::pipeline {
+
+/// A growable, 4096-byte-aligned byte buffer (usable as an O_DIRECT destination).
+class AlignedBuffer {
+ public:
+  static constexpr size_t kAlignment = 4096;
+  std::byte* data() const { return data_.get(); }
+  size_t capacity() const { return capacity_; }
+  /// Makes room for `bytes`; existing contents are not kept. Returns whether it reallocated.
+  bool reserve(size_t bytes);
+
+ private:
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::unique_ptr<std::byte, Free> data_;
+  size_t capacity_ = 0;
+};
+
+struct BatchStorage {
+  AlignedBuffer data;
+  std::vector<uint64_t> indices;
+  std::vector<uint8_t> padding;
+  std::vector<size_t> field_offset;                // where each field starts in data
+  std::vector<size_t> field_bytes;
+  std::vector<std::vector<uint64_t>> offsets;      // per field; empty for fixed-size fields
+  uint64_t epoch = 0, step = 0;
+};
+
+class BufferPool : public std::enable_shared_from_this<BufferPool> {
+ public:
+  explicit BufferPool(size_t budget);
+  /// A free storage, or a new one while fewer than `budget` are out of the consumer's hands;
+  /// otherwise waits until one is returned. nullptr if `stop` became true first.
+  std::unique_ptr<BatchStorage> acquire(const bool& stop, std::mutex& stop_mu,
+                                        std::condition_variable& stop_cv);
+  void release(std::unique_ptr<BatchStorage> storage);
+  /// The loader is going away: stop notifying its condition variable.
+  void detach();
+  /// Storages currently held by batches the consumer has (delivered and not yet dropped).
+  size_t held_by_consumer() const;
+  void note_delivered();
+  void note_returned_from_consumer();
+  size_t free_count() const;
+
+ private:
+  size_t budget_;
+  size_t total_ = 0;
+  mutable std::mutex mu_;
+  std::vector<std::unique_ptr<BatchStorage>> free_;
+  size_t with_consumer_ = 0;
+  // Waiters are the loader threads; they wait on the loader's condition variable so that a
+  // stop request wakes them too.
+  std::condition_variable* waiter_cv_ = nullptr;
+  std::mutex* waiter_mu_ = nullptr;
+};
+
+}  // namespace sluice::pipeline

@@ -1,0 +1,470 @@
+// The Loader: sampler order -> IO engine reads -> batches in pooled buffers.
+//
+// Loader threads (io.threads) each own an IO engine and build every T-th batch of the epoch:
+// plan the batch's samples, coalesce their aligned extents into reads, read them all with the
+// engine (queue depth in flight), check checksums, and copy fields into a pooled BatchStorage.
+// The consumer takes batches in step order; a thread may start step s only while
+// s < delivered + prefetch, which bounds memory and read-ahead.
+
+#include <sluice/loader.h>
+
+#include "common/errors.h"
+#include "common/file.h"
+#include "format/layout.h"
+#include "io/engine.h"
+#include "pipeline/buffer_pool.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+
+namespace sluice {
+
+std::span<const std::byte> FieldView::sample(size_t i) const {
+  if (offsets.empty()) {
+    size_t n = shape.empty() || shape[0] <= 0 ? 0 : static_cast<size_t>(shape[0]);
+    size_t each = n ? data.size() / n : 0;
+    return data.subspan(i * each, each);
+  }
+  return data.subspan(offsets[i], offsets[i + 1] - offsets[i]);
+}
+
+namespace pipeline {
+
+using detail::fail;
+namespace fs = std::filesystem;
+
+namespace {
+
+void log_line(const std::string& line) { std::fprintf(stderr, "sluice: %s\n", line.c_str()); }
+
+class BatchImpl final : public Batch {
+ public:
+  BatchImpl(std::shared_ptr<BufferPool> pool, std::unique_ptr<BatchStorage> storage,
+            std::shared_ptr<const std::vector<FieldSpec>> fields)
+      : pool_(std::move(pool)), s_(std::move(storage)), fields_(std::move(fields)) {}
+  ~BatchImpl() override {
+    pool_->note_returned_from_consumer();
+    pool_->release(std::move(s_));
+  }
+
+  size_t size() const override { return s_->indices.size(); }
+  uint64_t epoch() const override { return s_->epoch; }
+  uint64_t step() const override { return s_->step; }
+  std::span<const uint64_t> indices() const override { return s_->indices; }
+  std::span<const uint8_t> padding() const override { return s_->padding; }
+  size_t num_fields() const override { return fields_->size(); }
+
+  FieldView field(size_t i) const override {
+    const FieldSpec& f = (*fields_)[i];
+    FieldView v;
+    v.name = f.name;
+    v.dtype = f.dtype;
+    v.data = {s_->data.data() + s_->field_offset[i], s_->field_bytes[i]};
+    if (f.fixed_size()) {
+      v.shape.push_back(static_cast<int64_t>(size()));
+      v.shape.insert(v.shape.end(), f.shape.begin(), f.shape.end());
+    } else {
+      v.shape = {-1};
+      v.offsets = s_->offsets[i];
+    }
+    return v;
+  }
+
+  FieldView field(std::string_view name) const override {
+    for (size_t i = 0; i < fields_->size(); ++i)
+      if ((*fields_)[i].name == name) return field(i);
+    fail(ErrorCode::kInvalidArgument, "batch has no field \"{}\"", name);
+  }
+
+ private:
+  std::shared_ptr<BufferPool> pool_;
+  std::unique_ptr<BatchStorage> s_;
+  std::shared_ptr<const std::vector<FieldSpec>> fields_;
+};
+
+// A finished step: its storage, or the error that stopped it.
+struct StepResult {
+  std::unique_ptr<BatchStorage> storage;
+  std::exception_ptr error;
+};
+
+// What one loader thread keeps between batches: nothing here is allocated per sample.
+struct WorkerScratch {
+  AlignedBuffer staging;
+  std::vector<SampleRef> refs;
+  std::vector<SampleExtent> extents;
+  std::vector<uint32_t> order;                 // samples sorted by (shard, offset)
+  std::vector<io::ReadOp> ops;
+  std::vector<size_t> op_staging;              // staging offset of each op
+  std::vector<size_t> sample_op;               // op of each sample
+  std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
+};
+
+class LoaderImpl final : public Loader {
+ public:
+  explicit LoaderImpl(const LoaderOptions& options)
+      : options_(options),
+        dataset_(open_dataset(options)),
+        fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
+        layout_(dataset_->fields()),
+        sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
+        rank_(options.resolved_rank()),
+        world_(options.resolved_world_size()),
+        pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads)) {
+    open_files();
+    plan_ = sampler_.plan({0, 0}, rank_, world_);
+  }
+
+  ~LoaderImpl() override {
+    stop_threads();
+    pool_->detach();
+  }
+
+  std::shared_ptr<const Batch> next() override {
+    if (failed_) std::rethrow_exception(failed_);
+    if (epoch_done_) {
+      epoch_done_ = false;
+      restart({plan_.state_after(0).epoch + 1, 0});
+    }
+    if (delivered_ >= plan_.num_batches()) {
+      epoch_done_ = true;
+      return nullptr;
+    }
+    if (!running_) start_threads();
+    const uint64_t step = delivered_;
+    auto t0 = std::chrono::steady_clock::now();
+    auto deadline = t0 + std::chrono::milliseconds(options_.io.timeout_ms);
+    StepResult result;
+    {
+      std::unique_lock lock(mu_);
+      while (!ready_.count(step)) {
+        if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !ready_.count(step))
+          fail(ErrorCode::kIo, "{}: no batch after {} ms (epoch {}, batch {}): reads are not "
+               "completing", dataset_->path().string(), options_.io.timeout_ms,
+               plan_.state_after(0).epoch, step);
+      }
+      result = std::move(ready_[step]);
+      ready_.erase(step);
+      ++delivered_;
+    }
+    cv_.notify_all();
+    stats_.wait_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (result.error) {
+      failed_ = result.error;
+      stop_threads();
+      std::rethrow_exception(result.error);
+    }
+    pool_->note_delivered();
+    stats_.batches += 1;
+    stats_.samples += result.storage->indices.size();
+    for (size_t f = 0; f < fields_->size(); ++f) stats_.bytes += result.storage->field_bytes[f];
+    return std::make_shared<BatchImpl>(pool_, std::move(result.storage), fields_);
+  }
+
+  void set_epoch(uint64_t epoch) override { restart({epoch, 0}); }
+  uint64_t epoch() const override { return plan_.state_after(0).epoch; }
+  uint64_t num_batches() const override { return plan_.num_batches(); }
+
+  SamplerState state() const override {
+    if (delivered_ >= plan_.num_batches()) return {epoch() + 1, 0};
+    return plan_.state_after(delivered_);
+  }
+
+  void load_state(const SamplerState& state) override { restart(state); }
+  const Dataset& dataset() const override { return *dataset_; }
+  const LoaderOptions& options() const override { return options_; }
+
+  LoaderStats stats() const override {
+    LoaderStats s = stats_;
+    std::lock_guard lock(mu_);
+    s.engine = engine_;
+    s.direct_io = direct_;
+    return s;
+  }
+
+ private:
+  static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o) {
+    if (o.dataset.path.empty()) fail(ErrorCode::kConfig, "dataset.path: missing");
+    if (o.dataset.format != DatasetFormat::kAuto && o.dataset.format != DatasetFormat::kShards)
+      fail(ErrorCode::kUnsupported, "dataset.format: {}: this build reads packed shards only",
+           to_string(o.dataset.format));
+    if (o.device.kind != DeviceKind::kCpu)
+      fail(ErrorCode::kUnsupported, "device: only cpu is supported by this build");
+    return Dataset::open(o.dataset.path);
+  }
+
+  // O_DIRECT file descriptors when the file system takes them and an aligned read works;
+  // otherwise the dataset's own (buffered) descriptors.
+  void open_files() {
+    const auto& shards = dataset_->shards();
+    std::string why;
+    if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
+      try {
+        for (const auto& s : shards) direct_fds_.push_back(detail::open_file(s.path, O_RDONLY | O_DIRECT));
+        AlignedBuffer probe;
+        probe.reserve(dataset_->alignment());
+        ssize_t n = ::pread(direct_fds_[0].get(), probe.data(), dataset_->alignment(), 0);
+        if (n < 0) detail::fail_errno(errno, "O_DIRECT read of " + shards[0].path.string());
+        direct_ = true;
+      } catch (const Error& e) {
+        direct_fds_.clear();
+        why = e.what();
+        if (options_.io.direct == DirectIo::kOn)
+          fail(ErrorCode::kUnsupported, "io.direct: true, but {}", why);
+      }
+    }
+    for (uint32_t i = 0; i < shards.size(); ++i)
+      fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
+    io_alignment_ = direct_ ? dataset_->alignment() : 1;
+    if (options_.io.direct != DirectIo::kOff)
+      log_line(direct_ ? "direct I/O (O_DIRECT) on" : "direct I/O off, reading through the page cache: " + why);
+  }
+
+  void start_threads() {
+    stop_ = false;
+    cancel_ = false;
+    for (uint32_t w = 0; w < options_.io.threads; ++w) threads_.emplace_back([this, w] { work(w); });
+    running_ = true;
+  }
+
+  void stop_threads() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cancel_ = true;
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    running_ = false;
+    std::lock_guard lock(mu_);
+    for (auto& [step, r] : ready_)
+      if (r.storage) pool_->release(std::move(r.storage));
+    ready_.clear();
+  }
+
+  void restart(const SamplerState& state) {
+    RankPlan plan = sampler_.plan(state, rank_, world_);  // validates before anything stops
+    stop_threads();
+    plan_ = plan;
+    delivered_ = 0;
+    epoch_done_ = false;
+    failed_ = nullptr;
+  }
+
+  void publish(uint64_t step, StepResult result) {
+    {
+      std::lock_guard lock(mu_);
+      ready_[step] = std::move(result);
+    }
+    cv_.notify_all();
+  }
+
+  void work(uint32_t worker) {
+    std::unique_ptr<io::Engine> engine;
+    const uint32_t threads = options_.io.threads;
+    try {
+      engine = io::make_engine(options_.io, fds_, [&](const std::string& line) {
+        std::lock_guard lock(mu_);
+        if (engine_.empty()) {
+          engine_ = line.substr(line.find(": ") + 2);
+          if (!engine_logged_.exchange(true)) log_line(line);
+        }
+      });
+    } catch (...) {
+      publish(worker, {nullptr, std::current_exception()});
+      return;
+    }
+    WorkerScratch scratch;
+    for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || step < delivered_ + options_.prefetch; });
+        if (stop_) return;
+      }
+      auto storage = pool_->acquire(stop_, mu_, cv_);
+      if (!storage) return;
+      try {
+        build(step, *engine, scratch, *storage);
+        publish(step, {std::move(storage), nullptr});
+      } catch (...) {
+        pool_->release(std::move(storage));
+        if (cancel_) return;
+        publish(step, {nullptr, std::current_exception()});
+        return;
+      }
+    }
+  }
+
+  [[noreturn]] void read_error(const WorkerScratch& s, io::ReadFailure f) {
+    const io::ReadOp& op = s.ops[f.op];
+    std::string path = dataset_->shards()[op.file].path.string();
+    std::string samples;
+    for (size_t i = 0, shown = 0; i < s.refs.size() && shown < 4; ++i)
+      if (s.sample_op[i] == f.op) {
+        samples += fmt::format("{}{}", shown++ ? ", " : "", s.refs[i].index);
+      }
+    std::string where = fmt::format("read {} [{}+{}] (sample {})", path, op.offset, op.length, samples);
+    if (f.error == -ENODATA)
+      fail(ErrorCode::kCorruption, "{}: unexpected end of file (shard truncated?)", where);
+    if (f.error == -ETIMEDOUT)
+      fail(ErrorCode::kIo, "{}: timed out after {} ms", where, options_.io.timeout_ms);
+    throw Error(ErrorCode::kIo, fmt::format("{}: {}", where, detail::errno_text(-f.error)), -f.error);
+  }
+
+  void build(uint64_t step, io::Engine& engine, WorkerScratch& s, BatchStorage& out) {
+    plan_.batch(step, s.refs);
+    const size_t n = s.refs.size();
+    const uint64_t align = io_alignment_;
+    s.extents.resize(n);
+    s.order.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      s.extents[i] = dataset_->extent(s.refs[i].index);
+      s.order[i] = static_cast<uint32_t>(i);
+    }
+    std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
+      const auto &x = s.extents[a], &y = s.extents[b];
+      return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
+    });
+    // Coalesce the aligned covers of neighbouring samples into single reads (at most 4 MiB).
+    constexpr uint64_t kMaxRead = 4 << 20;
+    s.ops.clear();
+    s.op_staging.clear();
+    s.sample_op.assign(n, 0);
+    size_t staging_bytes = 0;
+    for (uint32_t i : s.order) {
+      const SampleExtent& x = s.extents[i];
+      uint64_t start = x.offset / align * align;
+      uint64_t end = (x.offset + x.size + align - 1) / align * align;
+      if (!s.ops.empty()) {
+        io::ReadOp& last = s.ops.back();
+        uint64_t last_end = last.offset + last.length;
+        if (last.file == x.shard && start <= last_end && end - last.offset <= kMaxRead) {
+          if (end > last_end) {
+            staging_bytes += end - last_end;
+            last.length = static_cast<uint32_t>(end - last.offset);
+          }
+          s.sample_op[i] = s.ops.size() - 1;
+          continue;
+        }
+      }
+      s.ops.push_back({x.shard, start, static_cast<uint32_t>(end - start), nullptr});
+      s.op_staging.push_back(staging_bytes);
+      staging_bytes += end - start;
+      s.sample_op[i] = s.ops.size() - 1;
+    }
+    if (s.staging.reserve(staging_bytes)) {
+      bool registered = engine.register_buffer({s.staging.data(), s.staging.capacity()});
+      (void)registered;
+    }
+    for (size_t k = 0; k < s.ops.size(); ++k) s.ops[k].dest = s.staging.data() + s.op_staging[k];
+
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
+    io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
+    if (failure.error != 0) read_error(s, failure);
+
+    // Check and split every record, then lay the batch out field by field.
+    const size_t nf = fields_->size();
+    s.field_spans.resize(n * nf);
+    std::vector<std::span<const std::byte>> parts;
+    for (size_t i = 0; i < n; ++i) {
+      const SampleExtent& x = s.extents[i];
+      const io::ReadOp& op = s.ops[s.sample_op[i]];
+      std::span<const std::byte> record(op.dest + (x.offset - op.offset), x.size);
+      uint64_t index = s.refs[i].index;
+      if (options_.io.verify) {
+        uint32_t sum = format::record_checksum(record.data(), record.size(), index);
+        if (sum != x.checksum)
+          fail(ErrorCode::kCorruption, "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
+               dataset_->shards()[x.shard].path.string(), index, x.checksum, sum);
+      }
+      if (auto why = layout_.split(record, parts); !why.empty())
+        fail(ErrorCode::kCorruption, "{}: sample {}: {}", dataset_->shards()[x.shard].path.string(),
+             index, why);
+      std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
+    }
+    out.field_offset.resize(nf);
+    out.field_bytes.resize(nf);
+    out.offsets.resize(nf);
+    size_t total = 0;
+    for (size_t f = 0; f < nf; ++f) {
+      size_t bytes = 0;
+      for (size_t i = 0; i < n; ++i) bytes += s.field_spans[i * nf + f].size();
+      total = (total + 63) / 64 * 64;
+      out.field_offset[f] = total;
+      out.field_bytes[f] = bytes;
+      total += bytes;
+    }
+    out.data.reserve(total);
+    for (size_t f = 0; f < nf; ++f) {
+      std::byte* dst = out.data.data() + out.field_offset[f];
+      bool variable = !(*fields_)[f].fixed_size();
+      auto& offsets = out.offsets[f];
+      offsets.clear();
+      if (variable) offsets.push_back(0);
+      for (size_t i = 0; i < n; ++i) {
+        auto src = s.field_spans[i * nf + f];
+        if (!src.empty()) std::memcpy(dst, src.data(), src.size());
+        dst += src.size();
+        if (variable) offsets.push_back(offsets.back() + src.size());
+      }
+    }
+    out.indices.resize(n);
+    out.padding.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      out.indices[i] = s.refs[i].index;
+      out.padding[i] = s.refs[i].padding;
+    }
+    out.epoch = plan_.state_after(0).epoch;
+    out.step = step;
+  }
+
+  LoaderOptions options_;
+  std::shared_ptr<Dataset> dataset_;
+  std::shared_ptr<const std::vector<FieldSpec>> fields_;
+  format::RecordLayout layout_;
+  Sampler sampler_;
+  uint32_t rank_, world_;
+  std::vector<detail::UniqueFd> direct_fds_;
+  std::vector<int> fds_;
+  bool direct_ = false;
+  uint64_t io_alignment_ = 1;
+  std::shared_ptr<BufferPool> pool_;
+
+  // Consumer-side state (the consumer thread only).
+  RankPlan plan_;
+  uint64_t delivered_ = 0;
+  bool epoch_done_ = false;
+  bool running_ = false;
+  std::exception_ptr failed_;
+  LoaderStats stats_;
+
+  // Shared with loader threads, under mu_.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::map<uint64_t, StepResult> ready_;
+  std::string engine_;
+  std::atomic<bool> cancel_{false};
+  std::atomic<bool> engine_logged_{false};
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+}  // namespace pipeline
+
+std::unique_ptr<Loader> Loader::open(const LoaderOptions& options) {
+  return std::make_unique<pipeline::LoaderImpl>(options);
+}
+
+}  // namespace sluice
