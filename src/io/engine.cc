@@ -3,6 +3,7 @@
 #include "common/errors.h"
 
 #include <cerrno>
+#include <mutex>
 #include <vector>
 
 namespace sluice::io {
@@ -81,8 +82,32 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
   return failure;
 }
 
+namespace {
+std::mutex g_wrapper_mu;
+std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> g_wrapper;
+
+std::unique_ptr<Engine> wrapped(std::unique_ptr<Engine> engine) {
+  std::lock_guard lock(g_wrapper_mu);
+  return g_wrapper ? g_wrapper(std::move(engine)) : std::move(engine);
+}
+
+std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const int> files,
+                                      const std::function<void(const std::string&)>& on_choice);
+}  // namespace
+
+void set_engine_wrapper(std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> wrap) {
+  std::lock_guard lock(g_wrapper_mu);
+  g_wrapper = std::move(wrap);
+}
+
 std::unique_ptr<Engine> make_engine(const IoOptions& options, std::span<const int> files,
                                     const std::function<void(const std::string&)>& on_choice) {
+  return wrapped(choose_engine(options, files, on_choice));
+}
+
+namespace {
+std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const int> files,
+                                      const std::function<void(const std::string&)>& on_choice) {
   if (options.engine == IoEngineKind::kThreads) {
     auto engine = make_thread_engine(options.queue_depth, files);
     if (on_choice) on_choice("io engine: " + engine->describe() + " (io.engine: threads)");
@@ -104,5 +129,7 @@ std::unique_ptr<Engine> make_engine(const IoOptions& options, std::span<const in
   if (on_choice) on_choice("io engine: " + fallback->describe() + "; io_uring unavailable: " + why);
   return fallback;
 }
+
+}  // namespace
 
 }  // namespace sluice::io

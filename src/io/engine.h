@@ -96,5 +96,8 @@ std::unique_ptr<Engine> make_thread_engine(uint32_t queue_depth, std::span<const
 /// seccomp, the io_uring_disabled sysctl or a low memlock limit would. 0 restores normal.
 void set_uring_setup_fault(int error);
 void set_register_buffers_fault(int error);
+/// Test seam: every engine make_engine creates is passed through `wrap` (for fault injection
+/// at the engine boundary). An empty function restores normal.
+void set_engine_wrapper(std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> wrap);
 
 }  // namespace sluice::io

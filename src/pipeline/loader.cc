@@ -142,7 +142,9 @@ class LoaderImpl final : public Loader {
     if (!running_) start_threads();
     const uint64_t step = delivered_;
     auto t0 = std::chrono::steady_clock::now();
-    auto deadline = t0 + std::chrono::milliseconds(options_.io.timeout_ms);
+    // The batch's own reads time out after io.timeout_ms and report which read; this wait is the
+    // backstop for a loader thread that cannot even start (one second later).
+    auto deadline = t0 + std::chrono::milliseconds(options_.io.timeout_ms) + std::chrono::seconds(1);
     StepResult result;
     {
       std::unique_lock lock(mu_);
@@ -307,6 +309,9 @@ class LoaderImpl final : public Loader {
   }
 
   [[noreturn]] void read_error(const WorkerScratch& s, io::ReadFailure f) {
+    if (f.op >= s.ops.size())  // a failure of the engine itself, not of one read
+      throw Error(ErrorCode::kIo, fmt::format("{}: io engine: {}", dataset_->path().string(),
+                                              detail::errno_text(-f.error)), -f.error);
     const io::ReadOp& op = s.ops[f.op];
     std::string path = dataset_->shards()[op.file].path.string();
     std::string samples;

@@ -1,0 +1,204 @@
+// Both IO engines against plain pread, and read_all's handling of short reads, EAGAIN, errors,
+// timeouts and io_uring being unavailable.
+
+#include "io/engine.h"
+
+#include "common/file.h"
+#include "fault_engine.h"
+#include "pipeline/buffer_pool.h"
+#include "test_util.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+
+namespace sluice {
+namespace {
+
+using testing::Fault;
+using testing::FaultEngine;
+
+class EngineTest : public ::testing::TestWithParam<IoEngineKind> {
+ protected:
+  void SetUp() override {
+    contents_ = testing::sample_bytes(1, 2, 3 << 20);
+    {
+      std::ofstream f(tmp_ / "file", std::ios::binary);
+      f.write(reinterpret_cast<const char*>(contents_.data()), static_cast<std::streamsize>(contents_.size()));
+    }
+    fd_ = detail::open_file(tmp_ / "file", O_RDONLY);
+    fds_ = {fd_.get()};
+  }
+
+  std::unique_ptr<io::Engine> engine(uint32_t depth = 16) {
+    IoOptions o;
+    o.engine = GetParam();
+    o.queue_depth = depth;
+    return io::make_engine(o, fds_, {});
+  }
+
+  // Random ops (unaligned, some empty) and where each lands in `buffer`.
+  std::vector<io::ReadOp> random_ops(size_t count, std::vector<std::byte>& buffer) {
+    std::mt19937_64 rng(7);
+    std::vector<io::ReadOp> ops;
+    std::vector<size_t> at;
+    size_t total = 0;
+    for (size_t i = 0; i < count; ++i) {
+      uint32_t len = static_cast<uint32_t>(rng() % 20000);
+      uint64_t off = rng() % (contents_.size() - len);
+      ops.push_back({0, off, len, nullptr});
+      at.push_back(total);
+      total += len;
+    }
+    buffer.assign(total, std::byte{0});
+    for (size_t i = 0; i < count; ++i) ops[i].dest = buffer.data() + at[i];
+    return ops;
+  }
+
+  void expect_contents(const std::vector<io::ReadOp>& ops) {
+    for (const auto& op : ops)
+      ASSERT_TRUE(std::equal(op.dest, op.dest + op.length, contents_.begin() + static_cast<ptrdiff_t>(op.offset)))
+          << "op at " << op.offset << "+" << op.length;
+  }
+
+  static auto deadline(int ms = 10000) {
+    return std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  }
+
+  testing::TempDir tmp_;
+  std::vector<std::byte> contents_;
+  detail::UniqueFd fd_;
+  std::vector<int> fds_;
+};
+
+TEST_P(EngineTest, SameBytesAsPread) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(500, buffer);
+  auto e = engine();
+  ASSERT_EQ(io::read_all(*e, ops, deadline()).error, 0);
+  expect_contents(ops);
+}
+
+TEST_P(EngineTest, RegisteredBufferReadsTheSame) {
+  std::vector<std::byte> unused;
+  auto ops = random_ops(200, unused);
+  pipeline::AlignedBuffer buffer;
+  size_t total = 0;
+  for (auto& op : ops) total += op.length;
+  buffer.reserve(total);
+  size_t at = 0;
+  for (auto& op : ops) {
+    op.dest = buffer.data() + at;
+    at += op.length;
+  }
+  auto e = engine();
+  bool registered = e->register_buffer({buffer.data(), buffer.capacity()});
+  if (GetParam() == IoEngineKind::kUring) {
+    EXPECT_TRUE(registered);
+  }
+  ASSERT_EQ(io::read_all(*e, ops, deadline()).error, 0);
+  expect_contents(ops);
+}
+
+TEST_P(EngineTest, ShortReadsAreCompletedAndEagainRetried) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(300, buffer);
+  int calls = 0;
+  FaultEngine e(engine(), [&](const io::Request&) {
+    ++calls;
+    return calls % 3 == 0 ? Fault::kShort : calls % 5 == 0 ? Fault::kAgain : Fault::kNone;
+  });
+  ASSERT_EQ(io::read_all(e, ops, deadline()).error, 0);
+  expect_contents(ops);
+  EXPECT_GT(calls, 300);  // the faults made it resubmit
+}
+
+TEST_P(EngineTest, ErrorsNameTheOpAndDrain) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(100, buffer);
+  ops[37].length = std::max<uint32_t>(ops[37].length, 1);
+  FaultEngine e(engine(), [&](const io::Request& r) {
+    return r.tag == 37 ? Fault::kError : Fault::kNone;
+  });
+  io::ReadFailure f = io::read_all(e, ops, deadline());
+  EXPECT_EQ(f.error, -EIO);
+  EXPECT_EQ(f.op, 37u);
+}
+
+TEST_P(EngineTest, EagainForeverBecomesAnError) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(10, buffer);
+  for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
+  FaultEngine e(engine(), [](const io::Request& r) { return r.tag == 4 ? Fault::kAgain : Fault::kNone; });
+  io::ReadFailure f = io::read_all(e, ops, deadline());
+  EXPECT_EQ(f.error, -EAGAIN);
+  EXPECT_EQ(f.op, 4u);
+}
+
+TEST_P(EngineTest, ReadPastEndOfFileIsReported) {
+  std::vector<std::byte> buffer(8192);
+  std::vector<io::ReadOp> ops = {{0, contents_.size() - 100, 8192, buffer.data()}};
+  auto e = engine();
+  io::ReadFailure f = io::read_all(*e, ops, deadline());
+  EXPECT_EQ(f.error, -ENODATA);
+}
+
+TEST_P(EngineTest, AReadThatNeverCompletesTimesOut) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(20, buffer);
+  for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
+  FaultEngine e(engine(), [](const io::Request& r) { return r.tag == 3 ? Fault::kHang : Fault::kNone; });
+  auto t0 = std::chrono::steady_clock::now();
+  io::ReadFailure f = io::read_all(e, ops, deadline(300));
+  EXPECT_EQ(f.error, -ETIMEDOUT);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
+INSTANTIATE_TEST_SUITE_P(Engines, EngineTest,
+                         ::testing::Values(IoEngineKind::kUring, IoEngineKind::kThreads),
+                         [](const ::testing::TestParamInfo<IoEngineKind>& p) {
+                           return p.param == IoEngineKind::kUring ? "uring" : "threads";
+                         });
+
+TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
+  IoOptions o;
+  std::vector<int> fds;
+  for (int err : {-EPERM, -ENOSYS, -ENOMEM}) {
+    io::set_uring_setup_fault(err);
+    std::string choice;
+    auto e = io::make_engine(o, fds, [&](const std::string& s) { choice = s; });
+    EXPECT_NE(e->describe().find("pread thread pool"), std::string::npos);
+    EXPECT_NE(choice.find("io_uring unavailable"), std::string::npos) << choice;
+    o.engine = IoEngineKind::kUring;
+    try {
+      io::make_engine(o, fds, {});
+      ADD_FAILURE() << "io.engine: uring must not fall back";
+    } catch (const Error& e2) {
+      EXPECT_EQ(e2.code(), ErrorCode::kUnsupported);
+      EXPECT_NE(std::string(e2.what()).find("io_uring is unavailable"), std::string::npos);
+    }
+    o.engine = IoEngineKind::kAuto;
+  }
+  io::set_uring_setup_fault(0);
+  std::string choice;
+  auto e = io::make_engine(o, fds, [&](const std::string& s) { choice = s; });
+  EXPECT_NE(choice.find("io_uring"), std::string::npos);
+}
+
+TEST(EngineChoice, MemlockTooLowForBuffersStillReads) {
+  io::set_register_buffers_fault(-ENOMEM);
+  IoOptions o;
+  o.engine = IoEngineKind::kUring;
+  std::vector<int> fds;
+  auto e = io::make_engine(o, fds, {});
+  pipeline::AlignedBuffer b;
+  b.reserve(1 << 16);
+  EXPECT_FALSE(e->register_buffer({b.data(), b.capacity()}));
+  io::set_register_buffers_fault(0);
+  EXPECT_TRUE(e->register_buffer({b.data(), b.capacity()}));
+}
+
+}  // namespace
+}  // namespace sluice

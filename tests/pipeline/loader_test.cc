@@ -1,0 +1,374 @@
+// The Loader end to end: bytes equal the dataset's, exactly once per epoch, epochs, resume,
+// faults at the engine seam, fallbacks, shutdown and batch lifetime.
+
+#include <sluice/loader.h>
+
+#include "../io/fault_engine.h"
+#include "io/engine.h"
+#include "test_util.h"
+
+#include <dirent.h>
+#include <fmt/format.h>
+
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <thread>
+
+namespace sluice {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::Fault;
+using testing::FaultEngine;
+
+class LoaderTest : public ::testing::Test {
+ protected:
+  void SetUp() override { written_ = testing::write_dataset(dir(), kSamples, 9000, 48 << 10); }
+  void TearDown() override {
+    io::set_engine_wrapper({});
+    io::set_uring_setup_fault(0);
+  }
+
+  fs::path dir() const { return tmp_ / "ds"; }
+
+  LoaderOptions options(uint64_t batch = 16) const {
+    LoaderOptions o;
+    o.dataset.path = dir();
+    o.batch_size = batch;
+    o.drop_last = false;
+    o.seed = 11;
+    o.io.queue_depth = 8;
+    o.io.timeout_ms = 5000;
+    o.distributed.rank = 0;
+    o.distributed.world_size = 1;
+    return o;
+  }
+
+  // Checks a batch against what was written; returns its real (non-padding) indices.
+  std::vector<uint64_t> check_batch(const Batch& b) {
+    std::vector<uint64_t> real;
+    FieldView data = b.field("data"), label = b.field("label");
+    EXPECT_EQ(data.offsets.size(), b.size() + 1);
+    EXPECT_EQ(label.shape, (std::vector<int64_t>{static_cast<int64_t>(b.size())}));
+    EXPECT_EQ(label.dtype, DType::kInt64);
+    for (size_t i = 0; i < b.size(); ++i) {
+      uint64_t index = b.indices()[i];
+      auto bytes = data.sample(i);
+      const auto& expected = written_[index];
+      EXPECT_EQ(bytes.size(), expected.size()) << "sample " << index;
+      EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), expected.begin())) << "sample " << index;
+      int64_t l;
+      std::memcpy(&l, label.sample(i).data(), 8);
+      EXPECT_EQ(l, static_cast<int64_t>(index % 10));
+      if (!b.padding()[i]) real.push_back(index);
+    }
+    return real;
+  }
+
+  // Runs one epoch; returns every real index delivered.
+  std::vector<uint64_t> epoch(Loader& loader, size_t* batches = nullptr) {
+    std::vector<uint64_t> seen;
+    size_t n = 0;
+    while (auto b = loader.next()) {
+      auto real = check_batch(*b);
+      seen.insert(seen.end(), real.begin(), real.end());
+      ++n;
+    }
+    if (batches) *batches = n;
+    return seen;
+  }
+
+  static constexpr uint64_t kSamples = 1000;
+  testing::TempDir tmp_;
+  std::vector<std::vector<std::byte>> written_;
+};
+
+void expect_exactly_once(std::vector<uint64_t> seen, uint64_t n) {
+  std::sort(seen.begin(), seen.end());
+  ASSERT_EQ(seen.size(), n);
+  for (uint64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i], i);
+}
+
+TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
+  for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads})
+    for (auto direct : {DirectIo::kAuto, DirectIo::kOff})
+      for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone})
+        for (uint32_t threads : {1u, 3u}) {
+          SCOPED_TRACE(fmt::format("engine {} direct {} mode {} threads {}", int(engine), int(direct),
+                                   to_string(mode), threads));
+          auto o = options();
+          o.io.engine = engine;
+          o.io.direct = direct;
+          o.io.threads = threads;
+          o.shuffle.mode = mode;
+          o.shuffle.block_size = 50;
+          o.shuffle.buffer_size = 70;
+          auto loader = Loader::open(o);
+          size_t batches = 0;
+          expect_exactly_once(epoch(*loader, &batches), kSamples);
+          EXPECT_EQ(batches, loader->num_batches());
+          // The delivery order is the sampler's.
+        }
+}
+
+TEST_F(LoaderTest, OrderMatchesTheSampler) {
+  auto o = options(10);
+  o.io.threads = 2;
+  auto loader = Loader::open(o);
+  Sampler sampler(o.sampler_options(), kSamples, Dataset::open(dir())->shard_sizes());
+  RankPlan plan = sampler.plan({0, 0}, 0, 1);
+  std::vector<SampleRef> refs;
+  uint64_t step = 0;
+  while (auto b = loader->next()) {
+    plan.batch(step, refs);
+    ASSERT_EQ(b->size(), refs.size());
+    for (size_t i = 0; i < refs.size(); ++i) EXPECT_EQ(b->indices()[i], refs[i].index);
+    EXPECT_EQ(b->step(), step++);
+  }
+}
+
+TEST_F(LoaderTest, EpochsAdvanceAndDiffer) {
+  auto loader = Loader::open(options());
+  std::vector<uint64_t> first;
+  auto b0 = loader->next();
+  first.assign(b0->indices().begin(), b0->indices().end());
+  EXPECT_EQ(b0->epoch(), 0u);
+  while (loader->next()) {
+  }
+  auto b1 = loader->next();  // the call after the end starts epoch 1
+  ASSERT_TRUE(b1);
+  EXPECT_EQ(b1->epoch(), 1u);
+  EXPECT_NE(std::vector<uint64_t>(b1->indices().begin(), b1->indices().end()), first);
+  loader->set_epoch(0);
+  auto again = loader->next();
+  EXPECT_EQ(std::vector<uint64_t>(again->indices().begin(), again->indices().end()), first);
+}
+
+TEST_F(LoaderTest, ManyEpochsWithResumeInTheMiddle) {
+  for (uint64_t e = 0; e < 4; ++e) {
+    auto o = options(24);
+    auto loader = Loader::open(o);
+    loader->set_epoch(e);
+    std::vector<uint64_t> seen;
+    for (uint64_t k = 0; k < 5 + e; ++k) {
+      auto b = loader->next();
+      auto real = check_batch(*b);
+      seen.insert(seen.end(), real.begin(), real.end());
+    }
+    SamplerState state = loader->state();
+    EXPECT_EQ(state.epoch, e);
+    loader.reset();  // "the job dies"
+    auto resumed = Loader::open(o);
+    resumed->load_state(state);
+    auto rest = epoch(*resumed);
+    seen.insert(seen.end(), rest.begin(), rest.end());
+    expect_exactly_once(seen, kSamples);
+    EXPECT_EQ(resumed->state(), (SamplerState{e + 1, 0}));
+  }
+}
+
+TEST_F(LoaderTest, ElasticResumeOnAnotherWorldSize) {
+  auto o = options(8);
+  std::vector<uint64_t> seen;
+  SamplerState state;
+  for (uint32_t r = 0; r < 4; ++r) {  // 4 ranks, 6 steps each
+    o.distributed.rank = r;
+    o.distributed.world_size = 4;
+    auto loader = Loader::open(o);
+    for (int k = 0; k < 6; ++k) {
+      auto real = check_batch(*loader->next());
+      seen.insert(seen.end(), real.begin(), real.end());
+    }
+    state = loader->state();
+  }
+  for (uint32_t r = 0; r < 3; ++r) {  // the rest on 3 ranks
+    o.distributed.rank = r;
+    o.distributed.world_size = 3;
+    auto loader = Loader::open(o);
+    loader->load_state(state);
+    auto rest = epoch(*loader);
+    seen.insert(seen.end(), rest.begin(), rest.end());
+  }
+  expect_exactly_once(seen, kSamples);
+}
+
+TEST_F(LoaderTest, EioAtTheEngineSeamNamesShardOffsetAndSample) {
+  std::atomic<int> submits{0};
+  io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    return std::make_unique<FaultEngine>(std::move(e), [&](const io::Request&) {
+      return ++submits == 40 ? Fault::kError : Fault::kNone;
+    });
+  });
+  auto loader = Loader::open(options());
+  try {
+    while (loader->next()) {
+    }
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kIo);
+    EXPECT_EQ(e.sys_errno(), EIO);
+    std::string what = e.what();
+    EXPECT_NE(what.find("read " + dir().string() + "/shard-"), std::string::npos) << what;
+    EXPECT_NE(what.find("(sample "), std::string::npos) << what;
+    EXPECT_NE(what.find("EIO"), std::string::npos) << what;
+  }
+  EXPECT_THROW(loader->next(), Error);  // stays failed until restarted
+  io::set_engine_wrapper({});
+  loader->set_epoch(0);
+  expect_exactly_once(epoch(*loader), kSamples);
+}
+
+TEST_F(LoaderTest, ShortReadsAndEagainAreInvisible) {
+  std::atomic<int> submits{0};
+  io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    return std::make_unique<FaultEngine>(std::move(e), [&](const io::Request&) {
+      int n = ++submits;
+      return n % 2 ? Fault::kShort : n % 7 == 0 ? Fault::kAgain : Fault::kNone;
+    });
+  });
+  for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads}) {
+    auto o = options();
+    o.io.engine = engine;
+    o.io.threads = 2;
+    auto loader = Loader::open(o);
+    expect_exactly_once(epoch(*loader), kSamples);
+  }
+}
+
+TEST_F(LoaderTest, AHungReadTimesOutWithAnError) {
+  io::set_engine_wrapper([](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    return std::make_unique<FaultEngine>(std::move(e), [](const io::Request& r) {
+      return r.tag == 2 ? Fault::kHang : Fault::kNone;
+    });
+  });
+  auto o = options();
+  o.io.timeout_ms = 300;
+  auto loader = Loader::open(o);
+  auto t0 = std::chrono::steady_clock::now();
+  try {
+    loader->next();
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("timed out"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+}
+
+TEST_F(LoaderTest, CorruptSampleIsNamed) {
+  auto ds = Dataset::open(dir());
+  SampleExtent x = ds->extent(123);
+  {
+    std::fstream f(ds->shards()[x.shard].path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(x.offset));
+    f.put('\x7f');
+    f.put('\x01');
+  }
+  auto o = options();
+  o.io.direct = DirectIo::kOff;  // the write above went through the page cache
+  auto loader = Loader::open(o);
+  try {
+    while (loader->next()) {
+    }
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kCorruption);
+    EXPECT_NE(std::string(e.what()).find("sample 123: checksum mismatch"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(LoaderTest, FallsBackWhenIoUringIsDisabled) {
+  io::set_uring_setup_fault(-EPERM);
+  auto loader = Loader::open(options());
+  expect_exactly_once(epoch(*loader), kSamples);
+  EXPECT_NE(loader->stats().engine.find("pread thread pool"), std::string::npos)
+      << loader->stats().engine;
+  auto o = options();
+  o.io.engine = IoEngineKind::kUring;
+  auto strict = Loader::open(o);
+  EXPECT_THROW(strict->next(), Error);
+}
+
+size_t thread_count() {
+  size_t n = 0;
+  for (const auto& e : fs::directory_iterator("/proc/self/task")) {
+    (void)e;
+    ++n;
+  }
+  return n;
+}
+
+TEST_F(LoaderTest, ShutdownMidEpochJoinsEverything) {
+  size_t before = thread_count();
+  for (int round = 0; round < 20; ++round) {
+    auto o = options(4);
+    o.io.threads = 3;
+    o.io.engine = round % 2 ? IoEngineKind::kThreads : IoEngineKind::kUring;
+    auto loader = Loader::open(o);
+    for (int k = 0; k < round % 5; ++k) loader->next();
+    auto t0 = std::chrono::steady_clock::now();
+    loader.reset();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  }
+  EXPECT_EQ(thread_count(), before);
+}
+
+TEST_F(LoaderTest, BatchesOutliveTheLoaderAndMayAllBeHeld) {
+  auto loader = Loader::open(options());
+  std::vector<std::shared_ptr<const Batch>> held;
+  while (auto b = loader->next()) held.push_back(b);  // hold a whole epoch
+  EXPECT_EQ(held.size(), loader->num_batches());
+  loader.reset();
+  std::vector<uint64_t> seen;
+  for (const auto& b : held) {
+    auto real = check_batch(*b);
+    seen.insert(seen.end(), real.begin(), real.end());
+  }
+  expect_exactly_once(seen, kSamples);
+}
+
+TEST_F(LoaderTest, BatchesAreUsableFromAnotherThread) {
+  auto loader = Loader::open(options());
+  auto b = loader->next();
+  std::vector<uint64_t> from_thread;
+  std::thread t([&] { from_thread = check_batch(*b); });
+  t.join();
+  EXPECT_EQ(from_thread.size(), b->size());
+}
+
+TEST_F(LoaderTest, FixedSizeFieldsAreDense) {
+  testing::TempDir t;
+  WriterOptions w;
+  w.fields = {{"x", DType::kFloat32, {2, 3}}, {"y", DType::kInt64, {}}};
+  auto writer = DatasetWriter::create(t / "fixed", w);
+  for (int64_t i = 0; i < 50; ++i) {
+    float x[6];
+    for (int k = 0; k < 6; ++k) x[k] = static_cast<float>(i * 10 + k);
+    std::span<const std::byte> f[] = {std::as_bytes(std::span(x)), std::as_bytes(std::span(&i, 1))};
+    writer->add(f);
+  }
+  writer->finish();
+  LoaderOptions o;
+  o.dataset.path = t / "fixed";
+  o.batch_size = 7;
+  o.drop_last = true;
+  o.distributed.rank = 0;
+  o.distributed.world_size = 1;
+  auto loader = Loader::open(o);
+  size_t batches = 0;
+  while (auto b = loader->next()) {
+    ++batches;
+    FieldView x = b->field("x");
+    EXPECT_EQ(x.shape, (std::vector<int64_t>{7, 2, 3}));
+    EXPECT_TRUE(x.offsets.empty());
+    ASSERT_EQ(x.data.size(), 7u * 24);
+    const float* v = reinterpret_cast<const float*>(x.data.data());
+    for (size_t i = 0; i < 7; ++i) EXPECT_EQ(v[i * 6 + 5], float(b->indices()[i] * 10 + 5));
+    EXPECT_THROW(b->field("nope"), Error);
+  }
+  EXPECT_EQ(batches, 7u);  // 50 / 7, tail dropped
+}
+
+}  // namespace
+}  // namespace sluice
