@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a bare Debian 12 machine: build sluice, generate an ImageFolder-style
-# dataset, pack it, verify it, and print what each of 2 ranks reads in epoch 0.
+# dataset, pack it, verify it, print what each of 2 ranks reads in epoch 0, and run the
+# loader over it for 2 epochs.
 #
 #   ./scripts/demo.sh [WORKDIR]      # default WORKDIR: /tmp/sluice-demo
 set -euo pipefail
@@ -36,3 +37,5 @@ done
 both=$(cat "$work"/order-rank?.txt | sort -n | uniq | wc -l)
 total=$(cat "$work"/order-rank?.txt | wc -l)
 echo "== $total samples delivered across ranks, $both distinct (exactly once: $([[ $both -eq $total ]] && echo yes || echo NO))"
+echo "== load 2 epochs with the C++ loader (a consumer that touches every sample)"
+build/sluice bench "$work/train.yaml" --epochs 2
