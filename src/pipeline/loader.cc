@@ -228,6 +228,10 @@ class LoaderImpl final : public Loader {
     for (uint32_t i = 0; i < shards.size(); ++i)
       fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
+    const auto& fields = dataset_->fields();
+    direct_to_batch_ = fields.size() == 1 && fields[0].fixed_size() &&
+                       fields[0].fixed_bytes() > 0 && fields[0].fixed_bytes() % io_alignment_ == 0 &&
+                       fields[0].fixed_bytes() <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on" : "direct I/O off, reading through the page cache: " + why);
   }
@@ -337,6 +341,8 @@ class LoaderImpl final : public Loader {
       s.extents[i] = dataset_->extent(s.refs[i].index);
       s.order[i] = static_cast<uint32_t>(i);
     }
+    finish_metadata(step, s, out);
+    if (direct_to_batch_) return read_into_batch(engine, s, out);
     std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
       const auto &x = s.extents[a], &y = s.extents[b];
       return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
@@ -424,6 +430,10 @@ class LoaderImpl final : public Loader {
         if (variable) offsets.push_back(offsets.back() + src.size());
       }
     }
+  }
+
+  void finish_metadata(uint64_t step, const WorkerScratch& s, BatchStorage& out) {
+    const size_t n = s.refs.size();
     out.indices.resize(n);
     out.padding.resize(n);
     for (size_t i = 0; i < n; ++i) {
@@ -432,6 +442,49 @@ class LoaderImpl final : public Loader {
     }
     out.epoch = plan_.state_after(0).epoch;
     out.step = step;
+  }
+
+  // The zero-copy path, for datasets whose record is one fixed-size field of whole aligned
+  // blocks (the common "tensor per sample" case): each record is read straight into its slot
+  // of the batch buffer, so there is no staging buffer and no copy. Reads of samples that are
+  // neighbours both on disk and in the batch are merged.
+  void read_into_batch(io::Engine& engine, WorkerScratch& s, BatchStorage& out) {
+    const size_t n = s.refs.size();
+    const uint64_t each = (*fields_)[0].fixed_bytes();
+    constexpr uint64_t kMaxRead = 4 << 20;
+    out.field_offset.assign(1, 0);
+    out.field_bytes.assign(1, n * each);
+    out.offsets.assign(1, {});
+    out.data.reserve(n * each);
+    s.ops.clear();
+    s.sample_op.assign(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      const SampleExtent& x = s.extents[i];
+      std::byte* dest = out.data.data() + i * each;
+      if (!s.ops.empty()) {
+        io::ReadOp& last = s.ops.back();
+        if (last.file == x.shard && last.offset + last.length == x.offset &&
+            last.dest + last.length == dest && last.length + each <= kMaxRead) {
+          last.length += static_cast<uint32_t>(each);
+          s.sample_op[i] = s.ops.size() - 1;
+          continue;
+        }
+      }
+      s.ops.push_back({x.shard, x.offset, static_cast<uint32_t>(each), dest});
+      s.sample_op[i] = s.ops.size() - 1;
+    }
+    auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
+    io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
+    if (failure.error != 0) read_error(s, failure);
+    if (!options_.io.verify) return;
+    for (size_t i = 0; i < n; ++i) {
+      const SampleExtent& x = s.extents[i];
+      uint32_t sum = format::record_checksum(out.data.data() + i * each, each, s.refs[i].index);
+      if (sum != x.checksum)
+        fail(ErrorCode::kCorruption, "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
+             dataset_->shards()[x.shard].path.string(), s.refs[i].index, x.checksum, sum);
+    }
   }
 
   LoaderOptions options_;
@@ -444,6 +497,7 @@ class LoaderImpl final : public Loader {
   std::vector<int> fds_;
   bool direct_ = false;
   uint64_t io_alignment_ = 1;
+  bool direct_to_batch_ = false;  // see read_into_batch
   std::shared_ptr<BufferPool> pool_;
 
   // Consumer-side state (the consumer thread only).

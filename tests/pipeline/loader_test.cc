@@ -337,6 +337,71 @@ TEST_F(LoaderTest, BatchesAreUsableFromAnotherThread) {
   EXPECT_EQ(from_thread.size(), b->size());
 }
 
+TEST_F(LoaderTest, SingleFixedFieldIsReadStraightIntoTheBatch) {
+  testing::TempDir t;
+  WriterOptions w;
+  w.fields = {{"data", DType::kUInt8, {8192}}};
+  w.shard_bytes = 200 << 10;
+  auto writer = DatasetWriter::create(t / "blocks", w);
+  std::vector<std::vector<std::byte>> written;
+  for (uint64_t i = 0; i < 300; ++i) {
+    written.push_back(testing::sample_bytes(i, 9, 8192));
+    std::span<const std::byte> f[] = {written.back()};
+    writer->add(f);
+  }
+  writer->finish();
+  for (auto mode : {ShuffleMode::kNone, ShuffleMode::kGlobal})
+    for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads})
+      for (auto direct : {DirectIo::kAuto, DirectIo::kOff}) {
+        LoaderOptions o;
+        o.dataset.path = t / "blocks";
+        o.batch_size = 32;
+        o.drop_last = false;
+        o.shuffle.mode = mode;
+        o.io.engine = engine;
+        o.io.direct = direct;
+        o.distributed.rank = 0;
+        o.distributed.world_size = 1;
+        auto loader = Loader::open(o);
+        std::vector<uint64_t> seen;
+        while (auto b = loader->next()) {
+          FieldView v = b->field("data");
+          EXPECT_EQ(v.shape, (std::vector<int64_t>{static_cast<int64_t>(b->size()), 8192}));
+          for (size_t i = 0; i < b->size(); ++i) {
+            auto bytes = v.sample(i);
+            const auto& expected = written[b->indices()[i]];
+            ASSERT_TRUE(std::equal(bytes.begin(), bytes.end(), expected.begin()));
+            if (!b->padding()[i]) seen.push_back(b->indices()[i]);
+          }
+        }
+        expect_exactly_once(seen, 300);
+      }
+  // A flipped byte is still caught on this path.
+  auto ds = Dataset::open(t / "blocks");
+  SampleExtent x = ds->extent(77);
+  {
+    std::fstream f(ds->shards()[x.shard].path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(x.offset + 100));
+    f.put('\x55');
+    f.put('\x66');
+  }
+  LoaderOptions o;
+  o.dataset.path = t / "blocks";
+  o.batch_size = 32;
+  o.io.direct = DirectIo::kOff;
+  o.distributed.rank = 0;
+  o.distributed.world_size = 1;
+  auto loader = Loader::open(o);
+  try {
+    while (loader->next()) {
+    }
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sample 77: checksum mismatch"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST_F(LoaderTest, FixedSizeFieldsAreDense) {
   testing::TempDir t;
   WriterOptions w;
