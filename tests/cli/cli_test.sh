@@ -69,6 +69,18 @@ for r in 0 1; do "$SLUICE" order "$TMP/train.yaml" --rank $r --world-size 2 --ep
 check "elastic rest" test "$( (head -16 "$TMP/o0"; head -16 "$TMP/o1"; head -16 "$TMP/o2"; cat "$TMP"/r?) | grep -v pad | sort -n | uniq | wc -l)" -eq 211
 check "order --json" bash -c "'$SLUICE' order '$TMP/train.yaml' --rank 1 --world-size 3 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"batches\"] == 9 and len(d[\"indices\"]) == 71 and d[\"padding\"] == [], d'"
 
+# bench: one epoch through the C++ loader, every sample touched; Ctrl-C stops it promptly.
+check "bench --epochs 1" bash -c "'$SLUICE' bench '$TMP/train.yaml' --epochs 1 --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"samples\"] == 211 and d[\"batches\"] == 27 and 0 <= d[\"wait_fraction\"] <= 1, d'"
+"$SLUICE" bench "$TMP/train.yaml" --seconds 60 --json > "$TMP/bench.json" 2>/dev/null &
+pid=$!
+sleep 0.5
+start=$(date +%s)
+kill -INT $pid
+rc=0; wait $pid || rc=$?
+check "bench: Ctrl-C exits 130" test $rc -eq 130
+check "bench: Ctrl-C is prompt" test $(( $(date +%s) - start )) -le 5
+check "bench: Ctrl-C still reports" python3 -c "import json; assert json.load(open('$TMP/bench.json'))['interrupted']"
+
 # Bad input: non-zero exit and a one-line reason that names the input.
 expect_fail "missing dataset" "nope: dataset not found" "$SLUICE" inspect "$TMP/nope"
 expect_fail "pack exists" "already exists" "$SLUICE" pack "$TMP/src" -o "$TMP/ds"

@@ -26,7 +26,7 @@ drop_last: false
 seed: 42
 shuffle: {mode: block, block_size: 128, buffer_size: 999}
 prefetch: 8
-io: {engine: threads, queue_depth: 32, direct: false}
+io: {engine: threads, queue_depth: 32, direct: false, threads: 3, timeout_ms: 500, verify: false}
 device: cuda:1
 distributed: {rank: 3, world_size: 8}
 )",
@@ -43,6 +43,9 @@ distributed: {rank: 3, world_size: 8}
   EXPECT_EQ(o.io.engine, IoEngineKind::kThreads);
   EXPECT_EQ(o.io.queue_depth, 32u);
   EXPECT_EQ(o.io.direct, DirectIo::kOff);
+  EXPECT_EQ(o.io.threads, 3u);
+  EXPECT_EQ(o.io.timeout_ms, 500u);
+  EXPECT_FALSE(o.io.verify);
   EXPECT_EQ(o.device.kind, DeviceKind::kCuda);
   EXPECT_EQ(o.device.index, 1);
   EXPECT_EQ(o.resolved_rank(), 3u);
@@ -90,6 +93,8 @@ TEST(Config, ErrorsNameFileLineAndKey) {
   EXPECT_EQ(config_error("io:\n  engine: spdk\n"),
             "train.yaml:2: io.engine: unknown value \"spdk\" (expected auto, uring, threads)");
   EXPECT_EQ(config_error("io: 3\n"), "train.yaml:1: io: expected a mapping, got \"3\"");
+  EXPECT_EQ(config_error("io: {threads: 0}\n"),
+            "train.yaml:1: io.threads: 0 is out of range [1, 64]");
   EXPECT_EQ(config_error("distributed: {world_size: 0}\n"),
             "train.yaml:1: distributed.world_size: 0 is out of range [1, 4294967295]");
   EXPECT_EQ(config_error("distributed: {rank: everyone}\n"),
