@@ -51,12 +51,12 @@ class SLUICE_EXPORT Batch {
 
 /// What a Loader has done so far; cheap to read at any time.
 struct LoaderStats {
-  uint64_t batches = 0;       // delivered to the consumer
+  uint64_t batches = 0;  // delivered to the consumer
   uint64_t samples = 0;
-  uint64_t bytes = 0;         // record bytes delivered
-  double wait_seconds = 0;    // consumer time spent blocked in next()
-  std::string engine;         // the IO engine in use and its features
-  bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
+  uint64_t bytes = 0;       // record bytes delivered
+  double wait_seconds = 0;  // consumer time spent blocked in next()
+  std::string engine;       // the IO engine in use and its features
+  bool direct_io = false;   // reads bypass the page cache (O_DIRECT)
 };
 
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO

@@ -26,9 +26,10 @@ int run_bench(const BenchArgs& args) {
   std::signal(SIGINT, on_sigint);  // Ctrl-C: stop, shut the loader down, print what was done
 
   const bool by_epochs = args.epochs > 0;
-  Progress progress("bench", by_epochs ? args.epochs * loader->num_batches()
-                                       : static_cast<uint64_t>(args.seconds),
-                    by_epochs ? "batches" : "s", !args.json);
+  Progress progress(
+      "bench",
+      by_epochs ? args.epochs * loader->num_batches() : static_cast<uint64_t>(args.seconds),
+      by_epochs ? "batches" : "s", !args.json);
   auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -47,22 +48,30 @@ int run_bench(const BenchArgs& args) {
       if (!v.data.empty()) checksum += static_cast<uint8_t>(v.data.back());
     }
     ++batches;
-    if (by_epochs) progress.update(batches);
-    else progress.update(static_cast<uint64_t>(elapsed()));
+    if (by_epochs)
+      progress.update(batches);
+    else
+      progress.update(static_cast<uint64_t>(elapsed()));
     if (!by_epochs && elapsed() >= args.seconds) break;
   }
   double seconds = elapsed();
   progress.finish();
   LoaderStats stats = loader->stats();
   loader.reset();  // joins the loader threads before we report
-  double sps = static_cast<double>(stats.samples) / seconds, bps = static_cast<double>(stats.bytes) / seconds;
+  double sps = static_cast<double>(stats.samples) / seconds,
+         bps = static_cast<double>(stats.bytes) / seconds;
   double wait = seconds > 0 ? stats.wait_seconds / seconds : 0;
   if (args.json) {
-    std::cout << nlohmann::json{{"samples_per_s", sps},       {"bytes_per_s", bps},
-                                {"batches", stats.batches},   {"wait_fraction", wait},
-                                {"samples", stats.samples},   {"bytes", stats.bytes},
-                                {"seconds", seconds},         {"engine", stats.engine},
-                                {"direct_io", stats.direct_io}, {"interrupted", g_interrupted.load()},
+    std::cout << nlohmann::json{{"samples_per_s", sps},
+                                {"bytes_per_s", bps},
+                                {"batches", stats.batches},
+                                {"wait_fraction", wait},
+                                {"samples", stats.samples},
+                                {"bytes", stats.bytes},
+                                {"seconds", seconds},
+                                {"engine", stats.engine},
+                                {"direct_io", stats.direct_io},
+                                {"interrupted", g_interrupted.load()},
                                 {"touch", checksum}}
               << "\n";
   } else {
@@ -70,7 +79,8 @@ int run_bench(const BenchArgs& args) {
                stats.bytes, seconds, g_interrupted ? " (interrupted)" : "");
     fmt::print("samples/s     {:.0f}\nbytes/s       {:.0f} ({:.1f} MiB/s)\nwait fraction {:.3f}\n",
                sps, bps, bps / (1 << 20), wait);
-    fmt::print("engine        {}{}\n", stats.engine, stats.direct_io ? ", O_DIRECT" : ", page cache");
+    fmt::print("engine        {}{}\n", stats.engine,
+               stats.direct_io ? ", O_DIRECT" : ", page cache");
   }
   return g_interrupted ? 130 : 0;
 }

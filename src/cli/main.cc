@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
   order_cmd->add_flag("--json", order.json, "Machine-readable output");
 
   BenchArgs bench;
-  auto* bench_cmd = app.add_subcommand("bench", "Run the loader with a consumer that touches "
+  auto* bench_cmd = app.add_subcommand("bench",
+                                       "Run the loader with a consumer that touches "
                                        "every sample; print samples/s, bytes/s, wait fraction");
   bench_cmd->add_option("CONFIG", bench.config, "YAML config")->required();
   bench_cmd->add_option("--seconds", bench.seconds, "How long to run (default 10)");

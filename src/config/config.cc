@@ -174,10 +174,8 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.io.timeout_ms = static_cast<uint32_t>(parse_uint(c, n, "io.timeout_ms", 1, 86400000));
        }},
-      {"io.verify",
-       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.io.verify = parse_bool(c, n, "io.verify");
-       }},
+      {"io.verify", [](LoaderOptions& o, const YAML::Node& n,
+                       const Context& c) { o.io.verify = parse_bool(c, n, "io.verify"); }},
       {"device", [](LoaderOptions& o, const YAML::Node& n,
                     const Context& c) { o.device = parse_device(c, n, "device"); }},
       {"distributed.rank",

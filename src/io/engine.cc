@@ -48,7 +48,8 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
     auto now = std::chrono::steady_clock::now();
     if (now >= deadline) return {failure.error ? failure.op : next, -ETIMEDOUT};
     auto wait = std::min(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now),
-                         std::chrono::milliseconds(100)) + std::chrono::milliseconds(1);
+                         std::chrono::milliseconds(100)) +
+                std::chrono::milliseconds(1);
     int n = engine.reap(completions, wait);
     if (n < 0) return {next, n};
     for (int k = 0; k < n; ++k) {
@@ -73,8 +74,10 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
       }
       done[i] += static_cast<uint32_t>(c.result);
       if (done[i] < ops[i].length && failure.error == 0) {  // short read: read the rest
-        if (int ret = submit(i); ret < 0) failure = {i, ret};
-        else continue;
+        if (int ret = submit(i); ret < 0)
+          failure = {i, ret};
+        else
+          continue;
       }
       ++finished;
     }
@@ -121,7 +124,8 @@ std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const 
     return engine;
   }
   std::string why = "io_uring_setup: " + detail::errno_text(-error);
-  if (error == -ENOSYS || error == -EPERM) why += " (blocked by seccomp or kernel.io_uring_disabled)";
+  if (error == -ENOSYS || error == -EPERM)
+    why += " (blocked by seccomp or kernel.io_uring_disabled)";
   if (error == -ENOMEM) why += " (memlock limit too low)";
   if (options.engine == IoEngineKind::kUring)
     detail::fail(ErrorCode::kUnsupported, "io.engine: uring: io_uring is unavailable: {}", why);

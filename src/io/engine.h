@@ -67,8 +67,8 @@ struct ReadOp {
 };
 
 struct ReadFailure {
-  size_t op = 0;   // index into the ops span
-  int error = 0;   // -errno; -ETIMEDOUT when the deadline passed; -ENODATA for end of file
+  size_t op = 0;  // index into the ops span
+  int error = 0;  // -errno; -ETIMEDOUT when the deadline passed; -ENODATA for end of file
 };
 
 /// Reads every op completely with up to queue_depth() in flight. Returns nullopt-like

@@ -50,8 +50,10 @@ class UringEngine final : public Engine {
 
   std::string describe() const override {
     std::string s = fmt::format("io_uring, queue depth {}", depth_);
-    if (flags_ & IORING_SETUP_DEFER_TASKRUN) s += ", single issuer + deferred task run";
-    else if (flags_ & IORING_SETUP_COOP_TASKRUN) s += ", cooperative task run";
+    if (flags_ & IORING_SETUP_DEFER_TASKRUN)
+      s += ", single issuer + deferred task run";
+    else if (flags_ & IORING_SETUP_COOP_TASKRUN)
+      s += ", cooperative task run";
     s += fixed_files_ ? ", registered files" : ", unregistered files";
     s += buffer_.empty() ? "" : ", registered buffers";
     return s;

@@ -47,8 +47,10 @@ std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& 
 void BufferPool::release(std::unique_ptr<BatchStorage> storage) {
   // Notify under the pool lock so that detach() cannot return while a notify is under way.
   std::lock_guard lock(mu_);
-  if (free_.size() < budget_) free_.push_back(std::move(storage));
-  else --total_;  // the consumer held more than the budget; give the memory back
+  if (free_.size() < budget_)
+    free_.push_back(std::move(storage));
+  else
+    --total_;  // the consumer held more than the budget; give the memory back
   if (waiter_cv_) waiter_cv_->notify_all();
 }
 

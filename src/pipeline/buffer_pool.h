@@ -38,9 +38,9 @@ struct BatchStorage {
   AlignedBuffer data;
   std::vector<uint64_t> indices;
   std::vector<uint8_t> padding;
-  std::vector<size_t> field_offset;                // where each field starts in data
+  std::vector<size_t> field_offset;  // where each field starts in data
   std::vector<size_t> field_bytes;
-  std::vector<std::vector<uint64_t>> offsets;      // per field; empty for fixed-size fields
+  std::vector<std::vector<uint64_t>> offsets;  // per field; empty for fixed-size fields
   uint64_t epoch = 0, step = 0;
 };
 

@@ -102,11 +102,12 @@ struct WorkerScratch {
   AlignedBuffer staging;
   std::vector<SampleRef> refs;
   std::vector<SampleExtent> extents;
-  std::vector<uint32_t> order;                 // samples sorted by (shard, offset)
+  std::vector<uint32_t> order;  // samples sorted by (shard, offset)
   std::vector<io::ReadOp> ops;
-  std::vector<size_t> op_staging;              // staging offset of each op
-  std::vector<size_t> sample_op;               // op of each sample
+  std::vector<size_t> op_staging;                       // staging offset of each op
+  std::vector<size_t> sample_op;                        // op of each sample
   std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
+  std::vector<std::span<const std::byte>> parts;        // one record's fields
 };
 
 class LoaderImpl final : public Loader {
@@ -144,15 +145,17 @@ class LoaderImpl final : public Loader {
     auto t0 = std::chrono::steady_clock::now();
     // The batch's own reads time out after io.timeout_ms and report which read; this wait is the
     // backstop for a loader thread that cannot even start (one second later).
-    auto deadline = t0 + std::chrono::milliseconds(options_.io.timeout_ms) + std::chrono::seconds(1);
+    auto deadline =
+        t0 + std::chrono::milliseconds(options_.io.timeout_ms) + std::chrono::seconds(1);
     StepResult result;
     {
       std::unique_lock lock(mu_);
       while (!ready_.count(step)) {
         if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !ready_.count(step))
-          fail(ErrorCode::kIo, "{}: no batch after {} ms (epoch {}, batch {}): reads are not "
-               "completing", dataset_->path().string(), options_.io.timeout_ms,
-               plan_.state_after(0).epoch, step);
+          fail(ErrorCode::kIo,
+               "{}: no batch after {} ms (epoch {}, batch {}): reads are not "
+               "completing",
+               dataset_->path().string(), options_.io.timeout_ms, plan_.state_after(0).epoch, step);
       }
       result = std::move(ready_[step]);
       ready_.erase(step);
@@ -212,7 +215,8 @@ class LoaderImpl final : public Loader {
     std::string why;
     if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
       try {
-        for (const auto& s : shards) direct_fds_.push_back(detail::open_file(s.path, O_RDONLY | O_DIRECT));
+        for (const auto& s : shards)
+          direct_fds_.push_back(detail::open_file(s.path, O_RDONLY | O_DIRECT));
         AlignedBuffer probe;
         probe.reserve(dataset_->alignment());
         ssize_t n = ::pread(direct_fds_[0].get(), probe.data(), dataset_->alignment(), 0);
@@ -229,17 +233,19 @@ class LoaderImpl final : public Loader {
       fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
-    direct_to_batch_ = fields.size() == 1 && fields[0].fixed_size() &&
-                       fields[0].fixed_bytes() > 0 && fields[0].fixed_bytes() % io_alignment_ == 0 &&
-                       fields[0].fixed_bytes() <= UINT32_MAX;
+    direct_to_batch_ =
+        fields.size() == 1 && fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
+        fields[0].fixed_bytes() % io_alignment_ == 0 && fields[0].fixed_bytes() <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
-      log_line(direct_ ? "direct I/O (O_DIRECT) on" : "direct I/O off, reading through the page cache: " + why);
+      log_line(direct_ ? "direct I/O (O_DIRECT) on"
+                       : "direct I/O off, reading through the page cache: " + why);
   }
 
   void start_threads() {
     stop_ = false;
     cancel_ = false;
-    for (uint32_t w = 0; w < options_.io.threads; ++w) threads_.emplace_back([this, w] { work(w); });
+    for (uint32_t w = 0; w < options_.io.threads; ++w)
+      threads_.emplace_back([this, w] { work(w); });
     running_ = true;
   }
 
@@ -314,8 +320,10 @@ class LoaderImpl final : public Loader {
 
   [[noreturn]] void read_error(const WorkerScratch& s, io::ReadFailure f) {
     if (f.op >= s.ops.size())  // a failure of the engine itself, not of one read
-      throw Error(ErrorCode::kIo, fmt::format("{}: io engine: {}", dataset_->path().string(),
-                                              detail::errno_text(-f.error)), -f.error);
+      throw Error(
+          ErrorCode::kIo,
+          fmt::format("{}: io engine: {}", dataset_->path().string(), detail::errno_text(-f.error)),
+          -f.error);
     const io::ReadOp& op = s.ops[f.op];
     std::string path = dataset_->shards()[op.file].path.string();
     std::string samples;
@@ -323,12 +331,14 @@ class LoaderImpl final : public Loader {
       if (s.sample_op[i] == f.op) {
         samples += fmt::format("{}{}", shown++ ? ", " : "", s.refs[i].index);
       }
-    std::string where = fmt::format("read {} [{}+{}] (sample {})", path, op.offset, op.length, samples);
+    std::string where =
+        fmt::format("read {} [{}+{}] (sample {})", path, op.offset, op.length, samples);
     if (f.error == -ENODATA)
       fail(ErrorCode::kCorruption, "{}: unexpected end of file (shard truncated?)", where);
     if (f.error == -ETIMEDOUT)
       fail(ErrorCode::kIo, "{}: timed out after {} ms", where, options_.io.timeout_ms);
-    throw Error(ErrorCode::kIo, fmt::format("{}: {}", where, detail::errno_text(-f.error)), -f.error);
+    throw Error(ErrorCode::kIo, fmt::format("{}: {}", where, detail::errno_text(-f.error)),
+                -f.error);
   }
 
   void build(uint64_t step, io::Engine& engine, WorkerScratch& s, BatchStorage& out) {
@@ -374,31 +384,26 @@ class LoaderImpl final : public Loader {
       staging_bytes += end - start;
       s.sample_op[i] = s.ops.size() - 1;
     }
-    if (s.staging.reserve(staging_bytes)) {
-      bool registered = engine.register_buffer({s.staging.data(), s.staging.capacity()});
-      (void)registered;
-    }
+    // A new staging buffer is registered with the engine (fixed-buffer reads) when it can be.
+    if (s.staging.reserve(staging_bytes))
+      engine.register_buffer({s.staging.data(), s.staging.capacity()});
     for (size_t k = 0; k < s.ops.size(); ++k) s.ops[k].dest = s.staging.data() + s.op_staging[k];
 
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
+    auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
     io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
     if (failure.error != 0) read_error(s, failure);
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
     s.field_spans.resize(n * nf);
-    std::vector<std::span<const std::byte>> parts;
+    auto& parts = s.parts;
     for (size_t i = 0; i < n; ++i) {
       const SampleExtent& x = s.extents[i];
       const io::ReadOp& op = s.ops[s.sample_op[i]];
       std::span<const std::byte> record(op.dest + (x.offset - op.offset), x.size);
       uint64_t index = s.refs[i].index;
-      if (options_.io.verify) {
-        uint32_t sum = format::record_checksum(record.data(), record.size(), index);
-        if (sum != x.checksum)
-          fail(ErrorCode::kCorruption, "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
-               dataset_->shards()[x.shard].path.string(), index, x.checksum, sum);
-      }
+      if (options_.io.verify) check_record(x, index, record.data());
       if (auto why = layout_.split(record, parts); !why.empty())
         fail(ErrorCode::kCorruption, "{}: sample {}: {}", dataset_->shards()[x.shard].path.string(),
              index, why);
@@ -478,13 +483,16 @@ class LoaderImpl final : public Loader {
     io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
     if (failure.error != 0) read_error(s, failure);
     if (!options_.io.verify) return;
-    for (size_t i = 0; i < n; ++i) {
-      const SampleExtent& x = s.extents[i];
-      uint32_t sum = format::record_checksum(out.data.data() + i * each, each, s.refs[i].index);
-      if (sum != x.checksum)
-        fail(ErrorCode::kCorruption, "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
-             dataset_->shards()[x.shard].path.string(), s.refs[i].index, x.checksum, sum);
-    }
+    for (size_t i = 0; i < n; ++i)
+      check_record(s.extents[i], s.refs[i].index, out.data.data() + i * each);
+  }
+
+  void check_record(const SampleExtent& x, uint64_t index, const std::byte* record) const {
+    uint32_t sum = format::record_checksum(record, x.size, index);
+    if (sum != x.checksum)
+      fail(ErrorCode::kCorruption,
+           "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
+           dataset_->shards()[x.shard].path.string(), index, x.checksum, sum);
   }
 
   LoaderOptions options_;

@@ -70,9 +70,8 @@ EpochOrder::Slot EpochOrder::shard_window(uint64_t p) const {
 }
 
 uint64_t EpochOrder::shard_sample(uint64_t q) const {
-  auto k = static_cast<size_t>(
-      std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) - stream_starts_.begin() -
-      1);
+  auto k = static_cast<size_t>(std::upper_bound(stream_starts_.begin(), stream_starts_.end(), q) -
+                               stream_starts_.begin() - 1);
   return shard_firsts_[stream_shards_[k]] + (q - stream_starts_[k]);
 }
 
@@ -103,7 +102,8 @@ void EpochOrder::map_range(uint64_t first, size_t count, uint64_t* out) const {
     uint64_t base = block ? global_(s.slot) * block_ : s.slot * window_;
     uint64_t id = block ? base / block_ : s.slot;
     Permutation(s.size, derive_key(key_, id + 1)).map_range(s.offset, run, out + j);
-    for (size_t k = j; k < j + run; ++k) out[k] = block ? base + out[k] : shard_sample(base + out[k]);
+    for (size_t k = j; k < j + run; ++k)
+      out[k] = block ? base + out[k] : shard_sample(base + out[k]);
     j += run;
   }
 }

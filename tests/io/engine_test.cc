@@ -26,7 +26,8 @@ class EngineTest : public ::testing::TestWithParam<IoEngineKind> {
     contents_ = testing::sample_bytes(1, 2, 3 << 20);
     {
       std::ofstream f(tmp_ / "file", std::ios::binary);
-      f.write(reinterpret_cast<const char*>(contents_.data()), static_cast<std::streamsize>(contents_.size()));
+      f.write(reinterpret_cast<const char*>(contents_.data()),
+              static_cast<std::streamsize>(contents_.size()));
     }
     fd_ = detail::open_file(tmp_ / "file", O_RDONLY);
     fds_ = {fd_.get()};
@@ -59,7 +60,8 @@ class EngineTest : public ::testing::TestWithParam<IoEngineKind> {
 
   void expect_contents(const std::vector<io::ReadOp>& ops) {
     for (const auto& op : ops)
-      ASSERT_TRUE(std::equal(op.dest, op.dest + op.length, contents_.begin() + static_cast<ptrdiff_t>(op.offset)))
+      ASSERT_TRUE(std::equal(op.dest, op.dest + op.length,
+                             contents_.begin() + static_cast<ptrdiff_t>(op.offset)))
           << "op at " << op.offset << "+" << op.length;
   }
 
@@ -119,9 +121,8 @@ TEST_P(EngineTest, ErrorsNameTheOpAndDrain) {
   std::vector<std::byte> buffer;
   auto ops = random_ops(100, buffer);
   ops[37].length = std::max<uint32_t>(ops[37].length, 1);
-  FaultEngine e(engine(), [&](const io::Request& r) {
-    return r.tag == 37 ? Fault::kError : Fault::kNone;
-  });
+  FaultEngine e(engine(),
+                [&](const io::Request& r) { return r.tag == 37 ? Fault::kError : Fault::kNone; });
   io::ReadFailure f = io::read_all(e, ops, deadline());
   EXPECT_EQ(f.error, -EIO);
   EXPECT_EQ(f.op, 37u);
@@ -131,7 +132,8 @@ TEST_P(EngineTest, EagainForeverBecomesAnError) {
   std::vector<std::byte> buffer;
   auto ops = random_ops(10, buffer);
   for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
-  FaultEngine e(engine(), [](const io::Request& r) { return r.tag == 4 ? Fault::kAgain : Fault::kNone; });
+  FaultEngine e(engine(),
+                [](const io::Request& r) { return r.tag == 4 ? Fault::kAgain : Fault::kNone; });
   io::ReadFailure f = io::read_all(e, ops, deadline());
   EXPECT_EQ(f.error, -EAGAIN);
   EXPECT_EQ(f.op, 4u);
@@ -149,7 +151,8 @@ TEST_P(EngineTest, AReadThatNeverCompletesTimesOut) {
   std::vector<std::byte> buffer;
   auto ops = random_ops(20, buffer);
   for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
-  FaultEngine e(engine(), [](const io::Request& r) { return r.tag == 3 ? Fault::kHang : Fault::kNone; });
+  FaultEngine e(engine(),
+                [](const io::Request& r) { return r.tag == 3 ? Fault::kHang : Fault::kNone; });
   auto t0 = std::chrono::steady_clock::now();
   io::ReadFailure f = io::read_all(e, ops, deadline(300));
   EXPECT_EQ(f.error, -ETIMEDOUT);

@@ -27,18 +27,26 @@ class FaultEngine final : public io::Engine {
 
   int submit(const io::Request& r) override {
     switch (decide_(r)) {
-      case Fault::kNone: return inner_->submit(r);
+      case Fault::kNone:
+        return inner_->submit(r);
       case Fault::kShort: {
         io::Request cut = r;
         // Half, rounded to 4 KiB where possible: O_DIRECT reads end short on block boundaries.
         // A single aligned block is left whole (a cut would be EINVAL under O_DIRECT).
-        if (r.length >= 8192) cut.length = r.length / 2 / 4096 * 4096;
-        else if (r.length % 4096 != 0 && r.length > 1) cut.length = r.length / 2;
+        if (r.length >= 8192)
+          cut.length = r.length / 2 / 4096 * 4096;
+        else if (r.length % 4096 != 0 && r.length > 1)
+          cut.length = r.length / 2;
         return inner_->submit(cut);
       }
-      case Fault::kAgain: synthetic_.push_back({r.tag, -EAGAIN}); return 0;
-      case Fault::kError: synthetic_.push_back({r.tag, error_}); return 0;
-      case Fault::kHang: return 0;  // accepted, never completed
+      case Fault::kAgain:
+        synthetic_.push_back({r.tag, -EAGAIN});
+        return 0;
+      case Fault::kError:
+        synthetic_.push_back({r.tag, error_});
+        return 0;
+      case Fault::kHang:
+        return 0;  // accepted, never completed
     }
     return 0;
   }

@@ -93,10 +93,11 @@ void expect_exactly_once(std::vector<uint64_t> seen, uint64_t n) {
 TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
   for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads})
     for (auto direct : {DirectIo::kAuto, DirectIo::kOff})
-      for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone})
+      for (auto mode :
+           {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone})
         for (uint32_t threads : {1u, 3u}) {
-          SCOPED_TRACE(fmt::format("engine {} direct {} mode {} threads {}", int(engine), int(direct),
-                                   to_string(mode), threads));
+          SCOPED_TRACE(fmt::format("engine {} direct {} mode {} threads {}", int(engine),
+                                   int(direct), to_string(mode), threads));
           auto o = options();
           o.io.engine = engine;
           o.io.direct = direct;

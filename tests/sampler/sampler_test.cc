@@ -212,8 +212,8 @@ TEST(Sampler, EpochOrderIsABijectionInEveryMode) {
 }
 
 TEST(Sampler, EpochOrderRangesMatchSingleLookups) {
-  for (auto mode : {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard,
-                    ShuffleMode::kNone}) {
+  for (auto mode :
+       {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone}) {
     SamplerOptions o;
     o.shuffle.mode = mode;
     o.shuffle.block_size = 30;
