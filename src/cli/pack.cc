@@ -44,7 +44,6 @@ namespace {
 struct SourceFile {
   fs::path path;
   std::string label;
-  uint64_t bytes;
 };
 
 bool hidden(const fs::path& p) { return p.filename().string().starts_with("."); }
@@ -74,8 +73,7 @@ std::vector<SourceFile> scan_tree(const fs::path& root) {
            "{}: not inside a class directory (expected "
            "SRC/<label>/<file>)",
            it->path().string());
-    files.push_back({it->path(), it->path().parent_path().filename().string(),
-                     static_cast<uint64_t>(it->file_size(ec))});
+    files.push_back({it->path(), it->path().parent_path().filename().string()});
   }
   std::sort(files.begin(), files.end(),
             [](const SourceFile& a, const SourceFile& b) { return a.path < b.path; });

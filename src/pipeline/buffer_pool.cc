@@ -24,7 +24,6 @@ std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& 
   {
     std::lock_guard pool_lock(mu_);
     waiter_cv_ = &stop_cv;
-    waiter_mu_ = &stop_mu;
   }
   while (true) {
     {
@@ -57,12 +56,6 @@ void BufferPool::release(std::unique_ptr<BatchStorage> storage) {
 void BufferPool::detach() {
   std::lock_guard lock(mu_);
   waiter_cv_ = nullptr;
-  waiter_mu_ = nullptr;
-}
-
-size_t BufferPool::held_by_consumer() const {
-  std::lock_guard lock(mu_);
-  return with_consumer_;
 }
 
 void BufferPool::note_delivered() {
@@ -73,11 +66,6 @@ void BufferPool::note_delivered() {
 void BufferPool::note_returned_from_consumer() {
   std::lock_guard lock(mu_);
   --with_consumer_;
-}
-
-size_t BufferPool::free_count() const {
-  std::lock_guard lock(mu_);
-  return free_.size();
 }
 
 }  // namespace sluice::pipeline

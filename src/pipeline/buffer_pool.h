@@ -54,11 +54,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   void release(std::unique_ptr<BatchStorage> storage);
   /// The loader is going away: stop notifying its condition variable.
   void detach();
-  /// Storages currently held by batches the consumer has (delivered and not yet dropped).
-  size_t held_by_consumer() const;
+  /// Counts storages held by batches the consumer has (delivered and not yet dropped).
   void note_delivered();
   void note_returned_from_consumer();
-  size_t free_count() const;
 
  private:
   size_t budget_;
@@ -69,7 +67,6 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // Waiters are the loader threads; they wait on the loader's condition variable so that a
   // stop request wakes them too.
   std::condition_variable* waiter_cv_ = nullptr;
-  std::mutex* waiter_mu_ = nullptr;
 };
 
 }  // namespace sluice::pipeline
