@@ -5,6 +5,7 @@
 #include <sluice/options.h>
 #include <sluice/sampler.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -57,6 +58,7 @@ struct LoaderStats {
   double wait_seconds = 0;  // consumer time spent blocked in next()
   std::string engine;       // the IO engine in use and its features
   bool direct_io = false;   // reads bypass the page cache (O_DIRECT)
+  uint64_t batches_held = 0;  // delivered batches still alive (their buffers not yet back)
 };
 
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO
@@ -71,11 +73,18 @@ class SLUICE_EXPORT Loader {
   /// that starts the following epoch. Rethrows a read or corruption error of this batch
   /// (naming shard, offset and sample); waits at most the IO timeout.
   virtual std::shared_ptr<const Batch> next() = 0;
+  /// Waits at most `max_wait` until next() can return without blocking: its batch, its error or
+  /// the epoch's end is ready, or the wait for that batch has run past the IO timeout (next()
+  /// then throws). False when `max_wait` ran out first. For callers that must stay responsive,
+  /// e.g. to Ctrl-C between short waits.
+  virtual bool wait(std::chrono::milliseconds max_wait) = 0;
   /// Restarts at the beginning of `epoch`, dropping batches read ahead.
   virtual void set_epoch(uint64_t epoch) = 0;
   virtual uint64_t epoch() const = 0;
   /// Batches this rank gets per epoch (equal on every rank); from a resume point, what is left.
   virtual uint64_t num_batches() const = 0;
+  /// Batches this rank gets in a whole epoch, wherever the loader stands.
+  virtual uint64_t batches_per_epoch() const = 0;
   /// Where the consumer stands: resuming from it with load_state() delivers exactly the
   /// samples not yet delivered, on any world size.
   virtual SamplerState state() const = 0;

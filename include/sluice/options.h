@@ -52,6 +52,9 @@ struct SLUICE_EXPORT LoaderOptions {
   uint64_t seed = 0;
   ShuffleOptions shuffle;
   uint32_t prefetch = 4;  // batches in flight per rank
+  // Batches the consumer may hold at once (Python: tensors still alive). Beyond it the loader
+  // stops reading until one is dropped, and next() fails after io.timeout_ms saying so.
+  uint32_t max_batches_held = 32;
   IoOptions io;
   DeviceOptions device;
   DistributedOptions distributed;

@@ -148,6 +148,11 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.prefetch = static_cast<uint32_t>(parse_uint(c, n, "prefetch", 1, 1024));
        }},
+      {"max_batches_held",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.max_batches_held =
+             static_cast<uint32_t>(parse_uint(c, n, "max_batches_held", 1, 1u << 20));
+       }},
       {"io.engine",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.io.engine = parse_enum<IoEngineKind>(c, n, "io.engine",
@@ -358,6 +363,7 @@ std::string LoaderOptions::to_yaml() const {
       << YAML::Value << shuffle.block_size << YAML::Key << "buffer_size" << YAML::Value
       << shuffle.buffer_size << YAML::EndMap;
   out << YAML::Key << "prefetch" << YAML::Value << prefetch;
+  out << YAML::Key << "max_batches_held" << YAML::Value << max_batches_held;
   out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key << "engine"
       << YAML::Value << engine << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
       << YAML::Key << "direct" << YAML::Value << direct << YAML::Key << "threads" << YAML::Value

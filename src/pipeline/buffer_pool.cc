@@ -16,7 +16,7 @@ bool AlignedBuffer::reserve(size_t bytes) {
   return true;
 }
 
-BufferPool::BufferPool(size_t budget) : budget_(budget) {}
+BufferPool::BufferPool(size_t budget, size_t max_held) : budget_(budget), max_held_(max_held) {}
 
 std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& stop_mu,
                                                   std::condition_variable& stop_cv) {
@@ -33,7 +33,7 @@ std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& 
         free_.pop_back();
         return s;
       }
-      if (total_ - with_consumer_ < budget_) {
+      if (total_ - with_consumer_ < budget_ && total_ < budget_ + max_held_) {
         ++total_;
         return std::make_unique<BatchStorage>();
       }
@@ -66,6 +66,17 @@ void BufferPool::note_delivered() {
 void BufferPool::note_returned_from_consumer() {
   std::lock_guard lock(mu_);
   --with_consumer_;
+}
+
+
+size_t BufferPool::held() const {
+  std::lock_guard lock(mu_);
+  return with_consumer_;
+}
+
+bool BufferPool::exhausted_by_consumer() const {
+  std::lock_guard lock(mu_);
+  return free_.empty() && total_ >= budget_ + max_held_ && with_consumer_ >= max_held_;
 }
 
 }  // namespace sluice::pipeline

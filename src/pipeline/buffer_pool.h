@@ -4,7 +4,9 @@
 // reference to the Batch dies, the storage goes back to the pool (which the batch keeps alive,
 // so this works after the Loader is gone). The loader's own share is bounded (`budget`: the
 // prefetch window); storages the consumer chooses to hold are the consumer's memory, and the
-// pool keeps at most `budget` idle ones, freeing the rest as they come back.
+// pool keeps at most `budget` idle ones, freeing the rest as they come back. In all, at most
+// `budget + max_held` storages exist: a consumer that holds more than `max_held` batches stops
+// the loader (back-pressure) instead of growing memory without bound.
 
 #include <chrono>
 #include <condition_variable>
@@ -46,7 +48,7 @@ struct BatchStorage {
 
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
-  explicit BufferPool(size_t budget);
+  BufferPool(size_t budget, size_t max_held);
   /// A free storage, or a new one while fewer than `budget` are out of the consumer's hands;
   /// otherwise waits until one is returned. nullptr if `stop` became true first.
   std::unique_ptr<BatchStorage> acquire(const bool& stop, std::mutex& stop_mu,
@@ -57,9 +59,14 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   /// Counts storages held by batches the consumer has (delivered and not yet dropped).
   void note_delivered();
   void note_returned_from_consumer();
+  /// Batches the consumer holds now.
+  size_t held() const;
+  /// True when no storage can be had until the consumer drops a batch.
+  bool exhausted_by_consumer() const;
 
  private:
   size_t budget_;
+  size_t max_held_;
   size_t total_ = 0;
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<BatchStorage>> free_;

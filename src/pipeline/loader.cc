@@ -24,6 +24,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 namespace sluice {
@@ -120,7 +121,8 @@ class LoaderImpl final : public Loader {
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
         world_(options.resolved_world_size()),
-        pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads)) {
+        pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads,
+                                           options.max_batches_held)) {
     open_files();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
   }
@@ -131,39 +133,24 @@ class LoaderImpl final : public Loader {
   }
 
   std::shared_ptr<const Batch> next() override {
-    if (failed_) std::rethrow_exception(failed_);
-    if (epoch_done_) {
-      epoch_done_ = false;
-      restart({plan_.state_after(0).epoch + 1, 0});
-    }
-    if (delivered_ >= plan_.num_batches()) {
-      epoch_done_ = true;
-      return nullptr;
-    }
-    if (!running_) start_threads();
+    if (!prepare(true)) return nullptr;
     const uint64_t step = delivered_;
     auto t0 = std::chrono::steady_clock::now();
-    // The batch's own reads time out after io.timeout_ms and report which read; this wait is the
-    // backstop for a loader thread that cannot even start (one second later).
-    auto deadline =
-        t0 + std::chrono::milliseconds(options_.io.timeout_ms) + std::chrono::seconds(1);
     StepResult result;
     {
       std::unique_lock lock(mu_);
       while (!ready_.count(step)) {
-        if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !ready_.count(step))
-          fail(ErrorCode::kIo,
-               "{}: no batch after {} ms (epoch {}, batch {}): reads are not "
-               "completing",
-               dataset_->path().string(), options_.io.timeout_ms, plan_.state_after(0).epoch, step);
+        if (cv_.wait_until(lock, deadline()) == std::cv_status::timeout && !ready_.count(step))
+          fail(ErrorCode::kIo, "{}", stalled_message(step));
       }
       result = std::move(ready_[step]);
       ready_.erase(step);
       ++delivered_;
     }
     cv_.notify_all();
-    stats_.wait_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    auto t1 = std::chrono::steady_clock::now();
+    stats_.wait_seconds += std::chrono::duration<double>(t1 - std::min(t0, *wait_since_)).count();
+    wait_since_.reset();
     if (result.error) {
       failed_ = result.error;
       stop_threads();
@@ -176,9 +163,19 @@ class LoaderImpl final : public Loader {
     return std::make_shared<BatchImpl>(pool_, std::move(result.storage), fields_);
   }
 
+  bool wait(std::chrono::milliseconds max_wait) override {
+    if (!prepare(false)) return true;
+    const uint64_t step = delivered_;
+    auto until = std::min(deadline(), std::chrono::steady_clock::now() + max_wait);
+    std::unique_lock lock(mu_);
+    cv_.wait_until(lock, until, [&] { return ready_.count(step) > 0; });
+    return ready_.count(step) > 0 || std::chrono::steady_clock::now() >= deadline();
+  }
+
   void set_epoch(uint64_t epoch) override { restart({epoch, 0}); }
   uint64_t epoch() const override { return plan_.state_after(0).epoch; }
   uint64_t num_batches() const override { return plan_.num_batches(); }
+  uint64_t batches_per_epoch() const override { return sampler_.num_batches(world_); }
 
   SamplerState state() const override {
     if (delivered_ >= plan_.num_batches()) return {epoch() + 1, 0};
@@ -194,10 +191,49 @@ class LoaderImpl final : public Loader {
     std::lock_guard lock(mu_);
     s.engine = engine_;
     s.direct_io = direct_;
+    s.batches_held = pool_->held();
     return s;
   }
 
  private:
+  // Starts the next epoch after the end of one was reported, and the loader threads. False
+  // when the epoch is over (next() returns nullptr; `report_end`: it is doing so now). Rethrows
+  // the error that stopped the loader.
+  bool prepare(bool report_end) {
+    if (failed_) std::rethrow_exception(failed_);
+    if (epoch_done_) {
+      epoch_done_ = false;
+      restart({plan_.state_after(0).epoch + 1, 0});
+    }
+    if (delivered_ >= plan_.num_batches()) {
+      epoch_done_ = report_end;
+      return false;
+    }
+    if (!running_) start_threads();
+    if (!wait_since_) wait_since_ = std::chrono::steady_clock::now();
+    return true;
+  }
+
+  // The batch's own reads time out after io.timeout_ms and report which read; this is the
+  // backstop for a loader thread that cannot even start, or a consumer that holds every buffer
+  // (one second later), counted from the consumer's first wait for this batch.
+  std::chrono::steady_clock::time_point deadline() const {
+    return *wait_since_ + std::chrono::milliseconds(options_.io.timeout_ms) +
+           std::chrono::seconds(1);
+  }
+
+  std::string stalled_message(uint64_t step) const {
+    std::string where = fmt::format("{}: no batch after {} ms (epoch {}, batch {})",
+                                    dataset_->path().string(), options_.io.timeout_ms,
+                                    plan_.state_after(0).epoch, step);
+    if (pool_->exhausted_by_consumer())
+      return fmt::format(
+          "{}: the consumer holds {} batches (max_batches_held: {}); drop some so their buffers "
+          "can be reused, or raise max_batches_held",
+          where, pool_->held(), options_.max_batches_held);
+    return where + ": reads are not completing";
+  }
+
   static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o) {
     if (o.dataset.path.empty()) fail(ErrorCode::kConfig, "dataset.path: missing");
     if (o.dataset.format != DatasetFormat::kAuto && o.dataset.format != DatasetFormat::kShards)
@@ -270,6 +306,7 @@ class LoaderImpl final : public Loader {
     stop_threads();
     plan_ = plan;
     delivered_ = 0;
+    wait_since_.reset();
     epoch_done_ = false;
     failed_ = nullptr;
   }
@@ -512,6 +549,8 @@ class LoaderImpl final : public Loader {
   RankPlan plan_;
   uint64_t delivered_ = 0;
   bool epoch_done_ = false;
+  // When the consumer began waiting for batch delivered_ (consumer thread only).
+  std::optional<std::chrono::steady_clock::time_point> wait_since_;
   bool running_ = false;
   std::exception_ptr failed_;
   LoaderStats stats_;

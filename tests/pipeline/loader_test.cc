@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <set>
 #include <thread>
@@ -321,7 +322,9 @@ TEST_F(LoaderTest, ShutdownMidEpochJoinsEverything) {
 }
 
 TEST_F(LoaderTest, BatchesOutliveTheLoaderAndMayAllBeHeld) {
-  auto loader = Loader::open(options());
+  LoaderOptions o = options();
+  o.max_batches_held = 1000;
+  auto loader = Loader::open(o);
   std::vector<std::shared_ptr<const Batch>> held;
   while (auto b = loader->next()) held.push_back(b);  // hold a whole epoch
   EXPECT_EQ(held.size(), loader->num_batches());
@@ -332,6 +335,62 @@ TEST_F(LoaderTest, BatchesOutliveTheLoaderAndMayAllBeHeld) {
     seen.insert(seen.end(), real.begin(), real.end());
   }
   expect_exactly_once(seen, kSamples);
+}
+
+TEST_F(LoaderTest, HoldingTooManyBatchesStopsTheLoaderWithAClearError) {
+  LoaderOptions o = options();
+  o.max_batches_held = 5;
+  o.prefetch = 2;
+  o.io.threads = 2;
+  o.io.timeout_ms = 300;
+  auto loader = Loader::open(o);
+  std::vector<std::shared_ptr<const Batch>> held;
+  try {
+    while (auto b = loader->next()) held.push_back(b);
+    FAIL() << "held " << held.size() << " batches without back-pressure";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_batches_held: 5"), std::string::npos) << e.what();
+  }
+  // Memory is bounded: the loader's own buffers (prefetch + threads) plus the held ones.
+  EXPECT_LE(held.size(), 5u + 2u + 2u);
+  EXPECT_EQ(loader->stats().batches_held, held.size());
+  held.clear();
+  EXPECT_EQ(loader->stats().batches_held, 0u);
+}
+
+TEST_F(LoaderTest, DroppingHeldBatchesLetsTheLoaderGoOn) {
+  LoaderOptions o = options();
+  o.max_batches_held = 3;
+  auto loader = Loader::open(o);
+  std::deque<std::shared_ptr<const Batch>> held;  // a consumer that keeps the last three
+  std::vector<uint64_t> seen;
+  while (auto b = loader->next()) {
+    auto real = check_batch(*b);
+    seen.insert(seen.end(), real.begin(), real.end());
+    held.push_back(b);
+    if (held.size() > 3) held.pop_front();
+  }
+  expect_exactly_once(seen, kSamples);
+}
+
+TEST_F(LoaderTest, WaitReturnsOnceNextWillNotBlock) {
+  auto loader = Loader::open(options());
+  EXPECT_EQ(loader->batches_per_epoch(), loader->num_batches());
+  uint64_t batches = 0;
+  while (true) {
+    while (!loader->wait(std::chrono::milliseconds(1))) {
+    }
+    auto b = loader->next();
+    if (!b) break;
+    ++batches;
+  }
+  EXPECT_EQ(batches, loader->batches_per_epoch());
+  // At the end of the epoch wait() starts the next one.
+  EXPECT_TRUE(loader->wait(std::chrono::seconds(5)));
+  EXPECT_EQ(loader->epoch(), 1u);
+  loader->load_state({1, 100});
+  EXPECT_EQ(loader->batches_per_epoch(), batches);
+  EXPECT_LT(loader->num_batches(), batches);
 }
 
 TEST_F(LoaderTest, BatchesAreUsableFromAnotherThread) {
