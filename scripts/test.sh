@@ -2,7 +2,8 @@
 # The whole test suite, from a bare Debian 12 machine: installs what is missing, builds with
 # warnings as errors and runs every test, then builds and runs them again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, and the threaded tests (IO engines, loader)
-# under ThreadSanitizer.
+# under ThreadSanitizer; then installs the Python package into .venv with `pip install .`
+# and runs the pytest suite against it with torch 2.13.0.
 #
 #   ./scripts/test.sh            # both passes
 #   SLUICE_SKIP_SANITIZERS=1 ./scripts/test.sh   # the plain pass only
@@ -24,15 +25,18 @@ run_pass release build -DCMAKE_BUILD_TYPE=Release
 if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     run_pass asan-ubsan build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-      -DSLUICE_SANITIZE=address,undefined -DSLUICE_BUILD_BENCHMARKS=OFF
+      -DSLUICE_SANITIZE=address,undefined -DSLUICE_BUILD_BENCHMARKS=OFF -DSLUICE_BUILD_PYTHON=OFF
 fi
 if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== tsan: configure and build the threaded tests (build-tsan)"
   cmake -S . -B build-tsan -G Ninja -DSLUICE_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DSLUICE_SANITIZE=thread -DSLUICE_BUILD_BENCHMARKS=OFF >/dev/null
+    -DSLUICE_SANITIZE=thread -DSLUICE_BUILD_BENCHMARKS=OFF -DSLUICE_BUILD_PYTHON=OFF >/dev/null
   cmake --build build-tsan -j "$jobs" --target io_test pipeline_test
   echo "== tsan: tests"
   (cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" --output-on-failure \
      --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest)')
 fi
+echo "== python: pip install . into .venv, then pytest"
+./scripts/python-env.sh
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 echo "== all test passes succeeded"

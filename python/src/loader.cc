@@ -1,0 +1,211 @@
+// sluice._C.Loader: the C++ Loader behind the Python iterator. Waits for batches with the GIL
+// released, in short slices so that Ctrl-C is seen promptly; hands each batch out as DLPack
+// capsules that keep it alive. Loader threads never touch a Python object.
+
+#include <sluice/error.h>
+#include <sluice/loader.h>
+
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings.h"
+#include "tensors.h"
+
+namespace py = pybind11;
+
+namespace sluice::python {
+namespace {
+
+// One consumer at a time: the C++ Loader is single-consumer, and Python threads may share it.
+class PyLoader {
+ public:
+  PyLoader(const std::optional<std::string>& config,
+           const std::vector<std::pair<std::string, std::string>>& settings) {
+    LoaderOptions options = config ? LoaderOptions::from_yaml(*config) : LoaderOptions{};
+    for (const auto& [key, value] : settings) options.set(key, value);
+    {
+      py::gil_scoped_release nogil;
+      loader_ = Loader::open(options);
+    }
+    check_keys();
+  }
+
+  // The next batch as [(key, capsule)], or None at the end of the epoch.
+  py::object next() {
+    std::unique_lock<std::mutex> lock = consumer_lock();
+    Loader& loader = get();
+    while (true) {
+      bool ready;
+      {
+        py::gil_scoped_release nogil;
+        ready = loader.wait(std::chrono::milliseconds(100));
+      }
+      if (ready) break;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    std::shared_ptr<const Batch> batch;
+    {
+      py::gil_scoped_release nogil;
+      batch = loader.next();
+    }
+    if (!batch) return py::none();
+    return to_tensors(std::move(batch));
+  }
+
+  void set_epoch(uint64_t epoch) {
+    auto lock = consumer_lock();
+    py::gil_scoped_release nogil;
+    get().set_epoch(epoch);
+  }
+
+  void load_state(uint64_t epoch, uint64_t position) {
+    auto lock = consumer_lock();
+    py::gil_scoped_release nogil;
+    get().load_state({epoch, position});
+  }
+
+  std::pair<uint64_t, uint64_t> state() {
+    auto lock = consumer_lock();
+    SamplerState s = get().state();
+    return {s.epoch, s.position};
+  }
+
+  // Joins the loader threads now instead of when the object is collected.
+  void close() {
+    auto lock = consumer_lock();
+    py::gil_scoped_release nogil;
+    loader_.reset();
+  }
+
+  Loader& get() const {
+    if (!loader_) throw Error(ErrorCode::kInvalidArgument, "sluice.Loader: used after close()");
+    return *loader_;
+  }
+
+  py::dict stats() const {
+    LoaderStats s = get().stats();
+    py::dict d;
+    d["batches"] = s.batches;
+    d["samples"] = s.samples;
+    d["bytes"] = s.bytes;
+    d["wait_seconds"] = s.wait_seconds;
+    d["engine"] = s.engine;
+    d["direct_io"] = s.direct_io;
+    d["batches_held"] = s.batches_held;
+    return d;
+  }
+
+  py::list fields() const {
+    py::list out;
+    for (const FieldSpec& f : get().dataset().fields())
+      out.append(py::dict(py::arg("name") = f.name, py::arg("dtype") = dtype_name(f.dtype),
+                          py::arg("shape") = f.shape));
+    return out;
+  }
+
+ private:
+  // Taken with the GIL released, so that a thread waiting for the lock does not hold the GIL
+  // that the thread inside next() needs to check for signals.
+  std::unique_lock<std::mutex> consumer_lock() {
+    std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+    if (!lock.try_lock()) {
+      py::gil_scoped_release nogil;
+      lock.lock();
+    }
+    return lock;
+  }
+
+  static std::string offsets_key(const std::string& name) { return name + "_offsets"; }
+
+  void check_keys() const {
+    std::set<std::string> keys = {"index"};
+    if (!get().options().drop_last) keys.insert("padding");
+    for (const FieldSpec& f : get().dataset().fields()) {
+      bool ok = keys.insert(f.name).second;
+      if (ok && !f.fixed_size()) ok = keys.insert(offsets_key(f.name)).second;
+      if (!ok)
+        throw Error(ErrorCode::kInvalidArgument,
+                    get().dataset().path().string() + ": field \"" + f.name +
+                        "\" clashes with a key of sluice's batch dict (index, padding, NAME, "
+                        "NAME_offsets)");
+    }
+  }
+
+  template <typename T>
+  static std::vector<std::byte> bytes_of(std::span<const T> values) {
+    auto b = std::as_bytes(values);
+    return {b.begin(), b.end()};
+  }
+
+  // Field values are views of the batch's buffer; the small metadata (indices, padding,
+  // offsets) is copied so that a consumer keeping only those does not pin the buffer.
+  py::list to_tensors(std::shared_ptr<const Batch> batch) const {
+    py::list out;
+    const int64_t n = static_cast<int64_t>(batch->size());
+    // Indices are uint64 < 2^62: the same bytes read as int64, which every torch supports.
+    out.append(py::make_tuple("index", to_dlpack(bytes_of(batch->indices()), DType::kInt64, {n})));
+    if (!get().options().drop_last)
+      out.append(
+          py::make_tuple("padding", to_dlpack(bytes_of(batch->padding()), DType::kBool, {n})));
+    for (size_t i = 0; i < batch->num_fields(); ++i) {
+      FieldView f = batch->field(i);
+      std::string name(f.name);
+      if (f.fixed_size()) {
+        out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, f.shape)));
+        continue;
+      }
+      const uint64_t elem = dtype_size(f.dtype);
+      const int64_t count = static_cast<int64_t>(f.data.size() / elem);
+      // Offsets in elements of the values tensor: values[off[i]:off[i+1]] is sample i.
+      std::vector<int64_t> offsets(f.offsets.size());
+      for (size_t k = 0; k < offsets.size(); ++k)
+        offsets[k] = static_cast<int64_t>(f.offsets[k] / elem);
+      out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, {count})));
+      out.append(py::make_tuple(
+          offsets_key(name), to_dlpack(bytes_of(std::span<const int64_t>(offsets)), DType::kInt64,
+                                       {static_cast<int64_t>(offsets.size())})));
+    }
+    return out;
+  }
+
+  std::unique_ptr<Loader> loader_;
+  std::mutex mu_;
+};
+
+}  // namespace
+
+void bind_loader(py::module_& m) {
+  py::class_<PyLoader>(m, "Loader")
+      .def(py::init<const std::optional<std::string>&,
+                    const std::vector<std::pair<std::string, std::string>>&>(),
+           py::arg("config"), py::arg("settings"))
+      .def("next", &PyLoader::next)
+      .def("set_epoch", &PyLoader::set_epoch, py::arg("epoch"))
+      .def("state", &PyLoader::state)
+      .def("load_state", &PyLoader::load_state, py::arg("epoch"), py::arg("position"))
+      .def("close", &PyLoader::close)
+      .def("stats", &PyLoader::stats)
+      .def("fields", &PyLoader::fields)
+      .def_property_readonly("epoch", [](const PyLoader& l) { return l.get().epoch(); })
+      .def_property_readonly("batches_per_epoch",
+                             [](const PyLoader& l) { return l.get().batches_per_epoch(); })
+      .def_property_readonly("batches_left",
+                             [](const PyLoader& l) { return l.get().num_batches(); })
+      .def_property_readonly("num_samples",
+                             [](const PyLoader& l) { return l.get().dataset().num_samples(); })
+      .def_property_readonly("rank",
+                             [](const PyLoader& l) { return l.get().options().resolved_rank(); })
+      .def_property_readonly(
+          "world_size", [](const PyLoader& l) { return l.get().options().resolved_world_size(); })
+      .def_property_readonly("seed", [](const PyLoader& l) { return l.get().options().seed; })
+      .def_property_readonly("config_yaml",
+                             [](const PyLoader& l) { return l.get().options().to_yaml(); });
+}
+
+}  // namespace sluice::python

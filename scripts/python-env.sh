@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's Python environment: .venv with torch 2.13.0 (the CPU wheel; never an
+# unpinned torch, which pulls gigabytes of CUDA packages), numpy and pytest, and sluice itself
+# installed with `pip install .` (scikit-build-core builds the C++ library and sluice._C).
+# Prints nothing but errors; reruns reuse the venv and the build in build-pip/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SLUICE_VENV:-.venv}
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
+"$venv/bin/python" -c "import torch, numpy, pytest" 2>/dev/null ||
+  pip install torch==2.13.0 numpy pytest
+pip install .
+"$venv/bin/python" -c "import sluice" || { echo "python-env: pip install . failed"; exit 1; }
