@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes a directory tree in torchvision's ImageFolder layout: ROOT/<class>/<n>.bin, each a
-file of random bytes. Deterministic for a given --seed. Used by the demo and benchmarks."""
+file of random bytes in which about a third are drawn from a band of byte values that depends
+on the class (so that a model can learn the class from a byte histogram: examples/train.py).
+Deterministic for a given --seed. Used by the demo and benchmarks."""
 import argparse
 import os
 import random
@@ -21,8 +23,12 @@ def main() -> None:
         os.makedirs(d, exist_ok=True)
         for i in range(args.per_class):
             size = rng.randint(args.min_bytes, args.max_bytes)
+            data = bytearray(rng.randbytes(size))
+            band = 256 // args.classes
+            for k in range(0, size, 3):
+                data[k] = c * band + data[k] % band
             with open(os.path.join(d, f"{i:06d}.bin"), "wb") as f:
-                f.write(rng.randbytes(size))
+                f.write(data)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, from a bare Debian 12 machine: build sluice, generate an ImageFolder-style
-# dataset, pack it, verify it, print what each of 2 ranks reads in epoch 0, and run the
-# loader over it for 2 epochs.
+# dataset, pack it, verify it, print what each of 2 ranks reads in epoch 0, run the C++ loader
+# over it for 2 epochs, then install the Python package (pip install . into .venv, with torch
+# 2.13.0) and train a small PyTorch model through sluice and through torch's DataLoader.
 #
 #   ./scripts/demo.sh [WORKDIR]      # default WORKDIR: /tmp/sluice-demo
 set -euo pipefail
@@ -39,3 +40,7 @@ total=$(cat "$work"/order-rank?.txt | wc -l)
 echo "== $total samples delivered across ranks, $both distinct (exactly once: $([[ $both -eq $total ]] && echo yes || echo NO))"
 echo "== load 2 epochs with the C++ loader (a consumer that touches every sample)"
 build/sluice bench "$work/train.yaml" --epochs 2
+echo "== install the Python package into .venv (pip install .)"
+./scripts/python-env.sh
+echo "== train a small model for 3 epochs through sluice, then through torch.utils.data.DataLoader"
+.venv/bin/python examples/train.py "$work/train.yaml" --images "$work/images" --epochs 3

@@ -36,12 +36,6 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str
     return out
 
 
-def _from_dlpack(capsule: Any) -> Any:
-    import torch.utils.dlpack
-
-    return torch.utils.dlpack.from_dlpack(capsule)
-
-
 class Loader:
     """Batches of a sluice dataset as dicts of torch tensors, for one rank.
 
@@ -80,6 +74,11 @@ class Loader:
             settings.append(("distributed.rank", str(int(rank))))
         if world_size is not None:
             settings.append(("distributed.world_size", str(int(world_size))))
+        # torch is imported here rather than with the package (sluice.Dataset and the writer do
+        # not need it), and not at the first batch, where it would cost a second of the epoch.
+        import torch.utils.dlpack
+
+        self._from_dlpack = torch.utils.dlpack.from_dlpack
         self._pid = os.getpid()
         self._c = _C.Loader(path, settings)
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.
@@ -112,7 +111,8 @@ class Loader:
                     continue
                 return
             first = False
-            yield {key: _from_dlpack(capsule) for key, capsule in tensors}
+            from_dlpack = self._from_dlpack
+            yield {key: from_dlpack(capsule) for key, capsule in tensors}
 
     def set_epoch(self, epoch: int) -> None:
         """Restarts at the beginning of `epoch` (dropping batches read ahead)."""
@@ -134,6 +134,15 @@ class Loader:
     def num_samples(self) -> int:
         """Samples in the dataset (all ranks together)."""
         return self._loader().num_samples
+
+    @property
+    def classes(self) -> list[str]:
+        """Label names stored in the dataset (`sluice pack` of an ImageFolder tree), or []."""
+        return self._loader().classes
+
+    @property
+    def dataset_path(self) -> str:
+        return self._loader().dataset_path
 
     def state_dict(self) -> dict[str, int]:
         """Where the consumer stands, as plain ints that torch.save stores. Loading it on any

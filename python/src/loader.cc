@@ -203,6 +203,10 @@ void bind_loader(py::module_& m) {
                              [](const PyLoader& l) { return l.get().options().resolved_rank(); })
       .def_property_readonly(
           "world_size", [](const PyLoader& l) { return l.get().options().resolved_world_size(); })
+      .def_property_readonly("classes",
+                             [](const PyLoader& l) { return l.get().dataset().classes(); })
+      .def_property_readonly("dataset_path",
+                             [](const PyLoader& l) { return l.get().dataset().path().string(); })
       .def_property_readonly("seed", [](const PyLoader& l) { return l.get().options().seed; })
       .def_property_readonly("config_yaml",
                              [](const PyLoader& l) { return l.get().options().to_yaml(); });
