@@ -78,7 +78,9 @@ class Loader:
         # not need it), and not at the first batch, where it would cost a second of the epoch.
         import torch.utils.dlpack
 
-        self._from_dlpack = torch.utils.dlpack.from_dlpack
+        # torch._C._from_dlpack is what torch.utils.dlpack.from_dlpack calls for a capsule
+        # (torch 1.10 and later), minus a few microseconds of Python per tensor.
+        self._from_dlpack = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
         self._pid = os.getpid()
         self._c = _C.Loader(path, settings)
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.

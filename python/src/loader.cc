@@ -40,20 +40,17 @@ class PyLoader {
   py::object next() {
     std::unique_lock<std::mutex> lock = consumer_lock();
     Loader& loader = get();
-    while (true) {
-      bool ready;
+    // Fast path: the batch is ready (the usual case when sluice keeps up), so neither wait
+    // blocks and the GIL need not be released twice.
+    bool ready = loader.wait(std::chrono::milliseconds(0));
+    while (!ready) {
       {
         py::gil_scoped_release nogil;
         ready = loader.wait(std::chrono::milliseconds(100));
       }
-      if (ready) break;
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (!ready && PyErr_CheckSignals() != 0) throw py::error_already_set();
     }
-    std::shared_ptr<const Batch> batch;
-    {
-      py::gil_scoped_release nogil;
-      batch = loader.next();
-    }
+    std::shared_ptr<const Batch> batch = loader.next();  // ready: returns without blocking
     if (!batch) return py::none();
     return to_tensors(std::move(batch));
   }
