@@ -125,6 +125,8 @@ class SLUICE_EXPORT Dataset {
   SampleExtent extent(uint64_t index) const;
   /// Reads the record of sample `index` with pread and checks its checksum.
   std::vector<std::byte> read_record(uint64_t index) const;
+  /// The same into `dest` (at least extent(index).size bytes); returns the record's size.
+  size_t read_record_into(uint64_t index, std::span<std::byte> dest) const;
   /// Splits a record into its fields; throws kCorruption when the lengths do not add up.
   SampleFields parse_record(uint64_t index, std::span<const std::byte> record) const;
 

@@ -8,6 +8,7 @@
 #include <sluice/loader.h>
 #include <sluice/options.h>
 #include <sluice/sampler.h>
+#include <sluice/server.h>
 
 namespace sluice {
 

@@ -33,12 +33,21 @@ struct BenchArgs {
   bool json = false;
 };
 
+struct ServeArgs {
+  std::filesystem::path dataset;
+  std::string listen = "0.0.0.0:7070";
+  std::filesystem::path token_file;  // else $SLUICE_TOKEN, else no token
+  uint32_t threads = 2;
+  bool json = false;
+};
+
 // Each returns the process exit code; user errors throw sluice::Error.
 int run_pack(const PackArgs& args);
 int run_inspect(const std::filesystem::path& dataset, bool json);
 int run_verify(const std::filesystem::path& dataset, bool json);
 int run_order(const OrderArgs& args);
 int run_bench(const BenchArgs& args);
+int run_serve(const ServeArgs& args);
 
 /// "256M", "1GiB", "4096" -> bytes; throws Error(kInvalidArgument) naming `text`.
 uint64_t parse_size(const std::string& text);

@@ -1,4 +1,4 @@
-// The `sluice` command line: pack, inspect, verify, order, bench.
+// The `sluice` command line: pack, inspect, verify, order, bench, serve.
 
 #include <sluice/sluice.h>
 
@@ -63,6 +63,15 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--epochs", bench.epochs, "Run this many epochs instead");
   bench_cmd->add_flag("--json", bench.json, "Machine-readable output, no progress bar");
 
+  ServeArgs serve;
+  auto* serve_cmd = app.add_subcommand("serve", "Serve a dataset's samples to remote loaders (UCX)");
+  serve_cmd->add_option("DATASET", serve.dataset, "Dataset directory")->required();
+  serve_cmd->add_option("--listen", serve.listen, "HOST:PORT to listen on (default 0.0.0.0:7070)");
+  serve_cmd->add_option("--token-file", serve.token_file,
+                        "File holding the shared token (default: $SLUICE_TOKEN)");
+  serve_cmd->add_option("--threads", serve.threads, "Reader threads (default 2)");
+  serve_cmd->add_flag("--json", serve.json, "Print the address as JSON once listening");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (!shard_size.empty()) pack.shard_bytes = parse_size(shard_size);
@@ -71,6 +80,7 @@ int main(int argc, char** argv) {
     if (*verify_cmd) return run_verify(dataset, json);
     if (*order_cmd) return run_order(order);
     if (*bench_cmd) return run_bench(bench);
+    if (*serve_cmd) return run_serve(serve);
   } catch (const sluice::Error& e) {
     fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
     return e.code() == sluice::ErrorCode::kInvalidArgument ? 2 : 1;

@@ -184,9 +184,18 @@ SampleExtent Dataset::extent(uint64_t index) const {
 }
 
 std::vector<std::byte> Dataset::read_record(uint64_t index) const {
+  std::vector<std::byte> record(extent(index).size);
+  read_record_into(index, record);
+  return record;
+}
+
+size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) const {
   SampleExtent x = extent(index);
-  std::vector<std::byte> record(x.size);
   const std::string& path = impl_->infos[x.shard].path.string();
+  if (dest.size() < x.size)
+    fail(ErrorCode::kInvalidArgument, "{}: sample {}: {} bytes do not fit a buffer of {}", path,
+         index, x.size, dest.size());
+  auto record = dest.first(x.size);
   size_t n = detail::pread_full(shard_fd(x.shard), record, x.offset, path);
   if (n != x.size)
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
@@ -196,7 +205,7 @@ std::vector<std::byte> Dataset::read_record(uint64_t index) const {
     fail(ErrorCode::kCorruption,
          "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})", path, index,
          x.checksum, sum);
-  return record;
+  return x.size;
 }
 
 SampleFields Dataset::parse_record(uint64_t index, std::span<const std::byte> record) const {

@@ -1,0 +1,325 @@
+#include "net/client.h"
+
+#include "common/errors.h"
+#include "net/ucx.h"
+
+#include <fmt/format.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <unordered_map>
+
+namespace sluice::net {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using detail::fail;
+
+// One request on the wire. Lives until read() returns, after every callback that names it.
+struct Pending {
+  uint64_t id = 0;
+  ReadRequest* request = nullptr;  // nullptr for send_raw
+  RequestHeader header;
+  std::span<const std::byte> raw_data;
+  bool done = false;
+  ReplyHeader reply;
+  std::string message;  // the server's error text, or a transport failure
+  bool transport_failed = false;
+  std::span<std::byte> dest;     // where the reply data goes
+  size_t bytes = 0;              // reply data received into the destination
+  void* recv_request = nullptr;  // a rendezvous receive in progress
+};
+
+ErrorCode code_for(ReplyStatus s) {
+  switch (s) {
+    case ReplyStatus::kReadError:
+      return ErrorCode::kIo;
+    case ReplyStatus::kUnauthorized:
+      return ErrorCode::kConfig;
+    default:
+      return ErrorCode::kInvalidArgument;
+  }
+}
+
+class ClientImpl final : public PeerClient {
+ public:
+  ClientImpl(const std::string& address, const ClientOptions& options)
+      : address_(address), options_(options), token_(token_digest(options.token)) {
+    SocketAddress addr = SocketAddress::parse(address);
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.id = kReplyAm;
+    am.flags = UCP_AM_FLAG_WHOLE_MSG;
+    am.cb = &ClientImpl::on_reply;
+    am.arg = this;
+    check(ucp_worker_set_am_recv_handler(worker_.get(), &am), "peer " + address_ + ": AM handler");
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.sockaddr.addr = addr.get();
+    p.sockaddr.addrlen = addr.length;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_handler.cb = &ClientImpl::on_ep_error;
+    p.err_handler.arg = this;
+    check(ucp_ep_create(worker_.get(), &p, &ep_), "peer " + address_ + ": connect");
+    // The connection is set up lazily; a flush completes once it is (or fails when it cannot).
+    ucp_request_param_t fp{};
+    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), deadline());
+    if (st != UCS_OK || failed_) {
+      std::string why = failed_ ? failure_ : std::string(ucs_status_string(st));
+      if (st == UCS_ERR_TIMED_OUT) why = fmt::format("no answer within {} ms", options_.timeout_ms);
+      close(true);
+      fail(ErrorCode::kIo, "peer {}: cannot connect: {}", address_, why);
+    }
+  }
+
+  ~ClientImpl() override { close(false); }
+
+  const std::string& address() const override { return address_; }
+
+  void read(std::span<ReadRequest> requests) override {
+    usable();
+    std::vector<std::unique_ptr<Pending>> pendings;
+    pendings.reserve(requests.size());
+    for (ReadRequest& r : requests) {
+      auto p = std::make_unique<Pending>();
+      p->request = &r;
+      p->header.count = static_cast<uint32_t>(r.indices.size());
+      p->raw_data = std::as_bytes(std::span<const uint64_t>(r.indices));
+      pendings.push_back(std::move(p));
+    }
+    exchange(pendings);
+    for (size_t k = 0; k < pendings.size(); ++k) {
+      Pending& p = *pendings[k];
+      if (p.reply.status != ReplyStatus::kOk)
+        throw Error(code_for(p.reply.status),
+                    fmt::format("peer {}: {}: {}", address_, to_string(p.reply.status), p.message));
+      check_records(p, requests[k]);
+    }
+  }
+
+  std::pair<ReplyStatus, std::string> send_raw(std::span<const std::byte> header,
+                                               std::span<const std::byte> data) override {
+    usable();
+    std::vector<std::unique_ptr<Pending>> pendings;
+    auto p = std::make_unique<Pending>();
+    raw_header_.assign(header.begin(), header.end());
+    p->raw_data = data;
+    pendings.push_back(std::move(p));
+    exchange(pendings, /*raw=*/true);
+    return {pendings[0]->reply.status, pendings[0]->message};
+  }
+
+ private:
+  Clock::time_point deadline() const {
+    return Clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  }
+
+  void usable() const {
+    if (broken_)
+      fail(ErrorCode::kIo, "peer {}: unusable after an earlier failure: {}", address_, failure_);
+  }
+
+  // Sends every pending request and progresses until all replies are in, the peer fails, or
+  // the timeout passes. On failure the connection is closed (cancelling receives into the
+  // callers' buffers) before the error is thrown.
+  void exchange(std::vector<std::unique_ptr<Pending>>& pendings, bool raw = false) {
+    for (auto& p : pendings) {
+      // A raw header too short to carry a request id is answered with id 0.
+      p->id = raw && raw_header_.size() < 16 ? 0 : ++next_id_;
+      p->header.request_id = p->id;
+      p->header.token = token_;
+      by_id_[p->id] = p.get();
+      const void* header = &p->header;
+      size_t header_len = sizeof p->header;
+      if (raw) {
+        header = raw_header_.data();
+        header_len = raw_header_.size();
+        if (header_len >= 16) std::memcpy(raw_header_.data() + 8, &p->id, 8);  // match the reply
+      }
+      ucp_request_param_t sp{};
+      sp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
+      sp.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+      sp.cb.send = [](void* request, ucs_status_t, void*) { ucp_request_free(request); };
+      ucs_status_ptr_t r = ucp_am_send_nbx(ep_, kRequestAm, header, header_len, p->raw_data.data(),
+                                           p->raw_data.size(), &sp);
+      if (UCS_PTR_IS_ERR(r)) {
+        failure_ = fmt::format("send: {}", ucs_status_string(UCS_PTR_STATUS(r)));
+        failed_ = true;
+        break;
+      }
+    }
+    const auto until = deadline();
+    auto all_done = [&] {
+      for (auto& p : pendings)
+        if (!p->done) return false;
+      return true;
+    };
+    while (!failed_ && !all_done() && Clock::now() < until)
+      worker_.wait(std::chrono::milliseconds(10));
+    for (auto& p : pendings) by_id_.erase(p->id);
+    if (failed_ || !all_done()) {
+      size_t outstanding = 0;
+      for (auto& p : pendings) outstanding += p->done ? 0 : 1;
+      std::string why = failed_
+                            ? failure_
+                            : fmt::format("no reply within {} ms ({} of {} requests outstanding)",
+                                          options_.timeout_ms, outstanding, pendings.size());
+      for (auto& p : pendings)
+        if (p->recv_request) ucp_request_cancel(worker_.get(), p->recv_request);
+      close(true);
+      failure_ = why;
+      broken_ = true;
+      fail(ErrorCode::kIo, "peer {}: {}", address_, why);
+    }
+    for (auto& p : pendings)
+      if (p->transport_failed) {
+        close(true);
+        failure_ = p->message;
+        broken_ = true;
+        fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
+      }
+  }
+
+  // Records are in request order, each checked against the checksum the server sent (seeded
+  // with the sample index, as in the shard index).
+  void check_records(Pending& p, ReadRequest& r) {
+    std::span<const std::byte> data(p.dest.data(), p.bytes);
+    std::string error;
+    auto table = parse_records(p.reply, data, &error);
+    if (!table || table->size() != r.indices.size())
+      fail(ErrorCode::kCorruption, "peer {}: malformed reply: {}", address_,
+           table ? fmt::format("{} records for {} samples", table->size(), r.indices.size())
+                 : error);
+    r.records = std::move(*table);
+    uint64_t at = 0;
+    for (size_t i = 0; i < r.records.size(); ++i) {
+      const RecordInfo& info = r.records[i];
+      uint32_t sum =
+          static_cast<uint32_t>(XXH3_64bits_withSeed(data.data() + at, info.size, r.indices[i]));
+      if (sum != info.checksum)
+        fail(ErrorCode::kCorruption, "peer {}: sample {}: checksum mismatch after transfer",
+             address_, r.indices[i]);
+      at += info.size;
+    }
+  }
+
+  static ucs_status_t on_reply(void* arg, const void* header, size_t header_length, void* data,
+                               size_t length, const ucp_am_recv_param_t* param) {
+    static_cast<ClientImpl*>(arg)->handle_reply(
+        std::span(static_cast<const std::byte*>(header), header_length), data, length, param);
+    return UCS_OK;
+  }
+
+  void handle_reply(std::span<const std::byte> header, void* data, size_t length,
+                    const ucp_am_recv_param_t* param) {
+    std::string error;
+    auto h = parse_reply(header, &error);
+    if (!h) {
+      failure_ = "malformed reply: " + error;
+      failed_ = true;
+      return;
+    }
+    auto it = by_id_.find(h->request_id);
+    if (it == by_id_.end()) return;  // not ours (any more)
+    Pending& p = *it->second;
+    p.reply = *h;
+    const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+    if (h->status != ReplyStatus::kOk || !p.request) {
+      if (!rndv) p.message.assign(static_cast<const char*>(data), std::min<size_t>(length, 4096));
+      p.done = true;
+      return;
+    }
+    if (length != h->data_bytes) {
+      p.transport_failed = true;
+      p.message = fmt::format("reply says {} bytes, carries {}", h->data_bytes, length);
+      p.done = true;
+      return;
+    }
+    std::span<std::byte> dest = p.request->destination(length);
+    p.dest = dest;
+    p.bytes = length;
+    if (dest.size() < length) {
+      p.transport_failed = true;
+      p.message = fmt::format("destination of {} bytes for a reply of {}", dest.size(), length);
+      p.done = true;
+      return;
+    }
+    if (!rndv) {
+      std::memcpy(dest.data(), data, length);
+      p.done = true;
+      return;
+    }
+    // Rendezvous: UCX pulls the bytes from the server's reply buffer into `dest`.
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.recv_am = &ClientImpl::on_received;
+    rp.user_data = &p;
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), length, &rp);
+    if (r == nullptr) {
+      p.done = true;
+    } else if (UCS_PTR_IS_ERR(r)) {
+      p.transport_failed = true;
+      p.message =
+          fmt::format("receiving {} bytes: {}", length, ucs_status_string(UCS_PTR_STATUS(r)));
+      p.done = true;
+    } else {
+      p.recv_request = r;
+    }
+  }
+
+  static void on_received(void* request, ucs_status_t status, size_t, void* user_data) {
+    auto* p = static_cast<Pending*>(user_data);
+    if (status != UCS_OK) {
+      p->transport_failed = true;
+      p->message = fmt::format("receiving reply data: {}", ucs_status_string(status));
+    }
+    p->recv_request = nullptr;
+    p->done = true;
+    ucp_request_free(request);
+  }
+
+  static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
+    auto* self = static_cast<ClientImpl*>(arg);
+    self->failed_ = true;
+    self->failure_ = fmt::format("connection lost: {}", ucs_status_string(status));
+  }
+
+  void close(bool force) {
+    if (!ep_) return;
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
+    ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(ep_, &p), until);
+    if (st == UCS_ERR_TIMED_OUT && !force) {
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      wait_request(worker_, ucp_ep_close_nbx(ep_, &p), Clock::now() + std::chrono::seconds(1));
+    }
+    ep_ = nullptr;
+    worker_.progress();
+  }
+
+  std::string address_;
+  ClientOptions options_;
+  TokenDigest token_;
+  Worker worker_;
+  ucp_ep_h ep_ = nullptr;
+  uint64_t next_id_ = 0;
+  std::unordered_map<uint64_t, Pending*> by_id_;
+  std::vector<std::byte> raw_header_;
+  bool failed_ = false;  // the connection failed (error handler, malformed reply)
+  bool broken_ = false;  // a read failed: this client is done
+  std::string failure_;
+};
+
+}  // namespace
+
+std::unique_ptr<PeerClient> PeerClient::connect(const std::string& address,
+                                                const ClientOptions& options) {
+  return std::make_unique<ClientImpl>(address, options);
+}
+
+}  // namespace sluice::net

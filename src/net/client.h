@@ -1,0 +1,55 @@
+#pragma once
+
+// A client of one shard server: batched sample reads over UCX, many requests in flight, each
+// reply's data landing in a buffer the caller chooses (for large replies UCX rendezvous pulls
+// it straight into that buffer: no staging copy).
+
+#include "net/wire.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sluice::net {
+
+struct ClientOptions {
+  std::string token;           // the cluster's shared token
+  uint32_t timeout_ms = 5000;  // connecting, and waiting for the replies of one read()
+};
+
+/// One request: which samples, where their bytes go, and (after read()) what came back.
+struct ReadRequest {
+  std::vector<uint64_t> indices;
+  /// Called once with the reply's data size (records, padded to 8 bytes, then one RecordInfo
+  /// per sample); returns an 8-byte-aligned buffer at least that long.
+  std::function<std::span<std::byte>(size_t bytes)> destination;
+  std::vector<RecordInfo> records;  // filled by read(): size and checksum of each record
+};
+
+class PeerClient {
+ public:
+  /// Connects to the server at HOST:PORT. Throws Error(kInvalidArgument) for a bad address and
+  /// Error(kIo) "peer HOST:PORT: ..." when it cannot connect within the timeout.
+  static std::unique_ptr<PeerClient> connect(const std::string& address,
+                                             const ClientOptions& options);
+  virtual ~PeerClient() = default;
+  virtual const std::string& address() const = 0;
+
+  /// Sends every request at once and waits for all replies (at most timeout_ms in all). On
+  /// return each request's data is in its destination, every record checked against its
+  /// checksum. Throws Error naming the peer: kIo when the peer is unreachable, dies or does not
+  /// answer in time (the client is unusable afterwards), kInvalidArgument / kNotFound /
+  /// kCorruption for the server's refusals and for damaged bytes.
+  virtual void read(std::span<ReadRequest> requests) = 0;
+
+  /// Test seam: sends a raw request (any header and data bytes) and returns the reply's status
+  /// and message; for malformed-request tests.
+  virtual std::pair<ReplyStatus, std::string> send_raw(std::span<const std::byte> header,
+                                                       std::span<const std::byte> data) = 0;
+};
+
+}  // namespace sluice::net

@@ -1,0 +1,105 @@
+#include "net/wire.h"
+
+#include <fmt/format.h>
+#include <xxhash.h>
+
+#include <cstring>
+
+namespace sluice::net {
+
+TokenDigest token_digest(const std::string& token) {
+  XXH128_hash_t h = XXH3_128bits(token.data(), token.size());
+  TokenDigest d;
+  std::memcpy(d.data(), &h.low64, 8);
+  std::memcpy(d.data() + 8, &h.high64, 8);
+  return d;
+}
+
+std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
+                                           uint32_t max_count, std::string* error) {
+  RequestHeader h;
+  if (header.size() != sizeof h) {
+    *error = fmt::format("request header is {} bytes, expected {}", header.size(), sizeof h);
+    return std::nullopt;
+  }
+  std::memcpy(&h, header.data(), sizeof h);
+  if (h.magic != kRequestMagic) {
+    *error = fmt::format("request magic {:#x}, expected {:#x}", h.magic, kRequestMagic);
+    return std::nullopt;
+  }
+  if (h.version != kWireVersion) {
+    *error = fmt::format("request version {}, this server speaks {}", h.version, kWireVersion);
+    return std::nullopt;
+  }
+  if (h.count == 0 || h.count > max_count) {
+    *error = fmt::format("request for {} samples (1 to {} allowed)", h.count, max_count);
+    return std::nullopt;
+  }
+  if (data_bytes != uint64_t{h.count} * sizeof(uint64_t)) {
+    *error = fmt::format("request names {} samples but carries {} bytes of indices", h.count,
+                         data_bytes);
+    return std::nullopt;
+  }
+  return h;
+}
+
+std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error) {
+  ReplyHeader h;
+  if (header.size() != sizeof h) {
+    *error = fmt::format("reply header is {} bytes, expected {}", header.size(), sizeof h);
+    return std::nullopt;
+  }
+  std::memcpy(&h, header.data(), sizeof h);
+  if (h.magic != kReplyMagic || h.version != kWireVersion) {
+    *error = fmt::format("reply magic {:#x} version {}: not a sluice shard server of version {}",
+                         h.magic, h.version, kWireVersion);
+    return std::nullopt;
+  }
+  if (h.status > ReplyStatus::kTooLarge) {
+    *error = fmt::format("reply status {} unknown", static_cast<unsigned>(h.status));
+    return std::nullopt;
+  }
+  return h;
+}
+
+std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
+                                                     std::span<const std::byte> data,
+                                                     std::string* error) {
+  const uint64_t table = uint64_t{reply.count} * sizeof(RecordInfo);
+  if (data.size() != reply.data_bytes || data.size() < table) {
+    *error = fmt::format("reply of {} records carries {} bytes (header says {})", reply.count,
+                         data.size(), reply.data_bytes);
+    return std::nullopt;
+  }
+  std::vector<RecordInfo> infos(reply.count);
+  std::memcpy(infos.data(), data.data() + data.size() - table, table);
+  uint64_t sum = 0;
+  for (const RecordInfo& r : infos) sum += r.size;
+  uint64_t padded = (sum + 7) / 8 * 8;
+  if (padded + table != data.size()) {
+    *error = fmt::format("reply records add up to {} bytes, but {} precede the table", sum,
+                         data.size() - table);
+    return std::nullopt;
+  }
+  return infos;
+}
+
+std::string to_string(ReplyStatus status) {
+  switch (status) {
+    case ReplyStatus::kOk:
+      return "ok";
+    case ReplyStatus::kBadRequest:
+      return "bad request";
+    case ReplyStatus::kUnauthorized:
+      return "unauthorized (token mismatch)";
+    case ReplyStatus::kOutOfRange:
+      return "sample out of range";
+    case ReplyStatus::kReadError:
+      return "read error";
+    case ReplyStatus::kTooLarge:
+      return "reply too large";
+  }
+  return "unknown";
+}
+
+}  // namespace sluice::net

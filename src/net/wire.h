@@ -1,0 +1,87 @@
+#pragma once
+
+// The shard server's messages, carried as UCX active messages. A client asks for samples by
+// global index (never by file offset); the server answers with their records, or with an error.
+//
+//   request  AM kRequestAm: header RequestHeader, data: count x uint64 sample indices
+//   reply    AM kReplyAm:   header ReplyHeader,   data: on success the records, concatenated in
+//                           request order, then count x RecordInfo; on error the message text
+//
+// All fields are little-endian (the only byte order sluice runs on). Every field of a message
+// from a peer is checked before use: parse_* return an error text instead of trusting it.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sluice::net {
+
+inline constexpr uint16_t kRequestAm = 0x51;
+inline constexpr uint16_t kReplyAm = 0x52;
+inline constexpr uint32_t kRequestMagic = 0x51524c53;  // "SLRQ"
+inline constexpr uint32_t kReplyMagic = 0x50524c53;    // "SLRP"
+inline constexpr uint16_t kWireVersion = 1;
+
+using TokenDigest = std::array<uint8_t, 16>;
+
+/// XXH3-128 of the shared token; what a request carries instead of the token itself.
+TokenDigest token_digest(const std::string& token);
+
+struct RequestHeader {
+  uint32_t magic = kRequestMagic;
+  uint16_t version = kWireVersion;
+  uint16_t reserved = 0;
+  uint64_t request_id = 0;
+  uint32_t count = 0;  // sample indices in the data
+  uint32_t reserved2 = 0;
+  TokenDigest token{};
+};
+static_assert(sizeof(RequestHeader) == 40);
+
+enum class ReplyStatus : uint16_t {
+  kOk = 0,
+  kBadRequest = 1,    // malformed: wrong size, magic, version, count
+  kUnauthorized = 2,  // token mismatch
+  kOutOfRange = 3,    // a sample index >= the dataset's sample count
+  kReadError = 4,     // the server could not read or verify a sample
+  kTooLarge = 5,      // the reply would exceed the server's limit
+};
+
+struct ReplyHeader {
+  uint32_t magic = kReplyMagic;
+  uint16_t version = kWireVersion;
+  ReplyStatus status = ReplyStatus::kOk;
+  uint64_t request_id = 0;
+  uint32_t count = 0;  // records in the data (0 on error)
+  uint32_t reserved = 0;
+  uint64_t data_bytes = 0;  // bytes of the AM data
+};
+static_assert(sizeof(ReplyHeader) == 32);
+
+/// Size and checksum of one record in a reply (the checksum as in the shard index: low 32 bits
+/// of XXH3-64 of the record seeded with the sample index), so that the client checks the bytes
+/// end to end.
+struct RecordInfo {
+  uint32_t size = 0;
+  uint32_t checksum = 0;
+};
+static_assert(sizeof(RecordInfo) == 8);
+
+/// Checks a request's header and data length; returns the header, or sets `error`.
+std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
+                                           uint32_t max_count, std::string* error);
+/// Checks a reply's header; returns it, or sets `error`.
+std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error);
+/// Checks the records table at the end of a successful reply's data against its header.
+/// Returns the table, or sets `error`.
+std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
+                                                     std::span<const std::byte> data,
+                                                     std::string* error);
+
+std::string to_string(ReplyStatus status);
+
+}  // namespace sluice::net

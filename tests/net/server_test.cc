@@ -1,0 +1,235 @@
+// The shard server and its client over UCX on loopback: bytes, refusals, malformed requests,
+// dead and silent peers, a server process killed mid-read.
+
+#include <sluice/server.h>
+
+#include "net/client.h"
+#include "net/wire.h"
+#include "test_util.h"
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+namespace sluice {
+namespace {
+
+namespace fs = std::filesystem;
+using net::ClientOptions;
+using net::PeerClient;
+using net::ReadRequest;
+using net::ReplyStatus;
+
+constexpr uint64_t kSamples = 300;
+
+// A request's destination: 8-byte-aligned storage that grows to the reply's size.
+struct Buffer {
+  std::vector<uint64_t> words;
+  std::span<std::byte> operator()(size_t bytes) {
+    words.resize((bytes + 7) / 8);
+    return {reinterpret_cast<std::byte*>(words.data()), bytes};
+  }
+  const std::byte* data() const { return reinterpret_cast<const std::byte*>(words.data()); }
+};
+
+std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // Records up to 96 KiB: replies of many of them go by rendezvous, small ones eagerly.
+    testing::write_dataset(dir(), kSamples, 96 << 10, 1 << 20);
+    dataset_ = Dataset::open(dir());
+    ServerOptions o;
+    o.token = "secret";
+    server_ = ShardServer::start(dataset_, o);
+  }
+
+  fs::path dir() const { return tmp_ / "ds"; }
+
+  std::unique_ptr<PeerClient> client(std::string token = "secret", uint32_t timeout_ms = 5000) {
+    return PeerClient::connect(server_->address(), {token, timeout_ms});
+  }
+
+  // Reads `indices` in requests of `per_request`, all in flight at once; checks every record
+  // against a local read.
+  void read_and_check(PeerClient& c, const std::vector<uint64_t>& indices, size_t per_request) {
+    std::vector<ReadRequest> requests;
+    std::vector<Buffer> buffers((indices.size() + per_request - 1) / per_request);
+    for (size_t k = 0; k * per_request < indices.size(); ++k) {
+      ReadRequest r;
+      auto first = indices.begin() + static_cast<ptrdiff_t>(k * per_request);
+      r.indices.assign(first, first + static_cast<ptrdiff_t>(
+                                          std::min(per_request, indices.size() - k * per_request)));
+      r.destination = [&buffers, k](size_t bytes) { return buffers[k](bytes); };
+      requests.push_back(std::move(r));
+    }
+    c.read(requests);
+    for (size_t k = 0; k < requests.size(); ++k) {
+      const ReadRequest& r = requests[k];
+      ASSERT_EQ(r.records.size(), r.indices.size());
+      uint64_t at = 0;
+      for (size_t i = 0; i < r.indices.size(); ++i) {
+        auto want = dataset_->read_record(r.indices[i]);
+        ASSERT_EQ(r.records[i].size, want.size()) << "sample " << r.indices[i];
+        ASSERT_EQ(0, std::memcmp(buffers[k].data() + at, want.data(), want.size()))
+            << "sample " << r.indices[i];
+        at += want.size();
+      }
+    }
+  }
+
+  testing::TempDir tmp_;
+  std::shared_ptr<Dataset> dataset_;
+  std::unique_ptr<ShardServer> server_;
+};
+
+TEST_F(ServerTest, EveryByteEqualsTheLocalRead) {
+  auto c = client();
+  std::vector<uint64_t> all(kSamples);
+  for (uint64_t i = 0; i < kSamples; ++i) all[i] = (i * 7) % kSamples;  // a shuffled order
+  read_and_check(*c, all, 32);   // ten requests in flight, replies of ~1.5 MB (rendezvous)
+  read_and_check(*c, {5}, 1);    // one small record (eager)
+  read_and_check(*c, all, 300);  // one request for everything
+  EXPECT_EQ(server_->stats().requests, 10u + 1u + 1u);
+  EXPECT_EQ(server_->stats().rejected, 0u);
+}
+
+TEST_F(ServerTest, AWrongTokenIsRefused) {
+  auto c = client("not the token");
+  std::string m = message_of([&] { read_and_check(*c, {1, 2}, 2); });
+  EXPECT_NE(m.find("unauthorized"), std::string::npos) << m;
+  EXPECT_NE(m.find(server_->address()), std::string::npos) << m;
+  EXPECT_EQ(server_->stats().rejected, 1u);
+  EXPECT_EQ(server_->stats().requests, 0u);
+}
+
+TEST_F(ServerTest, AnOutOfRangeSampleIsRefusedByName) {
+  auto c = client();
+  std::string m = message_of([&] { read_and_check(*c, {3, kSamples + 7}, 2); });
+  EXPECT_NE(m.find("sample 307 out of range"), std::string::npos) << m;
+  read_and_check(*c, {3}, 1);  // the connection is still good
+}
+
+TEST_F(ServerTest, MalformedRequestsGetErrorRepliesAndTheServerSurvives) {
+  auto c = client();
+  net::RequestHeader good;
+  good.count = 2;
+  good.token = net::token_digest("secret");
+  uint64_t two[2] = {1, 2};
+  auto bytes = [](const auto& v) { return std::as_bytes(std::span(&v, 1)); };
+  auto data = std::as_bytes(std::span(two));
+
+  auto short_header = bytes(good).first(12);
+  EXPECT_EQ(c->send_raw(short_header, data).first, ReplyStatus::kBadRequest);
+  net::RequestHeader bad = good;
+  bad.magic = 0xdeadbeef;
+  EXPECT_EQ(c->send_raw(bytes(bad), data).first, ReplyStatus::kBadRequest);
+  bad = good;
+  bad.version = 99;
+  auto [status, message] = c->send_raw(bytes(bad), data);
+  EXPECT_EQ(status, ReplyStatus::kBadRequest);
+  EXPECT_NE(message.find("version 99"), std::string::npos) << message;
+  bad = good;
+  bad.count = 5;  // claims 5 indices, carries 2
+  EXPECT_EQ(c->send_raw(bytes(bad), data).first, ReplyStatus::kBadRequest);
+  bad.count = 0;
+  EXPECT_EQ(c->send_raw(bytes(bad), {}).first, ReplyStatus::kBadRequest);
+  bad.count = 1u << 30;
+  EXPECT_EQ(c->send_raw(bytes(bad), data).first, ReplyStatus::kBadRequest);
+  std::vector<std::byte> noise(333, std::byte{0x5a});
+  EXPECT_EQ(c->send_raw(noise, noise).first, ReplyStatus::kBadRequest);
+  EXPECT_EQ(c->send_raw(bytes(good), data).first, ReplyStatus::kOk);
+  EXPECT_EQ(server_->stats().rejected, 7u);
+  read_and_check(*c, {0, 1, 2, 299}, 4);
+}
+
+TEST_F(ServerTest, NobodyListeningFailsToConnectNamingThePeer) {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(s);  // a free port that nobody listens on
+  std::string address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  auto t0 = std::chrono::steady_clock::now();
+  std::string m = message_of([&] { PeerClient::connect(address, {"secret", 2000}); });
+  EXPECT_NE(m.find("peer " + address), std::string::npos) << m;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
+TEST_F(ServerTest, APeerThatNeverAnswersTimesOut) {
+  // A TCP listener that accepts (in the kernel's backlog) and never speaks UCX.
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(s, 16), 0);
+  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  std::string address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  auto t0 = std::chrono::steady_clock::now();
+  std::string m = message_of([&] { PeerClient::connect(address, {"secret", 1000}); });
+  EXPECT_NE(m.find("peer " + address), std::string::npos) << m;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  ::close(s);
+}
+
+TEST_F(ServerTest, AServerProcessKilledMidReadFailsTheClientInTime) {
+  // `sluice serve` as a real process, killed with SIGKILL between two reads.
+  int out[2];
+  ASSERT_EQ(::pipe(out), 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::close(out[0]);
+    ::setenv("SLUICE_TOKEN", "secret", 1);
+    ::execl(SLUICE_CLI, SLUICE_CLI, "serve", dir().c_str(), "--listen", "127.0.0.1:0", "--json",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  FILE* f = ::fdopen(out[0], "r");
+  char line[512] = {0};
+  ASSERT_NE(std::fgets(line, sizeof line, f), nullptr) << "sluice serve printed nothing";
+  std::string json(line);
+  auto at = json.find("\"address\":\"");
+  ASSERT_NE(at, std::string::npos) << json;
+  std::string address = json.substr(at + 11, json.find('"', at + 11) - at - 11);
+  auto c = PeerClient::connect(address, {"secret", 2000});
+  std::vector<uint64_t> some = {1, 2, 3, 4, 5, 6, 7, 8};
+  std::vector<ReadRequest> requests(1);
+  Buffer buffer;
+  requests[0].indices = some;
+  requests[0].destination = [&](size_t bytes) { return buffer(bytes); };
+  c->read(requests);
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  std::fclose(f);
+  auto t0 = std::chrono::steady_clock::now();
+  std::string m = message_of([&] { c->read(requests); });
+  EXPECT_NE(m.find("peer " + address), std::string::npos) << m;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  // The client stays failed, and says why.
+  EXPECT_NE(message_of([&] { c->read(requests); }).find("unusable"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sluice
