@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a bare Debian 12 machine: installs what is missing, builds with
 # warnings as errors and runs every test, then builds and runs them again under
-# AddressSanitizer + UndefinedBehaviorSanitizer, and the threaded tests (IO engines, loader)
-# under ThreadSanitizer; then installs the Python package into .venv with `pip install .`
-# and runs the pytest suite against it with torch 2.13.0.
+# AddressSanitizer + UndefinedBehaviorSanitizer, and the threaded tests (IO engines, loader,
+# shard server) under ThreadSanitizer; then installs the Python package into .venv with
+# `pip install .` and runs the pytest suite against it with torch 2.13.0.
 #
 #   ./scripts/test.sh            # both passes
 #   SLUICE_SKIP_SANITIZERS=1 ./scripts/test.sh   # the plain pass only
@@ -31,10 +31,12 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== tsan: configure and build the threaded tests (build-tsan)"
   cmake -S . -B build-tsan -G Ninja -DSLUICE_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DSLUICE_SANITIZE=thread -DSLUICE_BUILD_BENCHMARKS=OFF -DSLUICE_BUILD_PYTHON=OFF >/dev/null
-  cmake --build build-tsan -j "$jobs" --target io_test pipeline_test
+  cmake --build build-tsan -j "$jobs" --target io_test pipeline_test net_test sluice_cli
   echo "== tsan: tests"
-  (cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" --output-on-failure \
-     --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest)')
+  # UCX's memory hooks (ucm) patch mmap/malloc in ways ThreadSanitizer's runtime cannot take;
+  # sluice does not need them (it registers no memory through UCX's cache yet).
+  (cd build-tsan && UCX_MEM_EVENTS=no TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" \
+     --output-on-failure --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest|ServerTest)')
 fi
 echo "== python: pip install . into .venv, then pytest"
 ./scripts/python-env.sh

@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -229,6 +230,43 @@ TEST_F(ServerTest, AServerProcessKilledMidReadFailsTheClientInTime) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
   // The client stays failed, and says why.
   EXPECT_NE(message_of([&] { c->read(requests); }).find("unusable"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sluice
+
+namespace sluice {
+namespace {
+
+// Run by tests/net/netns_test.sh against a server it started elsewhere (another network
+// namespace); skipped when SLUICE_TEST_PEER is not set.
+TEST(ExternalServer, EveryByteEqualsTheLocalRead) {
+  const char* peer = std::getenv("SLUICE_TEST_PEER");
+  const char* dir = std::getenv("SLUICE_TEST_DATASET");
+  if (!peer || !dir) GTEST_SKIP() << "SLUICE_TEST_PEER / SLUICE_TEST_DATASET not set";
+  const char* token = std::getenv("SLUICE_TOKEN");
+  auto dataset = Dataset::open(dir);
+  auto c = PeerClient::connect(peer, {token ? token : "", 5000});
+  const uint64_t n = dataset->num_samples();
+  std::vector<ReadRequest> requests;
+  std::vector<Buffer> buffers((n + 15) / 16);
+  for (uint64_t first = 0, k = 0; first < n; first += 16, ++k) {
+    ReadRequest r;
+    for (uint64_t i = first; i < std::min(n, first + 16); ++i) r.indices.push_back(n - 1 - i);
+    r.destination = [&buffers, k](size_t bytes) { return buffers[k](bytes); };
+    requests.push_back(std::move(r));
+  }
+  c->read(requests);
+  for (size_t k = 0; k < requests.size(); ++k) {
+    uint64_t at = 0;
+    for (size_t i = 0; i < requests[k].indices.size(); ++i) {
+      auto want = dataset->read_record(requests[k].indices[i]);
+      ASSERT_EQ(requests[k].records[i].size, want.size());
+      ASSERT_EQ(0, std::memcmp(buffers[k].data() + at, want.data(), want.size()))
+          << "sample " << requests[k].indices[i];
+      at += want.size();
+    }
+  }
 }
 
 }  // namespace
