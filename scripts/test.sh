@@ -36,7 +36,7 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   # UCX's memory hooks (ucm) patch mmap/malloc in ways ThreadSanitizer's runtime cannot take;
   # sluice does not need them (it registers no memory through UCX's cache yet).
   (cd build-tsan && UCX_MEM_EVENTS=no TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" \
-     --output-on-failure --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest|ServerTest)')
+     --output-on-failure --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|ServerTest)')
 fi
 echo "== python: pip install . into .venv, then pytest"
 ./scripts/python-env.sh

@@ -3,10 +3,14 @@
 #include <sluice/sluice.h>
 
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -58,6 +62,21 @@ inline std::vector<std::vector<std::byte>> write_dataset(const std::filesystem::
   }
   writer->finish();
   return data;
+}
+
+/// "127.0.0.1:PORT" for a port that was free a moment ago (bound, then closed), and nobody
+/// listens on.
+inline std::string free_loopback_address() {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    throw std::runtime_error("free_loopback_address: bind failed");
+  ::close(s);
+  return "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
 }
 
 }  // namespace sluice::testing

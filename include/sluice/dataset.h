@@ -64,6 +64,13 @@ struct ShardInfo {
   uint64_t first_sample = 0;   // global index of the shard's first sample
   uint64_t num_samples = 0;
   uint64_t file_bytes = 0;
+  bool local = true;  // false: the file is not on this node (OpenOptions::allow_absent_shards)
+};
+
+struct DatasetOpenOptions {
+  // Shard files missing from the directory are left to remote peers instead of being an error;
+  // their samples have no extent here. The manifest must be present.
+  bool allow_absent_shards = false;
 };
 
 struct WriterOptions {
@@ -102,7 +109,8 @@ struct SampleFields {
 /// every const method is thread-safe. Throws sluice::Error (kNotFound, kCorruption, kIo).
 class SLUICE_EXPORT Dataset {
  public:
-  static std::shared_ptr<Dataset> open(const std::filesystem::path& dir);
+  static std::shared_ptr<Dataset> open(const std::filesystem::path& dir,
+                                       const DatasetOpenOptions& options = {});
   ~Dataset();
   Dataset(const Dataset&) = delete;
   Dataset& operator=(const Dataset&) = delete;
@@ -117,12 +125,15 @@ class SLUICE_EXPORT Dataset {
   const std::vector<ShardInfo>& shards() const;
   /// Sample counts per shard, in shard order (what the sampler's `shard` mode groups by).
   std::vector<uint64_t> shard_sizes() const;
-  /// File descriptor of shard `shard`, opened read-only; owned by the Dataset.
+  /// File descriptor of shard `shard`, opened read-only; owned by the Dataset (-1 when absent).
   int shard_fd(uint32_t shard) const;
 
-  /// Where sample `index` lies. Throws kInvalidArgument when index >= num_samples() and
-  /// kCorruption when its index entry points outside the shard's data region.
+  /// Where sample `index` lies. Throws kInvalidArgument when index >= num_samples(),
+  /// kNotFound when its shard is not on this node, and kCorruption when its index entry points
+  /// outside the shard's data region.
   SampleExtent extent(uint64_t index) const;
+  /// The shard that holds sample `index` (no I/O, also for absent shards).
+  uint32_t shard_of(uint64_t index) const;
   /// Reads the record of sample `index` with pread and checks its checksum.
   std::vector<std::byte> read_record(uint64_t index) const;
   /// The same into `dest` (at least extent(index).size bytes); returns the record's size.

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace sluice {
 
@@ -38,9 +39,22 @@ struct DeviceOptions {
   int index = 0;  // the N of cuda:N
 };
 
+/// A shard server and the shards it serves (config `distributed.peers`).
+struct PeerOptions {
+  std::string address;           // HOST:PORT of `sluice serve` or of another loader's server
+  std::vector<uint32_t> shards;  // shard numbers (manifest order) it serves
+  bool operator==(const PeerOptions&) const = default;
+};
+
 struct DistributedOptions {
   std::optional<uint32_t> rank;        // nullopt: read RANK from the environment (default 0)
   std::optional<uint32_t> world_size;  // nullopt: read WORLD_SIZE from the environment (default 1)
+  // Where the shards missing from this node are read from. A shard listed by several peers has
+  // replicas, tried in this order when a peer fails.
+  std::vector<PeerOptions> peers;
+  std::string listen;               // HOST:PORT: also serve this node's shards to other loaders
+  std::string token;                // shared token of the cluster; "" reads $SLUICE_TOKEN
+  uint32_t peer_timeout_ms = 5000;  // connecting to a peer, and each batch's remote reads
 };
 
 /// Everything a Loader needs, as in the YAML config (CONTRACT.md). Plain values with defaults;

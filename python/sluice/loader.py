@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Union
@@ -21,6 +22,8 @@ def _scalar(value: Any) -> str:
         return "null"
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value)  # JSON is YAML: distributed.peers=[{"address": ..., "shards": [...]}]
     return str(value)
 
 

@@ -99,6 +99,56 @@ DeviceOptions parse_device(const Context& ctx, const YAML::Node& node, std::stri
                fmt::format("unknown value \"{}\" (expected cpu, pinned, cuda:N)", s));
 }
 
+// distributed.peers: a list of {address: HOST:PORT, shards: [0, 1, "4-7", ...]}.
+std::vector<PeerOptions> parse_peers(const Context& ctx, const YAML::Node& node) {
+  const std::string key = "distributed.peers";
+  if (!node.IsSequence())
+    config_error(ctx, node, key, fmt::format("expected a list of peers, got {}", shown(node)));
+  std::vector<PeerOptions> peers;
+  for (size_t i = 0; i < node.size(); ++i) {
+    const YAML::Node& p = node[i];
+    std::string at = fmt::format("{}[{}]", key, i);
+    if (!p.IsMap())
+      config_error(ctx, p, at,
+                   fmt::format("expected {{address: HOST:PORT, shards: [...]}}, got {}", shown(p)));
+    PeerOptions peer;
+    for (const auto& kv : p) {
+      std::string name = kv.first.IsScalar() ? kv.first.Scalar() : "?";
+      if (name == "address") {
+        peer.address = scalar(ctx, kv.second, at + ".address", "HOST:PORT");
+      } else if (name == "shards") {
+        const YAML::Node& list = kv.second;
+        if (!list.IsSequence())
+          config_error(
+              ctx, list, at + ".shards",
+              fmt::format("expected a list of shard numbers or ranges, got {}", shown(list)));
+        for (const auto& item : list) {
+          std::string s = scalar(ctx, item, at + ".shards", "a shard number or a range A-B");
+          uint64_t lo = 0, hi = 0;
+          size_t dash = s.find('-');
+          auto num = [&](std::string_view t, uint64_t& v) {
+            auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+            return ec == std::errc() && end == t.data() + t.size() && !t.empty();
+          };
+          bool ok = dash == std::string::npos
+                        ? num(s, lo) && (hi = lo, true)
+                        : num(std::string_view(s).substr(0, dash), lo) &&
+                              num(std::string_view(s).substr(dash + 1), hi) && lo <= hi;
+          if (!ok || hi > UINT32_MAX || hi - lo > (1u << 20))
+            config_error(ctx, item, at + ".shards",
+                         fmt::format("expected a shard number or a range A-B, got \"{}\"", s));
+          for (uint64_t k = lo; k <= hi; ++k) peer.shards.push_back(static_cast<uint32_t>(k));
+        }
+      } else {
+        config_error(ctx, kv.first, at + "." + name, "unknown key (expected address, shards)");
+      }
+    }
+    if (peer.address.empty()) config_error(ctx, p, at + ".address", "missing");
+    peers.push_back(std::move(peer));
+  }
+  return peers;
+}
+
 using Setter = std::function<void(LoaderOptions&, const YAML::Node&, const Context&)>;
 
 const std::vector<std::pair<std::string_view, Setter>>& setters() {
@@ -183,6 +233,21 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
                        const Context& c) { o.io.verify = parse_bool(c, n, "io.verify"); }},
       {"device", [](LoaderOptions& o, const YAML::Node& n,
                     const Context& c) { o.device = parse_device(c, n, "device"); }},
+      {"distributed.peers", [](LoaderOptions& o, const YAML::Node& n,
+                               const Context& c) { o.distributed.peers = parse_peers(c, n); }},
+      {"distributed.listen",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.listen = scalar(c, n, "distributed.listen", "HOST:PORT");
+       }},
+      {"distributed.token",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.token = scalar(c, n, "distributed.token", "a string");
+       }},
+      {"distributed.peer_timeout_ms",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.peer_timeout_ms =
+             static_cast<uint32_t>(parse_uint(c, n, "distributed.peer_timeout_ms", 1, 3600000));
+       }},
       {"distributed.rank",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.distributed.rank = parse_rank(c, n, "distributed.rank", 0);
@@ -370,9 +435,21 @@ std::string LoaderOptions::to_yaml() const {
       << io.threads << YAML::Key << "timeout_ms" << YAML::Value << io.timeout_ms << YAML::Key
       << "verify" << YAML::Value << io.verify << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << dev;
-  out << YAML::Key << "distributed" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
-      << "rank" << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value
-      << opt(distributed.world_size) << YAML::EndMap;
+  out << YAML::Key << "distributed" << YAML::Value << YAML::BeginMap << YAML::Key << "rank"
+      << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value
+      << opt(distributed.world_size);
+  if (!distributed.peers.empty()) {
+    out << YAML::Key << "peers" << YAML::Value << YAML::BeginSeq;
+    for (const auto& p : distributed.peers)
+      out << YAML::Flow << YAML::BeginMap << YAML::Key << "address" << YAML::Value << p.address
+          << YAML::Key << "shards" << YAML::Value << YAML::Flow << p.shards << YAML::EndMap;
+    out << YAML::EndSeq;
+  }
+  if (!distributed.listen.empty())
+    out << YAML::Key << "listen" << YAML::Value << distributed.listen;
+  // The token is a secret: never echoed.
+  out << YAML::Key << "peer_timeout_ms" << YAML::Value << distributed.peer_timeout_ms
+      << YAML::EndMap;
   out << YAML::EndMap;
   return out.c_str();
 }

@@ -49,7 +49,7 @@ struct Dataset::Impl {
 
   const std::string& shard_label(uint32_t shard) const { return manifest.shards[shard].name; }
 
-  void open_shard(uint32_t id) {
+  void open_shard(uint32_t id, bool allow_absent) {
     const auto& entry = manifest.shards[id];
     fs::path path = dir / entry.name;
     std::string source = path.string();
@@ -57,6 +57,11 @@ struct Dataset::Impl {
     try {
       s.fd = detail::open_file(path, O_RDONLY);
     } catch (const Error& e) {
+      if (e.code() == ErrorCode::kNotFound && allow_absent) {
+        infos[id].local = false;
+        shards.push_back(std::move(s));
+        return;
+      }
       if (e.code() == ErrorCode::kNotFound)
         throw Error(ErrorCode::kNotFound,
                     fmt::format("{}: shard {} is missing (listed in the manifest)", source, id),
@@ -105,7 +110,7 @@ struct Dataset::Impl {
 Dataset::Dataset(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Dataset::~Dataset() = default;
 
-std::shared_ptr<Dataset> Dataset::open(const fs::path& dir) {
+std::shared_ptr<Dataset> Dataset::open(const fs::path& dir, const DatasetOpenOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->dir = fs::absolute(dir);
   std::error_code ec;
@@ -138,12 +143,13 @@ std::shared_ptr<Dataset> Dataset::open(const fs::path& dir) {
   impl->layout = format::RecordLayout(impl->manifest.fields);
   uint64_t first = 0;
   for (const auto& s : impl->manifest.shards) {
-    impl->infos.push_back({impl->dir / s.name, first, s.num_samples, s.file_bytes});
+    impl->infos.push_back({impl->dir / s.name, first, s.num_samples, s.file_bytes, true});
     impl->first_samples.push_back(first);
     first += s.num_samples;
   }
   impl->shards.reserve(impl->manifest.shards.size());
-  for (uint32_t i = 0; i < impl->manifest.shards.size(); ++i) impl->open_shard(i);
+  for (uint32_t i = 0; i < impl->manifest.shards.size(); ++i)
+    impl->open_shard(i, options.allow_absent_shards);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
@@ -167,13 +173,23 @@ int Dataset::shard_fd(uint32_t shard) const {
   return impl_->shards[shard].fd.get();
 }
 
-SampleExtent Dataset::extent(uint64_t index) const {
+uint32_t Dataset::shard_of(uint64_t index) const {
   if (index >= num_samples())
     fail(ErrorCode::kInvalidArgument, "{}: sample {} out of range (dataset has {})",
          impl_->dir.string(), index, num_samples());
   const auto& firsts = impl_->first_samples;
-  auto shard = static_cast<uint32_t>(std::upper_bound(firsts.begin(), firsts.end(), index) -
-                                     firsts.begin() - 1);
+  return static_cast<uint32_t>(std::upper_bound(firsts.begin(), firsts.end(), index) -
+                               firsts.begin() - 1);
+}
+
+SampleExtent Dataset::extent(uint64_t index) const {
+  const uint32_t shard = shard_of(index);
+  const auto& firsts = impl_->first_samples;
+  if (!impl_->infos[shard].local)
+    throw Error(ErrorCode::kNotFound,
+                fmt::format("{}: sample {}: shard {} is not on this node",
+                            impl_->infos[shard].path.string(), index, shard),
+                ENOENT);
   const Shard& s = impl_->shards[shard];
   const format::IndexEntry& e = s.index[index - firsts[shard]];
   if (e.offset < s.header.data_offset || e.offset > s.header.data_end ||

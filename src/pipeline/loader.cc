@@ -7,11 +7,13 @@
 // s < delivered + prefetch, which bounds memory and read-ahead.
 
 #include <sluice/loader.h>
+#include <sluice/server.h>
 
 #include "common/errors.h"
 #include "common/file.h"
 #include "format/layout.h"
 #include "io/engine.h"
+#include "net/client.h"
 #include "pipeline/buffer_pool.h"
 
 #include <fcntl.h>
@@ -26,6 +28,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 
 namespace sluice {
 
@@ -109,6 +112,11 @@ struct WorkerScratch {
   std::vector<size_t> sample_op;                        // op of each sample
   std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
   std::vector<std::span<const std::byte>> parts;        // one record's fields
+  // Remote samples (shards not on this node): their records, and this thread's connections.
+  std::vector<uint8_t> remote;                            // per sample: read from a peer
+  std::vector<std::span<const std::byte>> remote_record;  // per sample, when remote
+  std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
+  std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
 };
 
 class LoaderImpl final : public Loader {
@@ -124,7 +132,15 @@ class LoaderImpl final : public Loader {
         pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads,
                                            options.max_batches_held)) {
     open_files();
+    plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
+    if (!options.distributed.listen.empty()) {
+      ServerOptions so;
+      so.listen = options.distributed.listen;
+      so.token = token_;
+      server_ = ShardServer::start(dataset_, so);
+      log_line(fmt::format("serving this node's shards on {}", server_->address()));
+    }
   }
 
   ~LoaderImpl() override {
@@ -223,9 +239,9 @@ class LoaderImpl final : public Loader {
   }
 
   std::string stalled_message(uint64_t step) const {
-    std::string where = fmt::format("{}: no batch after {} ms (epoch {}, batch {})",
-                                    dataset_->path().string(), options_.io.timeout_ms,
-                                    plan_.state_after(0).epoch, step);
+    std::string where =
+        fmt::format("{}: no batch after {} ms (epoch {}, batch {})", dataset_->path().string(),
+                    options_.io.timeout_ms, plan_.state_after(0).epoch, step);
     if (pool_->exhausted_by_consumer())
       return fmt::format(
           "{}: the consumer holds {} batches (max_batches_held: {}); drop some so their buffers "
@@ -241,7 +257,33 @@ class LoaderImpl final : public Loader {
            to_string(o.dataset.format));
     if (o.device.kind != DeviceKind::kCpu)
       fail(ErrorCode::kUnsupported, "device: only cpu is supported by this build");
-    return Dataset::open(o.dataset.path);
+    DatasetOpenOptions open;
+    open.allow_absent_shards = !o.distributed.peers.empty();
+    return Dataset::open(o.dataset.path, open);
+  }
+
+  // Which peers serve each shard that is not on this node (replicas in config order); every
+  // absent shard needs one.
+  void plan_peers() {
+    const auto& d = options_.distributed;
+    const char* env = std::getenv("SLUICE_TOKEN");
+    token_ = !d.token.empty() ? d.token : env ? env : "";
+    const auto& shards = dataset_->shards();
+    shard_peers_.assign(shards.size(), {});
+    for (size_t p = 0; p < d.peers.size(); ++p)
+      for (uint32_t shard : d.peers[p].shards) {
+        if (shard >= shards.size())
+          fail(ErrorCode::kConfig,
+               "distributed.peers[{}] ({}): shard {}: the dataset has {} shards", p,
+               d.peers[p].address, shard, shards.size());
+        shard_peers_[shard].push_back(p);
+      }
+    for (uint32_t k = 0; k < shards.size(); ++k)
+      if (!shards[k].local && shard_peers_[k].empty())
+        fail(ErrorCode::kConfig,
+             "{}: shard {} is not on this node and no peer in distributed.peers serves it",
+             shards[k].path.string(), k);
+    peer_failure_.assign(d.peers.size(), {});
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
@@ -251,12 +293,19 @@ class LoaderImpl final : public Loader {
     std::string why;
     if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
       try {
-        for (const auto& s : shards)
-          direct_fds_.push_back(detail::open_file(s.path, O_RDONLY | O_DIRECT));
-        AlignedBuffer probe;
-        probe.reserve(dataset_->alignment());
-        ssize_t n = ::pread(direct_fds_[0].get(), probe.data(), dataset_->alignment(), 0);
-        if (n < 0) detail::fail_errno(errno, "O_DIRECT read of " + shards[0].path.string());
+        const ShardInfo* probe_shard = nullptr;
+        for (const auto& s : shards) {
+          direct_fds_.push_back(s.local ? detail::open_file(s.path, O_RDONLY | O_DIRECT)
+                                        : detail::UniqueFd{});
+          if (s.local && !probe_shard) probe_shard = &s;
+        }
+        if (probe_shard) {
+          AlignedBuffer probe;
+          probe.reserve(dataset_->alignment());
+          int fd = direct_fds_[static_cast<size_t>(probe_shard - shards.data())].get();
+          ssize_t n = ::pread(fd, probe.data(), dataset_->alignment(), 0);
+          if (n < 0) detail::fail_errno(errno, "O_DIRECT read of " + probe_shard->path.string());
+        }
         direct_ = true;
       } catch (const Error& e) {
         direct_fds_.clear();
@@ -269,8 +318,9 @@ class LoaderImpl final : public Loader {
       fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
+    bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
     direct_to_batch_ =
-        fields.size() == 1 && fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
+        all_local && fields.size() == 1 && fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
         fields[0].fixed_bytes() % io_alignment_ == 0 && fields[0].fixed_bytes() <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
@@ -383,13 +433,23 @@ class LoaderImpl final : public Loader {
     const size_t n = s.refs.size();
     const uint64_t align = io_alignment_;
     s.extents.resize(n);
-    s.order.resize(n);
+    s.order.clear();
+    s.remote.assign(n, 0);
+    bool any_remote = false;
     for (size_t i = 0; i < n; ++i) {
-      s.extents[i] = dataset_->extent(s.refs[i].index);
-      s.order[i] = static_cast<uint32_t>(i);
+      uint64_t index = s.refs[i].index;
+      if (!options_.distributed.peers.empty() &&
+          !dataset_->shards()[dataset_->shard_of(index)].local) {
+        s.remote[i] = 1;
+        any_remote = true;
+        continue;
+      }
+      s.extents[i] = dataset_->extent(index);
+      s.order.push_back(static_cast<uint32_t>(i));
     }
     finish_metadata(step, s, out);
     if (direct_to_batch_) return read_into_batch(engine, s, out);
+    if (any_remote) read_remote(s);
     std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
       const auto &x = s.extents[a], &y = s.extents[b];
       return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
@@ -428,22 +488,29 @@ class LoaderImpl final : public Loader {
 
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
-    if (failure.error != 0) read_error(s, failure);
+    if (!s.ops.empty()) {
+      io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
+      if (failure.error != 0) read_error(s, failure);
+    }
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
     s.field_spans.resize(n * nf);
     auto& parts = s.parts;
     for (size_t i = 0; i < n; ++i) {
-      const SampleExtent& x = s.extents[i];
-      const io::ReadOp& op = s.ops[s.sample_op[i]];
-      std::span<const std::byte> record(op.dest + (x.offset - op.offset), x.size);
       uint64_t index = s.refs[i].index;
-      if (options_.io.verify) check_record(x, index, record.data());
+      std::span<const std::byte> record;
+      if (s.remote[i]) {
+        record = s.remote_record[i];  // checked against its checksum by the client
+      } else {
+        const SampleExtent& x = s.extents[i];
+        const io::ReadOp& op = s.ops[s.sample_op[i]];
+        record = {op.dest + (x.offset - op.offset), x.size};
+        if (options_.io.verify) check_record(x, index, record.data());
+      }
       if (auto why = layout_.split(record, parts); !why.empty())
-        fail(ErrorCode::kCorruption, "{}: sample {}: {}", dataset_->shards()[x.shard].path.string(),
-             index, why);
+        fail(ErrorCode::kCorruption, "{}: sample {}: {}",
+             dataset_->shards()[dataset_->shard_of(index)].path.string(), index, why);
       std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
     }
     out.field_offset.resize(nf);
@@ -472,6 +539,99 @@ class LoaderImpl final : public Loader {
         if (variable) offsets.push_back(offsets.back() + src.size());
       }
     }
+  }
+
+  // Reads this batch's remote samples from the peers that serve their shards: every peer's
+  // requests in flight at once; a peer that fails is marked dead for the whole loader and its
+  // samples go to the next replica. Throws naming the shard and every peer tried when no
+  // replica is left.
+  void read_remote(WorkerScratch& s) {
+    const size_t n = s.refs.size();
+    s.remote_record.assign(n, {});
+    std::vector<size_t> todo;
+    for (size_t i = 0; i < n; ++i)
+      if (s.remote[i]) todo.push_back(i);
+    while (!todo.empty()) {
+      // Each sample to the first live peer of its shard.
+      std::map<size_t, std::vector<size_t>> by_peer;
+      for (size_t i : todo) {
+        uint32_t shard = dataset_->shard_of(s.refs[i].index);
+        size_t chosen = SIZE_MAX;
+        for (size_t p : shard_peers_[shard])
+          if (!peer_dead(p)) {
+            chosen = p;
+            break;
+          }
+        if (chosen == SIZE_MAX) no_peer_left(shard, s.refs[i].index);
+        by_peer[chosen].push_back(i);
+      }
+      todo.clear();
+      for (auto& [peer, samples] : by_peer)
+        if (!read_from_peer(s, peer, samples))
+          todo.insert(todo.end(), samples.begin(), samples.end());
+    }
+  }
+
+  // False when the peer failed (it is then marked dead); throws for what a replica would not
+  // fix (the server refused the request, or the bytes were damaged).
+  bool read_from_peer(WorkerScratch& s, size_t peer, const std::vector<size_t>& samples) {
+    constexpr size_t kPerRequest = 1024;
+    const PeerOptions& p = options_.distributed.peers[peer];
+    try {
+      auto& client = s.clients[peer];
+      if (!client)
+        client =
+            net::PeerClient::connect(p.address, {token_, options_.distributed.peer_timeout_ms});
+      size_t count = (samples.size() + kPerRequest - 1) / kPerRequest;
+      if (s.reply_buffers.size() < count) s.reply_buffers.resize(count);
+      std::vector<net::ReadRequest> requests(count);
+      for (size_t k = 0; k < count; ++k) {
+        for (size_t j = k * kPerRequest; j < std::min(samples.size(), (k + 1) * kPerRequest); ++j)
+          requests[k].indices.push_back(s.refs[samples[j]].index);
+        requests[k].destination = [&s, k](size_t bytes) {
+          s.reply_buffers[k].resize((bytes + 7) / 8);
+          return std::span<std::byte>(reinterpret_cast<std::byte*>(s.reply_buffers[k].data()),
+                                      bytes);
+        };
+      }
+      client->read(requests);
+      for (size_t k = 0; k < count; ++k) {
+        const std::byte* at = reinterpret_cast<const std::byte*>(s.reply_buffers[k].data());
+        for (size_t j = 0; j < requests[k].records.size(); ++j) {
+          s.remote_record[samples[k * kPerRequest + j]] = {at, requests[k].records[j].size};
+          at += requests[k].records[j].size;
+        }
+      }
+      return true;
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kIo) throw;
+      s.clients.erase(peer);
+      mark_peer_dead(peer, e.what());
+      return false;
+    }
+  }
+
+  bool peer_dead(size_t peer) const {
+    std::lock_guard lock(peer_mu_);
+    return !peer_failure_[peer].empty();
+  }
+
+  void mark_peer_dead(size_t peer, const std::string& why) {
+    std::lock_guard lock(peer_mu_);
+    if (peer_failure_[peer].empty()) {
+      peer_failure_[peer] = why;
+      log_line(fmt::format("{}; its shards go to their replicas", why));
+    }
+  }
+
+  [[noreturn]] void no_peer_left(uint32_t shard, uint64_t index) const {
+    std::string tried;
+    {
+      std::lock_guard lock(peer_mu_);
+      for (size_t p : shard_peers_[shard]) tried += (tried.empty() ? "" : "; ") + peer_failure_[p];
+    }
+    fail(ErrorCode::kIo, "{}: sample {} (shard {}): no peer left that serves it: {}",
+         dataset_->shards()[shard].path.string(), index, shard, tried);
   }
 
   void finish_metadata(uint64_t step, const WorkerScratch& s, BatchStorage& out) {
@@ -544,6 +704,11 @@ class LoaderImpl final : public Loader {
   uint64_t io_alignment_ = 1;
   bool direct_to_batch_ = false;  // see read_into_batch
   std::shared_ptr<BufferPool> pool_;
+  std::string token_;                             // the cluster's shared token
+  std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order
+  mutable std::mutex peer_mu_;
+  std::vector<std::string> peer_failure_;  // per peer: why it is dead ("" = alive)
+  std::unique_ptr<ShardServer> server_;    // distributed.listen: this node's shards for others
 
   // Consumer-side state (the consumer thread only).
   RankPlan plan_;

@@ -164,3 +164,54 @@ TEST(Config, RankAndWorldSizeFromTheEnvironment) {
 
 }  // namespace
 }  // namespace sluice
+
+namespace sluice {
+namespace {
+
+TEST(Config, PeersWithShardListsAndRanges) {
+  auto o = LoaderOptions::from_yaml_string(R"(
+dataset: {path: /data/d}
+distributed:
+  peers:
+    - {address: "10.0.0.2:7070", shards: [0, 2, 5-7]}
+    - {address: "[fe80::1]:7070", shards: ["3-4"]}
+  listen: 0.0.0.0:7070
+  token: s3cret
+  peer_timeout_ms: 1500
+)",
+                                           "t.yaml");
+  ASSERT_EQ(o.distributed.peers.size(), 2u);
+  EXPECT_EQ(o.distributed.peers[0].address, "10.0.0.2:7070");
+  EXPECT_EQ(o.distributed.peers[0].shards, (std::vector<uint32_t>{0, 2, 5, 6, 7}));
+  EXPECT_EQ(o.distributed.peers[1].shards, (std::vector<uint32_t>{3, 4}));
+  EXPECT_EQ(o.distributed.listen, "0.0.0.0:7070");
+  EXPECT_EQ(o.distributed.peer_timeout_ms, 1500u);
+  // The YAML dump round-trips the peers and never shows the token.
+  std::string yaml = o.to_yaml();
+  EXPECT_EQ(yaml.find("s3cret"), std::string::npos) << yaml;
+  auto again = LoaderOptions::from_yaml_string(yaml, "dump");
+  EXPECT_EQ(again.distributed.peers, o.distributed.peers);
+}
+
+TEST(Config, BadPeersNameTheEntry) {
+  auto message = [](const std::string& text) {
+    try {
+      LoaderOptions::from_yaml_string(text, "p.yaml");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_EQ(message("distributed: {peers: 3}"),
+            "p.yaml:1: distributed.peers: expected a list of peers, got \"3\"");
+  EXPECT_EQ(message("distributed:\n  peers:\n    - {shards: [1]}\n"),
+            "p.yaml:3: distributed.peers[0].address: missing");
+  EXPECT_EQ(message("distributed:\n  peers:\n    - {address: a:1, shards: [7-3]}\n"),
+            "p.yaml:3: distributed.peers[0].shards: expected a shard number or a range A-B, got "
+            "\"7-3\"");
+  EXPECT_EQ(message("distributed:\n  peers:\n    - {address: a:1, shard: [1]}\n"),
+            "p.yaml:3: distributed.peers[0].shard: unknown key (expected address, shards)");
+}
+
+}  // namespace
+}  // namespace sluice

@@ -160,15 +160,7 @@ TEST_F(ServerTest, MalformedRequestsGetErrorRepliesAndTheServerSurvives) {
 }
 
 TEST_F(ServerTest, NobodyListeningFailsToConnectNamingThePeer) {
-  int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  ::close(s);  // a free port that nobody listens on
-  std::string address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  std::string address = testing::free_loopback_address();
   auto t0 = std::chrono::steady_clock::now();
   std::string m = message_of([&] { PeerClient::connect(address, {"secret", 2000}); });
   EXPECT_NE(m.find("peer " + address), std::string::npos) << m;

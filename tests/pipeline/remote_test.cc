@@ -1,0 +1,174 @@
+// The Loader with shards on other nodes: some shard files here, the rest read from shard
+// servers over UCX (loopback), replicas, a peer that dies mid-epoch, and a loader that serves
+// its own shards to another.
+
+#include <sluice/loader.h>
+#include <sluice/server.h>
+
+#include "test_util.h"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <set>
+
+namespace sluice {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr uint64_t kSamples = 600;
+
+class RemoteLoaderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    written_ = testing::write_dataset(full(), kSamples, 20000, 256 << 10);
+    auto ds = Dataset::open(full());
+    num_shards_ = ds->shards().size();
+    ASSERT_GE(num_shards_, 4u);
+    // This node has the manifest and the even shards; the odd ones are elsewhere.
+    fs::create_directories(partial());
+    fs::copy_file(full() / "manifest.sluice", partial() / "manifest.sluice");
+    for (size_t k = 0; k < num_shards_; k += 2)
+      fs::copy_file(ds->shards()[k].path, partial() / ds->shards()[k].path.filename());
+    for (size_t k = 1; k < num_shards_; k += 2) odd_.push_back(static_cast<uint32_t>(k));
+    ServerOptions so;
+    so.token = "t0ken";
+    for (int i = 0; i < 2; ++i) servers_.push_back(ShardServer::start(ds, so));
+  }
+
+  fs::path full() const { return tmp_ / "full"; }
+  fs::path partial() const { return tmp_ / "partial"; }
+
+  LoaderOptions options(std::vector<size_t> server_numbers) const {
+    LoaderOptions o;
+    o.dataset.path = partial();
+    o.batch_size = 20;
+    o.drop_last = false;
+    o.seed = 3;
+    o.io.threads = 2;
+    o.io.timeout_ms = 5000;
+    o.distributed.rank = 0;
+    o.distributed.world_size = 1;
+    o.distributed.token = "t0ken";
+    o.distributed.peer_timeout_ms = 2000;
+    for (size_t s : server_numbers) o.distributed.peers.push_back({servers_[s]->address(), odd_});
+    return o;
+  }
+
+  // One epoch; checks every sample's bytes; returns the real indices delivered.
+  std::vector<uint64_t> epoch(Loader& loader, const std::function<void(size_t)>& after = {}) {
+    std::vector<uint64_t> seen;
+    size_t batches = 0;
+    while (auto b = loader.next()) {
+      FieldView data = b->field("data");
+      for (size_t i = 0; i < b->size(); ++i) {
+        uint64_t index = b->indices()[i];
+        auto bytes = data.sample(i);
+        EXPECT_EQ(bytes.size(), written_[index].size()) << "sample " << index;
+        EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), written_[index].begin())) << index;
+        if (!b->padding()[i]) seen.push_back(index);
+      }
+      if (after) after(++batches);
+    }
+    return seen;
+  }
+
+  static void expect_exactly_once(std::vector<uint64_t> seen) {
+    std::sort(seen.begin(), seen.end());
+    ASSERT_EQ(seen.size(), kSamples);
+    for (uint64_t i = 0; i < kSamples; ++i) ASSERT_EQ(seen[i], i);
+  }
+
+  testing::TempDir tmp_;
+  std::vector<std::vector<std::byte>> written_;
+  size_t num_shards_ = 0;
+  std::vector<uint32_t> odd_;
+  std::vector<std::unique_ptr<ShardServer>> servers_;
+};
+
+TEST_F(RemoteLoaderTest, LocalAndRemoteSamplesMakeOneEpochExactlyOnce) {
+  auto loader = Loader::open(options({0}));
+  expect_exactly_once(epoch(*loader));
+  expect_exactly_once(epoch(*loader));  // and the next epoch, on the same connections
+  EXPECT_GT(servers_[0]->stats().requests, 0u);
+}
+
+TEST_F(RemoteLoaderTest, APeerThatDiesMidEpochFailsOverToItsReplica) {
+  auto loader = Loader::open(options({0, 1}));
+  auto seen = epoch(*loader, [&](size_t batches) {
+    if (batches == 5) servers_[0].reset();  // the first replica goes away
+  });
+  expect_exactly_once(seen);
+  EXPECT_GT(servers_[1]->stats().requests, 0u);
+}
+
+TEST_F(RemoteLoaderTest, WithoutAReplicaTheEpochFailsNamingThePeer) {
+  auto loader = Loader::open(options({0}));
+  std::string address = servers_[0]->address();
+  std::string message;
+  auto t0 = std::chrono::steady_clock::now();
+  try {
+    epoch(*loader, [&](size_t batches) {
+      if (batches == 3) servers_[0].reset();
+    });
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("peer " + address), std::string::npos) << message;
+  EXPECT_NE(message.find("no peer left"), std::string::npos) << message;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(20));
+}
+
+TEST_F(RemoteLoaderTest, AShardThatNobodyServesIsAConfigError) {
+  LoaderOptions o = options({0});
+  o.distributed.peers[0].shards = {1};  // shard 3 is neither here nor anywhere
+  try {
+    Loader::open(o);
+    FAIL() << "opened";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kConfig);
+    EXPECT_NE(std::string(e.what()).find("shard 3 is not on this node"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(RemoteLoaderTest, AWrongTokenFailsNamingThePeer) {
+  LoaderOptions o = options({0});
+  o.distributed.token = "wrong";
+  auto loader = Loader::open(o);
+  try {
+    epoch(*loader);
+    FAIL() << "read with a wrong token";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unauthorized"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(RemoteLoaderTest, ALoaderServesItsOwnShardsToAnother) {
+  // Node A holds the odd shards and serves them from inside its loader; node B (the even
+  // shards) reads them from A.
+  fs::path a = tmp_ / "a";
+  fs::create_directories(a);
+  fs::copy_file(full() / "manifest.sluice", a / "manifest.sluice");
+  for (uint32_t k : odd_) {
+    auto name = fmt::format("shard-{:05}.sluice", k);
+    fs::copy_file(full() / name, a / name);
+  }
+  std::string listen = testing::free_loopback_address();
+
+  LoaderOptions oa = options({});
+  oa.dataset.path = a;
+  oa.distributed.listen = listen;
+  std::vector<uint32_t> even;
+  for (uint32_t k = 0; k < num_shards_; k += 2) even.push_back(k);
+  oa.distributed.peers = {{"127.0.0.1:1", even}};  // A never reads (it only serves here)
+  auto loader_a = Loader::open(oa);
+
+  LoaderOptions ob = options({});
+  ob.distributed.peers = {{listen, odd_}};
+  auto loader_b = Loader::open(ob);
+  expect_exactly_once(epoch(*loader_b));
+}
+
+}  // namespace
+}  // namespace sluice
