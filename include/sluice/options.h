@@ -89,6 +89,10 @@ struct SLUICE_EXPORT LoaderOptions {
   /// those variables are malformed or rank >= world_size.
   uint32_t resolved_rank() const;
   uint32_t resolved_world_size() const;
+  /// distributed.peers, or when it is empty the peers in $SLUICE_PEERS, written
+  /// "HOST:PORT=SHARDS;HOST:PORT=SHARDS" with SHARDS like "0-3,8"; throws kConfig naming the
+  /// variable when it is malformed.
+  std::vector<PeerOptions> resolved_peers() const;
   /// The options as YAML, in the config file's shape.
   std::string to_yaml() const;
 };

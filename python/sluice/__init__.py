@@ -9,6 +9,7 @@ See README.md for the config keys and docs/python.md for the iterator's semantic
 """
 
 from ._C import CorruptionError, Dataset, DatasetWriter, __version__
+from . import distributed
 from .loader import Loader
 
-__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__"]
+__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__", "distributed"]

@@ -360,6 +360,44 @@ SamplerOptions LoaderOptions::sampler_options() const {
   return {shuffle, seed, batch_size, drop_last};
 }
 
+std::vector<PeerOptions> LoaderOptions::resolved_peers() const {
+  if (!distributed.peers.empty()) return distributed.peers;
+  const char* env = std::getenv("SLUICE_PEERS");
+  if (!env || !*env) return {};
+  // The same grammar as the YAML, written as a YAML list so that one parser checks both.
+  std::string yaml = "[";
+  std::string_view rest(env);
+  while (!rest.empty()) {
+    size_t end = rest.find(';');
+    std::string_view entry = rest.substr(0, end);
+    rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 1);
+    if (entry.empty()) continue;
+    size_t eq = entry.rfind('=');
+    if (eq == std::string_view::npos)
+      detail::fail(ErrorCode::kConfig,
+                   "environment variable SLUICE_PEERS: \"{}\": expected HOST:PORT=SHARDS", entry);
+    yaml += fmt::format("{{address: \"{}\", shards: [", entry.substr(0, eq));
+    std::string_view shards = entry.substr(eq + 1);
+    while (!shards.empty()) {
+      size_t comma = shards.find(',');
+      yaml += fmt::format("\"{}\",", shards.substr(0, comma));
+      shards = comma == std::string_view::npos ? std::string_view() : shards.substr(comma + 1);
+    }
+    yaml += "]},";
+  }
+  yaml += "]";
+  std::string source = "environment variable SLUICE_PEERS";
+  fs::path none;
+  Context ctx{source, none};
+  YAML::Node node;
+  try {
+    node = YAML::Load(yaml);
+  } catch (const YAML::Exception&) {
+    detail::fail(ErrorCode::kConfig, "{}: cannot parse \"{}\"", source, env);
+  }
+  return parse_peers(ctx, node);
+}
+
 uint32_t LoaderOptions::resolved_world_size() const {
   if (distributed.world_size) return *distributed.world_size;
   return env_uint("WORLD_SIZE", 1).value_or(1);

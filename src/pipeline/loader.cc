@@ -122,8 +122,8 @@ struct WorkerScratch {
 class LoaderImpl final : public Loader {
  public:
   explicit LoaderImpl(const LoaderOptions& options)
-      : options_(options),
-        dataset_(open_dataset(options)),
+      : options_(with_env_peers(options)),
+        dataset_(open_dataset(options_)),
         fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
         layout_(dataset_->fields()),
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
@@ -248,6 +248,11 @@ class LoaderImpl final : public Loader {
           "can be reused, or raise max_batches_held",
           where, pool_->held(), options_.max_batches_held);
     return where + ": reads are not completing";
+  }
+
+  static LoaderOptions with_env_peers(LoaderOptions o) {
+    o.distributed.peers = o.resolved_peers();
+    return o;
   }
 
   static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o) {

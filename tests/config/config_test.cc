@@ -215,3 +215,34 @@ TEST(Config, BadPeersNameTheEntry) {
 
 }  // namespace
 }  // namespace sluice
+
+namespace sluice {
+namespace {
+
+TEST(Config, PeersFromTheEnvironment) {
+  LoaderOptions o;
+  setenv("SLUICE_PEERS", "10.0.0.2:7070=0-2,5;[fe80::1]:7070=3", 1);
+  auto peers = o.resolved_peers();
+  ASSERT_EQ(peers.size(), 2u);
+  EXPECT_EQ(peers[0].address, "10.0.0.2:7070");
+  EXPECT_EQ(peers[0].shards, (std::vector<uint32_t>{0, 1, 2, 5}));
+  EXPECT_EQ(peers[1].address, "[fe80::1]:7070");
+  EXPECT_EQ(peers[1].shards, (std::vector<uint32_t>{3}));
+  o.distributed.peers = {{"a:1", {9}}};  // the config wins over the environment
+  EXPECT_EQ(o.resolved_peers(), o.distributed.peers);
+  o.distributed.peers.clear();
+  setenv("SLUICE_PEERS", "10.0.0.2:7070", 1);
+  try {
+    o.resolved_peers();
+    ADD_FAILURE() << "accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("SLUICE_PEERS"), std::string::npos) << e.what();
+  }
+  setenv("SLUICE_PEERS", "a:1=x-y", 1);
+  EXPECT_THROW(o.resolved_peers(), Error);
+  unsetenv("SLUICE_PEERS");
+  EXPECT_TRUE(o.resolved_peers().empty());
+}
+
+}  // namespace
+}  // namespace sluice
