@@ -200,8 +200,10 @@ class ClientImpl final : public PeerClient {
       uint32_t sum =
           static_cast<uint32_t>(XXH3_64bits_withSeed(data.data() + at, info.size, r.indices[i]));
       if (sum != info.checksum)
-        fail(ErrorCode::kCorruption, "peer {}: sample {}: checksum mismatch after transfer",
-             address_, r.indices[i]);
+        fail(ErrorCode::kCorruption,
+             "peer {}: sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on "
+             "the peer's disk or in transit",
+             address_, r.indices[i], info.checksum, sum);
       at += info.size;
     }
   }
