@@ -556,6 +556,7 @@ class LoaderImpl final : public Loader {
     std::vector<size_t> todo;
     for (size_t i = 0; i < n; ++i)
       if (s.remote[i]) todo.push_back(i);
+    size_t buffers_used = 0;  // every request of the batch lands in a buffer of its own
     while (!todo.empty()) {
       // Each sample to the first live peer of its shard.
       std::map<size_t, std::vector<size_t>> by_peer;
@@ -572,14 +573,16 @@ class LoaderImpl final : public Loader {
       }
       todo.clear();
       for (auto& [peer, samples] : by_peer)
-        if (!read_from_peer(s, peer, samples))
+        if (!read_from_peer(s, peer, samples, buffers_used))
           todo.insert(todo.end(), samples.begin(), samples.end());
     }
   }
 
   // False when the peer failed (it is then marked dead); throws for what a replica would not
   // fix (the server refused the request, or the bytes were damaged).
-  bool read_from_peer(WorkerScratch& s, size_t peer, const std::vector<size_t>& samples) {
+  // Replies go to s.reply_buffers from `buffers_used` on, which it advances.
+  bool read_from_peer(WorkerScratch& s, size_t peer, const std::vector<size_t>& samples,
+                      size_t& buffers_used) {
     constexpr size_t kPerRequest = 1024;
     const PeerOptions& p = options_.distributed.peers[peer];
     try {
@@ -587,21 +590,22 @@ class LoaderImpl final : public Loader {
       if (!client)
         client =
             net::PeerClient::connect(p.address, {token_, options_.distributed.peer_timeout_ms});
-      size_t count = (samples.size() + kPerRequest - 1) / kPerRequest;
-      if (s.reply_buffers.size() < count) s.reply_buffers.resize(count);
+      const size_t count = (samples.size() + kPerRequest - 1) / kPerRequest;
+      const size_t first = buffers_used;
+      buffers_used += count;
+      if (s.reply_buffers.size() < buffers_used) s.reply_buffers.resize(buffers_used);
       std::vector<net::ReadRequest> requests(count);
       for (size_t k = 0; k < count; ++k) {
         for (size_t j = k * kPerRequest; j < std::min(samples.size(), (k + 1) * kPerRequest); ++j)
           requests[k].indices.push_back(s.refs[samples[j]].index);
-        requests[k].destination = [&s, k](size_t bytes) {
-          s.reply_buffers[k].resize((bytes + 7) / 8);
-          return std::span<std::byte>(reinterpret_cast<std::byte*>(s.reply_buffers[k].data()),
-                                      bytes);
+        requests[k].destination = [&buffer = s.reply_buffers[first + k]](size_t bytes) {
+          buffer.resize((bytes + 7) / 8);
+          return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
         };
       }
       client->read(requests);
       for (size_t k = 0; k < count; ++k) {
-        const std::byte* at = reinterpret_cast<const std::byte*>(s.reply_buffers[k].data());
+        const std::byte* at = reinterpret_cast<const std::byte*>(s.reply_buffers[first + k].data());
         for (size_t j = 0; j < requests[k].records.size(); ++j) {
           s.remote_record[samples[k * kPerRequest + j]] = {at, requests[k].records[j].size};
           at += requests[k].records[j].size;

@@ -93,6 +93,17 @@ TEST_F(RemoteLoaderTest, LocalAndRemoteSamplesMakeOneEpochExactlyOnce) {
   EXPECT_GT(servers_[0]->stats().requests, 0u);
 }
 
+TEST_F(RemoteLoaderTest, OneBatchFromSeveralPeers) {
+  // Each odd shard served by a different peer, so a batch mixes replies of both.
+  LoaderOptions o = options({});
+  for (size_t k = 0; k < odd_.size(); ++k)
+    o.distributed.peers.push_back({servers_[k % 2]->address(), {odd_[k]}});
+  auto loader = Loader::open(o);
+  expect_exactly_once(epoch(*loader));
+  EXPECT_GT(servers_[0]->stats().requests, 0u);
+  EXPECT_GT(servers_[1]->stats().requests, 0u);
+}
+
 TEST_F(RemoteLoaderTest, APeerThatDiesMidEpochFailsOverToItsReplica) {
   auto loader = Loader::open(options({0, 1}));
   auto seen = epoch(*loader, [&](size_t batches) {
