@@ -46,14 +46,7 @@ class ClientImpl final : public PeerClient {
   ClientImpl(const std::string& address, const ClientOptions& options)
       : address_(address), options_(options), token_(token_digest(options.token)) {
     SocketAddress addr = SocketAddress::parse(address);
-    ucp_am_handler_param_t am{};
-    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    am.id = kReplyAm;
-    am.flags = UCP_AM_FLAG_WHOLE_MSG;
-    am.cb = &ClientImpl::on_reply;
-    am.arg = this;
-    check(ucp_worker_set_am_recv_handler(worker_.get(), &am), "peer " + address_ + ": AM handler");
+    worker_.set_am_handler(kReplyAm, &ClientImpl::on_reply, this, "peer " + address_);
     ucp_ep_params_t p{};
     p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
                    UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;

@@ -44,14 +44,7 @@ class ServerImpl final : public ShardServer {
   ServerImpl(std::shared_ptr<const Dataset> dataset, const ServerOptions& options)
       : dataset_(std::move(dataset)), options_(options), token_(token_digest(options.token)) {
     SocketAddress addr = SocketAddress::parse(options.listen);
-    ucp_am_handler_param_t am{};
-    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    am.id = kRequestAm;
-    am.flags = UCP_AM_FLAG_WHOLE_MSG;
-    am.cb = &ServerImpl::on_request;
-    am.arg = this;
-    check(ucp_worker_set_am_recv_handler(worker_.get(), &am), "shard server: AM handler");
+    worker_.set_am_handler(kRequestAm, &ServerImpl::on_request, this, "shard server");
     ucp_listener_params_t lp{};
     lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
     lp.sockaddr.addr = addr.get();

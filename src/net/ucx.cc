@@ -68,6 +68,18 @@ void Worker::wait(std::chrono::milliseconds timeout) {
 
 void Worker::signal() { ucp_worker_signal(worker_); }
 
+void Worker::set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg,
+                            const std::string& who) {
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = id;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  am.cb = cb;
+  am.arg = arg;
+  check(ucp_worker_set_am_recv_handler(worker_, &am), who + ": AM handler");
+}
+
 SocketAddress SocketAddress::parse(const std::string& text) {
   std::string host, port;
   if (!text.empty() && text[0] == '[') {

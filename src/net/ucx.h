@@ -33,6 +33,9 @@ class Worker {
   void wait(std::chrono::milliseconds timeout);
   /// Wakes a thread in wait(); thread-safe.
   void signal();
+  /// Calls `cb(arg, ...)` for every whole active message `id` that arrives; throws Error(kIo)
+  /// naming `who` when UCX refuses.
+  void set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg, const std::string& who);
 
  private:
   ucp_context_h context_ = nullptr;

@@ -235,7 +235,9 @@ namespace {
 TEST(ExternalServer, EveryByteEqualsTheLocalRead) {
   const char* peer = std::getenv("SLUICE_TEST_PEER");
   const char* dir = std::getenv("SLUICE_TEST_DATASET");
-  if (!peer || !dir) GTEST_SKIP() << "SLUICE_TEST_PEER / SLUICE_TEST_DATASET not set";
+  if (!peer || !dir)
+    GTEST_SKIP() << "needs a server in another network namespace: run by tests/net/netns_test.sh "
+                    "(SLUICE_TEST_PEER, SLUICE_TEST_DATASET)";
   const char* token = std::getenv("SLUICE_TOKEN");
   auto dataset = Dataset::open(dir);
   auto c = PeerClient::connect(peer, {token ? token : "", 5000});
