@@ -38,7 +38,7 @@ dataset: {path: $1}
 batch_size: $3
 shuffle: {mode: global}
 prefetch: ${SLUICE_BENCH_PREFETCH:-16}
-io: {engine: auto, queue_depth: 64, direct: $2, threads: ${SLUICE_BENCH_THREADS:-8}}
+io: {engine: auto, queue_depth: 128, direct: $2, threads: ${SLUICE_BENCH_THREADS:-8}}
 YAML
   build/sluice bench "$work/$1.yaml" --seconds "$secs" --json 2>/dev/null
 }

@@ -25,9 +25,11 @@ enum class DirectIo { kAuto, kOn, kOff };
 
 struct IoOptions {
   IoEngineKind engine = IoEngineKind::kAuto;  // auto: io_uring when the kernel allows it
-  uint32_t queue_depth = 64;                  // reads in flight per loader thread
+  // Reads in flight: in the loader's one IO thread under direct I/O, per loader thread through
+  // the page cache.
+  uint32_t queue_depth = 128;
   DirectIo direct = DirectIo::kAuto;          // O_DIRECT when the file system allows it
-  uint32_t threads = 4;                       // loader threads, each with its own engine and batch
+  uint32_t threads = 4;                       // loader threads, each building one batch at a time
   uint32_t timeout_ms = 30000;                // longest wait for a read or a batch
   bool verify = true;                         // check every sample's checksum as it is read
 };

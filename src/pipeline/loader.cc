@@ -1,8 +1,10 @@
 // The Loader: sampler order -> IO engine reads -> batches in pooled buffers.
 //
-// Loader threads (io.threads) each own an IO engine and build every T-th batch of the epoch:
-// plan the batch's samples, coalesce their aligned extents into reads, read them all with the
-// engine (queue depth in flight), check checksums, and copy fields into a pooled BatchStorage.
+// Loader threads (io.threads) each build every T-th batch of the epoch: plan the batch's
+// samples, coalesce their aligned extents into reads, read them all, check checksums, and copy
+// fields into a pooled BatchStorage. Under direct I/O every thread's reads queue on one IO
+// thread (io::Service), which keeps the device queue steady across batch boundaries; through
+// the page cache each thread reads with its own engine, so the copies spread over the cores.
 // The consumer takes batches in step order; a thread may start step s only while
 // s < delivered + prefetch, which bounds memory and read-ahead.
 
@@ -13,6 +15,7 @@
 #include "common/file.h"
 #include "format/layout.h"
 #include "io/engine.h"
+#include "io/service.h"
 #include "net/client.h"
 #include "pipeline/buffer_pool.h"
 
@@ -333,6 +336,9 @@ class LoaderImpl final : public Loader {
   }
 
   void start_threads() {
+    if (direct_ && !service_)
+      service_ = std::make_unique<io::Service>(options_.io, fds_,
+                                               [&](const std::string& line) { note_engine(line); });
     stop_ = false;
     cancel_ = false;
     for (uint32_t w = 0; w < options_.io.threads; ++w)
@@ -374,17 +380,21 @@ class LoaderImpl final : public Loader {
     cv_.notify_all();
   }
 
+  void note_engine(const std::string& line) {
+    std::lock_guard lock(mu_);
+    if (engine_.empty()) {
+      engine_ = line.substr(line.find(": ") + 2);
+      if (!engine_logged_.exchange(true)) log_line(line);
+    }
+  }
+
   void work(uint32_t worker) {
     std::unique_ptr<io::Engine> engine;
     const uint32_t threads = options_.io.threads;
     try {
-      engine = io::make_engine(options_.io, fds_, [&](const std::string& line) {
-        std::lock_guard lock(mu_);
-        if (engine_.empty()) {
-          engine_ = line.substr(line.find(": ") + 2);
-          if (!engine_logged_.exchange(true)) log_line(line);
-        }
-      });
+      if (!service_)
+        engine =
+            io::make_engine(options_.io, fds_, [&](const std::string& line) { note_engine(line); });
     } catch (...) {
       publish(worker, {nullptr, std::current_exception()});
       return;
@@ -399,7 +409,7 @@ class LoaderImpl final : public Loader {
       auto storage = pool_->acquire(stop_, mu_, cv_);
       if (!storage) return;
       try {
-        build(step, *engine, scratch, *storage);
+        build(step, engine.get(), scratch, *storage);
         publish(step, {std::move(storage), nullptr});
       } catch (...) {
         pool_->release(std::move(storage));
@@ -433,7 +443,7 @@ class LoaderImpl final : public Loader {
                 -f.error);
   }
 
-  void build(uint64_t step, io::Engine& engine, WorkerScratch& s, BatchStorage& out) {
+  void build(uint64_t step, io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
     plan_.batch(step, s.refs);
     const size_t n = s.refs.size();
     const uint64_t align = io_alignment_;
@@ -487,16 +497,13 @@ class LoaderImpl final : public Loader {
       s.sample_op[i] = s.ops.size() - 1;
     }
     // A new staging buffer is registered with the engine (fixed-buffer reads) when it can be.
-    if (s.staging.reserve(staging_bytes))
-      engine.register_buffer({s.staging.data(), s.staging.capacity()});
+    if (s.staging.reserve(staging_bytes) && engine)
+      engine->register_buffer({s.staging.data(), s.staging.capacity()});
     for (size_t k = 0; k < s.ops.size(); ++k) s.ops[k].dest = s.staging.data() + s.op_staging[k];
 
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    if (!s.ops.empty()) {
-      io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
-      if (failure.error != 0) read_error(s, failure);
-    }
+    if (!s.ops.empty()) read_local(engine, s, deadline);
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
@@ -659,7 +666,7 @@ class LoaderImpl final : public Loader {
   // blocks (the common "tensor per sample" case): each record is read straight into its slot
   // of the batch buffer, so there is no staging buffer and no copy. Reads of samples that are
   // neighbours both on disk and in the batch are merged.
-  void read_into_batch(io::Engine& engine, WorkerScratch& s, BatchStorage& out) {
+  void read_into_batch(io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
     const size_t n = s.refs.size();
     const uint64_t each = (*fields_)[0].fixed_bytes();
     constexpr uint64_t kMaxRead = 4 << 20;
@@ -686,11 +693,18 @@ class LoaderImpl final : public Loader {
     }
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    io::ReadFailure failure = io::read_all(engine, s.ops, deadline, &cancel_);
-    if (failure.error != 0) read_error(s, failure);
+    read_local(engine, s, deadline);
     if (!options_.io.verify) return;
     for (size_t i = 0; i < n; ++i)
       check_record(s.extents[i], s.refs[i].index, out.data.data() + i * each);
+  }
+
+  // Reads s.ops with this thread's engine, or through the loader's IO service when it has one.
+  void read_local(io::Engine* engine, const WorkerScratch& s,
+                  std::chrono::steady_clock::time_point deadline) {
+    io::ReadFailure failure = service_ ? service_->read_all(s.ops, deadline, &cancel_)
+                                       : io::read_all(*engine, s.ops, deadline, &cancel_);
+    if (failure.error != 0) read_error(s, failure);
   }
 
   void check_record(const SampleExtent& x, uint64_t index, const std::byte* record) const {
@@ -738,6 +752,8 @@ class LoaderImpl final : public Loader {
   std::atomic<bool> cancel_{false};
   std::atomic<bool> engine_logged_{false};
   std::vector<std::thread> threads_;
+  // Direct I/O: one IO thread with one engine serves every loader thread (see io/service.h).
+  std::unique_ptr<io::Service> service_;
 };
 
 }  // namespace

@@ -65,7 +65,7 @@ TEST(Config, DefaultsMatchTheContract) {
   EXPECT_EQ(o.shuffle.block_size, 4096u);
   EXPECT_EQ(o.shuffle.buffer_size, 16384u);
   EXPECT_EQ(o.prefetch, 4u);
-  EXPECT_EQ(o.io.queue_depth, 64u);
+  EXPECT_EQ(o.io.queue_depth, 128u);
   EXPECT_EQ(o.io.direct, DirectIo::kAuto);
   EXPECT_EQ(o.device.kind, DeviceKind::kCpu);
   EXPECT_FALSE(o.distributed.rank.has_value());

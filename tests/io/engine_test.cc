@@ -1,7 +1,8 @@
-// Both IO engines against plain pread, and read_all's handling of short reads, EAGAIN, errors,
-// timeouts and io_uring being unavailable.
+// Both IO engines against plain pread, read_all's handling of short reads, EAGAIN, errors,
+// timeouts and io_uring being unavailable, and the shared IO service with many callers.
 
 #include "io/engine.h"
+#include "io/service.h"
 
 #include "common/file.h"
 #include "fault_engine.h"
@@ -13,6 +14,7 @@
 
 #include <fstream>
 #include <random>
+#include <thread>
 
 namespace sluice {
 namespace {
@@ -158,6 +160,106 @@ TEST_P(EngineTest, AReadThatNeverCompletesTimesOut) {
   EXPECT_EQ(f.error, -ETIMEDOUT);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
 }
+
+// The IO service: one engine on its own thread, shared by several callers. Faults go in
+// through the engine wrapper, which is how the service (like the loader) makes its engine.
+class ServiceTest : public EngineTest {
+ protected:
+  void TearDown() override { io::set_engine_wrapper({}); }
+
+  std::unique_ptr<io::Service> service(std::function<Fault(const io::Request&)> decide = {}) {
+    if (decide)
+      io::set_engine_wrapper(
+          [decide](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+            return std::make_unique<FaultEngine>(std::move(e), decide);
+          });
+    IoOptions o;
+    o.engine = GetParam();
+    o.queue_depth = 32;
+    return std::make_unique<io::Service>(o, fds_, nullptr);
+  }
+
+  // Makes `op` the only read at its offset (and not empty), so a fault can pick it out.
+  static uint64_t single_out(io::ReadOp& op, std::vector<io::ReadOp>& others) {
+    op.length = std::max<uint32_t>(op.length, 1);
+    for (auto& other : others)
+      if (other.offset == op.offset) other.offset += 1;
+    return op.offset;
+  }
+};
+
+TEST_P(ServiceTest, ManyCallersGetTheirOwnBytes) {
+  int calls = 0;  // the IO thread is the only caller of decide
+  auto svc = service([&](const io::Request&) {
+    ++calls;
+    return calls % 4 == 0 ? Fault::kShort : calls % 7 == 0 ? Fault::kAgain : Fault::kNone;
+  });
+  std::vector<std::vector<std::byte>> buffers(4);
+  std::vector<std::vector<io::ReadOp>> ops(4);
+  for (size_t t = 0; t < 4; ++t) ops[t] = random_ops(300 + 50 * t, buffers[t]);
+  std::vector<int> errors(4, -1);
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 3; ++round)
+        if ((errors[t] = svc->read_all(ops[t], deadline()).error) != 0) break;
+    });
+  for (auto& th : threads) th.join();
+  for (size_t t = 0; t < 4; ++t) {
+    EXPECT_EQ(errors[t], 0) << "caller " << t;
+    expect_contents(ops[t]);
+  }
+}
+
+TEST_P(ServiceTest, OneCallersErrorIsItsOwn) {
+  std::vector<std::byte> bad_buffer, good_buffer;
+  auto bad = random_ops(50, bad_buffer);
+  auto good = random_ops(400, good_buffer);
+  const uint64_t poisoned = single_out(bad[17], good);
+  auto svc = service(
+      [&](const io::Request& r) { return r.offset == poisoned ? Fault::kError : Fault::kNone; });
+  io::ReadFailure good_result;
+  std::thread other([&] { good_result = svc->read_all(good, deadline()); });
+  io::ReadFailure f = svc->read_all(bad, deadline());
+  other.join();
+  EXPECT_EQ(f.error, -EIO);
+  EXPECT_EQ(f.op, 17u);
+  EXPECT_EQ(good_result.error, 0);
+  expect_contents(good);
+}
+
+TEST_P(ServiceTest, AHungReadTimesOutAndOthersGoOn) {
+  std::vector<std::byte> hung_buffer, good_buffer;
+  auto hung = random_ops(10, hung_buffer);
+  auto good = random_ops(100, good_buffer);
+  const uint64_t stuck = single_out(hung[3], good);
+  auto svc = service(
+      [&](const io::Request& r) { return r.offset == stuck ? Fault::kHang : Fault::kNone; });
+  auto t0 = std::chrono::steady_clock::now();
+  io::ReadFailure f = svc->read_all(hung, deadline(300));
+  EXPECT_EQ(f.error, -ETIMEDOUT);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_EQ(svc->read_all(good, deadline()).error, 0);
+  expect_contents(good);
+  svc.reset();  // does not wait for the read that never completes
+}
+
+TEST_P(ServiceTest, CancelStopsNewReads) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(200, buffer);
+  std::atomic<bool> cancel{true};
+  auto svc = service();
+  EXPECT_EQ(svc->read_all(ops, deadline(), &cancel).error, -ECANCELED);
+  cancel = false;
+  EXPECT_EQ(svc->read_all(ops, deadline(), &cancel).error, 0);
+  expect_contents(ops);
+}
+
+INSTANTIATE_TEST_SUITE_P(Engines, ServiceTest,
+                         ::testing::Values(IoEngineKind::kUring, IoEngineKind::kThreads),
+                         [](const ::testing::TestParamInfo<IoEngineKind>& p) {
+                           return p.param == IoEngineKind::kUring ? "uring" : "threads";
+                         });
 
 INSTANTIATE_TEST_SUITE_P(Engines, EngineTest,
                          ::testing::Values(IoEngineKind::kUring, IoEngineKind::kThreads),

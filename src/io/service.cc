@@ -1,0 +1,94 @@
+#include "io/service.h"
+
+#include "io/read_queue.h"
+
+#include <cerrno>
+#include <exception>
+#include <future>
+
+namespace sluice::io {
+
+struct Service::Waiter {
+  ReadJob job;
+  bool done = false;  // under Service::mu_
+};
+
+Service::Service(const IoOptions& options, std::span<const int> files,
+                 const std::function<void(const std::string&)>& on_choice) {
+  std::promise<void> made;
+  auto ready = made.get_future();
+  thread_ = std::thread([&, files = std::vector<int>(files.begin(), files.end())] {
+    try {
+      engine_ = make_engine(options, files, on_choice);
+    } catch (...) {
+      made.set_exception(std::current_exception());
+      return;
+    }
+    made.set_value();
+    run();
+  });
+  try {
+    ready.get();
+  } catch (...) {
+    thread_.join();
+    throw;
+  }
+}
+
+Service::~Service() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  thread_.join();
+}
+
+ReadFailure Service::read_all(std::span<const ReadOp> ops,
+                              std::chrono::steady_clock::time_point deadline,
+                              const std::atomic<bool>* cancel) {
+  auto w = std::make_shared<Waiter>();
+  w->job.ops = ops;
+  w->job.deadline = deadline;
+  w->job.cancel = cancel;
+  std::unique_lock lock(mu_);
+  incoming_.push_back(w);
+  work_cv_.notify_one();
+  // The queue enforces the deadline; this backstop only guards against an IO thread that is
+  // stuck in the kernel. The Waiter is shared so an abandoned job stays valid for the thread.
+  if (!done_cv_.wait_until(lock, deadline + std::chrono::seconds(5), [&] { return w->done; }))
+    return {ops.size(), -ETIMEDOUT};
+  return w->job.failure;
+}
+
+void Service::run() {
+  ReadQueue queue(*engine_);
+  std::vector<std::shared_ptr<Waiter>> active;  // keeps queued jobs alive
+  std::vector<ReadJob*> finished;
+  for (;;) {
+    {
+      std::unique_lock lock(mu_);
+      if (queue.empty()) work_cv_.wait(lock, [&] { return stop_ || !incoming_.empty(); });
+      if (stop_ && incoming_.empty() && queue.empty()) break;
+      for (auto& w : incoming_) {
+        queue.add(&w->job);
+        active.push_back(std::move(w));
+      }
+      incoming_.clear();
+    }
+    // With room in the queue a new job should not wait for a completion: poll for one often.
+    queue.run_once(std::chrono::milliseconds(queue.has_room() ? 1 : 100), finished);
+    if (finished.empty()) continue;
+    {
+      std::lock_guard lock(mu_);
+      for (ReadJob* job : finished)
+        for (auto& w : active)
+          if (&w->job == job) w->done = true;
+    }
+    done_cv_.notify_all();
+    std::erase_if(active, [](const std::shared_ptr<Waiter>& w) { return w->job.complete; });
+    finished.clear();
+  }
+}
+
+}  // namespace sluice::io
