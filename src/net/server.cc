@@ -11,7 +11,10 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
+#include <span>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -22,7 +25,20 @@ namespace {
 // One reply in flight: header and data stay alive until UCX reports the send complete.
 struct Reply {
   ReplyHeader header;
-  std::vector<std::byte> data;
+  // Not value-initialised: zeroing megabytes that pread overwrites cost 6% of the server's
+  // CPU at 1 MiB samples (perf).
+  std::unique_ptr<std::byte[]> data;
+  size_t size = 0;
+
+  std::span<std::byte> resize(size_t n) {
+    data = std::make_unique_for_overwrite<std::byte[]>(n);
+    size = n;
+    header.data_bytes = n;
+    return {data.get(), n};
+  }
+  void set_message(std::string_view message) {
+    std::memcpy(resize(message.size()).data(), message.data(), message.size());
+  }
   uint64_t conn = 0;
   size_t* in_flight = nullptr;  // the server's count of replies being sent
 };
@@ -194,9 +210,7 @@ class ServerImpl final : public ShardServer {
     reply->conn = conn;
     reply->header.request_id = request_id;
     reply->header.status = status;
-    reply->data.resize(message.size());
-    std::memcpy(reply->data.data(), message.data(), message.size());
-    reply->header.data_bytes = reply->data.size();
+    reply->set_message(message);
     {
       std::lock_guard lock(mu_);
       ++stats_.rejected;
@@ -221,7 +235,7 @@ class ServerImpl final : public ShardServer {
     p.cb.send = &ServerImpl::on_sent;
     p.user_data = reply.get();
     ucs_status_ptr_t r = ucp_am_send_nbx(it->second, kReplyAm, &reply->header, sizeof reply->header,
-                                         reply->data.data(), reply->data.size(), &p);
+                                         reply->data.get(), reply->size, &p);
     if (UCS_PTR_IS_PTR(r)) {
       ++in_flight_;
       reply->in_flight = &in_flight_;
@@ -253,7 +267,7 @@ class ServerImpl final : public ShardServer {
         std::lock_guard lock(mu_);
         if (reply->header.status == ReplyStatus::kOk) {
           ++stats_.requests;
-          stats_.bytes_sent += reply->data.size() - job.indices.size() * sizeof(RecordInfo);
+          stats_.bytes_sent += reply->size - job.indices.size() * sizeof(RecordInfo);
         } else {
           ++stats_.rejected;
         }
@@ -270,9 +284,7 @@ class ServerImpl final : public ShardServer {
     auto fail_with = [&](ReplyStatus status, const std::string& message) {
       reply->header.status = status;
       reply->header.count = 0;
-      reply->data.assign(reinterpret_cast<const std::byte*>(message.data()),
-                         reinterpret_cast<const std::byte*>(message.data()) + message.size());
-      reply->header.data_bytes = reply->data.size();
+      reply->set_message(message);
       return std::move(reply);
     };
     try {
@@ -289,13 +301,13 @@ class ServerImpl final : public ShardServer {
         return fail_with(ReplyStatus::kTooLarge,
                          fmt::format("reply of {} bytes is over the server's limit of {}", bytes,
                                      options_.max_reply_bytes));
-      reply->data.resize(bytes);
+      std::span<std::byte> out = reply->resize(bytes);
       uint64_t at = 0;
       for (uint64_t index : job.indices)  // pread straight into the reply; checks checksums
-        at += dataset_->read_record_into(index, std::span(reply->data).subspan(at));
-      std::memcpy(reply->data.data() + padded, infos.data(), infos.size() * sizeof(RecordInfo));
+        at += dataset_->read_record_into(index, out.subspan(at));
+      std::memset(out.data() + at, 0, padded - at);
+      std::memcpy(out.data() + padded, infos.data(), infos.size() * sizeof(RecordInfo));
       reply->header.count = static_cast<uint32_t>(infos.size());
-      reply->header.data_bytes = bytes;
       return reply;
     } catch (const std::exception& e) {
       return fail_with(ReplyStatus::kReadError, e.what());
