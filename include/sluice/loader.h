@@ -19,11 +19,15 @@ namespace sluice {
 /// One field of a batch. Fixed-size fields are dense: `shape` is [B, ...] and `data` holds
 /// B * fixed_bytes. Variable-size fields are values + offsets: sample i is
 /// data[offsets[i], offsets[i+1]) and `shape` is [-1]. Views into the batch's buffer.
+/// With `device: cuda:N`, `data` is device memory (do not touch it from the host); offsets
+/// stay in host memory.
 struct FieldView {
   std::string_view name;
   DType dtype = DType::kUInt8;
   std::vector<int64_t> shape;
   std::span<const std::byte> data;
+  DeviceKind device = DeviceKind::kCpu;  // kCuda: `data` is on GPU `device_index`
+  int device_index = 0;
   std::span<const uint64_t> offsets;  // B + 1 entries for a variable-size field, else empty
 
   bool fixed_size() const { return offsets.empty(); }
@@ -48,16 +52,23 @@ class SLUICE_EXPORT Batch {
   virtual FieldView field(size_t i) const = 0;
   /// Throws Error(kInvalidArgument) naming the field when there is none of that name.
   virtual FieldView field(std::string_view name) const = 0;
+  /// `device: cuda:N` only (a no-op otherwise): makes `stream` (a cudaStream_t; nullptr is the
+  /// legacy default stream) wait for the batch's copy to the device without blocking the host,
+  /// and keeps the device buffer from being reused until the work queued on `stream` before
+  /// the batch is dropped has finished. Call it before launching work that reads the batch;
+  /// the last stream given wins. Throws Error(kIo) naming the CUDA error.
+  virtual void use_on_stream(void* stream) const { (void)stream; }
 };
 
 /// What a Loader has done so far; cheap to read at any time.
 struct LoaderStats {
   uint64_t batches = 0;  // delivered to the consumer
   uint64_t samples = 0;
-  uint64_t bytes = 0;       // record bytes delivered
-  double wait_seconds = 0;  // consumer time spent blocked in next()
-  std::string engine;       // the IO engine in use and its features
-  bool direct_io = false;   // reads bypass the page cache (O_DIRECT)
+  uint64_t bytes = 0;         // record bytes delivered
+  double wait_seconds = 0;    // consumer time spent blocked in next()
+  std::string engine;         // the IO engine in use and its features
+  bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
+  bool pinned = false;        // batch buffers are page-locked (device: pinned / cuda:N)
   uint64_t batches_held = 0;  // delivered batches still alive (their buffers not yet back)
 };
 

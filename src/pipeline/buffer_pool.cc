@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <new>
 
 namespace sluice::pipeline {
@@ -23,12 +24,23 @@ bool AlignedBuffer::reserve(size_t bytes) {
   } else if (posix_memalign(&p, kAlignment, size) != 0) {
     throw std::bad_alloc();
   }
-  data_.reset(static_cast<std::byte*>(p));
+  // The loader probed for a device before asking for pinning; a refusal here (memlock) leaves
+  // ordinary memory, which works the same, only with slower copies to the device.
+  bool pinned = pin_ && memory::pin(p, size, nullptr);
+  data_ = std::unique_ptr<std::byte, FreeAligned>(static_cast<std::byte*>(p), FreeAligned{pinned});
   capacity_ = size;
   return true;
 }
 
-BufferPool::BufferPool(size_t budget, size_t max_held) : budget_(budget), max_held_(max_held) {}
+size_t BatchStorage::used_bytes() const {
+  size_t end = 0;
+  for (size_t i = 0; i < field_offset.size(); ++i)
+    end = std::max(end, field_offset[i] + field_bytes[i]);
+  return end;
+}
+
+BufferPool::BufferPool(size_t budget, size_t max_held, bool pin)
+    : budget_(budget), max_held_(max_held), pin_(pin) {}
 
 std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& stop_mu,
                                                   std::condition_variable& stop_cv) {
@@ -47,7 +59,9 @@ std::unique_ptr<BatchStorage> BufferPool::acquire(const bool& stop, std::mutex& 
       }
       if (total_ - with_consumer_ < budget_ && total_ < budget_ + max_held_) {
         ++total_;
-        return std::make_unique<BatchStorage>();
+        auto s = std::make_unique<BatchStorage>();
+        s->data.set_pin(pin_);
+        return s;
       }
     }
     if (stop) return nullptr;

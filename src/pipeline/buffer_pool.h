@@ -8,6 +8,8 @@
 // `budget + max_held` storages exist: a consumer that holds more than `max_held` batches stops
 // the loader (back-pressure) instead of growing memory without bound.
 
+#include "memory/cuda.h"
+
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -19,6 +21,15 @@
 
 namespace sluice::pipeline {
 
+/// Frees an AlignedBuffer's memory, unpinning it first when it was pinned.
+struct FreeAligned {
+  bool pinned = false;
+  void operator()(std::byte* p) const {
+    if (pinned) memory::unpin(p);
+    std::free(p);
+  }
+};
+
 /// A growable, 4096-byte-aligned byte buffer (usable as an O_DIRECT destination).
 class AlignedBuffer {
  public:
@@ -27,13 +38,27 @@ class AlignedBuffer {
   size_t capacity() const { return capacity_; }
   /// Makes room for `bytes`; existing contents are not kept. Returns whether it reallocated.
   bool reserve(size_t bytes);
+  /// Page-lock every allocation from now on (device: pinned / cuda:N), best effort.
+  void set_pin(bool pin) { pin_ = pin; }
+  /// Whether the current allocation is page-locked.
+  bool pinned() const { return data_.get_deleter().pinned; }
 
  private:
-  struct Free {
-    void operator()(std::byte* p) const { std::free(p); }
-  };
-  std::unique_ptr<std::byte, Free> data_;
+  std::unique_ptr<std::byte, FreeAligned> data_;
   size_t capacity_ = 0;
+  bool pin_ = false;
+};
+
+/// device: cuda:N: a batch's copy on the device and the events that order its reuse. The
+/// loader thread that fills the storage waits for `copied` before it overwrites the host bytes
+/// and for `released` (recorded on the consumer's stream when the batch was dropped) before it
+/// overwrites the device bytes; the consumer never waits on the host.
+struct DeviceCopy {
+  std::unique_ptr<memory::DeviceBuffer> buffer;
+  std::unique_ptr<memory::Event> copied;
+  std::unique_ptr<memory::Event> released;
+  bool copy_pending = false;
+  bool release_pending = false;
 };
 
 struct BatchStorage {
@@ -44,11 +69,16 @@ struct BatchStorage {
   std::vector<size_t> field_bytes;
   std::vector<std::vector<uint64_t>> offsets;  // per field; empty for fixed-size fields
   uint64_t epoch = 0, step = 0;
+  std::unique_ptr<DeviceCopy> device;  // device: cuda:N only
+
+  /// Bytes of `data` in use: the end of the last field.
+  size_t used_bytes() const;
 };
 
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
-  BufferPool(size_t budget, size_t max_held);
+  /// `pin`: page-lock the storages' buffers (best effort).
+  BufferPool(size_t budget, size_t max_held, bool pin = false);
   /// A free storage, or a new one while fewer than `budget` are out of the consumer's hands;
   /// otherwise waits until one is returned. nullptr if `stop` became true first.
   std::unique_ptr<BatchStorage> acquire(const bool& stop, std::mutex& stop_mu,
@@ -67,6 +97,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
  private:
   size_t budget_;
   size_t max_held_;
+  bool pin_;
   size_t total_ = 0;
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<BatchStorage>> free_;

@@ -16,6 +16,7 @@
 #include "format/layout.h"
 #include "io/engine.h"
 #include "io/service.h"
+#include "memory/cuda.h"
 #include "net/client.h"
 #include "pipeline/buffer_pool.h"
 
@@ -59,6 +60,14 @@ class BatchImpl final : public Batch {
             std::shared_ptr<const std::vector<FieldSpec>> fields)
       : pool_(std::move(pool)), s_(std::move(storage)), fields_(std::move(fields)) {}
   ~BatchImpl() override {
+    if (s_->device && release_stream_) {
+      try {  // the device buffer is reused only after the consumer's queued work on it
+        s_->device->released->record(*release_stream_);
+        s_->device->release_pending = true;
+      } catch (const std::exception& e) {
+        log_line(std::string("dropping a CUDA batch: ") + e.what());
+      }
+    }
     pool_->note_returned_from_consumer();
     pool_->release(std::move(s_));
   }
@@ -75,7 +84,13 @@ class BatchImpl final : public Batch {
     FieldView v;
     v.name = f.name;
     v.dtype = f.dtype;
-    v.data = {s_->data.data() + s_->field_offset[i], s_->field_bytes[i]};
+    const std::byte* base = s_->data.data();
+    if (s_->device) {
+      base = static_cast<const std::byte*>(s_->device->buffer->data());
+      v.device = DeviceKind::kCuda;
+      v.device_index = s_->device->buffer->device();
+    }
+    v.data = {base + s_->field_offset[i], s_->field_bytes[i]};
     if (f.fixed_size()) {
       v.shape.push_back(static_cast<int64_t>(size()));
       v.shape.insert(v.shape.end(), f.shape.begin(), f.shape.end());
@@ -92,10 +107,19 @@ class BatchImpl final : public Batch {
     fail(ErrorCode::kInvalidArgument, "batch has no field \"{}\"", name);
   }
 
+  void use_on_stream(void* stream) const override {
+    if (!s_->device) return;
+    s_->device->copied->wait_on(stream);
+    std::lock_guard lock(mu_);
+    release_stream_ = stream;
+  }
+
  private:
   std::shared_ptr<BufferPool> pool_;
   std::unique_ptr<BatchStorage> s_;
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
+  mutable std::mutex mu_;
+  mutable std::optional<void*> release_stream_;  // the consumer's stream, once it said which
 };
 
 // A finished step: its storage, or the error that stopped it.
@@ -132,8 +156,9 @@ class LoaderImpl final : public Loader {
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
         world_(options.resolved_world_size()),
+        pin_(probe_device(options_.device)),
         pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads,
-                                           options.max_batches_held)) {
+                                           options.max_batches_held, pin_)) {
     open_files();
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
@@ -210,6 +235,7 @@ class LoaderImpl final : public Loader {
     std::lock_guard lock(mu_);
     s.engine = engine_;
     s.direct_io = direct_;
+    s.pinned = pin_;
     s.batches_held = pool_->held();
     return s;
   }
@@ -253,6 +279,26 @@ class LoaderImpl final : public Loader {
     return where + ": reads are not completing";
   }
 
+  // Whether batch buffers are to be page-locked: yes for cuda:N (which needs that device) and
+  // for pinned when there is a device to pin for; pinned without one falls back, saying so.
+  static bool probe_device(const DeviceOptions& d) {
+    if (d.kind == DeviceKind::kCpu) return false;
+    std::string why;
+    int devices = memory::cuda_devices(&why);
+    if (d.kind == DeviceKind::kCuda) {
+      if (devices == 0) fail(ErrorCode::kUnsupported, "device: cuda:{}: {}", d.index, why);
+      if (d.index >= devices)
+        fail(ErrorCode::kConfig, "device: cuda:{}: this machine has {} CUDA device{}", d.index,
+             devices, devices == 1 ? "" : "s");
+      return true;
+    }
+    if (devices == 0) {
+      log_line("device: pinned: " + why + "; batches stay in ordinary (pageable) memory");
+      return false;
+    }
+    return true;
+  }
+
   static LoaderOptions with_env_peers(LoaderOptions o) {
     o.distributed.peers = o.resolved_peers();
     return o;
@@ -263,8 +309,6 @@ class LoaderImpl final : public Loader {
     if (o.dataset.format != DatasetFormat::kAuto && o.dataset.format != DatasetFormat::kShards)
       fail(ErrorCode::kUnsupported, "dataset.format: {}: this build reads packed shards only",
            to_string(o.dataset.format));
-    if (o.device.kind != DeviceKind::kCpu)
-      fail(ErrorCode::kUnsupported, "device: only cpu is supported by this build");
     DatasetOpenOptions open;
     open.allow_absent_shards = !o.distributed.peers.empty();
     return Dataset::open(o.dataset.path, open);
@@ -400,6 +444,7 @@ class LoaderImpl final : public Loader {
       return;
     }
     WorkerScratch scratch;
+    std::unique_ptr<memory::Stream> stream;  // device: cuda:N, this thread's copies
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
       {
         std::unique_lock lock(mu_);
@@ -409,7 +454,15 @@ class LoaderImpl final : public Loader {
       auto storage = pool_->acquire(stop_, mu_, cv_);
       if (!storage) return;
       try {
+        if (storage->device && storage->device->copy_pending) {
+          storage->device->copied->synchronize();  // the last copy out of these host bytes
+          storage->device->copy_pending = false;
+        }
         build(step, engine.get(), scratch, *storage);
+        if (options_.device.kind == DeviceKind::kCuda) {
+          if (!stream) stream = std::make_unique<memory::Stream>(options_.device.index);
+          copy_to_device(*storage, *stream);
+        }
         publish(step, {std::move(storage), nullptr});
       } catch (...) {
         pool_->release(std::move(storage));
@@ -699,6 +752,28 @@ class LoaderImpl final : public Loader {
       check_record(s.extents[i], s.refs[i].index, out.data.data() + i * each);
   }
 
+  // Queues the batch's copy to the device on this thread's stream; the consumer's stream waits
+  // for `copied` (Batch::use_on_stream), the host never does.
+  void copy_to_device(BatchStorage& s, memory::Stream& stream) {
+    const int index = options_.device.index;
+    if (!s.device) {
+      s.device = std::make_unique<DeviceCopy>();
+      s.device->copied = std::make_unique<memory::Event>(index);
+      s.device->released = std::make_unique<memory::Event>(index);
+    }
+    DeviceCopy& d = *s.device;
+    if (d.release_pending) {  // the consumer's last work on the device buffer
+      d.released->synchronize();
+      d.release_pending = false;
+    }
+    const size_t bytes = s.used_bytes();
+    if (!d.buffer || d.buffer->size() < bytes)
+      d.buffer = std::make_unique<memory::DeviceBuffer>(index, std::max<size_t>(bytes, 1));
+    stream.copy_to_device(d.buffer->data(), s.data.data(), bytes);
+    d.copied->record(stream.handle());
+    d.copy_pending = true;
+  }
+
   // Reads s.ops with this thread's engine, or through the loader's IO service when it has one.
   void read_local(io::Engine* engine, const WorkerScratch& s,
                   std::chrono::steady_clock::time_point deadline) {
@@ -726,6 +801,7 @@ class LoaderImpl final : public Loader {
   bool direct_ = false;
   uint64_t io_alignment_ = 1;
   bool direct_to_batch_ = false;  // see read_into_batch
+  bool pin_ = false;              // batch buffers page-locked (device: pinned / cuda:N)
   std::shared_ptr<BufferPool> pool_;
   std::string token_;                             // the cluster's shared token
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order

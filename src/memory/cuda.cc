@@ -1,0 +1,118 @@
+#include "memory/cuda.h"
+
+#include "common/errors.h"
+
+#include <cuda_runtime_api.h>
+
+namespace sluice::memory {
+
+namespace {
+
+void check(cudaError_t e, const char* call) {
+  if (e != cudaSuccess)
+    detail::fail(ErrorCode::kIo, "CUDA: {}: {} ({})", call, cudaGetErrorString(e),
+                 cudaGetErrorName(e));
+}
+
+// The runtime keeps one current device per thread; every call here names its device.
+void use(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+
+}  // namespace
+
+int cuda_devices(std::string* why) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    if (why)
+      *why = e == cudaErrorInsufficientDriver
+                 ? "no CUDA device (no NVIDIA driver, or one older than this build's CUDA runtime)"
+             : e == cudaErrorNoDevice ? "no CUDA device"
+                                      : std::string("no CUDA device: ") + cudaGetErrorString(e);
+    cudaGetLastError();  // clear it, so it does not show up in a later call
+    return 0;
+  }
+  if (n == 0 && why) *why = "no CUDA device";
+  return n;
+}
+
+bool pin(void* p, size_t n, std::string* why) {
+  if (cuda_devices(why) == 0) return false;
+  cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterDefault);
+  if (e != cudaSuccess) {
+    if (why) *why = std::string("cudaHostRegister: ") + cudaGetErrorString(e);
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+void unpin(void* p) { cudaHostUnregister(p); }
+
+void copy_to_host(void* dst, const void* src, size_t bytes, int device) {
+  use(device);
+  check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+}
+
+size_t device_memory_used(int device) {
+  use(device);
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return total - free;
+}
+
+DeviceBuffer::DeviceBuffer(int device, size_t bytes) : size_(bytes), device_(device) {
+  use(device);
+  check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ && cudaSetDevice(device_) == cudaSuccess) cudaFree(ptr_);
+}
+
+Stream::Stream(int device) : device_(device) {
+  use(device);
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+  handle_ = s;
+}
+
+Stream::~Stream() {
+  if (handle_ && cudaSetDevice(device_) == cudaSuccess)
+    cudaStreamDestroy(static_cast<cudaStream_t>(handle_));
+}
+
+void Stream::copy_to_device(void* dst, const void* src, size_t bytes) {
+  use(device_);
+  check(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(handle_)),
+      "cudaMemcpyAsync");
+}
+
+Event::Event(int device) : device_(device) {
+  use(device);
+  cudaEvent_t e = nullptr;
+  check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  handle_ = e;
+}
+
+Event::~Event() {
+  if (handle_) cudaEventDestroy(static_cast<cudaEvent_t>(handle_));
+}
+
+void Event::record(void* stream) {
+  use(device_);
+  check(cudaEventRecord(static_cast<cudaEvent_t>(handle_), static_cast<cudaStream_t>(stream)),
+        "cudaEventRecord");
+}
+
+void Event::wait_on(void* stream) const {
+  check(
+      cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(handle_), 0),
+      "cudaStreamWaitEvent");
+}
+
+void Event::synchronize() const {
+  check(cudaEventSynchronize(static_cast<cudaEvent_t>(handle_)), "cudaEventSynchronize");
+}
+
+}  // namespace sluice::memory
