@@ -106,8 +106,16 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = self._loader()
         first = True
+        cuda_device = loader.cuda_device
+        if cuda_device >= 0:
+            import torch
+
+            current_stream = torch.cuda.current_stream
         while True:
-            tensors = loader.next()
+            # device: cuda:N: the current stream waits for the batch's copy (no host sync), and
+            # the batch's device buffer is reused only after the work queued on it is done.
+            stream = current_stream(cuda_device).cuda_stream if cuda_device >= 0 else 0
+            tensors = loader.next(stream)
             if tensors is None:
                 if first:
                     # The previous loop stopped after the epoch's last batch without reading its

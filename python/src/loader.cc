@@ -37,7 +37,9 @@ class PyLoader {
   }
 
   // The next batch as [(key, capsule)], or None at the end of the epoch.
-  py::object next() {
+  // `stream`: the consumer's cudaStream_t (device: cuda:N), which is made to wait for the
+  // batch's copy and guards the device buffer's reuse (Batch::use_on_stream).
+  py::object next(uintptr_t stream) {
     std::unique_lock<std::mutex> lock = consumer_lock();
     Loader& loader = get();
     // Fast path: the batch is ready (the usual case when sluice keeps up), so neither wait
@@ -52,6 +54,8 @@ class PyLoader {
     }
     std::shared_ptr<const Batch> batch = loader.next();  // ready: returns without blocking
     if (!batch) return py::none();
+    if (get().options().device.kind == DeviceKind::kCuda)
+      batch->use_on_stream(reinterpret_cast<void*>(stream));
     return to_tensors(std::move(batch));
   }
 
@@ -94,6 +98,7 @@ class PyLoader {
     d["wait_seconds"] = s.wait_seconds;
     d["engine"] = s.engine;
     d["direct_io"] = s.direct_io;
+    d["pinned"] = s.pinned;
     d["batches_held"] = s.batches_held;
     return d;
   }
@@ -119,6 +124,7 @@ class PyLoader {
   }
 
   static std::string offsets_key(const std::string& name) { return name + "_offsets"; }
+  static int gpu(const FieldView& f) { return f.device == DeviceKind::kCuda ? f.device_index : -1; }
 
   void check_keys() const {
     std::set<std::string> keys = {"index"};
@@ -154,7 +160,7 @@ class PyLoader {
       FieldView f = batch->field(i);
       std::string name(f.name);
       if (f.fixed_size()) {
-        out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, f.shape)));
+        out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, f.shape, gpu(f))));
         continue;
       }
       const uint64_t elem = dtype_size(f.dtype);
@@ -163,7 +169,7 @@ class PyLoader {
       std::vector<int64_t> offsets(f.offsets.size());
       for (size_t k = 0; k < offsets.size(); ++k)
         offsets[k] = static_cast<int64_t>(f.offsets[k] / elem);
-      out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, {count})));
+      out.append(py::make_tuple(name, to_dlpack(batch, f.data.data(), f.dtype, {count}, gpu(f))));
       out.append(py::make_tuple(
           offsets_key(name), to_dlpack(bytes_of(std::span<const int64_t>(offsets)), DType::kInt64,
                                        {static_cast<int64_t>(offsets.size())})));
@@ -182,7 +188,12 @@ void bind_loader(py::module_& m) {
       .def(py::init<const std::optional<std::string>&,
                     const std::vector<std::pair<std::string, std::string>>&>(),
            py::arg("config"), py::arg("settings"))
-      .def("next", &PyLoader::next)
+      .def("next", &PyLoader::next, py::arg("stream") = 0)
+      .def_property_readonly("cuda_device",
+                             [](const PyLoader& l) {
+                               const DeviceOptions& d = l.get().options().device;
+                               return d.kind == DeviceKind::kCuda ? d.index : -1;
+                             })
       .def("set_epoch", &PyLoader::set_epoch, py::arg("epoch"))
       .def("state", &PyLoader::state)
       .def("load_state", &PyLoader::load_state, py::arg("epoch"), py::arg("position"))

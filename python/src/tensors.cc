@@ -64,10 +64,11 @@ void capsule_destructor(PyObject* capsule) {
 
 namespace {
 
-py::capsule make_capsule(std::unique_ptr<Export> e, const void* data, DType dtype) {
+py::capsule make_capsule(std::unique_ptr<Export> e, const void* data, DType dtype,
+                         int cuda_device = -1) {
   DLTensor& t = e->tensor.dl_tensor;
   t.data = const_cast<void*>(data);
-  t.device = {kDLCPU, 0};
+  t.device = cuda_device >= 0 ? DLDevice{kDLCUDA, cuda_device} : DLDevice{kDLCPU, 0};
   t.ndim = static_cast<int32_t>(e->shape.size());
   t.dtype = dl_type(dtype);
   t.shape = e->shape.data();
@@ -84,11 +85,11 @@ py::capsule make_capsule(std::unique_ptr<Export> e, const void* data, DType dtyp
 }  // namespace
 
 py::capsule to_dlpack(std::shared_ptr<const Batch> batch, const void* data, DType dtype,
-                      std::vector<int64_t> shape) {
+                      std::vector<int64_t> shape, int cuda_device) {
   auto e = std::make_unique<Export>();
   e->batch = std::move(batch);
   e->shape = std::move(shape);
-  return make_capsule(std::move(e), data, dtype);
+  return make_capsule(std::move(e), data, dtype, cuda_device);
 }
 
 py::capsule to_dlpack(std::vector<std::byte> bytes, DType dtype, std::vector<int64_t> shape) {
