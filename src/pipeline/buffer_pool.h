@@ -54,6 +54,15 @@ class AlignedBuffer {
 /// and for `released` (recorded on the consumer's stream when the batch was dropped) before it
 /// overwrites the device bytes; the consumer never waits on the host.
 struct DeviceCopy {
+  // A storage freed while its copy is in flight (the pool shrinking) must not free the host
+  // or device bytes under the DMA; `device` is BatchStorage's last member, so this runs first.
+  ~DeviceCopy() {
+    try {
+      if (copy_pending) copied->synchronize();
+      if (release_pending) released->synchronize();
+    } catch (...) {  // a runtime shutting down at exit: nothing left to protect
+    }
+  }
   std::unique_ptr<memory::DeviceBuffer> buffer;
   std::unique_ptr<memory::Event> copied;
   std::unique_ptr<memory::Event> released;
