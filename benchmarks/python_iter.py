@@ -41,6 +41,7 @@ def main() -> None:
             yield from loader
 
     it = batches()
+    field = loader.fields[0]["name"]  # "data" for packed and npy datasets, "tokens" for tokens
     if args.cold:
         drop_caches()
     else:
@@ -52,10 +53,10 @@ def main() -> None:
     deadline = t0 + args.seconds
     while time.perf_counter() < deadline:
         batch = next(it)
-        data = batch["data"]
+        data = batch[field]
         values = data.numpy()  # no copy; numpy's indexing costs less per call than torch's
-        if "data_offsets" in batch:  # variable-size samples: values + offsets
-            checksum += int(values[batch["data_offsets"].numpy()[:-1]].sum())
+        if f"{field}_offsets" in batch:  # variable-size samples: values + offsets
+            checksum += int(values[batch[f"{field}_offsets"].numpy()[:-1]].sum())
         else:
             checksum += int(values.reshape(values.shape[0], -1)[:, 0].sum())
         samples += batch["index"].numel()

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <sluice/export.h>
+#include <sluice/options.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -111,6 +112,14 @@ class SLUICE_EXPORT Dataset {
  public:
   static std::shared_ptr<Dataset> open(const std::filesystem::path& dir,
                                        const DatasetOpenOptions& options = {});
+  /// Opens what `source.format` names (auto detects): packed shards as open() does, or a
+  /// source read in place: `npy` (a NumPy .npy array of shape (N, ...): N samples of one field
+  /// "data" with its dtype and shape) or `tokens` (a flat uint16/uint32 token file as windows of
+  /// seq_len tokens every stride tokens: one field "tokens" [seq_len]). Throws kConfig for
+  /// missing parameters, kCorruption naming the file for a bad header or a truncated file,
+  /// kUnsupported for formats this build does not read in place.
+  static std::shared_ptr<Dataset> open_source(const DatasetOptions& source,
+                                              const DatasetOpenOptions& options = {});
   ~Dataset();
   Dataset(const Dataset&) = delete;
   Dataset& operator=(const Dataset&) = delete;
@@ -119,7 +128,10 @@ class SLUICE_EXPORT Dataset {
   uint64_t num_samples() const;
   uint64_t total_bytes() const;  // sum of record sizes
   uint32_t alignment() const;
-  uint32_t format_version() const;
+  uint32_t format_version() const;  // 0 for sources read in place
+  /// True for packed shards (aligned, checksummed records); false for sources read in place
+  /// (npy, tokens), which have neither.
+  bool packed() const;
   const std::vector<FieldSpec>& fields() const;
   const std::vector<std::string>& classes() const;
   const std::vector<ShardInfo>& shards() const;

@@ -13,11 +13,15 @@
 namespace sluice {
 
 /// Which reader a dataset path needs (config `dataset.format`).
-enum class DatasetFormat { kAuto, kShards, kTar, kTokens, kFiles };
+enum class DatasetFormat { kAuto, kShards, kTar, kTokens, kFiles, kNpy };
 
 struct DatasetOptions {
   std::filesystem::path path;  // relative paths in a config file are relative to that file
-  DatasetFormat format = DatasetFormat::kAuto;
+  DatasetFormat format = DatasetFormat::kAuto;  // auto: a directory with a manifest, a .npy file,
+                                                // or a token file when seq_len is set
+  uint64_t seq_len = 0;      // tokens: tokens per sample (window length); required
+  uint64_t stride = 0;       // tokens: tokens between window starts; 0 means seq_len
+  uint32_t token_bytes = 2;  // tokens: 2 (uint16, as nanoGPT writes) or 4 (uint32)
 };
 
 enum class IoEngineKind { kAuto, kUring, kThreads };
@@ -28,10 +32,10 @@ struct IoOptions {
   // Reads in flight: in the loader's one IO thread under direct I/O, per loader thread through
   // the page cache.
   uint32_t queue_depth = 128;
-  DirectIo direct = DirectIo::kAuto;          // O_DIRECT when the file system allows it
-  uint32_t threads = 4;                       // loader threads, each building one batch at a time
-  uint32_t timeout_ms = 30000;                // longest wait for a read or a batch
-  bool verify = true;                         // check every sample's checksum as it is read
+  DirectIo direct = DirectIo::kAuto;  // O_DIRECT when the file system allows it
+  uint32_t threads = 4;               // loader threads, each building one batch at a time
+  uint32_t timeout_ms = 30000;        // longest wait for a read or a batch
+  bool verify = true;                 // check every sample's checksum as it is read
 };
 
 enum class DeviceKind { kCpu, kPinned, kCuda };

@@ -108,15 +108,9 @@ int run_verify(const fs::path& path, bool as_json) {
 
 int run_order(const OrderArgs& args) {
   LoaderOptions options = LoaderOptions::from_yaml(args.config);
-  if (options.dataset.format != DatasetFormat::kAuto &&
-      options.dataset.format != DatasetFormat::kShards)
-    detail::fail(ErrorCode::kUnsupported,
-                 "{}: dataset.format {}: this build reads packed shards "
-                 "only",
-                 args.config.string(), to_string(options.dataset.format));
   if (options.dataset.path.empty())
     detail::fail(ErrorCode::kConfig, "{}: dataset.path: missing", args.config.string());
-  auto ds = Dataset::open(options.dataset.path);
+  auto ds = Dataset::open_source(options.dataset);
   uint32_t world =
       args.world_size >= 0 ? static_cast<uint32_t>(args.world_size) : options.resolved_world_size();
   uint32_t rank = args.rank >= 0 ? static_cast<uint32_t>(args.rank) : options.resolved_rank();

@@ -168,7 +168,21 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
                                                        {"shards", DatasetFormat::kShards},
                                                        {"tar", DatasetFormat::kTar},
                                                        {"tokens", DatasetFormat::kTokens},
-                                                       {"files", DatasetFormat::kFiles}});
+                                                       {"files", DatasetFormat::kFiles},
+                                                       {"npy", DatasetFormat::kNpy}});
+       }},
+      {"dataset.seq_len",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.seq_len = parse_uint(c, n, "dataset.seq_len", 1, 1ull << 30);
+       }},
+      {"dataset.stride",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.stride = parse_uint(c, n, "dataset.stride", 1, 1ull << 30);
+       }},
+      {"dataset.dtype",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.token_bytes =
+             parse_enum<uint32_t>(c, n, "dataset.dtype", {{"uint16", 2u}, {"uint32", 4u}});
        }},
       {"batch_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -438,6 +452,8 @@ std::string_view to_string(DatasetFormat format) {
       return "tokens";
     case DatasetFormat::kFiles:
       return "files";
+    case DatasetFormat::kNpy:
+      return "npy";
   }
   return "?";
 }
@@ -457,7 +473,12 @@ std::string LoaderOptions::to_yaml() const {
   out << YAML::BeginMap;
   out << YAML::Key << "dataset" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
       << "path" << YAML::Value << dataset.path.string() << YAML::Key << "format" << YAML::Value
-      << std::string(to_string(dataset.format)) << YAML::EndMap;
+      << std::string(to_string(dataset.format));
+  if (dataset.seq_len)
+    out << YAML::Key << "seq_len" << YAML::Value << dataset.seq_len << YAML::Key << "stride"
+        << YAML::Value << (dataset.stride ? dataset.stride : dataset.seq_len) << YAML::Key
+        << "dtype" << YAML::Value << (dataset.token_bytes == 4 ? "uint32" : "uint16");
+  out << YAML::EndMap;
   out << YAML::Key << "batch_size" << YAML::Value << batch_size;
   out << YAML::Key << "drop_last" << YAML::Value << drop_last;
   out << YAML::Key << "seed" << YAML::Value << seed;

@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
+#include <optional>
 
 namespace sluice {
 
@@ -46,6 +48,12 @@ struct Dataset::Impl {
   std::vector<Shard> shards;
   std::vector<uint64_t> first_samples;  // per shard, for the binary search in extent()
   format::RecordLayout layout{{}};
+  // Sources read in place (npy, tokens): one file, sample i at base + i * stride, item bytes
+  // long; no index, no checksums.
+  struct Array {
+    uint64_t base = 0, stride = 0, item = 0;
+  };
+  std::optional<Array> array;
 
   const std::string& shard_label(uint32_t shard) const { return manifest.shards[shard].name; }
 
@@ -158,6 +166,7 @@ uint64_t Dataset::num_samples() const { return impl_->manifest.num_samples; }
 uint64_t Dataset::total_bytes() const { return impl_->manifest.total_bytes; }
 uint32_t Dataset::alignment() const { return impl_->manifest.alignment; }
 uint32_t Dataset::format_version() const { return impl_->manifest.version; }
+bool Dataset::packed() const { return !impl_->array; }
 const std::vector<FieldSpec>& Dataset::fields() const { return impl_->manifest.fields; }
 const std::vector<std::string>& Dataset::classes() const { return impl_->manifest.classes; }
 const std::vector<ShardInfo>& Dataset::shards() const { return impl_->infos; }
@@ -184,6 +193,8 @@ uint32_t Dataset::shard_of(uint64_t index) const {
 
 SampleExtent Dataset::extent(uint64_t index) const {
   const uint32_t shard = shard_of(index);
+  if (const auto& a = impl_->array)
+    return {0, a->base + index * a->stride, static_cast<uint32_t>(a->item), 0};
   const auto& firsts = impl_->first_samples;
   if (!impl_->infos[shard].local)
     throw Error(ErrorCode::kNotFound,
@@ -216,6 +227,7 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
   if (n != x.size)
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
          index, n, x.size, x.offset);
+  if (impl_->array) return x.size;  // nothing to check against
   uint32_t sum = format::record_checksum(record.data(), record.size(), index);
   if (sum != x.checksum)
     fail(ErrorCode::kCorruption,
@@ -234,6 +246,7 @@ SampleFields Dataset::parse_record(uint64_t index, std::span<const std::byte> re
 std::vector<std::string> Dataset::verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
   std::vector<std::string> problems;
+  if (impl_->array) return problems;  // sizes were checked at open; there are no checksums
   uint64_t total = total_bytes(), done = 0;
   std::vector<std::byte> window;
   std::vector<std::span<const std::byte>> fields;
@@ -282,6 +295,164 @@ std::vector<std::string> Dataset::verify(
   }
   if (progress) progress(done, total);
   return problems;
+}
+
+// Sources read in place ---------------------------------------------------------------------
+
+namespace {
+
+uint64_t read_u64_le(const std::byte* p, size_t n) {
+  uint64_t v = 0;
+  for (size_t i = 0; i < n; ++i) v |= uint64_t(std::to_integer<uint8_t>(p[i])) << (8 * i);
+  return v;
+}
+
+// The value of 'key' in a .npy header dict (text up to the next top-level ',' or '}').
+std::string npy_value(const std::string& header, const std::string& key, const std::string& path) {
+  size_t k = header.find("'" + key + "'");
+  if (k == std::string::npos) k = header.find("\"" + key + "\"");
+  if (k == std::string::npos)
+    fail(ErrorCode::kCorruption, "{}: bad .npy header: no '{}' in {}", path, key, header);
+  size_t colon = header.find(':', k);
+  size_t start = header.find_first_not_of(' ', colon + 1), end = start;
+  int depth = 0;
+  for (; end < header.size(); ++end) {
+    char c = header[end];
+    if (c == '(') ++depth;
+    if (c == ')') --depth;
+    if (depth == 0 && (c == ',' || c == '}')) break;
+  }
+  return header.substr(start, end - start);
+}
+
+DType npy_dtype(std::string descr, const std::string& path) {
+  if (descr.size() >= 2 && (descr.front() == '\'' || descr.front() == '"'))
+    descr = descr.substr(1, descr.size() - 2);
+  if (descr.size() >= 3 && descr[0] == '>' && descr.substr(1) != "u1" && descr.substr(1) != "i1" &&
+      descr.substr(1) != "b1")
+    fail(ErrorCode::kUnsupported, "{}: dtype {}: big-endian arrays are not read in place", path,
+         descr);
+  static const std::pair<const char*, DType> kTypes[] = {
+      {"u1", DType::kUInt8},   {"i1", DType::kInt8},    {"b1", DType::kBool},
+      {"u2", DType::kUInt16},  {"i2", DType::kInt16},   {"u4", DType::kUInt32},
+      {"i4", DType::kInt32},   {"u8", DType::kUInt64},  {"i8", DType::kInt64},
+      {"f2", DType::kFloat16}, {"f4", DType::kFloat32}, {"f8", DType::kFloat64}};
+  std::string code = descr.size() == 3 ? descr.substr(1) : descr;
+  for (const auto& [name, dtype] : kTypes)
+    if (code == name) return dtype;
+  fail(ErrorCode::kUnsupported, "{}: dtype {}: not a numeric dtype sluice reads", path, descr);
+}
+
+}  // namespace
+
+std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
+                                              const DatasetOpenOptions& options) {
+  const fs::path& path = source.path;
+  std::error_code ec;
+  DatasetFormat format = source.format;
+  if (format == DatasetFormat::kAuto) {
+    if (fs::is_directory(path, ec) || !fs::exists(path, ec))
+      format = DatasetFormat::kShards;
+    else if (path.extension() == ".npy")
+      format = DatasetFormat::kNpy;
+    else if (source.seq_len > 0)
+      format = DatasetFormat::kTokens;
+    else
+      fail(ErrorCode::kConfig,
+           "{}: a file, not a packed dataset: set dataset.format (npy, tokens) and, for tokens, "
+           "dataset.seq_len",
+           path.string());
+  }
+  if (format == DatasetFormat::kShards) return open(path, options);
+  if (format != DatasetFormat::kNpy && format != DatasetFormat::kTokens)
+    fail(ErrorCode::kUnsupported, "{}: dataset.format {}: not read in place by this build ({})",
+         path.string(), format == DatasetFormat::kTar ? "tar" : "files",
+         "pack it with `sluice pack`, or use shards, npy or tokens");
+
+  auto impl = std::make_unique<Impl>();
+  impl->dir = fs::absolute(path);
+  const std::string name = path.string();
+  Shard s;
+  s.fd = detail::open_file(impl->dir, O_RDONLY);
+  const uint64_t size = detail::file_size(s.fd.get(), name);
+  Impl::Array a;
+  FieldSpec field;
+  uint64_t count = 0;
+  if (format == DatasetFormat::kNpy) {
+    std::byte prefix[12] = {};
+    size_t got = detail::pread_full(s.fd.get(), prefix, 0, name);
+    if (got < 10 || std::memcmp(prefix, "\x93NUMPY", 6) != 0)
+      fail(ErrorCode::kCorruption, "{}: not a .npy file (no \\x93NUMPY magic)", name);
+    auto major = std::to_integer<uint8_t>(prefix[6]);
+    size_t len_bytes = major == 1 ? 2 : 4, header_at = 8 + len_bytes;
+    if (major < 1 || major > 3 || got < header_at)
+      fail(ErrorCode::kCorruption, "{}: bad .npy header: version {}", name, major);
+    uint64_t header_len = read_u64_le(prefix + 8, len_bytes);
+    if (header_len > (1 << 20) || header_at + header_len > size)
+      fail(ErrorCode::kCorruption, "{}: bad .npy header: length {} in a file of {} bytes", name,
+           header_len, size);
+    std::string header(header_len, '\0');
+    detail::pread_full(s.fd.get(), std::as_writable_bytes(std::span(header)), header_at, name);
+    if (npy_value(header, "fortran_order", name) != "False")
+      fail(ErrorCode::kUnsupported, "{}: a Fortran-order array; save it C-contiguous", name);
+    field.name = "data";
+    field.dtype = npy_dtype(npy_value(header, "descr", name), name);
+    std::string shape = npy_value(header, "shape", name);
+    std::vector<int64_t> dims;
+    for (size_t i = 0; i < shape.size();) {
+      if (!std::isdigit(static_cast<unsigned char>(shape[i]))) {
+        ++i;
+        continue;
+      }
+      size_t used = 0;
+      dims.push_back(std::stoll(shape.substr(i), &used));
+      i += used;
+    }
+    if (dims.empty())
+      fail(ErrorCode::kInvalidArgument, "{}: a 0-d array; sluice reads arrays of shape (N, ...)",
+           name);
+    count = static_cast<uint64_t>(dims[0]);
+    field.shape.assign(dims.begin() + 1, dims.end());
+    a.base = header_at + header_len;
+    a.item = field.fixed_bytes();
+    a.stride = a.item;
+    if (a.base + count * a.item > size)
+      fail(ErrorCode::kCorruption,
+           "{}: truncated: {} bytes, its header says {} samples of {} bytes", name, size, count,
+           a.item);
+  } else {
+    if (source.seq_len == 0) fail(ErrorCode::kConfig, "dataset.seq_len: required for tokens");
+    if (source.token_bytes != 2 && source.token_bytes != 4)
+      fail(ErrorCode::kConfig, "dataset.dtype: tokens are uint16 or uint32");
+    const uint64_t t = source.token_bytes;
+    if (size % t != 0)
+      fail(ErrorCode::kCorruption,
+           "{}: {} bytes is not a whole number of {}-byte tokens (truncated?)", name, size, t);
+    const uint64_t tokens = size / t, stride = source.stride ? source.stride : source.seq_len;
+    if (tokens < source.seq_len)
+      fail(ErrorCode::kInvalidArgument, "{}: {} tokens, fewer than one window of seq_len {}", name,
+           tokens, source.seq_len);
+    count = (tokens - source.seq_len) / stride + 1;
+    field.name = "tokens";
+    field.dtype = t == 2 ? DType::kUInt16 : DType::kUInt32;
+    field.shape = {static_cast<int64_t>(source.seq_len)};
+    a.item = source.seq_len * t;
+    a.stride = stride * t;
+  }
+  if (a.item == 0 || a.item > UINT32_MAX)
+    fail(ErrorCode::kInvalidArgument, "{}: samples of {} bytes (sluice reads 1 byte to 4 GiB)",
+         name, a.item);
+  impl->array = a;
+  impl->manifest.fields = {field};
+  impl->manifest.num_samples = count;
+  impl->manifest.total_bytes = count * a.item;
+  impl->manifest.alignment = 4096;  // the O_DIRECT block: reads cover whole blocks
+  impl->manifest.version = 0;
+  impl->layout = format::RecordLayout(impl->manifest.fields);
+  impl->infos.push_back({impl->dir, 0, count, size, true});
+  impl->first_samples.push_back(0);
+  impl->shards.push_back(std::move(s));
+  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
 }  // namespace sluice

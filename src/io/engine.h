@@ -64,6 +64,9 @@ struct ReadOp {
   uint64_t offset = 0;
   uint32_t length = 0;
   std::byte* dest = nullptr;
+  // Bytes that must be read (0: all of `length`); past them, end of file ends the op early
+  // (a block-aligned cover of a file whose size is not block-aligned).
+  uint32_t required = 0;
 };
 
 struct ReadFailure {

@@ -55,8 +55,10 @@ void ReadQueue::settle(const Completion& c) {
     if (failure.error == 0) failure = {i, c.result};
   } else if (c.result < 0) {
     if (failure.error == 0) failure = {i, c.result};
-  } else if (c.result == 0) {  // end of file before the op was complete
-    if (failure.error == 0) failure = {i, -ENODATA};
+  } else if (c.result == 0) {  // end of file: fine once the required bytes are in
+    const ReadOp& op = job->ops[i];
+    if (job->done[i] < (op.required ? op.required : op.length) && failure.error == 0)
+      failure = {i, -ENODATA};
   } else {
     job->done[i] += static_cast<uint32_t>(c.result);
     if (job->done[i] < job->ops[i].length && failure.error == 0) {  // short read: the rest

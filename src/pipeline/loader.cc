@@ -306,12 +306,9 @@ class LoaderImpl final : public Loader {
 
   static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o) {
     if (o.dataset.path.empty()) fail(ErrorCode::kConfig, "dataset.path: missing");
-    if (o.dataset.format != DatasetFormat::kAuto && o.dataset.format != DatasetFormat::kShards)
-      fail(ErrorCode::kUnsupported, "dataset.format: {}: this build reads packed shards only",
-           to_string(o.dataset.format));
     DatasetOpenOptions open;
     open.allow_absent_shards = !o.distributed.peers.empty();
-    return Dataset::open(o.dataset.path, open);
+    return Dataset::open_source(o.dataset, open);
   }
 
   // Which peers serve each shard that is not on this node (replicas in config order); every
@@ -371,9 +368,10 @@ class LoaderImpl final : public Loader {
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
     bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
-    direct_to_batch_ =
-        all_local && fields.size() == 1 && fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
-        fields[0].fixed_bytes() % io_alignment_ == 0 && fields[0].fixed_bytes() <= UINT32_MAX;
+    direct_to_batch_ = all_local && dataset_->packed() && fields.size() == 1 &&
+                       fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
+                       fields[0].fixed_bytes() % io_alignment_ == 0 &&
+                       fields[0].fixed_bytes() <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
                        : "direct I/O off, reading through the page cache: " + why);
@@ -540,11 +538,16 @@ class LoaderImpl final : public Loader {
             staging_bytes += end - last_end;
             last.length = static_cast<uint32_t>(end - last.offset);
           }
+          last.required =
+              std::max(last.required, static_cast<uint32_t>(x.offset + x.size - last.offset));
           s.sample_op[i] = s.ops.size() - 1;
           continue;
         }
       }
-      s.ops.push_back({x.shard, start, static_cast<uint32_t>(end - start), nullptr});
+      // The cover may run past the end of a file that is not block-aligned (npy, tokens);
+      // only the sample's own bytes are required.
+      s.ops.push_back({x.shard, start, static_cast<uint32_t>(end - start), nullptr,
+                       static_cast<uint32_t>(x.offset + x.size - start)});
       s.op_staging.push_back(staging_bytes);
       staging_bytes += end - start;
       s.sample_op[i] = s.ops.size() - 1;
@@ -783,6 +786,7 @@ class LoaderImpl final : public Loader {
   }
 
   void check_record(const SampleExtent& x, uint64_t index, const std::byte* record) const {
+    if (!dataset_->packed()) return;  // npy, tokens: no checksums to check
     uint32_t sum = format::record_checksum(record, x.size, index);
     if (sum != x.checksum)
       fail(ErrorCode::kCorruption,

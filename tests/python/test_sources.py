@@ -1,0 +1,98 @@
+"""Sources read in place: NumPy .npy arrays and flat token files (nanoGPT / Megatron style),
+made with NumPy as they are in the wild."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sluice
+
+
+def epoch(cfg: dict, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Every batch of an epoch, kept (fewer than max_batches_held)."""
+    return list(sluice.Loader(cfg, rank=rank, world_size=world_size))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.uint8, np.float16])
+@pytest.mark.parametrize("direct", [True, False])
+def test_npy_samples_are_the_rows_with_their_dtype_and_shape(tmp_path: Path, dtype, direct) -> None:
+    a = (np.random.default_rng(0).standard_normal((777, 3, 5)) * 50).astype(dtype)
+    np.save(tmp_path / "a.npy", a)
+    cfg = {"dataset": {"path": str(tmp_path / "a.npy")}, "batch_size": 32, "drop_last": False,
+           "io": {"direct": direct}}
+    seen = []
+    for b in epoch(cfg):
+        real = ~b["padding"]
+        idx = b["index"][real]
+        assert b["data"].dtype == torch.from_numpy(a[:1]).dtype
+        assert b["data"].shape[1:] == (3, 5)
+        assert torch.equal(b["data"][real], torch.from_numpy(a[idx.numpy()]))
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(777))
+
+
+def test_npy_exactly_once_across_ranks(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.int32).reshape(1000, 1))
+    cfg = {"dataset": {"path": str(tmp_path / "a.npy"), "format": "npy"}, "batch_size": 10}
+    seen = []
+    for rank in range(4):
+        for b in epoch(cfg, rank, 4):
+            assert b["data"][:, 0].tolist() == b["index"].tolist()
+            seen += b["index"].tolist()
+    assert sorted(seen) == list(range(1000))
+
+
+@pytest.mark.parametrize("dtype,name", [(np.uint16, "uint16"), (np.uint32, "uint32")])
+def test_token_windows(tmp_path: Path, dtype, name: str) -> None:
+    tokens = np.random.default_rng(1).integers(0, 60000, 50_001, dtype=dtype)
+    tokens.tofile(tmp_path / "train.bin")
+    seq, stride = 256, 100
+    cfg = {"dataset": {"path": str(tmp_path / "train.bin"), "format": "tokens", "seq_len": seq,
+                       "stride": stride, "dtype": name}, "batch_size": 8, "drop_last": False}
+    windows = (len(tokens) - seq) // stride + 1
+    seen = []
+    for b in sluice.Loader(cfg, rank=0, world_size=1):  # one batch at a time: 490 of them
+        assert b["tokens"].shape[1] == seq
+        for k, i in enumerate(b["index"].tolist()):
+            assert np.array_equal(b["tokens"][k].numpy(), tokens[i * stride : i * stride + seq])
+        seen += b["index"][~b["padding"]].tolist()
+    assert sorted(seen) == list(range(windows))
+
+
+def test_auto_detects_npy_and_tokens_with_seq_len(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((10, 2), np.float32))
+    assert len(sluice.Loader({"dataset": {"path": str(tmp_path / "x.npy")}, "batch_size": 5},
+                             rank=0, world_size=1)) == 2
+    np.zeros(100, np.uint16).tofile(tmp_path / "t.bin")
+    assert len(sluice.Loader({"dataset": {"path": str(tmp_path / "t.bin"), "seq_len": 10},
+                              "batch_size": 5}, rank=0, world_size=1)) == 2
+    with pytest.raises(ValueError, match="set dataset.format"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "t.bin")}}, rank=0, world_size=1)
+
+
+def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 1001)
+    with pytest.raises(sluice.CorruptionError, match=r"odd.bin: 1001 bytes is not a whole number"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "odd.bin"), "format": "tokens",
+                                   "seq_len": 8}}, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="dataset.seq_len: required"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "odd.bin"), "format": "tokens"}},
+                      rank=0, world_size=1)
+    np.save(tmp_path / "a.npy", np.zeros((100, 4), np.float32))
+    whole = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:-100])
+    with pytest.raises(sluice.CorruptionError, match=r"cut.npy: truncated"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "cut.npy")}}, rank=0, world_size=1)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(sluice.CorruptionError, match=r"junk.npy: not a .npy file"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "junk.npy")}}, rank=0, world_size=1)
+    np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+    with pytest.raises(RuntimeError, match=r"s.npy: dtype <U1: not a numeric dtype"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "s.npy")}}, rank=0, world_size=1)
+    with pytest.raises(FileNotFoundError):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "none.npy"), "format": "npy"}},
+                      rank=0, world_size=1)
