@@ -15,6 +15,9 @@ struct PackArgs {
   uint32_t alignment = 4096;
   bool force = false;
   bool json = false;
+  uint64_t seq_len = 0;  // tokens: window length, stride and token type, as in the config
+  uint64_t stride = 0;
+  std::string dtype = "uint16";
 };
 
 struct OrderArgs {

@@ -20,8 +20,8 @@ int main(int argc, char** argv) {
   auto* pack_cmd = app.add_subcommand("pack", "Pack a source dataset into sluice shards");
   pack_cmd
       ->add_option("SRC", pack.sources,
-                   "Source: a directory tree, one file per sample, "
-                   "parent directory name = label")
+                   "Source: a directory tree (one file per sample, parent directory name = "
+                   "label), a .npy array, or a token file (--format tokens --seq-len N)")
       ->required();
   pack_cmd->add_option("-o,--output", pack.output, "Destination dataset directory")->required();
   pack_cmd->add_option("--format", pack.format, "Source format")
@@ -30,6 +30,10 @@ int main(int argc, char** argv) {
   pack_cmd->add_option("--alignment", pack.alignment, "Direct-I/O block size (power of two)");
   pack_cmd->add_flag("--force", pack.force, "Replace an existing dataset at the destination");
   pack_cmd->add_flag("--json", pack.json, "Print a JSON summary, no progress bar");
+  pack_cmd->add_option("--seq-len", pack.seq_len, "tokens: tokens per sample (window length)");
+  pack_cmd->add_option("--stride", pack.stride, "tokens: tokens between windows (default seq-len)");
+  pack_cmd->add_option("--dtype", pack.dtype, "tokens: uint16 or uint32")
+      ->check(CLI::IsMember({"uint16", "uint32"}));
 
   std::string dataset;
   bool json = false;
@@ -64,7 +68,8 @@ int main(int argc, char** argv) {
   bench_cmd->add_flag("--json", bench.json, "Machine-readable output, no progress bar");
 
   ServeArgs serve;
-  auto* serve_cmd = app.add_subcommand("serve", "Serve a dataset's samples to remote loaders (UCX)");
+  auto* serve_cmd =
+      app.add_subcommand("serve", "Serve a dataset's samples to remote loaders (UCX)");
   serve_cmd->add_option("DATASET", serve.dataset, "Dataset directory")->required();
   serve_cmd->add_option("--listen", serve.listen, "HOST:PORT to listen on (default 0.0.0.0:7070)");
   serve_cmd->add_option("--token-file", serve.token_file,

@@ -1,5 +1,6 @@
-// `sluice pack`: a directory tree, one file per sample and the parent directory's name as the
-// label (torchvision's ImageFolder layout), into a packed dataset.
+// `sluice pack`: into a packed dataset, from a directory tree (one file per sample and the
+// parent directory's name as the label: torchvision's ImageFolder layout), or from a source the
+// loader also reads in place (a .npy array, a token file), sample by sample.
 
 #include <sluice/sluice.h>
 
@@ -82,11 +83,61 @@ std::vector<SourceFile> scan_tree(const fs::path& root) {
 
 }  // namespace
 
+namespace {
+
+// npy and tokens: whatever Dataset::open_source reads, written sample by sample with the
+// same fields, dtype and shape.
+int pack_in_place_source(const PackArgs& args, DatasetFormat format) {
+  if (args.sources.size() != 1)
+    fail(ErrorCode::kInvalidArgument, "--format {} takes one source file, got {}", args.format,
+         args.sources.size());
+  DatasetOptions source;
+  source.path = args.sources[0];
+  source.format = format;
+  source.seq_len = args.seq_len;
+  source.stride = args.stride;
+  source.token_bytes = args.dtype == "uint32" ? 4 : 2;
+  auto ds = Dataset::open_source(source);
+  WriterOptions options;
+  options.fields = ds->fields();
+  options.shard_bytes = args.shard_bytes;
+  options.alignment = args.alignment;
+  options.overwrite = args.force;
+  auto writer = DatasetWriter::create(args.output, options);
+  Progress progress("pack", ds->num_samples(), "samples", !args.json);
+  std::vector<std::byte> record;
+  for (uint64_t i = 0; i < ds->num_samples(); ++i) {
+    record.resize(ds->extent(i).size);
+    ds->read_record_into(i, record);
+    writer->add(ds->parse_record(i, record).fields);
+    progress.update(i + 1);
+  }
+  writer->finish();
+  progress.finish();
+  if (args.json)
+    std::cout << nlohmann::json{{"samples", ds->num_samples()},
+                                {"bytes", writer->bytes_written()},
+                                {"path", fs::absolute(args.output).string()}}
+              << "\n";
+  else
+    fmt::print("packed {} samples ({} bytes) into {}\n", ds->num_samples(), writer->bytes_written(),
+               args.output.string());
+  return 0;
+}
+
+}  // namespace
+
 int run_pack(const PackArgs& args) {
+  bool one_file = args.sources.size() == 1 && fs::is_regular_file(args.sources[0]);
+  if (args.format == "npy" ||
+      (args.format == "auto" && one_file && args.sources[0].extension() == ".npy"))
+    return pack_in_place_source(args, DatasetFormat::kNpy);
+  if (args.format == "tokens" || (args.format == "auto" && one_file && args.seq_len > 0))
+    return pack_in_place_source(args, DatasetFormat::kTokens);
   if (args.format != "auto" && args.format != "files")
     fail(ErrorCode::kUnsupported,
-         "--format {}: this build packs directory trees only "
-         "(--format files)",
+         "--format {}: this build packs directory trees, .npy arrays and token files "
+         "(--format files, npy, tokens)",
          args.format);
   if (args.sources.size() != 1)
     fail(ErrorCode::kInvalidArgument, "--format files takes one source directory, got {}",

@@ -129,5 +129,23 @@ else
   expect_fail "killed pack: staging dir is no dataset" "not a packed sluice dataset" "$SLUICE" inspect "$partial"
 fi
 
+# A flat uint16 token file (as nanoGPT writes it), read in place and packed.
+head -c 20000 /dev/urandom > "$TMP/train.bin"
+cat > "$TMP/tokens.yaml" <<YAML
+dataset: {path: train.bin, format: tokens, seq_len: 100, stride: 50}
+batch_size: 7
+YAML
+check "tokens: order reads the file in place" \
+  test "$("$SLUICE" order "$TMP/tokens.yaml" --rank 0 --world-size 1 --epoch 0 | wc -l)" -eq 196
+check "tokens: pack" "$SLUICE" pack "$TMP/train.bin" -o "$TMP/tok" --format tokens --seq-len 100 \
+  --stride 50 --json
+check "tokens: packed windows" bash -c "'$SLUICE' inspect '$TMP/tok' --json | grep -q '\"samples\": *199'"
+check "tokens: packed verify" "$SLUICE" verify "$TMP/tok"
+head -c 20001 /dev/urandom > "$TMP/odd.bin"
+expect_fail "tokens: odd byte count" "not a whole number of 2-byte tokens" \
+  "$SLUICE" pack "$TMP/odd.bin" -o "$TMP/odd" --format tokens --seq-len 10
+expect_fail "tokens: seq-len required" "dataset.seq_len: required" \
+  "$SLUICE" pack "$TMP/train.bin" -o "$TMP/x" --format tokens
+
 echo "$passes passed, $fails failed"
 [[ $fails -eq 0 ]]

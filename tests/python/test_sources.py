@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 
 import sluice
+
+CLI = Path(__file__).resolve().parents[2] / "build" / "sluice"
 
 
 def epoch(cfg: dict, rank: int = 0, world_size: int = 1) -> list[dict]:
@@ -96,3 +100,25 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         sluice.Loader({"dataset": {"path": str(tmp_path / "none.npy"), "format": "npy"}},
                       rank=0, world_size=1)
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="no build/sluice (the CLI is built by scripts/test.sh)")
+def test_pack_then_read_gives_the_same_samples(tmp_path: Path) -> None:
+    a = np.random.default_rng(3).integers(0, 1000, (300, 2, 3), dtype=np.int32)
+    np.save(tmp_path / "a.npy", a)
+    subprocess.run([CLI, "pack", tmp_path / "a.npy", "-o", tmp_path / "packed", "--json"],
+                   check=True, capture_output=True)
+    cfg = {"dataset": {"path": str(tmp_path / "packed")}, "batch_size": 30}
+    seen = 0
+    for b in sluice.Loader(cfg, rank=0, world_size=1):
+        assert b["data"].dtype == torch.int32 and b["data"].shape[1:] == (2, 3)
+        assert torch.equal(b["data"], torch.from_numpy(a[b["index"].numpy()]))
+        seen += len(b["index"])
+    assert seen == 300
+    tokens = np.arange(5000, dtype=np.uint32)
+    tokens.tofile(tmp_path / "t.bin")
+    subprocess.run([CLI, "pack", tmp_path / "t.bin", "-o", tmp_path / "tok", "--format", "tokens",
+                    "--seq-len", "64", "--dtype", "uint32"], check=True, capture_output=True)
+    ds = sluice.Dataset(str(tmp_path / "tok"))
+    assert len(ds) == 5000 // 64
+    assert np.frombuffer(ds.sample(10)["tokens"], np.uint32).tolist() == list(range(640, 704))
