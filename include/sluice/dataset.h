@@ -114,10 +114,12 @@ class SLUICE_EXPORT Dataset {
                                        const DatasetOpenOptions& options = {});
   /// Opens what `source.format` names (auto detects): packed shards as open() does, or a
   /// source read in place: `npy` (a NumPy .npy array of shape (N, ...): N samples of one field
-  /// "data" with its dtype and shape) or `tokens` (a flat uint16/uint32 token file as windows of
-  /// seq_len tokens every stride tokens: one field "tokens" [seq_len]). Throws kConfig for
-  /// missing parameters, kCorruption naming the file for a bad header or a truncated file,
-  /// kUnsupported for formats this build does not read in place.
+  /// "data" with its dtype and shape), `tokens` (a flat uint16/uint32 token file as windows of
+  /// seq_len tokens every stride tokens: one field "tokens" [seq_len]) or `files` (a tree of
+  /// class directories, one sample per file: "data" bytes and an int64 "label", the index of
+  /// the file's directory name among the sorted names; auto: a directory without a manifest).
+  /// Throws kConfig for missing parameters, kCorruption naming the file for a bad header or a
+  /// truncated file, kUnsupported for formats this build does not read in place.
   static std::shared_ptr<Dataset> open_source(const DatasetOptions& source,
                                               const DatasetOpenOptions& options = {});
   ~Dataset();
@@ -152,6 +154,15 @@ class SLUICE_EXPORT Dataset {
   size_t read_record_into(uint64_t index, std::span<std::byte> dest) const;
   /// Splits a record into its fields; throws kCorruption when the lengths do not add up.
   SampleFields parse_record(uint64_t index, std::span<const std::byte> record) const;
+  /// The same into `fields` (reused storage); "" or why the record does not split.
+  std::string split_record(uint64_t index, std::span<const std::byte> record,
+                           std::vector<std::span<const std::byte>>& fields) const;
+  /// `files` datasets (a tree read in place): sample `index`'s file, relative to path(); empty
+  /// for other datasets. Its record is the file's bytes; its label comes from its directory.
+  std::string_view sample_file(uint64_t index) const;
+  /// `files` datasets: opens sample `index`'s file read-only (with O_DIRECT when `direct`);
+  /// the caller owns the descriptor. Throws naming the file and the sample.
+  int open_sample(uint64_t index, bool direct) const;
 
   /// Checks every header, index and sample checksum. `progress(done, total)` is called now and
   /// then with bytes checked. Returns one line per problem (empty when the dataset is sound),
@@ -163,6 +174,7 @@ class SLUICE_EXPORT Dataset {
 
  private:
   explicit Dataset(std::unique_ptr<Impl> impl);
+  static std::shared_ptr<Dataset> open_files(const std::filesystem::path& root);
   std::unique_ptr<Impl> impl_;
 };
 

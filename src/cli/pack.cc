@@ -42,55 +42,12 @@ uint64_t parse_size(const std::string& text) {
 
 namespace {
 
-struct SourceFile {
-  fs::path path;
-  std::string label;
-};
-
-bool hidden(const fs::path& p) { return p.filename().string().starts_with("."); }
-
-std::vector<SourceFile> scan_tree(const fs::path& root) {
-  std::error_code ec;
-  if (!fs::exists(root, ec))
-    throw Error(ErrorCode::kNotFound, fmt::format("{}: no such directory", root.string()), ENOENT);
-  if (!fs::is_directory(root, ec))
-    fail(ErrorCode::kInvalidArgument,
-         "{}: not a directory (pack --format files takes a tree "
-         "of class directories)",
-         root.string());
-  std::vector<SourceFile> files;
-  auto it = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
-  if (ec) detail::fail_errno(ec.value(), "list " + root.string());
-  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (ec) detail::fail_errno(ec.value(), "list " + it->path().string());
-    if (hidden(it->path())) {
-      if (it->is_directory()) it.disable_recursion_pending();
-      continue;
-    }
-    if (!it->is_regular_file(ec)) continue;
-    fs::path rel = it->path().lexically_relative(root);
-    if (!rel.has_parent_path())
-      fail(ErrorCode::kInvalidArgument,
-           "{}: not inside a class directory (expected "
-           "SRC/<label>/<file>)",
-           it->path().string());
-    files.push_back({it->path(), it->path().parent_path().filename().string()});
-  }
-  std::sort(files.begin(), files.end(),
-            [](const SourceFile& a, const SourceFile& b) { return a.path < b.path; });
-  return files;
-}
-
-}  // namespace
-
-namespace {
-
-// npy and tokens: whatever Dataset::open_source reads, written sample by sample with the
-// same fields, dtype and shape.
-int pack_in_place_source(const PackArgs& args, DatasetFormat format) {
+// Whatever Dataset::open_source reads in place (a tree of files, a .npy array, a token file),
+// written sample by sample with the same fields, dtypes, shapes and classes.
+int pack_source(const PackArgs& args, DatasetFormat format) {
   if (args.sources.size() != 1)
-    fail(ErrorCode::kInvalidArgument, "--format {} takes one source file, got {}", args.format,
-         args.sources.size());
+    fail(ErrorCode::kInvalidArgument, "--format {} takes one source, got {}",
+         format == DatasetFormat::kFiles ? "files" : args.format, args.sources.size());
   DatasetOptions source;
   source.path = args.sources[0];
   source.format = format;
@@ -100,6 +57,7 @@ int pack_in_place_source(const PackArgs& args, DatasetFormat format) {
   auto ds = Dataset::open_source(source);
   WriterOptions options;
   options.fields = ds->fields();
+  options.classes = ds->classes();
   options.shard_bytes = args.shard_bytes;
   options.alignment = args.alignment;
   options.overwrite = args.force;
@@ -116,6 +74,7 @@ int pack_in_place_source(const PackArgs& args, DatasetFormat format) {
   progress.finish();
   if (args.json)
     std::cout << nlohmann::json{{"samples", ds->num_samples()},
+                                {"classes", ds->classes().size()},
                                 {"bytes", writer->bytes_written()},
                                 {"path", fs::absolute(args.output).string()}}
               << "\n";
@@ -131,62 +90,15 @@ int run_pack(const PackArgs& args) {
   bool one_file = args.sources.size() == 1 && fs::is_regular_file(args.sources[0]);
   if (args.format == "npy" ||
       (args.format == "auto" && one_file && args.sources[0].extension() == ".npy"))
-    return pack_in_place_source(args, DatasetFormat::kNpy);
+    return pack_source(args, DatasetFormat::kNpy);
   if (args.format == "tokens" || (args.format == "auto" && one_file && args.seq_len > 0))
-    return pack_in_place_source(args, DatasetFormat::kTokens);
+    return pack_source(args, DatasetFormat::kTokens);
   if (args.format != "auto" && args.format != "files")
     fail(ErrorCode::kUnsupported,
          "--format {}: this build packs directory trees, .npy arrays and token files "
          "(--format files, npy, tokens)",
          args.format);
-  if (args.sources.size() != 1)
-    fail(ErrorCode::kInvalidArgument, "--format files takes one source directory, got {}",
-         args.sources.size());
-  const fs::path& root = args.sources[0];
-  std::vector<SourceFile> files = scan_tree(root);
-  if (files.empty()) fail(ErrorCode::kInvalidArgument, "{}: no files to pack", root.string());
-
-  std::vector<std::string> classes;
-  for (const auto& f : files) classes.push_back(f.label);
-  std::sort(classes.begin(), classes.end());
-  classes.erase(std::unique(classes.begin(), classes.end()), classes.end());
-
-  WriterOptions options;
-  options.fields = {{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}};
-  options.shard_bytes = args.shard_bytes;
-  options.alignment = args.alignment;
-  options.classes = classes;
-  options.overwrite = args.force;
-  auto writer = DatasetWriter::create(args.output, options);
-
-  Progress progress("pack", files.size(), "files", !args.json);
-  std::vector<std::byte> data;
-  for (size_t i = 0; i < files.size(); ++i) {
-    const auto& f = files[i];
-    auto fd = detail::open_file(f.path, O_RDONLY);
-    uint64_t size = detail::file_size(fd.get(), f.path.string());
-    data.resize(size);
-    if (detail::pread_full(fd.get(), data, 0, f.path.string()) != size)
-      fail(ErrorCode::kIo, "{}: file shrank while packing", f.path.string());
-    auto label = static_cast<int64_t>(std::lower_bound(classes.begin(), classes.end(), f.label) -
-                                      classes.begin());
-    std::span<const std::byte> fields[] = {data, std::as_bytes(std::span(&label, 1))};
-    writer->add(fields);
-    progress.update(i + 1);
-  }
-  writer->finish();
-  progress.finish();
-  if (args.json) {
-    std::cout << nlohmann::json{{"samples", files.size()},
-                                {"classes", classes.size()},
-                                {"bytes", writer->bytes_written()},
-                                {"path", fs::absolute(args.output).string()}}
-              << "\n";
-  } else {
-    fmt::print("packed {} samples ({} classes, {} bytes) into {}\n", files.size(), classes.size(),
-               writer->bytes_written(), args.output.string());
-  }
-  return 0;
+  return pack_source(args, DatasetFormat::kFiles);
 }
 
 }  // namespace sluice::cli

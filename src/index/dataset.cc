@@ -54,6 +54,14 @@ struct Dataset::Impl {
     uint64_t base = 0, stride = 0, item = 0;
   };
   std::optional<Array> array;
+  // files: a tree read in place. Compact per-sample metadata: relative paths back to back.
+  struct Files {
+    std::string names;
+    std::vector<uint64_t> name_at;  // N + 1 offsets into names
+    std::vector<uint32_t> sizes;
+    std::vector<int64_t> labels;
+  };
+  std::optional<Files> files;
 
   const std::string& shard_label(uint32_t shard) const { return manifest.shards[shard].name; }
 
@@ -166,7 +174,7 @@ uint64_t Dataset::num_samples() const { return impl_->manifest.num_samples; }
 uint64_t Dataset::total_bytes() const { return impl_->manifest.total_bytes; }
 uint32_t Dataset::alignment() const { return impl_->manifest.alignment; }
 uint32_t Dataset::format_version() const { return impl_->manifest.version; }
-bool Dataset::packed() const { return !impl_->array; }
+bool Dataset::packed() const { return !impl_->array && !impl_->files; }
 const std::vector<FieldSpec>& Dataset::fields() const { return impl_->manifest.fields; }
 const std::vector<std::string>& Dataset::classes() const { return impl_->manifest.classes; }
 const std::vector<ShardInfo>& Dataset::shards() const { return impl_->infos; }
@@ -195,6 +203,7 @@ SampleExtent Dataset::extent(uint64_t index) const {
   const uint32_t shard = shard_of(index);
   if (const auto& a = impl_->array)
     return {0, a->base + index * a->stride, static_cast<uint32_t>(a->item), 0};
+  if (const auto& f = impl_->files) return {0, 0, f->sizes[index], 0};
   const auto& firsts = impl_->first_samples;
   if (!impl_->infos[shard].local)
     throw Error(ErrorCode::kNotFound,
@@ -223,11 +232,13 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
     fail(ErrorCode::kInvalidArgument, "{}: sample {}: {} bytes do not fit a buffer of {}", path,
          index, x.size, dest.size());
   auto record = dest.first(x.size);
-  size_t n = detail::pread_full(shard_fd(x.shard), record, x.offset, path);
+  detail::UniqueFd file;
+  if (impl_->files) file = detail::UniqueFd(open_sample(index, false));
+  size_t n = detail::pread_full(file ? file.get() : shard_fd(x.shard), record, x.offset, path);
   if (n != x.size)
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
          index, n, x.size, x.offset);
-  if (impl_->array) return x.size;  // nothing to check against
+  if (impl_->array || impl_->files) return x.size;  // nothing to check against
   uint32_t sum = format::record_checksum(record.data(), record.size(), index);
   if (sum != x.checksum)
     fail(ErrorCode::kCorruption,
@@ -238,15 +249,48 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
 
 SampleFields Dataset::parse_record(uint64_t index, std::span<const std::byte> record) const {
   SampleFields out;
-  if (auto why = impl_->layout.split(record, out.fields); !why.empty())
+  if (auto why = split_record(index, record, out.fields); !why.empty())
     fail(ErrorCode::kCorruption, "{}: sample {}: {}", impl_->dir.string(), index, why);
   return out;
+}
+
+std::string Dataset::split_record(uint64_t index, std::span<const std::byte> record,
+                                  std::vector<std::span<const std::byte>>& fields) const {
+  if (const auto& f = impl_->files) {  // the file's bytes, and the label from its directory
+    fields.assign({record, std::as_bytes(std::span(&f->labels[index], 1))});
+    return "";
+  }
+  return impl_->layout.split(record, fields);
+}
+
+std::string_view Dataset::sample_file(uint64_t index) const {
+  const auto& f = impl_->files;
+  if (!f || index >= num_samples()) return {};
+  return std::string_view(f->names).substr(f->name_at[index],
+                                           f->name_at[index + 1] - f->name_at[index]);
+}
+
+int Dataset::open_sample(uint64_t index, bool direct) const {
+  std::string name(sample_file(index));
+  if (name.empty())
+    fail(ErrorCode::kInvalidArgument, "{}: sample {}: not a files dataset", impl_->dir.string(),
+         index);
+  int fd = ::openat(impl_->shards[0].fd.get(), name.c_str(),
+                    O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+  if (fd < 0) {
+    int err = errno;
+    throw Error(err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIo,
+                fmt::format("{}: sample {}: open: {}", (impl_->dir / name).string(), index,
+                            detail::errno_text(err)),
+                err);
+  }
+  return fd;
 }
 
 std::vector<std::string> Dataset::verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
   std::vector<std::string> problems;
-  if (impl_->array) return problems;  // sizes were checked at open; there are no checksums
+  if (!packed()) return problems;  // sizes were checked at open; there are no checksums
   uint64_t total = total_bytes(), done = 0;
   std::vector<std::byte> window;
   std::vector<std::span<const std::byte>> fields;
@@ -351,8 +395,10 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   std::error_code ec;
   DatasetFormat format = source.format;
   if (format == DatasetFormat::kAuto) {
-    if (fs::is_directory(path, ec) || !fs::exists(path, ec))
+    if (!fs::exists(path, ec) || fs::exists(path / format::kManifestName, ec))
       format = DatasetFormat::kShards;
+    else if (fs::is_directory(path, ec))
+      format = DatasetFormat::kFiles;
     else if (path.extension() == ".npy")
       format = DatasetFormat::kNpy;
     else if (source.seq_len > 0)
@@ -364,10 +410,12 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
            path.string());
   }
   if (format == DatasetFormat::kShards) return open(path, options);
-  if (format != DatasetFormat::kNpy && format != DatasetFormat::kTokens)
-    fail(ErrorCode::kUnsupported, "{}: dataset.format {}: not read in place by this build ({})",
-         path.string(), format == DatasetFormat::kTar ? "tar" : "files",
-         "pack it with `sluice pack`, or use shards, npy or tokens");
+  if (format == DatasetFormat::kFiles) return open_files(path);
+  if (format == DatasetFormat::kTar)
+    fail(ErrorCode::kUnsupported,
+         "{}: dataset.format tar: not read in place by this build (use shards, files, npy or "
+         "tokens)",
+         path.string());
 
   auto impl = std::make_unique<Impl>();
   impl->dir = fs::absolute(path);
@@ -450,6 +498,73 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   impl->manifest.version = 0;
   impl->layout = format::RecordLayout(impl->manifest.fields);
   impl->infos.push_back({impl->dir, 0, count, size, true});
+  impl->first_samples.push_back(0);
+  impl->shards.push_back(std::move(s));
+  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+}
+
+std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
+  std::error_code ec;
+  if (!fs::exists(root, ec))
+    throw Error(ErrorCode::kNotFound, fmt::format("{}: no such directory", root.string()), ENOENT);
+  if (!fs::is_directory(root, ec))
+    fail(ErrorCode::kInvalidArgument,
+         "{}: not a directory (format files takes a tree of class directories)", root.string());
+  struct Entry {
+    std::string rel, label;
+    uint64_t size;
+  };
+  std::vector<Entry> entries;
+  auto it = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
+  if (ec) detail::fail_errno(ec.value(), "list " + root.string());
+  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) detail::fail_errno(ec.value(), "list " + it->path().string());
+    if (it->path().filename().string().starts_with(".")) {  // hidden: skipped, not entered
+      if (it->is_directory()) it.disable_recursion_pending();
+      continue;
+    }
+    if (!it->is_regular_file(ec)) continue;
+    fs::path rel = it->path().lexically_relative(root);
+    if (!rel.has_parent_path())
+      fail(ErrorCode::kInvalidArgument,
+           "{}: not inside a class directory (expected ROOT/<label>/<file>)", it->path().string());
+    uint64_t size = it->file_size(ec);
+    if (ec) detail::fail_errno(ec.value(), "stat " + it->path().string());
+    if (size > UINT32_MAX)
+      fail(ErrorCode::kUnsupported, "{}: {} bytes: samples are at most 4 GiB", it->path().string(),
+           size);
+    entries.push_back({rel.string(), it->path().parent_path().filename().string(), size});
+  }
+  if (entries.empty()) fail(ErrorCode::kInvalidArgument, "{}: no files", root.string());
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.rel < b.rel; });
+
+  auto impl = std::make_unique<Impl>();
+  impl->dir = fs::absolute(root);
+  Impl::Files f;
+  std::vector<std::string>& classes = impl->manifest.classes;
+  for (const auto& e : entries) classes.push_back(e.label);
+  std::sort(classes.begin(), classes.end());
+  classes.erase(std::unique(classes.begin(), classes.end()), classes.end());
+  uint64_t total = 0;
+  for (const auto& e : entries) {
+    f.name_at.push_back(f.names.size());
+    f.names += e.rel;
+    f.sizes.push_back(static_cast<uint32_t>(e.size));
+    f.labels.push_back(std::lower_bound(classes.begin(), classes.end(), e.label) - classes.begin());
+    total += e.size;
+  }
+  f.name_at.push_back(f.names.size());
+  impl->files = std::move(f);
+  impl->manifest.fields = {{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}};
+  impl->manifest.num_samples = entries.size();
+  impl->manifest.total_bytes = total;
+  impl->manifest.alignment = 4096;
+  impl->manifest.version = 0;
+  impl->layout = format::RecordLayout(impl->manifest.fields);
+  Shard s;  // the root directory: files open relative to it
+  s.fd = detail::open_file(impl->dir, O_RDONLY | O_DIRECTORY);
+  impl->infos.push_back({impl->dir, 0, entries.size(), total, true});
   impl->first_samples.push_back(0);
   impl->shards.push_back(std::move(s));
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));

@@ -28,6 +28,7 @@ struct Request {
   uint64_t offset = 0;
   uint32_t length = 0;
   std::byte* dest = nullptr;
+  int fd = -1;  // >= 0: read this descriptor instead of file `file` (files opened per batch)
 };
 
 struct Completion {
@@ -67,6 +68,7 @@ struct ReadOp {
   // Bytes that must be read (0: all of `length`); past them, end of file ends the op early
   // (a block-aligned cover of a file whose size is not block-aligned).
   uint32_t required = 0;
+  int fd = -1;  // as Request::fd
 };
 
 struct ReadFailure {

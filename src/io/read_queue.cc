@@ -33,7 +33,7 @@ int ReadQueue::submit(uint32_t slot, size_t i) {
   const ReadOp& op = job.ops[i];
   uint32_t done = job.done[i];
   int ret = engine_.submit(
-      {tag_of(slot, i), op.file, op.offset + done, op.length - done, op.dest + done});
+      {tag_of(slot, i), op.file, op.offset + done, op.length - done, op.dest + done, op.fd});
   if (ret < 0) return ret;
   ++job.in_flight;
   ++slot_in_flight_[slot];

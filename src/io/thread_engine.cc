@@ -76,7 +76,8 @@ class ThreadEngine final : public Engine {
       Request r = queue_.front();
       queue_.pop_front();
       lock.unlock();
-      ssize_t n = ::pread(files_[r.file], r.dest, r.length, static_cast<off_t>(r.offset));
+      ssize_t n = ::pread(r.fd >= 0 ? r.fd : files_[r.file], r.dest, r.length,
+                          static_cast<off_t>(r.offset));
       int32_t result = n < 0 ? -errno : static_cast<int32_t>(n);
       lock.lock();
       done_.push_back({r.tag, result});

@@ -82,14 +82,15 @@ class UringEngine final : public Engine {
       sqe = io_uring_get_sqe(&ring_);
       if (!sqe) return -EBUSY;
     }
-    int fd = fixed_files_ ? static_cast<int>(r.file) : files_[r.file];
+    const bool fixed = fixed_files_ && r.fd < 0;
+    int fd = r.fd >= 0 ? r.fd : fixed ? static_cast<int>(r.file) : files_[r.file];
     bool in_buffer = !buffer_.empty() && r.dest >= buffer_.data() &&
                      r.dest + r.length <= buffer_.data() + buffer_.size();
     if (in_buffer)
       io_uring_prep_read_fixed(sqe, fd, r.dest, r.length, r.offset, 0);
     else
       io_uring_prep_read(sqe, fd, r.dest, r.length, r.offset);
-    if (fixed_files_) sqe->flags |= IOSQE_FIXED_FILE;
+    if (fixed) sqe->flags |= IOSQE_FIXED_FILE;
     io_uring_sqe_set_data64(sqe, r.tag);
     return 0;
   }

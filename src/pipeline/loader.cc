@@ -144,6 +144,7 @@ struct WorkerScratch {
   std::vector<std::span<const std::byte>> remote_record;  // per sample, when remote
   std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
   std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
+  std::vector<detail::UniqueFd> sample_files;  // dataset.format files: this batch's open files
 };
 
 class LoaderImpl final : public Loader {
@@ -152,7 +153,6 @@ class LoaderImpl final : public Loader {
       : options_(with_env_peers(options)),
         dataset_(open_dataset(options_)),
         fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
-        layout_(dataset_->fields()),
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
         world_(options.resolved_world_size()),
@@ -340,6 +340,8 @@ class LoaderImpl final : public Loader {
   void open_files() {
     const auto& shards = dataset_->shards();
     std::string why;
+    files_ = !dataset_->sample_file(0).empty();
+    if (files_) return open_sample_files();
     if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
       try {
         const ShardInfo* probe_shard = nullptr;
@@ -375,6 +377,31 @@ class LoaderImpl final : public Loader {
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
                        : "direct I/O off, reading through the page cache: " + why);
+  }
+
+  // dataset.format files: every sample's file is opened when its batch is read; O_DIRECT when
+  // the first one takes an aligned O_DIRECT read.
+  void open_sample_files() {
+    fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
+    std::string why;
+    if (options_.io.direct != DirectIo::kOff) {
+      try {
+        detail::UniqueFd probe(dataset_->open_sample(0, true));
+        AlignedBuffer buffer;
+        buffer.reserve(dataset_->alignment());
+        if (::pread(probe.get(), buffer.data(), dataset_->alignment(), 0) < 0)
+          detail::fail_errno(errno, "O_DIRECT read of " + std::string(dataset_->sample_file(0)));
+        direct_ = true;
+      } catch (const Error& e) {
+        why = e.what();
+        if (options_.io.direct == DirectIo::kOn)
+          fail(ErrorCode::kUnsupported, "io.direct: true, but {}", why);
+      }
+      log_line(direct_ ? "direct I/O (O_DIRECT) on"
+                       : "direct I/O off, reading through the page cache: " + why);
+    }
+    io_alignment_ = direct_ ? dataset_->alignment() : 1;
+    direct_to_batch_ = false;
   }
 
   void start_threads() {
@@ -479,6 +506,10 @@ class LoaderImpl final : public Loader {
           -f.error);
     const io::ReadOp& op = s.ops[f.op];
     std::string path = dataset_->shards()[op.file].path.string();
+    if (files_)  // name the sample's own file
+      for (size_t i = 0; i < s.refs.size(); ++i)
+        if (s.sample_op[i] == f.op)
+          path = (dataset_->path() / dataset_->sample_file(s.refs[i].index)).string();
     std::string samples;
     for (size_t i = 0, shown = 0; i < s.refs.size() && shown < 4; ++i)
       if (s.sample_op[i] == f.op) {
@@ -526,10 +557,20 @@ class LoaderImpl final : public Loader {
     s.op_staging.clear();
     s.sample_op.assign(n, 0);
     size_t staging_bytes = 0;
+    s.sample_files.clear();
     for (uint32_t i : s.order) {
       const SampleExtent& x = s.extents[i];
       uint64_t start = x.offset / align * align;
       uint64_t end = (x.offset + x.size + align - 1) / align * align;
+      if (files_) {  // one file per sample: its own descriptor, nothing to merge
+        s.sample_files.emplace_back(dataset_->open_sample(s.refs[i].index, direct_));
+        s.ops.push_back(
+            {0, 0, static_cast<uint32_t>(end), nullptr, x.size, s.sample_files.back().get()});
+        s.op_staging.push_back(staging_bytes);
+        staging_bytes += end;
+        s.sample_op[i] = s.ops.size() - 1;
+        continue;
+      }
       if (!s.ops.empty()) {
         io::ReadOp& last = s.ops.back();
         uint64_t last_end = last.offset + last.length;
@@ -560,6 +601,7 @@ class LoaderImpl final : public Loader {
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
     if (!s.ops.empty()) read_local(engine, s, deadline);
+    s.sample_files.clear();
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
@@ -576,7 +618,7 @@ class LoaderImpl final : public Loader {
         record = {op.dest + (x.offset - op.offset), x.size};
         if (options_.io.verify) check_record(x, index, record.data());
       }
-      if (auto why = layout_.split(record, parts); !why.empty())
+      if (auto why = dataset_->split_record(index, record, parts); !why.empty())
         fail(ErrorCode::kCorruption, "{}: sample {}: {}",
              dataset_->shards()[dataset_->shard_of(index)].path.string(), index, why);
       std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
@@ -797,7 +839,6 @@ class LoaderImpl final : public Loader {
   LoaderOptions options_;
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
-  format::RecordLayout layout_;
   Sampler sampler_;
   uint32_t rank_, world_;
   std::vector<detail::UniqueFd> direct_fds_;
@@ -806,6 +847,7 @@ class LoaderImpl final : public Loader {
   uint64_t io_alignment_ = 1;
   bool direct_to_batch_ = false;  // see read_into_batch
   bool pin_ = false;              // batch buffers page-locked (device: pinned / cuda:N)
+  bool files_ = false;            // dataset.format files: one file per sample, opened per batch
   std::shared_ptr<BufferPool> pool_;
   std::string token_;                             // the cluster's shared token
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order

@@ -122,3 +122,51 @@ def test_pack_then_read_gives_the_same_samples(tmp_path: Path) -> None:
     ds = sluice.Dataset(str(tmp_path / "tok"))
     assert len(ds) == 5000 // 64
     assert np.frombuffer(ds.sample(10)["tokens"], np.uint32).tolist() == list(range(640, 704))
+
+
+def make_tree(root: Path, per_class: int = 40) -> dict[str, bytes]:
+    """An ImageFolder-style tree: ROOT/<class>/<file>, sizes 0..9000 bytes; returns the bytes."""
+    rng = np.random.default_rng(5)
+    files = {}
+    for c in ["cat", "dog", "eel"]:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            data = rng.integers(0, 256, int(rng.integers(0, 9000)), dtype=np.uint8).tobytes()
+            (root / c / f"{k:04d}.bin").write_bytes(data)
+            files[f"{c}/{k:04d}.bin"] = data
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x").write_bytes(b"skipped")
+    return files
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_files_read_in_place(tmp_path: Path, direct: bool) -> None:
+    files = make_tree(tmp_path / "tree")
+    names = sorted(files)
+    cfg = {"dataset": {"path": str(tmp_path / "tree")}, "batch_size": 16, "drop_last": False,
+           "io": {"direct": direct}}
+    loader = sluice.Loader(cfg, rank=0, world_size=1)
+    assert loader.classes == ["cat", "dog", "eel"]
+    seen = []
+    for b in loader:
+        data, offsets = b["data"].numpy(), b["data_offsets"].numpy()
+        for k, i in enumerate(b["index"].tolist()):
+            name = names[i]
+            assert data[offsets[k] : offsets[k + 1]].tobytes() == files[name], name
+            assert b["label"][k].item() == ["cat", "dog", "eel"].index(name.split("/")[0])
+        seen += b["index"][~b["padding"]].tolist()
+    assert sorted(seen) == list(range(len(files)))
+
+
+def test_files_errors_name_the_file(tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "tree", per_class=3)
+    cfg = {"dataset": {"path": str(tmp_path / "tree"), "format": "files"}, "batch_size": 9}
+    loader = sluice.Loader(cfg, rank=0, world_size=1)
+    (tmp_path / "tree" / "dog" / "0001.bin").unlink()  # gone after the scan
+    with pytest.raises(FileNotFoundError, match=r"dog/0001.bin: sample 4: open"):
+        list(loader)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"a.bin: not inside a class directory"):
+        sluice.Loader({"dataset": {"path": str(tmp_path / "flat")}}, rank=0, world_size=1)
+    assert files
