@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 venv=${SLUICE_VENV:-.venv}
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
-"$venv/bin/python" -c "import torch, numpy, pytest" 2>/dev/null ||
-  pip install torch==2.13.0 numpy pytest
+# webdataset: the tests write tar shards with its TarWriter, as users make them.
+"$venv/bin/python" -c "import torch, numpy, pytest, webdataset" 2>/dev/null ||
+  pip install torch==2.13.0 numpy pytest webdataset==1.0.2
 pip install .
 "$venv/bin/python" -c "import sluice" || { echo "python-env: pip install . failed"; exit 1; }

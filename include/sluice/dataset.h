@@ -117,7 +117,10 @@ class SLUICE_EXPORT Dataset {
   /// "data" with its dtype and shape), `tokens` (a flat uint16/uint32 token file as windows of
   /// seq_len tokens every stride tokens: one field "tokens" [seq_len]) or `files` (a tree of
   /// class directories, one sample per file: "data" bytes and an int64 "label", the index of
-  /// the file's directory name among the sorted names; auto: a directory without a manifest).
+  /// the file's directory name among the sorted names; auto: a directory without a manifest)
+  /// or `tar` (WebDataset shards: a .tar file or a directory of them; members grouped into
+  /// samples by the key before the first dot, fields named by the extension, `cls`/`label` as
+  /// int64; the header scan is cached beside the tar or in ~/.cache/sluice).
   /// Throws kConfig for missing parameters, kCorruption naming the file for a bad header or a
   /// truncated file, kUnsupported for formats this build does not read in place.
   static std::shared_ptr<Dataset> open_source(const DatasetOptions& source,
@@ -175,6 +178,7 @@ class SLUICE_EXPORT Dataset {
  private:
   explicit Dataset(std::unique_ptr<Impl> impl);
   static std::shared_ptr<Dataset> open_files(const std::filesystem::path& root);
+  static std::shared_ptr<Dataset> open_tar(const std::filesystem::path& path);
   std::unique_ptr<Impl> impl_;
 };
 

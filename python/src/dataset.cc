@@ -3,6 +3,7 @@
 
 #include <sluice/dataset.h>
 #include <sluice/error.h>
+#include <filesystem>
 
 #include <pybind11/stl.h>
 
@@ -111,7 +112,14 @@ void bind_dataset(py::module_& m) {
       .def_property_readonly("num_samples", [](PyWriter& w) { return w.writer().num_samples(); });
 
   py::class_<Dataset, std::shared_ptr<Dataset>>(m, "Dataset")
-      .def(py::init([](const std::string& path) { return Dataset::open(path); }), py::arg("path"))
+      // A directory is a packed dataset; a file is a source read in place (a .tar or .npy).
+      .def(py::init([](const std::string& path) {
+             if (std::filesystem::is_directory(path)) return Dataset::open(path);
+             DatasetOptions source;
+             source.path = path;
+             return Dataset::open_source(source);
+           }),
+           py::arg("path"))
       .def("__len__", &Dataset::num_samples)
       .def_property_readonly("path", [](const Dataset& d) { return d.path().string(); })
       .def_property_readonly("total_bytes", &Dataset::total_bytes)

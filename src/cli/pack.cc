@@ -93,11 +93,11 @@ int run_pack(const PackArgs& args) {
     return pack_source(args, DatasetFormat::kNpy);
   if (args.format == "tokens" || (args.format == "auto" && one_file && args.seq_len > 0))
     return pack_source(args, DatasetFormat::kTokens);
-  if (args.format != "auto" && args.format != "files")
-    fail(ErrorCode::kUnsupported,
-         "--format {}: this build packs directory trees, .npy arrays and token files "
-         "(--format files, npy, tokens)",
-         args.format);
+  if (args.format == "tar" ||
+      (args.format == "auto" && args.sources.size() == 1 && args.sources[0].extension() == ".tar"))
+    return pack_source(args, DatasetFormat::kTar);
+  if (args.format == "auto" && args.sources.size() == 1 && fs::is_directory(args.sources[0]))
+    return pack_source(args, DatasetFormat::kAuto);  // a directory of .tar shards, or a tree
   return pack_source(args, DatasetFormat::kFiles);
 }
 

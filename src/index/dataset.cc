@@ -2,6 +2,7 @@
 #include "common/errors.h"
 #include "common/file.h"
 #include "format/layout.h"
+#include "index/tar_index.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -62,6 +63,8 @@ struct Dataset::Impl {
     std::vector<int64_t> labels;
   };
   std::optional<Files> files;
+  // tar: WebDataset shards read in place, one TarIndex per tar (= shard).
+  std::vector<index::TarIndex> tars;
 
   const std::string& shard_label(uint32_t shard) const { return manifest.shards[shard].name; }
 
@@ -174,7 +177,7 @@ uint64_t Dataset::num_samples() const { return impl_->manifest.num_samples; }
 uint64_t Dataset::total_bytes() const { return impl_->manifest.total_bytes; }
 uint32_t Dataset::alignment() const { return impl_->manifest.alignment; }
 uint32_t Dataset::format_version() const { return impl_->manifest.version; }
-bool Dataset::packed() const { return !impl_->array && !impl_->files; }
+bool Dataset::packed() const { return !impl_->array && !impl_->files && impl_->tars.empty(); }
 const std::vector<FieldSpec>& Dataset::fields() const { return impl_->manifest.fields; }
 const std::vector<std::string>& Dataset::classes() const { return impl_->manifest.classes; }
 const std::vector<ShardInfo>& Dataset::shards() const { return impl_->infos; }
@@ -204,6 +207,11 @@ SampleExtent Dataset::extent(uint64_t index) const {
   if (const auto& a = impl_->array)
     return {0, a->base + index * a->stride, static_cast<uint32_t>(a->item), 0};
   if (const auto& f = impl_->files) return {0, 0, f->sizes[index], 0};
+  if (!impl_->tars.empty()) {
+    const auto& t = impl_->tars[shard];
+    const uint64_t local = index - impl_->first_samples[shard];
+    return {shard, t.start[local], t.span[local], 0};
+  }
   const auto& firsts = impl_->first_samples;
   if (!impl_->infos[shard].local)
     throw Error(ErrorCode::kNotFound,
@@ -238,7 +246,7 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
   if (n != x.size)
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
          index, n, x.size, x.offset);
-  if (impl_->array || impl_->files) return x.size;  // nothing to check against
+  if (!packed()) return x.size;  // nothing to check against
   uint32_t sum = format::record_checksum(record.data(), record.size(), index);
   if (sum != x.checksum)
     fail(ErrorCode::kCorruption,
@@ -258,6 +266,23 @@ std::string Dataset::split_record(uint64_t index, std::span<const std::byte> rec
                                   std::vector<std::span<const std::byte>>& fields) const {
   if (const auto& f = impl_->files) {  // the file's bytes, and the label from its directory
     fields.assign({record, std::as_bytes(std::span(&f->labels[index], 1))});
+    return "";
+  }
+  if (!impl_->tars.empty()) {  // each member's place in the sample's span, from the index
+    const uint32_t shard = shard_of(index);
+    const auto& t = impl_->tars[shard];
+    const uint64_t local = index - impl_->first_samples[shard];
+    const size_t nf = t.fields.size();
+    fields.resize(nf);
+    for (size_t f = 0; f < nf; ++f) {
+      const size_t k = local * nf + f;
+      if (t.is_int[f])
+        fields[f] = std::as_bytes(std::span(&t.ints[k], 1));
+      else if (uint64_t{t.offset[k]} + t.size[k] <= record.size())
+        fields[f] = record.subspan(t.offset[k], t.size[k]);
+      else
+        return fmt::format("field {} lies outside the sample", t.fields[f]);
+    }
     return "";
   }
   return impl_->layout.split(record, fields);
@@ -397,9 +422,13 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   if (format == DatasetFormat::kAuto) {
     if (!fs::exists(path, ec) || fs::exists(path / format::kManifestName, ec))
       format = DatasetFormat::kShards;
-    else if (fs::is_directory(path, ec))
+    else if (path.extension() == ".tar")
+      format = DatasetFormat::kTar;
+    else if (fs::is_directory(path, ec)) {
       format = DatasetFormat::kFiles;
-    else if (path.extension() == ".npy")
+      for (const auto& e : fs::directory_iterator(path, ec))
+        if (e.path().extension() == ".tar") format = DatasetFormat::kTar;
+    } else if (path.extension() == ".npy")
       format = DatasetFormat::kNpy;
     else if (source.seq_len > 0)
       format = DatasetFormat::kTokens;
@@ -411,11 +440,7 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   }
   if (format == DatasetFormat::kShards) return open(path, options);
   if (format == DatasetFormat::kFiles) return open_files(path);
-  if (format == DatasetFormat::kTar)
-    fail(ErrorCode::kUnsupported,
-         "{}: dataset.format tar: not read in place by this build (use shards, files, npy or "
-         "tokens)",
-         path.string());
+  if (format == DatasetFormat::kTar) return open_tar(path);
 
   auto impl = std::make_unique<Impl>();
   impl->dir = fs::absolute(path);
@@ -567,6 +592,48 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   impl->infos.push_back({impl->dir, 0, entries.size(), total, true});
   impl->first_samples.push_back(0);
   impl->shards.push_back(std::move(s));
+  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+}
+
+std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
+  std::error_code ec;
+  std::vector<fs::path> tars;
+  if (fs::is_directory(path, ec)) {
+    for (const auto& e : fs::directory_iterator(path, ec))
+      if (e.path().extension() == ".tar") tars.push_back(e.path());
+    std::sort(tars.begin(), tars.end());
+    if (tars.empty()) fail(ErrorCode::kInvalidArgument, "{}: no .tar files", path.string());
+  } else {
+    tars.push_back(path);
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->dir = fs::absolute(path);
+  uint64_t first = 0, total = 0;
+  for (const fs::path& tar : tars) {
+    Shard s;
+    s.fd = detail::open_file(tar, O_RDONLY);
+    uint64_t size = detail::file_size(s.fd.get(), tar.string());
+    index::TarIndex t = index::load_tar_index(tar, s.fd.get(), size);
+    if (!impl->tars.empty() &&
+        (t.fields != impl->tars[0].fields || t.is_int != impl->tars[0].is_int))
+      fail(ErrorCode::kCorruption, "{}: its samples' fields differ from those of {}", tar.string(),
+           tars[0].string());
+    for (uint32_t span : t.span) total += span;
+    impl->infos.push_back({fs::absolute(tar), first, t.num_samples(), size, true});
+    impl->first_samples.push_back(first);
+    first += t.num_samples();
+    impl->shards.push_back(std::move(s));
+    impl->tars.push_back(std::move(t));
+  }
+  const auto& t0 = impl->tars[0];
+  for (size_t f = 0; f < t0.fields.size(); ++f)
+    impl->manifest.fields.push_back(t0.is_int[f] ? FieldSpec{t0.fields[f], DType::kInt64, {}}
+                                                 : FieldSpec{t0.fields[f], DType::kUInt8, {-1}});
+  impl->manifest.num_samples = first;
+  impl->manifest.total_bytes = total;
+  impl->manifest.alignment = 4096;
+  impl->manifest.version = 0;
+  impl->layout = format::RecordLayout(impl->manifest.fields);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 

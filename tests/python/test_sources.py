@@ -170,3 +170,83 @@ def test_files_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"a.bin: not inside a class directory"):
         sluice.Loader({"dataset": {"path": str(tmp_path / "flat")}}, rank=0, world_size=1)
     assert files
+
+
+def write_shards(root: Path, shards: int = 3, per_shard: int = 50) -> list[dict]:
+    """WebDataset shards made with webdataset's own TarWriter; returns each sample's fields."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(9)
+    samples = []
+    root.mkdir(parents=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"shard-{s:04d}.tar")) as w:
+            for k in range(per_shard):
+                i = s * per_shard + k
+                sample = {"__key__": f"sample{i:06d}",
+                          "jpg": rng.integers(0, 256, int(rng.integers(1, 20000)), dtype=np.uint8).tobytes(),
+                          "cls": str(i % 7).encode(),
+                          "json": f'{{"i": {i}}}'.encode()}
+                w.write(sample)
+                samples.append(sample)
+    return samples
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_tar_shards_read_in_place(tmp_path: Path, direct: bool) -> None:
+    samples = write_shards(tmp_path / "wds")
+    cfg = {"dataset": {"path": str(tmp_path / "wds")}, "batch_size": 16, "drop_last": False,
+           "io": {"direct": direct}}
+    loader = sluice.Loader(cfg, rank=0, world_size=1)
+    assert [f["name"] for f in loader.fields] == ["cls", "jpg", "json"]
+    seen = []
+    for b in loader:
+        assert b["cls"].dtype == torch.int64
+        jpg, jo = b["jpg"].numpy(), b["jpg_offsets"].numpy()
+        js, so = b["json"].numpy(), b["json_offsets"].numpy()
+        for k, i in enumerate(b["index"].tolist()):
+            assert jpg[jo[k] : jo[k + 1]].tobytes() == samples[i]["jpg"], f"sample {i}"
+            assert js[so[k] : so[k + 1]].tobytes() == samples[i]["json"]
+            assert b["cls"][k].item() == i % 7
+        seen += b["index"][~b["padding"]].tolist()
+    assert sorted(seen) == list(range(len(samples)))
+
+
+def test_tar_index_is_cached_and_a_changed_tar_rescanned(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    write_shards(tmp_path / "wds", shards=1, per_shard=10)
+    tar = tmp_path / "wds" / "shard-0000.tar"
+    assert len(sluice.Dataset(str(tar))) == 10
+    cache = Path(str(tar) + ".sluice-index")
+    assert cache.exists()
+    with wds.TarWriter(str(tar)) as w:  # rewritten with 4 samples: the cache must not be used
+        for i in range(4):
+            w.write({"__key__": f"k{i}", "jpg": b"x" * i, "cls": b"1", "json": b"{}"})
+    assert len(sluice.Dataset(str(tar))) == 4
+
+
+def test_bad_tars_name_the_file(tmp_path: Path) -> None:
+    write_shards(tmp_path / "wds", shards=1, per_shard=5)
+    tar = tmp_path / "wds" / "shard-0000.tar"
+    data = bytearray(tar.read_bytes())
+    data[100] ^= 0xFF  # inside the first header: its checksum no longer matches
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(sluice.CorruptionError, match=r"bad.tar: bad tar header at offset 0"):
+        sluice.Dataset(str(tmp_path / "bad.tar"))
+    (tmp_path / "cut.tar").write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(sluice.CorruptionError, match=r"cut.tar: (tar member .* runs past|truncated)"):
+        sluice.Dataset(str(tmp_path / "cut.tar"))
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="no build/sluice (the CLI is built by scripts/test.sh)")
+def test_pack_tar_shards(tmp_path: Path) -> None:
+    samples = write_shards(tmp_path / "wds", shards=2, per_shard=20)
+    subprocess.run([CLI, "pack", tmp_path / "wds", "-o", tmp_path / "packed"], check=True,
+                   capture_output=True)
+    ds = sluice.Dataset(str(tmp_path / "packed"))
+    assert len(ds) == 40
+    for i in (0, 17, 39):
+        s = ds.sample(i)
+        assert s["jpg"] == samples[i]["jpg"] and s["json"] == samples[i]["json"]
+        assert np.frombuffer(s["cls"], np.int64)[0] == i % 7

@@ -1,0 +1,283 @@
+#include "index/tar_index.h"
+
+#include "common/errors.h"
+#include "common/file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+
+namespace sluice::index {
+
+namespace fs = std::filesystem;
+using detail::fail;
+
+namespace {
+
+constexpr size_t kBlock = 512;
+constexpr char kCacheMagic[8] = {'S', 'L', 'T', 'A', 'R', 'I', 'X', '1'};
+
+// A numeric header field: octal text, or base-256 binary when the high bit is set (GNU).
+uint64_t tar_number(const char* p, size_t n) {
+  if (static_cast<unsigned char>(p[0]) & 0x80) {
+    uint64_t v = static_cast<unsigned char>(p[0]) & 0x7f;
+    for (size_t i = 1; i < n; ++i) v = v << 8 | static_cast<unsigned char>(p[i]);
+    return v;
+  }
+  uint64_t v = 0;
+  for (size_t i = 0; i < n && p[i]; ++i)
+    if (p[i] >= '0' && p[i] <= '7') v = v * 8 + static_cast<uint64_t>(p[i] - '0');
+  return v;
+}
+
+std::string c_string(const char* p, size_t n) { return std::string(p, strnlen(p, n)); }
+
+struct Member {
+  std::string name;
+  uint64_t data = 0, size = 0;
+};
+
+// Every regular file in the tar, in order (pax 'path' records and GNU long names applied).
+std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size) {
+  std::vector<Member> members;
+  char h[kBlock];
+  std::string long_name;
+  uint64_t at = 0;
+  int zero_blocks = 0;
+  while (at + kBlock <= size) {
+    detail::pread_full(fd, std::as_writable_bytes(std::span(h)), at, label);
+    if (std::all_of(h, h + kBlock, [](char c) { return c == 0; })) {
+      if (++zero_blocks == 2) break;
+      at += kBlock;
+      continue;
+    }
+    zero_blocks = 0;
+    uint64_t stored = tar_number(h + 148, 8), sum = 0;
+    for (size_t i = 0; i < kBlock; ++i)
+      sum += (i >= 148 && i < 156) ? ' ' : static_cast<unsigned char>(h[i]);
+    if (stored != sum)
+      fail(ErrorCode::kCorruption, "{}: bad tar header at offset {}: checksum {} != {}", label, at,
+           stored, sum);
+    const uint64_t n = tar_number(h + 124, 12), data = at + kBlock;
+    if (data + n > size)
+      fail(ErrorCode::kCorruption, "{}: tar member at offset {} ({} bytes) runs past the end ({})",
+           label, at, n, size);
+    const char type = h[156];
+    std::string name = c_string(h, 100);
+    if (std::memcmp(h + 257, "ustar", 5) == 0 && h[345]) name = c_string(h + 345, 155) + "/" + name;
+    if (type == 'L' || type == 'x') {  // the next member's name: GNU long name, or pax path=
+      std::string text(n, '\0');
+      detail::pread_full(fd, std::as_writable_bytes(std::span(text)), data, label);
+      if (type == 'L') {
+        long_name = c_string(text.data(), text.size());
+      } else {
+        for (size_t p = 0; p < text.size();) {  // records: "LEN key=value\n"
+          size_t space = text.find(' ', p);
+          uint64_t len = 0;
+          std::from_chars(text.data() + p, text.data() + space, len);
+          if (space == std::string::npos || len == 0 || p + len > text.size()) break;
+          std::string record = text.substr(space + 1, p + len - space - 2);
+          if (record.starts_with("path=")) long_name = record.substr(5);
+          p += len;
+        }
+      }
+    } else if (type == '0' || type == '\0' || type == '7') {
+      members.push_back({long_name.empty() ? name : long_name, data, n});
+      long_name.clear();
+    } else if (type != 'g') {
+      long_name.clear();  // directories, links and the like: not samples
+    }
+    at = data + (n + kBlock - 1) / kBlock * kBlock;
+  }
+  if (zero_blocks == 0)  // every writer ends a tar with zero blocks; without them it was cut
+    fail(ErrorCode::kCorruption,
+         "{}: truncated: no end-of-archive blocks (the file ends at {} bytes, inside a member "
+         "or header)",
+         label, size);
+  return members;
+}
+
+TarIndex build(const std::string& label, int fd, uint64_t size) {
+  std::vector<Member> members = scan_members(label, fd, size);
+  // WebDataset's grouping: key = the path up to the first '.' of the file name; consecutive
+  // members with one key are one sample, the rest of the name after that '.' is the field.
+  struct Sample {
+    std::string key;
+    std::map<std::string, const Member*> fields;
+  };
+  std::vector<Sample> samples;
+  for (const Member& m : members) {
+    size_t slash = m.name.rfind('/');
+    size_t dot = m.name.find('.', slash == std::string::npos ? 0 : slash + 1);
+    if (dot == std::string::npos) continue;  // no extension: not part of a sample
+    std::string key = m.name.substr(0, dot), ext = m.name.substr(dot + 1);
+    if (samples.empty() || samples.back().key != key) samples.push_back({key, {}});
+    if (!samples.back().fields.emplace(ext, &m).second)
+      fail(ErrorCode::kCorruption, "{}: sample \"{}\": field \"{}\" appears twice", label, key,
+           ext);
+  }
+  TarIndex t;
+  if (samples.empty())
+    fail(ErrorCode::kCorruption, "{}: no samples (no member has a key.field name)", label);
+  for (const auto& [ext, _] : samples[0].fields) {
+    t.fields.push_back(ext);
+    t.is_int.push_back(ext == "cls" || ext == "label");
+  }
+  const size_t nf = t.fields.size();
+  for (const Sample& s : samples) {
+    bool same = s.fields.size() == nf;
+    for (size_t f = 0; same && f < nf; ++f) same = s.fields.count(t.fields[f]) > 0;
+    if (!same) {
+      std::string have;
+      for (const auto& [ext, _] : s.fields) have += (have.empty() ? "" : ", ") + ext;
+      fail(ErrorCode::kCorruption,
+           "{}: sample \"{}\" has fields {{{}}}, the first sample has {{{}}}", label, s.key, have,
+           [&] {
+             std::string all;
+             for (const auto& f : t.fields) all += (all.empty() ? "" : ", ") + f;
+             return all;
+           }());
+    }
+    uint64_t start = UINT64_MAX, end = 0;
+    for (const auto& [_, m] : s.fields) {
+      start = std::min(start, m->data);
+      end = std::max(end, m->data + m->size);
+    }
+    if (end - start > UINT32_MAX)
+      fail(ErrorCode::kUnsupported, "{}: sample \"{}\" spans {} bytes (at most 4 GiB)", label,
+           s.key, end - start);
+    t.start.push_back(start);
+    t.span.push_back(static_cast<uint32_t>(end - start));
+    for (size_t f = 0; f < nf; ++f) {
+      const Member& m = *s.fields.at(t.fields[f]);
+      t.offset.push_back(static_cast<uint32_t>(m.data - start));
+      t.size.push_back(static_cast<uint32_t>(m.size));
+      int64_t value = 0;
+      if (t.is_int[f]) {
+        std::string text(m.size, '\0');
+        detail::pread_full(fd, std::as_writable_bytes(std::span(text)), m.data, label);
+        size_t b = text.find_first_not_of(" \t\r\n"), e = text.find_last_not_of(" \t\r\n");
+        auto r = b == std::string::npos
+                     ? std::from_chars_result{nullptr, std::errc::invalid_argument}
+                     : std::from_chars(text.data() + b, text.data() + e + 1, value);
+        if (r.ec != std::errc() || r.ptr != text.data() + e + 1)
+          fail(ErrorCode::kCorruption, "{}: sample \"{}\": field \"{}\" is not an integer: \"{}\"",
+               label, s.key, t.fields[f], text.substr(0, 40));
+      }
+      t.ints.push_back(value);
+    }
+  }
+  return t;
+}
+
+// Cache file: magic, tar size, tar mtime (ns), counts, field names, then the arrays.
+template <typename T>
+void put(std::string& out, const std::vector<T>& v) {
+  uint64_t n = v.size();
+  out.append(reinterpret_cast<const char*>(&n), 8);
+  out.append(reinterpret_cast<const char*>(v.data()), n * sizeof(T));
+}
+template <typename T>
+bool get(std::string_view& in, std::vector<T>& v) {
+  uint64_t n;
+  if (in.size() < 8) return false;
+  std::memcpy(&n, in.data(), 8);
+  in.remove_prefix(8);
+  if (n > in.size() / sizeof(T)) return false;
+  v.resize(n);
+  std::memcpy(v.data(), in.data(), n * sizeof(T));
+  in.remove_prefix(n * sizeof(T));
+  return true;
+}
+
+std::string encode(const TarIndex& t, uint64_t size, int64_t mtime) {
+  std::string out(kCacheMagic, 8);
+  out.append(reinterpret_cast<const char*>(&size), 8);
+  out.append(reinterpret_cast<const char*>(&mtime), 8);
+  std::string names;
+  for (const auto& f : t.fields) names += f + '\0';
+  put(out, std::vector<char>(names.begin(), names.end()));
+  put(out, t.is_int);
+  put(out, t.start);
+  put(out, t.span);
+  put(out, t.offset);
+  put(out, t.size);
+  put(out, t.ints);
+  return out;
+}
+
+bool decode(std::string_view in, uint64_t size, int64_t mtime, TarIndex& t) {
+  if (in.size() < 24 || std::memcmp(in.data(), kCacheMagic, 8) != 0) return false;
+  uint64_t s;
+  int64_t m;
+  std::memcpy(&s, in.data() + 8, 8);
+  std::memcpy(&m, in.data() + 16, 8);
+  if (s != size || m != mtime) return false;  // the tar changed
+  in.remove_prefix(24);
+  std::vector<char> names;
+  if (!get(in, names) || !get(in, t.is_int) || !get(in, t.start) || !get(in, t.span) ||
+      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints))
+    return false;
+  for (size_t p = 0; p < names.size();) {
+    std::string f(names.data() + p);
+    p += f.size() + 1;
+    t.fields.push_back(f);
+  }
+  const size_t n = t.start.size(), nf = t.fields.size();
+  return nf > 0 && t.is_int.size() == nf && t.span.size() == n && t.offset.size() == n * nf &&
+         t.size.size() == n * nf && t.ints.size() == n * nf;
+}
+
+fs::path user_cache_path(const fs::path& tar) {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  fs::path dir = xdg && *xdg ? fs::path(xdg) : fs::path(home ? home : "/tmp") / ".cache";
+  size_t h = std::hash<std::string>{}(fs::absolute(tar).string());
+  return dir / "sluice" / (tar.filename().string() + "-" + std::to_string(h) + ".sluice-index");
+}
+
+bool write_atomically(const fs::path& path, const std::string& bytes) {
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  fs::path tmp = path.string() + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) return false;
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!f) return false;
+  }
+  fs::rename(tmp, path, ec);
+  if (ec) fs::remove(tmp, ec);
+  return !ec;
+}
+
+}  // namespace
+
+fs::path tar_index_cache_path(const fs::path& tar) { return tar.string() + ".sluice-index"; }
+
+TarIndex load_tar_index(const fs::path& tar, int fd, uint64_t size) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) detail::fail_errno(errno, "stat " + tar.string());
+  const int64_t mtime = int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
+  for (const fs::path& cache : {tar_index_cache_path(tar), user_cache_path(tar)}) {
+    std::ifstream f(cache, std::ios::binary);
+    if (!f) continue;
+    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    TarIndex t;
+    if (decode(bytes, size, mtime, t)) return t;
+  }
+  TarIndex t = build(tar.string(), fd, size);
+  std::string bytes = encode(t, size, mtime);
+  if (!write_atomically(tar_index_cache_path(tar), bytes))  // read-only beside the data
+    write_atomically(user_cache_path(tar), bytes);          // best effort: a rescan is correct
+  return t;
+}
+
+}  // namespace sluice::index

@@ -1,0 +1,35 @@
+#pragma once
+
+// WebDataset tar shards read in place: one scan of the tar headers gives every sample's span
+// (its members are consecutive in the tar) and each field's place in that span. The scan is
+// cached beside the tar (TAR.sluice-index), or under $XDG_CACHE_HOME/sluice (~/.cache/sluice)
+// when the tar's directory is read-only; the cache names the tar's size and mtime, so a
+// changed tar is scanned again.
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace sluice::index {
+
+struct TarIndex {
+  std::vector<std::string> fields;  // extensions, sorted ("cls", "jpg", "json", ...)
+  std::vector<uint8_t> is_int;      // per field: an integer in text (cls, label) -> int64
+  std::vector<uint64_t> start;      // per sample: offset of its first member's data
+  std::vector<uint32_t> span;       // per sample: bytes from start to its last member's end
+  std::vector<uint32_t> offset;     // per sample and field: data offset within the span
+  std::vector<uint32_t> size;       // per sample and field
+  std::vector<int64_t> ints;        // per sample and field: the value of an integer field
+  size_t num_samples() const { return start.size(); }
+};
+
+/// Scans `tar` (open descriptor `fd`, `size` bytes), or loads its cached index. Throws
+/// Error(kCorruption) naming the tar, the byte offset and the cause for a bad header, a sample
+/// whose fields differ from the first one's, or a member that runs past the end.
+TarIndex load_tar_index(const std::filesystem::path& tar, int fd, uint64_t size);
+
+/// Where the cached index of `tar` lives (for tests).
+std::filesystem::path tar_index_cache_path(const std::filesystem::path& tar);
+
+}  // namespace sluice::index
