@@ -38,6 +38,10 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   (cd build-tsan && UCX_MEM_EVENTS=no TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" \
      --output-on-failure --timeout 600 -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|ServerTest)')
 fi
+if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
+  echo "== fuzz: every parser of outside bytes, ${SLUICE_FUZZ_SECONDS:-15} s each (build-fuzz)"
+  ./scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-15}"
+fi
 echo "== python: pip install . into .venv, then pytest"
 ./scripts/python-env.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cstring>
 #include <optional>
 
@@ -383,7 +384,10 @@ std::string npy_value(const std::string& header, const std::string& key, const s
   if (k == std::string::npos)
     fail(ErrorCode::kCorruption, "{}: bad .npy header: no '{}' in {}", path, key, header);
   size_t colon = header.find(':', k);
-  size_t start = header.find_first_not_of(' ', colon + 1), end = start;
+  size_t start = colon == std::string::npos ? colon : header.find_first_not_of(' ', colon + 1);
+  if (start == std::string::npos)  // found by fuzz_sources: a key with no value
+    fail(ErrorCode::kCorruption, "{}: bad .npy header: '{}' has no value in {}", path, key, header);
+  size_t end = start;
   int depth = 0;
   for (; end < header.size(); ++end) {
     char c = header[end];
@@ -477,15 +481,23 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
         ++i;
         continue;
       }
-      size_t used = 0;
-      dims.push_back(std::stoll(shape.substr(i), &used));
-      i += used;
+      int64_t dim = 0;
+      auto r = std::from_chars(shape.data() + i, shape.data() + shape.size(), dim);
+      if (r.ec != std::errc() || dim > (int64_t{1} << 48))  // found by fuzz_sources: overflow
+        fail(ErrorCode::kCorruption, "{}: bad .npy header: shape {}", name, shape);
+      dims.push_back(dim);
+      i = static_cast<size_t>(r.ptr - shape.data());
     }
     if (dims.empty())
       fail(ErrorCode::kInvalidArgument, "{}: a 0-d array; sluice reads arrays of shape (N, ...)",
            name);
     count = static_cast<uint64_t>(dims[0]);
     field.shape.assign(dims.begin() + 1, dims.end());
+    uint64_t total = dtype_size(field.dtype);  // bytes of the whole array, without overflow
+    for (int64_t d : dims)
+      if (__builtin_mul_overflow(total, static_cast<uint64_t>(d), &total) || total > size)
+        fail(ErrorCode::kCorruption, "{}: truncated: {} bytes, its header says shape {}", name,
+             size, shape);
     a.base = header_at + header_len;
     a.item = field.fixed_bytes();
     a.stride = a.item;

@@ -104,7 +104,9 @@ std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size
   return members;
 }
 
-TarIndex build(const std::string& label, int fd, uint64_t size) {
+}  // namespace
+
+TarIndex scan_tar(const std::string& label, int fd, uint64_t size) {
   std::vector<Member> members = scan_members(label, fd, size);
   // WebDataset's grouping: key = the path up to the first '.' of the file name; consecutive
   // members with one key are one sample, the rest of the name after that '.' is the field.
@@ -176,6 +178,8 @@ TarIndex build(const std::string& label, int fd, uint64_t size) {
   }
   return t;
 }
+
+namespace {
 
 // Cache file: magic, tar size, tar mtime (ns), counts, field names, then the arrays.
 template <typename T>
@@ -273,7 +277,7 @@ TarIndex load_tar_index(const fs::path& tar, int fd, uint64_t size) {
     TarIndex t;
     if (decode(bytes, size, mtime, t)) return t;
   }
-  TarIndex t = build(tar.string(), fd, size);
+  TarIndex t = scan_tar(tar.string(), fd, size);
   std::string bytes = encode(t, size, mtime);
   if (!write_atomically(tar_index_cache_path(tar), bytes))  // read-only beside the data
     write_atomically(user_cache_path(tar), bytes);          // best effort: a rescan is correct

@@ -29,6 +29,9 @@ struct TarIndex {
 /// whose fields differ from the first one's, or a member that runs past the end.
 TarIndex load_tar_index(const std::filesystem::path& tar, int fd, uint64_t size);
 
+/// The scan itself, without the cache (`label` names the tar in errors). Same errors.
+TarIndex scan_tar(const std::string& label, int fd, uint64_t size);
+
 /// Where the cached index of `tar` lives (for tests).
 std::filesystem::path tar_index_cache_path(const std::filesystem::path& tar);
 

@@ -72,7 +72,8 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
     return std::nullopt;
   }
   std::vector<RecordInfo> infos(reply.count);
-  std::memcpy(infos.data(), data.data() + data.size() - table, table);
+  if (table > 0)  // memcpy from or to null is undefined even for 0 bytes (found by fuzz_wire)
+    std::memcpy(infos.data(), data.data() + data.size() - table, table);
   uint64_t sum = 0;
   for (const RecordInfo& r : infos) sum += r.size;
   uint64_t padded = (sum + 7) / 8 * 8;
