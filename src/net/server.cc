@@ -22,6 +22,14 @@
 namespace sluice::net {
 namespace {
 
+std::mutex g_fault_mu;
+ReplyFault g_fault;
+
+ReplyFault reply_fault() {
+  std::lock_guard lock(g_fault_mu);
+  return g_fault;
+}
+
 // One reply in flight: header and data stay alive until UCX reports the send complete.
 struct Reply {
   ReplyHeader header;
@@ -263,6 +271,11 @@ class ServerImpl final : public ShardServer {
         jobs_.pop_front();
       }
       auto reply = build_reply(job);
+      if (ReplyFault fault = reply_fault()) {
+        std::chrono::milliseconds delay{0};
+        fault(address_, reply->header, {reply->data.get(), reply->size}, delay);
+        if (delay.count() > 0) std::this_thread::sleep_for(delay);
+      }
       {
         std::lock_guard lock(mu_);
         if (reply->header.status == ReplyStatus::kOk) {
@@ -340,6 +353,11 @@ class ServerImpl final : public ShardServer {
 };
 
 }  // namespace
+
+void set_reply_fault(ReplyFault fault) {
+  std::lock_guard lock(g_fault_mu);
+  g_fault = std::move(fault);
+}
 
 }  // namespace sluice::net
 

@@ -11,8 +11,10 @@
 // from a peer is checked before use: parse_* return an error text instead of trusting it.
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -83,5 +85,13 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
                                                      std::string* error);
 
 std::string to_string(ReplyStatus status);
+
+/// Test seam (fault injection at the transport): every shard server in the process passes each
+/// reply through `fault` before sending it: it may change the header or the data (a peer that
+/// sends garbage) or set `delay` (a slow peer; the server's reader thread sleeps that long).
+/// `server` is the server's address. An empty function restores normal.
+using ReplyFault = std::function<void(const std::string& server, ReplyHeader& header,
+                                      std::span<std::byte> data, std::chrono::milliseconds& delay)>;
+void set_reply_fault(ReplyFault fault);
 
 }  // namespace sluice::net

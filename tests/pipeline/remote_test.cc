@@ -5,6 +5,7 @@
 #include <sluice/loader.h>
 #include <sluice/server.h>
 
+#include "net/wire.h"
 #include "test_util.h"
 
 #include <fmt/format.h>
@@ -34,6 +35,19 @@ class RemoteLoaderTest : public ::testing::Test {
     ServerOptions so;
     so.token = "t0ken";
     for (int i = 0; i < 2; ++i) servers_.push_back(ShardServer::start(ds, so));
+  }
+
+  void TearDown() override { net::set_reply_fault({}); }
+
+  // Faults for the replies of server `which` only (every server in the process shares the seam).
+  void fault_on(
+      size_t which,
+      std::function<void(net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds&)> f) {
+    net::set_reply_fault([address = servers_[which]->address(), f](
+                             const std::string& server, net::ReplyHeader& h,
+                             std::span<std::byte> data, std::chrono::milliseconds& delay) {
+      if (server == address) f(h, data, delay);
+    });
   }
 
   fs::path full() const { return tmp_ / "full"; }
@@ -128,6 +142,55 @@ TEST_F(RemoteLoaderTest, WithoutAReplicaTheEpochFailsNamingThePeer) {
   EXPECT_NE(message.find("peer " + address), std::string::npos) << message;
   EXPECT_NE(message.find("no peer left"), std::string::npos) << message;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(20));
+}
+
+TEST_F(RemoteLoaderTest, ASlowPeerWithinTheTimeoutIsOnlySlow) {
+  fault_on(0, [](net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds& delay) {
+    delay = std::chrono::milliseconds(30);
+  });
+  auto loader = Loader::open(options({0}));
+  expect_exactly_once(epoch(*loader));
+}
+
+TEST_F(RemoteLoaderTest, APeerSlowerThanTheTimeoutFailsOverToItsReplica) {
+  fault_on(0, [](net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds& delay) {
+    delay = std::chrono::milliseconds(1500);
+  });
+  LoaderOptions o = options({0, 1});
+  o.distributed.peer_timeout_ms = 300;
+  auto loader = Loader::open(o);
+  auto t0 = std::chrono::steady_clock::now();
+  expect_exactly_once(epoch(*loader));
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  EXPECT_GT(servers_[1]->stats().requests, 0u);
+}
+
+TEST_F(RemoteLoaderTest, APeerThatSendsGarbageFailsOverToItsReplica) {
+  using Garbage = std::function<void(net::ReplyHeader&, std::span<std::byte>)>;
+  const std::vector<std::pair<std::string, Garbage>> kinds = {
+      {"flipped record byte",
+       [](net::ReplyHeader& h, std::span<std::byte> d) {
+         if (h.status == net::ReplyStatus::kOk && !d.empty()) d[0] ^= std::byte{1};
+       }},
+      {"bad magic", [](net::ReplyHeader& h, std::span<std::byte>) { h.magic = 0xdeadbeef; }},
+      {"wrong record count", [](net::ReplyHeader& h, std::span<std::byte>) { h.count += 1; }},
+  };
+  for (const auto& [name, garbage] : kinds) {
+    SCOPED_TRACE(name);
+    fault_on(0, [garbage](net::ReplyHeader& h, std::span<std::byte> d, std::chrono::milliseconds&) {
+      garbage(h, d);
+    });
+    auto loader = Loader::open(options({0, 1}));
+    expect_exactly_once(epoch(*loader));
+    // Without a replica the epoch fails, naming the peer.
+    auto alone = Loader::open(options({0}));
+    try {
+      epoch(*alone);
+      ADD_FAILURE() << "garbage from the only peer went unnoticed";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(servers_[0]->address()), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST_F(RemoteLoaderTest, AShardThatNobodyServesIsAConfigError) {
