@@ -129,6 +129,23 @@ else
   expect_fail "killed pack: staging dir is no dataset" "not a packed sluice dataset" "$SLUICE" inspect "$partial"
 fi
 
+# ENOSPC while packing (a 4 MiB tmpfs; needs root to mount, skipped otherwise): a clear error
+# and no destination that looks like a dataset.
+if [[ $(id -u) -eq 0 ]] && mkdir -p "$TMP/small" && mount -t tmpfs -o size=4m tmpfs "$TMP/small" 2>/dev/null; then
+  expect_fail "ENOSPC pack: error names the cause" "No space left on device" \
+    "$SLUICE" pack "$TMP/many" -o "$TMP/small/full" --shard-size 1M
+  check "ENOSPC pack: no destination" test ! -e "$TMP/small/full"
+  # The failed pack removes its staging directory; if one is left it must not read as a dataset.
+  for partial in "$TMP"/small/.full.partial-*; do
+    [[ -e "$partial" ]] || continue
+    expect_fail "ENOSPC pack: staging dir is no dataset" "not a packed sluice dataset" \
+      "$SLUICE" inspect "$partial"
+  done
+  umount "$TMP/small"
+else
+  echo "skip: ENOSPC pack (needs root to mount a small tmpfs)"
+fi
+
 # A flat uint16 token file (as nanoGPT writes it), read in place and packed.
 head -c 20000 /dev/urandom > "$TMP/train.bin"
 cat > "$TMP/tokens.yaml" <<YAML
