@@ -67,6 +67,23 @@ struct Dataset::Impl {
   // tar: WebDataset shards read in place, one TarIndex per tar (= shard).
   std::vector<index::TarIndex> tars;
 
+  // What every source read in place has instead of a manifest: its schema and sizes, version 0,
+  // and the O_DIRECT block as alignment (reads cover whole blocks).
+  void describe_in_place(std::vector<FieldSpec> fields, uint64_t samples, uint64_t bytes) {
+    manifest.fields = std::move(fields);
+    manifest.num_samples = samples;
+    manifest.total_bytes = bytes;
+    manifest.alignment = 4096;
+    manifest.version = 0;
+    layout = format::RecordLayout(manifest.fields);
+  }
+  // A single-file source (npy, tokens, a files tree's root directory) as the one shard.
+  void add_single_shard(Shard s, uint64_t samples, uint64_t file_bytes) {
+    infos.push_back({dir, 0, samples, file_bytes, true});
+    first_samples.push_back(0);
+    shards.push_back(std::move(s));
+  }
+
   const std::string& shard_label(uint32_t shard) const { return manifest.shards[shard].name; }
 
   void open_shard(uint32_t id, bool allow_absent) {
@@ -528,15 +545,8 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
     fail(ErrorCode::kInvalidArgument, "{}: samples of {} bytes (sluice reads 1 byte to 4 GiB)",
          name, a.item);
   impl->array = a;
-  impl->manifest.fields = {field};
-  impl->manifest.num_samples = count;
-  impl->manifest.total_bytes = count * a.item;
-  impl->manifest.alignment = 4096;  // the O_DIRECT block: reads cover whole blocks
-  impl->manifest.version = 0;
-  impl->layout = format::RecordLayout(impl->manifest.fields);
-  impl->infos.push_back({impl->dir, 0, count, size, true});
-  impl->first_samples.push_back(0);
-  impl->shards.push_back(std::move(s));
+  impl->describe_in_place({field}, count, count * a.item);
+  impl->add_single_shard(std::move(s), count, size);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
@@ -593,17 +603,11 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   }
   f.name_at.push_back(f.names.size());
   impl->files = std::move(f);
-  impl->manifest.fields = {{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}};
-  impl->manifest.num_samples = entries.size();
-  impl->manifest.total_bytes = total;
-  impl->manifest.alignment = 4096;
-  impl->manifest.version = 0;
-  impl->layout = format::RecordLayout(impl->manifest.fields);
+  impl->describe_in_place({{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}},
+                          entries.size(), total);
   Shard s;  // the root directory: files open relative to it
   s.fd = detail::open_file(impl->dir, O_RDONLY | O_DIRECTORY);
-  impl->infos.push_back({impl->dir, 0, entries.size(), total, true});
-  impl->first_samples.push_back(0);
-  impl->shards.push_back(std::move(s));
+  impl->add_single_shard(std::move(s), entries.size(), total);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
@@ -638,14 +642,11 @@ std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
     impl->tars.push_back(std::move(t));
   }
   const auto& t0 = impl->tars[0];
+  std::vector<FieldSpec> fields;
   for (size_t f = 0; f < t0.fields.size(); ++f)
-    impl->manifest.fields.push_back(t0.is_int[f] ? FieldSpec{t0.fields[f], DType::kInt64, {}}
-                                                 : FieldSpec{t0.fields[f], DType::kUInt8, {-1}});
-  impl->manifest.num_samples = first;
-  impl->manifest.total_bytes = total;
-  impl->manifest.alignment = 4096;
-  impl->manifest.version = 0;
-  impl->layout = format::RecordLayout(impl->manifest.fields);
+    fields.push_back(t0.is_int[f] ? FieldSpec{t0.fields[f], DType::kInt64, {}}
+                                  : FieldSpec{t0.fields[f], DType::kUInt8, {-1}});
+  impl->describe_in_place(std::move(fields), first, total);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 

@@ -4,6 +4,7 @@
 #include "common/file.h"
 
 #include <fcntl.h>
+#include <fmt/ranges.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -137,15 +138,11 @@ TarIndex scan_tar(const std::string& label, int fd, uint64_t size) {
     bool same = s.fields.size() == nf;
     for (size_t f = 0; same && f < nf; ++f) same = s.fields.count(t.fields[f]) > 0;
     if (!same) {
-      std::string have;
-      for (const auto& [ext, _] : s.fields) have += (have.empty() ? "" : ", ") + ext;
+      std::vector<std::string> have;
+      for (const auto& [ext, _] : s.fields) have.push_back(ext);
       fail(ErrorCode::kCorruption,
-           "{}: sample \"{}\" has fields {{{}}}, the first sample has {{{}}}", label, s.key, have,
-           [&] {
-             std::string all;
-             for (const auto& f : t.fields) all += (all.empty() ? "" : ", ") + f;
-             return all;
-           }());
+           "{}: sample \"{}\" has fields {{{}}}, the first sample has {{{}}}", label, s.key,
+           fmt::join(have, ", "), fmt::join(t.fields, ", "));
     }
     uint64_t start = UINT64_MAX, end = 0;
     for (const auto& [_, m] : s.fields) {

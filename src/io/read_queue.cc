@@ -70,14 +70,13 @@ void ReadQueue::settle(const Completion& c) {
   ++job->finished;
 }
 
-void ReadQueue::finish(uint32_t slot, std::vector<ReadJob*>& finished) {
+void ReadQueue::finish(uint32_t slot) {
   slots_[slot]->complete = true;
-  finished.push_back(slots_[slot]);
   slots_[slot] = nullptr;
   active_.erase(std::find(active_.begin(), active_.end(), slot));
 }
 
-void ReadQueue::run_once(std::chrono::milliseconds wait, std::vector<ReadJob*>& finished) {
+size_t ReadQueue::run_once(std::chrono::milliseconds wait) {
   // Fill the queue, oldest job first; a job with a failure (or cancelled) only drains.
   for (uint32_t slot : active_) {
     ReadJob& job = *slots_[slot];
@@ -91,8 +90,10 @@ void ReadQueue::run_once(std::chrono::milliseconds wait, std::vector<ReadJob*>& 
       }
       if (int ret = submit(slot, i); ret < 0) job.failure = {i, ret};
     }
-    if (job.failure.error != 0)
-      job.finished += job.ops.size() - job.next, job.next = job.ops.size();
+    if (job.failure.error != 0) {  // the ops it will never submit count as finished
+      job.finished += job.ops.size() - job.next;
+      job.next = job.ops.size();
+    }
   }
   int ret = engine_.flush();
   if (ret == 0 && in_flight_ > 0) {
@@ -101,6 +102,7 @@ void ReadQueue::run_once(std::chrono::milliseconds wait, std::vector<ReadJob*>& 
     for (int k = 0; k < n; ++k) settle(completions_[static_cast<size_t>(k)]);
   }
   auto now = std::chrono::steady_clock::now();
+  size_t completed = 0;
   for (size_t a = 0; a < active_.size();) {
     uint32_t slot = active_[a];
     ReadJob& job = *slots_[slot];
@@ -113,8 +115,10 @@ void ReadQueue::run_once(std::chrono::milliseconds wait, std::vector<ReadJob*>& 
       }
       job.failure = {job.failure.error ? job.failure.op : job.next, -ETIMEDOUT};
     }
-    finish(slot, finished);
+    finish(slot);
+    ++completed;
   }
+  return completed;
 }
 
 ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
@@ -126,13 +130,11 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
   job.deadline = deadline;
   job.cancel = cancel;
   queue.add(&job);
-  std::vector<ReadJob*> finished;
   while (!job.complete) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
     queue.run_once(std::clamp(left, std::chrono::milliseconds(0), std::chrono::milliseconds(100)) +
-                       std::chrono::milliseconds(1),
-                   finished);
+                   std::chrono::milliseconds(1));
   }
   return job.failure;
 }

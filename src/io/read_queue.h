@@ -33,10 +33,10 @@ class ReadQueue {
   /// Queues `job` behind the others; it must stay alive until it is complete.
   void add(ReadJob* job);
   /// Submits what fits, waits up to `wait` for completions and settles them. Jobs that became
-  /// complete (done, failed and drained, or past their deadline) are appended to `finished` and
-  /// forgotten. A job past its deadline may still have reads in flight: its memory must not be
-  /// reused until the engine is destroyed (as with read_all).
-  void run_once(std::chrono::milliseconds wait, std::vector<ReadJob*>& finished);
+  /// complete (done, failed and drained, or past their deadline) get `complete` set and are
+  /// forgotten; returns how many. A job past its deadline may still have reads in flight: its
+  /// memory must not be reused until the engine is destroyed (as with read_all).
+  size_t run_once(std::chrono::milliseconds wait);
   /// Whether no job is waiting for reads (reads of expired jobs may still be in flight).
   bool empty() const { return active_.empty(); }
   /// Whether the engine's queue has room for another read.
@@ -45,7 +45,7 @@ class ReadQueue {
  private:
   int submit(uint32_t slot, size_t op);
   void settle(const Completion& c);
-  void finish(uint32_t slot, std::vector<ReadJob*>& finished);
+  void finish(uint32_t slot);
 
   Engine& engine_;
   std::vector<Completion> completions_;

@@ -64,7 +64,6 @@ ReadFailure Service::read_all(std::span<const ReadOp> ops,
 void Service::run() {
   ReadQueue queue(*engine_);
   std::vector<std::shared_ptr<Waiter>> active;  // keeps queued jobs alive
-  std::vector<ReadJob*> finished;
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -77,17 +76,13 @@ void Service::run() {
       incoming_.clear();
     }
     // With room in the queue a new job should not wait for a completion: poll for one often.
-    queue.run_once(std::chrono::milliseconds(queue.has_room() ? 1 : 100), finished);
-    if (finished.empty()) continue;
+    if (queue.run_once(std::chrono::milliseconds(queue.has_room() ? 1 : 100)) == 0) continue;
     {
       std::lock_guard lock(mu_);
-      for (ReadJob* job : finished)
-        for (auto& w : active)
-          if (&w->job == job) w->done = true;
+      for (auto& w : active) w->done = w->job.complete;
     }
     done_cv_.notify_all();
     std::erase_if(active, [](const std::shared_ptr<Waiter>& w) { return w->job.complete; });
-    finished.clear();
   }
 }
 

@@ -338,26 +338,32 @@ class LoaderImpl final : public Loader {
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
-  // otherwise the dataset's own (buffered) descriptors.
+  // otherwise the dataset's own (buffered) descriptors. dataset.format files opens each
+  // sample's file when its batch is read: the probe is an O_DIRECT read of the first one.
   void open_files() {
     const auto& shards = dataset_->shards();
-    std::string why;
     files_ = !dataset_->sample_file(0).empty();
-    if (files_) return open_sample_files();
+    std::string why;
     if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
       try {
-        const ShardInfo* probe_shard = nullptr;
-        for (const auto& s : shards) {
-          direct_fds_.push_back(s.local ? detail::open_file(s.path, O_RDONLY | O_DIRECT)
-                                        : detail::UniqueFd{});
-          if (s.local && !probe_shard) probe_shard = &s;
-        }
-        if (probe_shard) {
-          AlignedBuffer probe;
-          probe.reserve(dataset_->alignment());
-          int fd = direct_fds_[static_cast<size_t>(probe_shard - shards.data())].get();
-          ssize_t n = ::pread(fd, probe.data(), dataset_->alignment(), 0);
-          if (n < 0) detail::fail_errno(errno, "O_DIRECT read of " + probe_shard->path.string());
+        AlignedBuffer probe;
+        probe.reserve(dataset_->alignment());
+        auto probe_read = [&](int fd, const std::string& name) {
+          if (::pread(fd, probe.data(), dataset_->alignment(), 0) < 0)
+            detail::fail_errno(errno, "O_DIRECT read of " + name);
+        };
+        if (files_) {
+          detail::UniqueFd first(dataset_->open_sample(0, true));
+          probe_read(first.get(), std::string(dataset_->sample_file(0)));
+        } else {
+          for (const auto& s : shards)
+            direct_fds_.push_back(s.local ? detail::open_file(s.path, O_RDONLY | O_DIRECT)
+                                          : detail::UniqueFd{});
+          for (size_t i = 0; i < shards.size(); ++i)
+            if (shards[i].local) {
+              probe_read(direct_fds_[i].get(), shards[i].path.string());
+              break;
+            }
         }
         direct_ = true;
       } catch (const Error& e) {
@@ -367,8 +373,11 @@ class LoaderImpl final : public Loader {
           fail(ErrorCode::kUnsupported, "io.direct: true, but {}", why);
       }
     }
-    for (uint32_t i = 0; i < shards.size(); ++i)
-      fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
+    if (files_)
+      fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
+    else
+      for (uint32_t i = 0; i < shards.size(); ++i)
+        fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
     bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
@@ -379,31 +388,6 @@ class LoaderImpl final : public Loader {
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
                        : "direct I/O off, reading through the page cache: " + why);
-  }
-
-  // dataset.format files: every sample's file is opened when its batch is read; O_DIRECT when
-  // the first one takes an aligned O_DIRECT read.
-  void open_sample_files() {
-    fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
-    std::string why;
-    if (options_.io.direct != DirectIo::kOff) {
-      try {
-        detail::UniqueFd probe(dataset_->open_sample(0, true));
-        AlignedBuffer buffer;
-        buffer.reserve(dataset_->alignment());
-        if (::pread(probe.get(), buffer.data(), dataset_->alignment(), 0) < 0)
-          detail::fail_errno(errno, "O_DIRECT read of " + std::string(dataset_->sample_file(0)));
-        direct_ = true;
-      } catch (const Error& e) {
-        why = e.what();
-        if (options_.io.direct == DirectIo::kOn)
-          fail(ErrorCode::kUnsupported, "io.direct: true, but {}", why);
-      }
-      log_line(direct_ ? "direct I/O (O_DIRECT) on"
-                       : "direct I/O off, reading through the page cache: " + why);
-    }
-    io_alignment_ = direct_ ? dataset_->alignment() : 1;
-    direct_to_batch_ = false;
   }
 
   void start_threads() {
