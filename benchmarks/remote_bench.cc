@@ -2,8 +2,8 @@
 // requests in flight; prints one line of JSON. Used by benchmarks/remote_bench.sh, which puts
 // ucx_perftest's ucp_am_bw beside it on the same transport.
 //
-//   remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT]
-//   (token from $SLUICE_TOKEN)
+//   remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY]
+//   (token from $SLUICE_TOKEN; VERIFY 1 (default) checks every record's checksum, 0 does not)
 
 #include <sluice/error.h>
 
@@ -19,7 +19,9 @@
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fmt::print(stderr, "usage: remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT]\n");
+    fmt::print(
+        stderr,
+        "usage: remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY]\n");
     return 2;
   }
   const std::string address = argv[1];
@@ -27,9 +29,10 @@ int main(int argc, char** argv) {
   const double seconds = argc > 3 ? std::stod(argv[3]) : 10;
   const size_t per_request = argc > 4 ? std::stoul(argv[4]) : 16;
   const size_t in_flight = argc > 5 ? std::stoul(argv[5]) : 8;
+  const bool verify = argc > 6 ? std::string(argv[6]) != "0" : true;
   const char* token = std::getenv("SLUICE_TOKEN");
   try {
-    auto client = sluice::net::PeerClient::connect(address, {token ? token : "", 10000});
+    auto client = sluice::net::PeerClient::connect(address, {token ? token : "", 10000, verify});
     std::mt19937_64 rng(1);
     std::uniform_int_distribution<uint64_t> pick(0, samples - 1);
     std::vector<std::vector<uint64_t>> buffers(in_flight);

@@ -2,6 +2,7 @@
 
 #include <sluice/dataset.h>
 #include <sluice/export.h>
+#include <sluice/options.h>
 
 #include <cstdint>
 #include <memory>
@@ -15,7 +16,12 @@ struct ServerOptions {
   std::string token;                        // clients must present the same shared token
   uint32_t max_request_samples = 4096;      // larger requests are refused
   uint64_t max_reply_bytes = 256ull << 20;  // larger replies are refused
-  uint32_t read_threads = 2;                // threads reading records for replies
+  uint32_t read_threads = 4;                // replies being read at once (their reads share
+                                            // one IO thread and its queue)
+  // engine, queue_depth, direct (O_DIRECT reads when the file system allows them) and
+  // timeout_ms (longest wait for one reply's reads) apply; threads and verify do not (the
+  // client checks every record against its checksum).
+  IoOptions io;
 };
 
 struct ServerStats {
@@ -39,6 +45,9 @@ class SLUICE_EXPORT ShardServer {
   /// HOST:PORT that clients connect to (the bound port when options.listen said 0).
   virtual std::string address() const = 0;
   virtual ServerStats stats() const = 0;
+  /// How records are read: the IO engine, and direct I/O on or why not ("io_uring ...; direct
+  /// I/O (O_DIRECT) on").
+  virtual std::string io_description() const = 0;
 };
 
 }  // namespace sluice

@@ -40,7 +40,8 @@ struct ServeArgs {
   std::filesystem::path dataset;
   std::string listen = "0.0.0.0:7070";
   std::filesystem::path token_file;  // else $SLUICE_TOKEN, else no token
-  uint32_t threads = 2;
+  uint32_t threads = 4;
+  std::string direct = "auto";  // auto, on, off
   bool json = false;
 };
 

@@ -74,7 +74,11 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--listen", serve.listen, "HOST:PORT to listen on (default 0.0.0.0:7070)");
   serve_cmd->add_option("--token-file", serve.token_file,
                         "File holding the shared token (default: $SLUICE_TOKEN)");
-  serve_cmd->add_option("--threads", serve.threads, "Reader threads (default 2)");
+  serve_cmd->add_option("--threads", serve.threads, "Replies read at once (default 4)");
+  serve_cmd
+      ->add_option("--direct", serve.direct,
+                   "O_DIRECT reads: auto (when the file system allows), on, off (page cache)")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   serve_cmd->add_flag("--json", serve.json, "Print the address as JSON once listening");
 
   CLI11_PARSE(app, argc, argv);

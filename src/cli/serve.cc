@@ -21,6 +21,9 @@ int run_serve(const ServeArgs& args) {
   ServerOptions options;
   options.listen = args.listen;
   options.read_threads = args.threads;
+  options.io.direct = args.direct == "on"    ? DirectIo::kOn
+                      : args.direct == "off" ? DirectIo::kOff
+                                             : DirectIo::kAuto;
   if (!args.token_file.empty()) {
     std::ifstream in(args.token_file);
     if (!in)
@@ -42,12 +45,14 @@ int run_serve(const ServeArgs& args) {
     fmt::print("{}\n", nlohmann::json{{"address", server->address()},
                                       {"dataset", dataset->path().string()},
                                       {"samples", dataset->num_samples()},
-                                      {"shards", dataset->shards().size()}}
+                                      {"shards", dataset->shards().size()},
+                                      {"io", server->io_description()}}
                            .dump());
   } else {
-    fmt::print("sluice serve: {} ({} samples, {} shards) on {}{}; Ctrl-C stops\n",
+    fmt::print("sluice serve: {} ({} samples, {} shards) on {}{}; {}; Ctrl-C stops\n",
                dataset->path().string(), dataset->num_samples(), dataset->shards().size(),
-               server->address(), options.token.empty() ? ", no token" : ", token required");
+               server->address(), options.token.empty() ? ", no token" : ", token required",
+               server->io_description());
   }
   std::fflush(stdout);
   int sig = 0;

@@ -1,5 +1,6 @@
 #include "net/client.h"
 
+#include "common/check.h"
 #include "common/errors.h"
 #include "net/ucx.h"
 
@@ -15,6 +16,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using detail::fail;
 
+class ClientImpl;
+
 // One request on the wire. Lives until read() returns, after every callback that names it.
 struct Pending {
   uint64_t id = 0;
@@ -28,6 +31,8 @@ struct Pending {
   std::span<std::byte> dest;     // where the reply data goes
   size_t bytes = 0;              // reply data received into the destination
   void* recv_request = nullptr;  // a rendezvous receive in progress
+  std::string corrupt;           // what check_records found wrong
+  ClientImpl* client = nullptr;
 };
 
 ErrorCode code_for(ReplyStatus s) {
@@ -73,23 +78,35 @@ class ClientImpl final : public PeerClient {
   const std::string& address() const override { return address_; }
 
   void read(std::span<ReadRequest> requests) override {
+    start(requests);
+    finish();
+  }
+
+  void start(std::span<ReadRequest> requests) override {
     usable();
-    std::vector<std::unique_ptr<Pending>> pendings;
-    pendings.reserve(requests.size());
+    SLUICE_CHECK(started_.empty());  // start() twice without finish()
+    started_.reserve(requests.size());
     for (ReadRequest& r : requests) {
       auto p = std::make_unique<Pending>();
       p->request = &r;
       p->header.count = static_cast<uint32_t>(r.indices.size());
       p->raw_data = std::as_bytes(std::span<const uint64_t>(r.indices));
-      pendings.push_back(std::move(p));
+      started_.push_back(std::move(p));
     }
-    exchange(pendings);
+    send_all(started_);
+  }
+
+  void finish() override {
+    std::vector<std::unique_ptr<Pending>> pendings;
+    pendings.swap(started_);
+    wait_all(pendings);
     for (size_t k = 0; k < pendings.size(); ++k) {
       Pending& p = *pendings[k];
       if (p.reply.status != ReplyStatus::kOk)
         throw Error(code_for(p.reply.status),
                     fmt::format("peer {}: {}: {}", address_, to_string(p.reply.status), p.message));
-      check_records(p, requests[k]);
+      if (!p.corrupt.empty())
+        throw Error(ErrorCode::kCorruption, fmt::format("peer {}: {}", address_, p.corrupt));
     }
   }
 
@@ -101,7 +118,8 @@ class ClientImpl final : public PeerClient {
     raw_header_.assign(header.begin(), header.end());
     p->raw_data = data;
     pendings.push_back(std::move(p));
-    exchange(pendings, /*raw=*/true);
+    send_all(pendings, /*raw=*/true);
+    wait_all(pendings);
     return {pendings[0]->reply.status, pendings[0]->message};
   }
 
@@ -115,10 +133,8 @@ class ClientImpl final : public PeerClient {
       fail(ErrorCode::kIo, "peer {}: unusable after an earlier failure: {}", address_, failure_);
   }
 
-  // Sends every pending request and progresses until all replies are in, the peer fails, or
-  // the timeout passes. On failure the connection is closed (cancelling receives into the
-  // callers' buffers) before the error is thrown.
-  void exchange(std::vector<std::unique_ptr<Pending>>& pendings, bool raw = false) {
+  // Sends every pending request (a send that fails marks the connection failed, for wait_all).
+  void send_all(std::vector<std::unique_ptr<Pending>>& pendings, bool raw = false) {
     for (auto& p : pendings) {
       // A raw header too short to carry a request id is answered with id 0.
       p->id = raw && raw_header_.size() < 16 ? 0 : ++next_id_;
@@ -144,6 +160,12 @@ class ClientImpl final : public PeerClient {
         break;
       }
     }
+  }
+
+  // Progresses until every reply is in, the peer fails, or the timeout passes. On failure the
+  // connection is closed (cancelling receives into the callers' buffers) before the error is
+  // thrown.
+  void wait_all(std::vector<std::unique_ptr<Pending>>& pendings) {
     const auto until = deadline();
     auto all_done = [&] {
       for (auto& p : pendings)
@@ -176,28 +198,35 @@ class ClientImpl final : public PeerClient {
       }
   }
 
-  // Records are in request order, each checked against the checksum the server sent (seeded
-  // with the sample index, as in the shard index).
-  void check_records(Pending& p, ReadRequest& r) {
+  // Checks a reply's record table and, unless verify is off, every record against the
+  // checksum the server sent (seeded with the sample index, as in the shard index). Runs as
+  // soon as the reply's data is in: the bytes are still in cache, and other replies keep
+  // arriving meanwhile. What it finds goes to p.corrupt, which read() throws.
+  void check_records(Pending& p) {
+    ReadRequest& r = *p.request;
     std::span<const std::byte> data(p.dest.data(), p.bytes);
     std::string error;
     auto table = parse_records(p.reply, data, &error);
-    if (!table || table->size() != r.indices.size())
-      fail(ErrorCode::kCorruption, "peer {}: malformed reply: {}", address_,
-           table ? fmt::format("{} records for {} samples", table->size(), r.indices.size())
-                 : error);
+    if (!table || table->size() != r.indices.size()) {
+      p.corrupt = fmt::format(
+          "malformed reply: {}",
+          table ? fmt::format("{} records for {} samples", table->size(), r.indices.size())
+                : error);
+      return;
+    }
     r.records = std::move(*table);
-    uint64_t at = 0;
+    if (!options_.verify) return;
     for (size_t i = 0; i < r.records.size(); ++i) {
       const RecordInfo& info = r.records[i];
-      uint32_t sum =
-          static_cast<uint32_t>(XXH3_64bits_withSeed(data.data() + at, info.size, r.indices[i]));
-      if (sum != info.checksum)
-        fail(ErrorCode::kCorruption,
-             "peer {}: sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on "
-             "the peer's disk or in transit",
-             address_, r.indices[i], info.checksum, sum);
-      at += info.size;
+      uint32_t sum = static_cast<uint32_t>(
+          XXH3_64bits_withSeed(data.data() + info.offset, info.size, r.indices[i]));
+      if (sum != info.checksum) {
+        p.corrupt = fmt::format(
+            "sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on the "
+            "peer's disk or in transit",
+            r.indices[i], info.checksum, sum);
+        return;
+      }
     }
   }
 
@@ -244,6 +273,7 @@ class ClientImpl final : public PeerClient {
     }
     if (!rndv) {
       std::memcpy(dest.data(), data, length);
+      check_records(p);
       p.done = true;
       return;
     }
@@ -252,8 +282,10 @@ class ClientImpl final : public PeerClient {
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.recv_am = &ClientImpl::on_received;
     rp.user_data = &p;
+    p.client = this;
     ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), length, &rp);
     if (r == nullptr) {
+      check_records(p);
       p.done = true;
     } else if (UCS_PTR_IS_ERR(r)) {
       p.transport_failed = true;
@@ -270,6 +302,8 @@ class ClientImpl final : public PeerClient {
     if (status != UCS_OK) {
       p->transport_failed = true;
       p->message = fmt::format("receiving reply data: {}", ucs_status_string(status));
+    } else {
+      p->client->check_records(*p);
     }
     p->recv_request = nullptr;
     p->done = true;
@@ -305,6 +339,7 @@ class ClientImpl final : public PeerClient {
   uint64_t next_id_ = 0;
   std::unordered_map<uint64_t, Pending*> by_id_;
   std::vector<std::byte> raw_header_;
+  std::vector<std::unique_ptr<Pending>> started_;  // between start() and finish()
   bool failed_ = false;  // the connection failed (error handler, malformed reply)
   bool broken_ = false;  // a read failed: this client is done
   std::string failure_;

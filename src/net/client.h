@@ -19,15 +19,16 @@ namespace sluice::net {
 struct ClientOptions {
   std::string token;           // the cluster's shared token
   uint32_t timeout_ms = 5000;  // connecting, and waiting for the replies of one read()
+  bool verify = true;          // check every record against its checksum (end to end)
 };
 
 /// One request: which samples, where their bytes go, and (after read()) what came back.
 struct ReadRequest {
   std::vector<uint64_t> indices;
-  /// Called once with the reply's data size (records, padded to 8 bytes, then one RecordInfo
-  /// per sample); returns an 8-byte-aligned buffer at least that long.
+  /// Called once with the reply's data size (the records, then one RecordInfo per sample);
+  /// returns an 8-byte-aligned buffer at least that long.
   std::function<std::span<std::byte>(size_t bytes)> destination;
-  std::vector<RecordInfo> records;  // filled by read(): size and checksum of each record
+  std::vector<RecordInfo> records;  // filled by read(): where each record is in the buffer
 };
 
 class PeerClient {
@@ -45,6 +46,12 @@ class PeerClient {
   /// answer in time (the client is unusable afterwards), kInvalidArgument / kNotFound /
   /// kCorruption for the server's refusals and for damaged bytes.
   virtual void read(std::span<ReadRequest> requests) = 0;
+  /// read() in two halves, so that one thread keeps requests in flight to several peers (and
+  /// reads local samples) meanwhile: start() sends, finish() waits, checks and throws as read()
+  /// does. `requests` must stay alive until finish() returns. Replies that arrive before
+  /// finish() wait in the transport; the timeout counts from finish().
+  virtual void start(std::span<ReadRequest> requests) = 0;
+  virtual void finish() = 0;
 
   /// Test seam: sends a raw request (any header and data bytes) and returns the reply's status
   /// and message; for malformed-request tests.

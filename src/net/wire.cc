@@ -74,13 +74,16 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
   std::vector<RecordInfo> infos(reply.count);
   if (table > 0)  // memcpy from or to null is undefined even for 0 bytes (found by fuzz_wire)
     std::memcpy(infos.data(), data.data() + data.size() - table, table);
-  uint64_t sum = 0;
-  for (const RecordInfo& r : infos) sum += r.size;
-  uint64_t padded = (sum + 7) / 8 * 8;
-  if (padded + table != data.size()) {
-    *error = fmt::format("reply records add up to {} bytes, but {} precede the table", sum,
-                         data.size() - table);
-    return std::nullopt;
+  const uint64_t records_end = data.size() - table;
+  uint64_t at = 0;  // end of the previous record
+  for (size_t i = 0; i < infos.size(); ++i) {
+    const RecordInfo& r = infos[i];
+    if (r.offset < at || r.offset > records_end || r.size > records_end - r.offset) {
+      *error = fmt::format("record {} at [{}+{}] overlaps its predecessor or the table at {}", i,
+                           r.offset, r.size, records_end);
+      return std::nullopt;
+    }
+    at = r.offset + r.size;
   }
   return infos;
 }

@@ -4,8 +4,10 @@
 // global index (never by file offset); the server answers with their records, or with an error.
 //
 //   request  AM kRequestAm: header RequestHeader, data: count x uint64 sample indices
-//   reply    AM kReplyAm:   header ReplyHeader,   data: on success the records, concatenated in
-//                           request order, then count x RecordInfo; on error the message text
+//   reply    AM kReplyAm:   header ReplyHeader,   data: on success the records in request order
+//                           (each where its RecordInfo says: under direct I/O a record sits
+//                           inside its block-aligned cover), padding to 8 bytes, then count x
+//                           RecordInfo; on error the message text
 //
 // All fields are little-endian (the only byte order sluice runs on). Every field of a message
 // from a peer is checked before use: parse_* return an error text instead of trusting it.
@@ -26,7 +28,7 @@ inline constexpr uint16_t kRequestAm = 0x51;
 inline constexpr uint16_t kReplyAm = 0x52;
 inline constexpr uint32_t kRequestMagic = 0x51524c53;  // "SLRQ"
 inline constexpr uint32_t kReplyMagic = 0x50524c53;    // "SLRP"
-inline constexpr uint16_t kWireVersion = 1;
+inline constexpr uint16_t kWireVersion = 2;            // 2: RecordInfo carries the record's offset
 
 using TokenDigest = std::array<uint8_t, 16>;
 
@@ -64,22 +66,23 @@ struct ReplyHeader {
 };
 static_assert(sizeof(ReplyHeader) == 32);
 
-/// Size and checksum of one record in a reply (the checksum as in the shard index: low 32 bits
+/// Where one record lies in a reply's data, and its checksum (as in the shard index: low 32 bits
 /// of XXH3-64 of the record seeded with the sample index), so that the client checks the bytes
 /// end to end.
 struct RecordInfo {
+  uint64_t offset = 0;  // from the start of the reply's data
   uint32_t size = 0;
   uint32_t checksum = 0;
 };
-static_assert(sizeof(RecordInfo) == 8);
+static_assert(sizeof(RecordInfo) == 16);
 
 /// Checks a request's header and data length; returns the header, or sets `error`.
 std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
                                            uint32_t max_count, std::string* error);
 /// Checks a reply's header; returns it, or sets `error`.
 std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error);
-/// Checks the records table at the end of a successful reply's data against its header.
-/// Returns the table, or sets `error`.
+/// Checks the records table at the end of a successful reply's data against its header: the
+/// records lie in order, without overlap, before the table. Returns the table, or sets `error`.
 std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
                                                      std::span<const std::byte> data,
                                                      std::string* error);

@@ -14,6 +14,7 @@
 #include "common/errors.h"
 #include "common/file.h"
 #include "format/layout.h"
+#include "index/direct.h"
 #include "io/engine.h"
 #include "io/service.h"
 #include "memory/cuda.h"
@@ -143,7 +144,16 @@ struct WorkerScratch {
   std::vector<uint8_t> remote;                            // per sample: read from a peer
   std::vector<std::span<const std::byte>> remote_record;  // per sample, when remote
   std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
+  size_t buffers_used = 0;                                // reply buffers this batch
   std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
+  // Requests sent to one peer and not yet finished.
+  struct PeerCall {
+    size_t peer = 0;
+    std::vector<size_t> samples;  // batch positions
+    std::vector<net::ReadRequest> requests;
+    size_t first_buffer = 0;  // their replies go to reply_buffers from here on
+  };
+  std::vector<PeerCall> calls;
   std::vector<detail::UniqueFd> sample_files;  // dataset.format files: this batch's open files
 };
 
@@ -166,6 +176,7 @@ class LoaderImpl final : public Loader {
       ServerOptions so;
       so.listen = options.distributed.listen;
       so.token = token_;
+      so.io = options_.io;
       server_ = ShardServer::start(dataset_, so);
       log_line(fmt::format("serving this node's shards on {}", server_->address()));
     }
@@ -339,40 +350,14 @@ class LoaderImpl final : public Loader {
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
   // otherwise the dataset's own (buffered) descriptors. dataset.format files opens each
-  // sample's file when its batch is read: the probe is an O_DIRECT read of the first one.
+  // sample's file when its batch is read.
   void open_files() {
     const auto& shards = dataset_->shards();
     files_ = !dataset_->sample_file(0).empty();
-    std::string why;
-    if (options_.io.direct != DirectIo::kOff && !shards.empty()) {
-      try {
-        AlignedBuffer probe;
-        probe.reserve(dataset_->alignment());
-        auto probe_read = [&](int fd, const std::string& name) {
-          if (::pread(fd, probe.data(), dataset_->alignment(), 0) < 0)
-            detail::fail_errno(errno, "O_DIRECT read of " + name);
-        };
-        if (files_) {
-          detail::UniqueFd first(dataset_->open_sample(0, true));
-          probe_read(first.get(), std::string(dataset_->sample_file(0)));
-        } else {
-          for (const auto& s : shards)
-            direct_fds_.push_back(s.local ? detail::open_file(s.path, O_RDONLY | O_DIRECT)
-                                          : detail::UniqueFd{});
-          for (size_t i = 0; i < shards.size(); ++i)
-            if (shards[i].local) {
-              probe_read(direct_fds_[i].get(), shards[i].path.string());
-              break;
-            }
-        }
-        direct_ = true;
-      } catch (const Error& e) {
-        direct_fds_.clear();
-        why = e.what();
-        if (options_.io.direct == DirectIo::kOn)
-          fail(ErrorCode::kUnsupported, "io.direct: true, but {}", why);
-      }
-    }
+    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct");
+    direct_ = direct.on;
+    direct_fds_ = std::move(direct.fds);
+    const std::string why = direct.why_not;
     if (files_)
       fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
     else
@@ -532,7 +517,23 @@ class LoaderImpl final : public Loader {
     }
     finish_metadata(step, s, out);
     if (direct_to_batch_) return read_into_batch(engine, s, out);
-    if (any_remote) read_remote(s);
+    // Remote requests go out first and their replies are collected after the local reads, so
+    // peers read and send while this thread reads its own shards.
+    struct AbandonOnError {  // a batch that fails midway drops connections with replies due
+      WorkerScratch& s;
+      ~AbandonOnError() {
+        for (auto& c : s.calls) s.clients.erase(c.peer);
+        s.calls.clear();
+      }
+    } abandon{s};
+    if (any_remote) {
+      s.remote_record.assign(n, {});
+      s.buffers_used = 0;
+      std::vector<size_t> remote;
+      for (size_t i = 0; i < n; ++i)
+        if (s.remote[i]) remote.push_back(i);
+      start_remote(s, remote);
+    }
     std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
       const auto &x = s.extents[a], &y = s.extents[b];
       return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
@@ -588,6 +589,9 @@ class LoaderImpl final : public Loader {
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
     if (!s.ops.empty()) read_local(engine, s, deadline);
     s.sample_files.clear();
+    if (any_remote)  // failed peers' samples go to their replicas until none is left
+      for (auto todo = finish_remote(s); !todo.empty(); todo = finish_remote(s))
+        start_remote(s, todo);
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
@@ -637,21 +641,16 @@ class LoaderImpl final : public Loader {
     }
   }
 
-  // Reads this batch's remote samples from the peers that serve their shards: every peer's
-  // requests in flight at once; a peer that fails is marked dead for the whole loader and its
-  // samples go to the next replica. Throws naming the shard and every peer tried when no
-  // replica is left.
-  void read_remote(WorkerScratch& s) {
-    const size_t n = s.refs.size();
-    s.remote_record.assign(n, {});
-    std::vector<size_t> todo;
-    for (size_t i = 0; i < n; ++i)
-      if (s.remote[i]) todo.push_back(i);
-    size_t buffers_used = 0;  // every request of the batch lands in a buffer of its own
-    while (!todo.empty()) {
-      // Each sample to the first live peer of its shard.
+  // Sends the remote samples at batch positions `todo`, each to the first live peer that
+  // serves its shard: every peer's requests in flight at once, kPerRequest samples a request.
+  // A peer that cannot take them is marked dead and its samples go to the next replica. Throws
+  // naming the shard and every peer tried when no replica is left.
+  void start_remote(WorkerScratch& s, const std::vector<size_t>& todo) {
+    constexpr size_t kPerRequest = 1024;
+    std::vector<size_t> left = todo;
+    while (!left.empty()) {
       std::map<size_t, std::vector<size_t>> by_peer;
-      for (size_t i : todo) {
+      for (size_t i : left) {
         uint32_t shard = dataset_->shard_of(s.refs[i].index);
         size_t chosen = SIZE_MAX;
         for (size_t p : shard_peers_[shard])
@@ -662,54 +661,93 @@ class LoaderImpl final : public Loader {
         if (chosen == SIZE_MAX) no_peer_left(shard, s.refs[i].index);
         by_peer[chosen].push_back(i);
       }
-      todo.clear();
+      left.clear();
+      // Every request gets a reply buffer of its own; size the list before any destination
+      // refers into it.
+      size_t needed = s.buffers_used;
       for (auto& [peer, samples] : by_peer)
-        if (!read_from_peer(s, peer, samples, buffers_used))
-          todo.insert(todo.end(), samples.begin(), samples.end());
+        needed += (samples.size() + kPerRequest - 1) / kPerRequest;
+      if (s.reply_buffers.size() < needed) s.reply_buffers.resize(needed);
+      for (auto& [peer, samples] : by_peer) {
+        WorkerScratch::PeerCall call{peer, std::move(samples), {}, s.buffers_used};
+        const size_t count = (call.samples.size() + kPerRequest - 1) / kPerRequest;
+        s.buffers_used += count;
+        call.requests.resize(count);
+        for (size_t k = 0; k < count; ++k) {
+          for (size_t j = k * kPerRequest; j < std::min(call.samples.size(), (k + 1) * kPerRequest);
+               ++j)
+            call.requests[k].indices.push_back(s.refs[call.samples[j]].index);
+          call.requests[k].destination =
+              [&buffer = s.reply_buffers[call.first_buffer + k]](size_t bytes) {
+                buffer.resize((bytes + 7) / 8);
+                return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
+              };
+        }
+        s.calls.push_back(std::move(call));
+        if (!peer_call(s, s.calls.back(), /*start=*/true)) {
+          left.insert(left.end(), s.calls.back().samples.begin(), s.calls.back().samples.end());
+          s.calls.pop_back();
+        }
+      }
     }
   }
 
-  // False when the peer failed (it is then marked dead); throws for what a replica would not
-  // fix (the server refused the request, or the bytes were damaged).
-  // Replies go to s.reply_buffers from `buffers_used` on, which it advances.
-  bool read_from_peer(WorkerScratch& s, size_t peer, const std::vector<size_t>& samples,
-                      size_t& buffers_used) {
-    constexpr size_t kPerRequest = 1024;
-    const PeerOptions& p = options_.distributed.peers[peer];
-    try {
-      auto& client = s.clients[peer];
-      if (!client)
-        client =
-            net::PeerClient::connect(p.address, {token_, options_.distributed.peer_timeout_ms});
-      const size_t count = (samples.size() + kPerRequest - 1) / kPerRequest;
-      const size_t first = buffers_used;
-      buffers_used += count;
-      if (s.reply_buffers.size() < buffers_used) s.reply_buffers.resize(buffers_used);
-      std::vector<net::ReadRequest> requests(count);
-      for (size_t k = 0; k < count; ++k) {
-        for (size_t j = k * kPerRequest; j < std::min(samples.size(), (k + 1) * kPerRequest); ++j)
-          requests[k].indices.push_back(s.refs[samples[j]].index);
-        requests[k].destination = [&buffer = s.reply_buffers[first + k]](size_t bytes) {
-          buffer.resize((bytes + 7) / 8);
-          return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
-        };
+  // Waits for every call start_remote made and points the samples at their records. Returns
+  // the samples of peers that failed meanwhile (they are marked dead), for their replicas.
+  std::vector<size_t> finish_remote(WorkerScratch& s) {
+    std::vector<size_t> failed;
+    std::vector<WorkerScratch::PeerCall> calls;
+    calls.swap(s.calls);
+    for (size_t c = 0; c < calls.size(); ++c) {
+      WorkerScratch::PeerCall& call = calls[c];
+      bool ok = false;
+      try {
+        ok = peer_call(s, call, /*start=*/false);
+      } catch (...) {
+        // Not a failure a replica would fix: the calls still out are abandoned with this one.
+        for (size_t d = c + 1; d < calls.size(); ++d) s.calls.push_back(std::move(calls[d]));
+        throw;
       }
-      client->read(requests);
-      for (size_t k = 0; k < count; ++k) {
-        const std::byte* at = reinterpret_cast<const std::byte*>(s.reply_buffers[first + k].data());
-        for (size_t j = 0; j < requests[k].records.size(); ++j) {
-          s.remote_record[samples[k * kPerRequest + j]] = {at, requests[k].records[j].size};
-          at += requests[k].records[j].size;
-        }
+      if (!ok) {
+        failed.insert(failed.end(), call.samples.begin(), call.samples.end());
+        continue;
+      }
+      size_t j = 0;
+      for (size_t k = 0; k < call.requests.size(); ++k) {
+        const auto* data =
+            reinterpret_cast<const std::byte*>(s.reply_buffers[call.first_buffer + k].data());
+        for (const net::RecordInfo& r : call.requests[k].records)
+          s.remote_record[call.samples[j++]] = {data + r.offset, r.size};
+      }
+    }
+    return failed;
+  }
+
+  // Starts (connecting first when needed) or finishes `call`. False when the peer failed: it is
+  // then marked dead and its connection dropped. Throws for what a replica would not fix (the
+  // server refused the request: a wrong token, a sample it does not have).
+  bool peer_call(WorkerScratch& s, WorkerScratch::PeerCall& call, bool start) {
+    const PeerOptions& p = options_.distributed.peers[call.peer];
+    try {
+      auto& client = s.clients[call.peer];
+      if (start) {
+        if (!client)
+          client = net::PeerClient::connect(
+              p.address, {token_, options_.distributed.peer_timeout_ms, options_.io.verify});
+        client->start(call.requests);
+      } else {
+        client->finish();
       }
       return true;
     } catch (const Error& e) {
       // A peer that is gone, stops answering or sends bytes that fail their checks (garbage,
-      // damage on its disk or in transit) is dropped for its replicas; anything else (a wrong
-      // token, a sample it does not have) is this loader's error and fails the batch.
-      if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) throw;
-      s.clients.erase(peer);
-      mark_peer_dead(peer, e.what());
+      // damage on its disk or in transit) is dropped for its replicas.
+      if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) {
+        s.clients.erase(call.peer);
+        throw;
+      }
+      s.clients.erase(call.peer);
+      mark_peer_dead(call.peer, e.what());
       return false;
     }
   }

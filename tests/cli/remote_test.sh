@@ -27,17 +27,19 @@ for ((k = 0; k < shards; k++)); do
   if ((k % 2 == 0)); then cp "$TMP/full/$f" "$TMP/half/"; else odd+="${odd:+, }$k"; fi
 done
 
-serve() {  # serve NAME: starts a server; sets $addr
-  "$SLUICE" serve "$TMP/full" --listen 127.0.0.1:0 --json > "$TMP/$1.json" 2>/dev/null &
+serve() {  # serve NAME [ARGS]: starts a server; sets $addr
+  local name=$1; shift
+  "$SLUICE" serve "$TMP/full" --listen 127.0.0.1:0 --json "$@" > "$TMP/$name.json" 2>/dev/null &
   pids+=($!)
   disown $! 2>/dev/null || true
-  eval "$1_pid=$!"
-  for _ in $(seq 100); do [[ -s "$TMP/$1.json" ]] && break; sleep 0.05; done
-  addr=$(python3 -c "import json; print(json.load(open('$TMP/$1.json'))['address'])")
-  eval "$1_addr=$addr"
+  eval "${name}_pid=$!"
+  for _ in $(seq 100); do [[ -s "$TMP/$name.json" ]] && break; sleep 0.05; done
+  addr=$(python3 -c "import json; print(json.load(open('$TMP/$name.json'))['address'])")
+  eval "${name}_addr=$addr"
 }
-serve a
-serve b
+serve a             # O_DIRECT where the file system takes it
+serve b --direct off  # through the page cache
+check "serve --direct off says it reads through the page cache" grep -q '"io":"[^"]*page cache' "$TMP/b.json"
 
 config() {  # config FILE PEER...
   local file=$1; shift
