@@ -36,12 +36,21 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(1);
     std::uniform_int_distribution<uint64_t> pick(0, samples - 1);
     std::vector<std::vector<uint64_t>> buffers(in_flight);
+    // Large records come apart, each into a place of its own (as into a Loader's batch slots).
+    std::vector<std::vector<std::vector<uint64_t>>> places(
+        in_flight, std::vector<std::vector<uint64_t>>(per_request));
     std::vector<sluice::net::ReadRequest> requests(in_flight);
-    for (size_t k = 0; k < in_flight; ++k)
+    for (size_t k = 0; k < in_flight; ++k) {
       requests[k].destination = [&buffers, k](size_t bytes) {
         buffers[k].resize((bytes + 7) / 8);
         return std::span<std::byte>(reinterpret_cast<std::byte*>(buffers[k].data()), bytes);
       };
+      requests[k].record_destination = [&places, k](size_t record, size_t bytes) {
+        auto& place = places[k][record];
+        place.resize((bytes + 7) / 8);
+        return std::span<std::byte>(reinterpret_cast<std::byte*>(place.data()), bytes);
+      };
+    }
     uint64_t bytes = 0, count = 0;
     auto t0 = std::chrono::steady_clock::now();
     auto end = t0 + std::chrono::duration<double>(seconds);

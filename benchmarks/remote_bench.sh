@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Issue 5's numbers: remote reads through sluice's shard server and client against
 # ucx_perftest's ucp_am_bw on the same transport (UCX tcp over loopback by default), at
-# 4 KiB, 64 KiB and 1 MiB samples. The server's page cache is warm, so this measures the
-# network path, not the disk. Needs ucx_perftest (apt-get install ucx-utils).
+# 4 KiB, 64 KiB and 1 MiB samples. The server reads through its page cache (--direct off) and
+# the cache is warm, so this measures the network path, not the disk. Two sluice numbers: the
+# client alone (build/benchmarks/remote_bench: requests in flight, every record checked), and
+# the Loader (`sluice bench` on a node that has none of the shards: batches assembled from
+# remote records). Needs ucx_perftest (apt-get install ucx-utils).
 #   benchmarks/remote_bench.sh [WORKDIR] [SECONDS] [ROUNDS]
 # env: UCX_TLS (default tcp), SLUICE_REMOTE_PER_REQUEST (default 16), SLUICE_REMOTE_IN_FLIGHT (8)
 set -euo pipefail
@@ -24,17 +27,32 @@ for size in 4096 65536 1048576; do
   cat "$work/ds$size"/shard-*.sluice > /dev/null
 done
 
-sluice_run() {  # sluice_run SIZE -> bytes/s
+sluice_run() {  # sluice_run SIZE -> "client bytes/s loader bytes/s"
   local size=$1 port=$((20000 + RANDOM % 20000))
-  build/sluice serve "$work/ds$size" --listen "127.0.0.1:$port" --json > "$work/serve.json" 2>/dev/null &
+  build/sluice serve "$work/ds$size" --listen "127.0.0.1:$port" --direct off --json > "$work/serve.json" 2>/dev/null &
   local pid=$!
   for _ in $(seq 50); do [[ -s "$work/serve.json" ]] && break; sleep 0.1; done
   local per=$per_request
   (( size >= 1048576 )) && per=2  # 2 MiB replies
   (( size <= 4096 )) && per=256
-  build/benchmarks/remote_bench "127.0.0.1:$port" "${count[$size]}" "$secs" "$per" "$in_flight" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_per_s"])'
+  local client loader shards
+  client=$(build/benchmarks/remote_bench "127.0.0.1:$port" "${count[$size]}" "$secs" "$per" "$in_flight" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_per_s"])')
+  # The Loader on a node with only the manifest: every shard comes from the server.
+  mkdir -p "$work/remote$size" && cp "$work/ds$size/manifest.sluice" "$work/remote$size/"
+  shards=$(ls "$work/ds$size"/shard-*.sluice | wc -l)
+  {
+    echo "dataset: {path: $work/remote$size}"
+    echo "batch_size: $(( size >= 1048576 ? 8 : size >= 65536 ? 64 : 512 ))"
+    echo "io: {threads: 4}"
+    echo "distributed:"
+    echo "  peers:"
+    echo "    - {address: \"127.0.0.1:$port\", shards: [$(seq -s, 0 $((shards - 1)))]}"
+  } > "$work/remote$size.yaml"
+  loader=$(build/sluice bench "$work/remote$size.yaml" --seconds "$secs" --json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_per_s"])')
   kill -INT $pid; wait $pid 2>/dev/null || true
+  echo "$client $loader"
 }
 perftest_run() {  # perftest_run SIZE -> bytes/s
   local size=$1 port=$((20000 + RANDOM % 20000)) iters=$((4 * 1024 * 1024 * 1024 / $1))
@@ -47,26 +65,27 @@ perftest_run() {  # perftest_run SIZE -> bytes/s
   wait $pid 2>/dev/null || true
 }
 
-declare -A s p
+declare -A s l p
 for r in $(seq 1 "$rounds"); do
   for size in 4096 65536 1048576; do
     p[$size,$r]=$(perftest_run "$size")
-    s[$size,$r]=$(sluice_run "$size")
-    echo "round $r size $size: ucx_perftest ${p[$size,$r]} B/s, sluice ${s[$size,$r]} B/s" >&2
+    read -r s[$size,$r] l[$size,$r] <<< "$(sluice_run "$size")"
+    echo "round $r size $size: ucx_perftest ${p[$size,$r]} B/s, sluice client ${s[$size,$r]} B/s, loader ${l[$size,$r]} B/s" >&2
   done
 done
 
-echo "| sample size | ucx_perftest ucp_am_bw (median) | sluice remote reads (median) | ratio (median of $rounds rounds) | target |"
-echo "|---|---|---|---|---|"
+echo "| sample size | ucx_perftest ucp_am_bw (median) | sluice client (median) | ratio | sluice Loader (median) | ratio | target |"
+echo "|---|---|---|---|---|---|---|"
 for size in 4096 65536 1048576; do
-  ps=(); ss=()
-  for r in $(seq 1 "$rounds"); do ps+=("${p[$size,$r]}"); ss+=("${s[$size,$r]}"); done
-  python3 - "$size" "${ps[*]}" "${ss[*]}" <<'PY'
+  ps=(); ss=(); ls=()
+  for r in $(seq 1 "$rounds"); do ps+=("${p[$size,$r]}"); ss+=("${s[$size,$r]}"); ls+=("${l[$size,$r]}"); done
+  python3 - "$size" "${ps[*]}" "${ss[*]}" "${ls[*]}" <<'PY'
 import statistics, sys
-size = int(sys.argv[1]); p = list(map(float, sys.argv[2].split())); s = list(map(float, sys.argv[3].split()))
-ratio = statistics.median(b / a for a, b in zip(p, s))
+size = int(sys.argv[1]); p, s, l = (list(map(float, a.split())) for a in sys.argv[2:5])
+med = statistics.median
+ratio = lambda xs: med(b / a for a, b in zip(p, xs))  # median of per-round ratios
 target = "0.8x" if size >= 65536 else "(recorded)"
-print(f"| {size // 1024} KiB | {statistics.median(p) / 1e6:.0f} MB/s | {statistics.median(s) / 1e6:.0f} MB/s "
-      f"({statistics.median(s) / size:.0f} samples/s) | {ratio:.2f}x | {target} |")
+print(f"| {size // 1024} KiB | {med(p) / 1e6:.0f} MB/s | {med(s) / 1e6:.0f} MB/s ({med(s) / size:.0f} samples/s) "
+      f"| {ratio(s):.2f}x | {med(l) / 1e6:.0f} MB/s ({med(l) / size:.0f} samples/s) | {ratio(l):.2f}x | {target} |")
 PY
 done

@@ -16,7 +16,20 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using detail::fail;
 
+// A record message larger than this is garbage, not a sample (and not worth allocating for).
+constexpr uint32_t kMaxRecordBytes = 1u << 30;
+
 class ClientImpl;
+
+struct Pending;
+
+// A rendezvous receive in progress: the reply's data (record < 0) or a separate record.
+struct Receive {
+  Pending* pending = nullptr;
+  int64_t record = -1;
+  std::span<std::byte> dest;
+  void* request = nullptr;  // UCX's, until it completes
+};
 
 // One request on the wire. Lives until read() returns, after every callback that names it.
 struct Pending {
@@ -24,15 +37,24 @@ struct Pending {
   ReadRequest* request = nullptr;  // nullptr for send_raw
   RequestHeader header;
   std::span<const std::byte> raw_data;
-  bool done = false;
+  bool done = false;  // the reply's message is settled (data in, or an error)
   ReplyHeader reply;
   std::string message;  // the server's error text, or a transport failure
   bool transport_failed = false;
-  std::span<std::byte> dest;     // where the reply data goes
-  size_t bytes = 0;              // reply data received into the destination
-  void* recv_request = nullptr;  // a rendezvous receive in progress
-  std::string corrupt;           // what check_records found wrong
+  std::span<std::byte> dest;  // where the reply data goes
+  size_t bytes = 0;           // reply data received into the destination
+  std::string corrupt;        // what the checks found wrong
+  bool table_ok = false;      // the reply's record table is in and well-formed
   ClientImpl* client = nullptr;
+  // Records in messages of their own: per record 0 (not yet), 1 (arriving), 2 (landed).
+  std::vector<uint8_t> separate;
+  size_t separate_landed = 0;
+  std::vector<std::unique_ptr<Receive>> receives;
+
+  bool complete() const {
+    return transport_failed || (done && (reply.status != ReplyStatus::kOk || !request ||
+                                         !corrupt.empty() || separate_landed == reply.separate));
+  }
 };
 
 ErrorCode code_for(ReplyStatus s) {
@@ -52,6 +74,7 @@ class ClientImpl final : public PeerClient {
       : address_(address), options_(options), token_(token_digest(options.token)) {
     SocketAddress addr = SocketAddress::parse(address);
     worker_.set_am_handler(kReplyAm, &ClientImpl::on_reply, this, "peer " + address_);
+    worker_.set_am_handler(kRecordAm, &ClientImpl::on_record, this, "peer " + address_);
     ucp_ep_params_t p{};
     p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
                    UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -90,6 +113,11 @@ class ClientImpl final : public PeerClient {
       auto p = std::make_unique<Pending>();
       p->request = &r;
       p->header.count = static_cast<uint32_t>(r.indices.size());
+      p->header.separate_bytes = options_.separate_bytes;
+      p->separate.assign(r.indices.size(), 0);
+      r.records.clear();
+      r.record_data.assign(r.indices.size(), {});
+      r.owned.clear();
       p->raw_data = std::as_bytes(std::span<const uint64_t>(r.indices));
       started_.push_back(std::move(p));
     }
@@ -169,7 +197,7 @@ class ClientImpl final : public PeerClient {
     const auto until = deadline();
     auto all_done = [&] {
       for (auto& p : pendings)
-        if (!p->done) return false;
+        if (!p->complete()) return false;
       return true;
     };
     while (!failed_ && !all_done() && Clock::now() < until)
@@ -177,18 +205,28 @@ class ClientImpl final : public PeerClient {
     for (auto& p : pendings) by_id_.erase(p->id);
     if (failed_ || !all_done()) {
       size_t outstanding = 0;
-      for (auto& p : pendings) outstanding += p->done ? 0 : 1;
+      for (auto& p : pendings) outstanding += p->complete() ? 0 : 1;
       std::string why = failed_
                             ? failure_
                             : fmt::format("no reply within {} ms ({} of {} requests outstanding)",
                                           options_.timeout_ms, outstanding, pendings.size());
       for (auto& p : pendings)
-        if (p->recv_request) ucp_request_cancel(worker_.get(), p->recv_request);
+        for (auto& rc : p->receives)
+          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
       close(true);
       failure_ = why;
       broken_ = true;
       fail(ErrorCode::kIo, "peer {}: {}", address_, why);
     }
+    for (auto& p : pendings)
+      if (!p->corrupt.empty()) {  // records of it may still be arriving: stop them first
+        for (auto& rc : p->receives)
+          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+        close(true);
+        failure_ = p->corrupt;
+        broken_ = true;
+        break;
+      }
     for (auto& p : pendings)
       if (p->transport_failed) {
         close(true);
@@ -198,10 +236,11 @@ class ClientImpl final : public PeerClient {
       }
   }
 
-  // Checks a reply's record table and, unless verify is off, every record against the
-  // checksum the server sent (seeded with the sample index, as in the shard index). Runs as
-  // soon as the reply's data is in: the bytes are still in cache, and other replies keep
-  // arriving meanwhile. What it finds goes to p.corrupt, which read() throws.
+  // The reply's data is in: checks its record table, then (unless verify is off) every record
+  // against the checksum the server sent (seeded with the sample index, as in the shard index),
+  // the separate ones that landed already included. Runs as soon as the data is in: the bytes
+  // are still in cache, and other replies keep arriving meanwhile. What it finds goes to
+  // p.corrupt, which read() throws.
   void check_records(Pending& p) {
     ReadRequest& r = *p.request;
     std::span<const std::byte> data(p.dest.data(), p.bytes);
@@ -215,24 +254,55 @@ class ClientImpl final : public PeerClient {
       return;
     }
     r.records = std::move(*table);
-    if (!options_.verify) return;
+    p.table_ok = true;
     for (size_t i = 0; i < r.records.size(); ++i) {
       const RecordInfo& info = r.records[i];
-      uint32_t sum = static_cast<uint32_t>(
-          XXH3_64bits_withSeed(data.data() + info.offset, info.size, r.indices[i]));
-      if (sum != info.checksum) {
-        p.corrupt = fmt::format(
-            "sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on the "
-            "peer's disk or in transit",
-            r.indices[i], info.checksum, sum);
-        return;
+      if (info.offset != kSeparate) {
+        if (p.separate[i] != 0) return corrupt_record(p, i, "sent both in the reply and apart");
+        r.record_data[i] = data.subspan(info.offset, info.size);
+        check_sum(p, i);
+      } else if (p.separate[i] == 2) {
+        check_separate(p, i);
       }
     }
+  }
+
+  // A record that came in a message of its own, once both it and the table are in.
+  void check_separate(Pending& p, size_t i) {
+    ReadRequest& r = *p.request;
+    if (r.records[i].offset != kSeparate || r.records[i].size != r.record_data[i].size())
+      return corrupt_record(p, i, "its message does not match the reply's table");
+    check_sum(p, i);
+  }
+
+  void check_sum(Pending& p, size_t i) {
+    if (!options_.verify || !p.corrupt.empty()) return;
+    ReadRequest& r = *p.request;
+    const RecordInfo& info = r.records[i];
+    uint32_t sum = static_cast<uint32_t>(
+        XXH3_64bits_withSeed(r.record_data[i].data(), info.size, r.indices[i]));
+    if (sum != info.checksum)
+      p.corrupt = fmt::format(
+          "sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on the peer's "
+          "disk or in transit",
+          r.indices[i], info.checksum, sum);
+  }
+
+  void corrupt_record(Pending& p, size_t i, std::string_view why) {
+    if (p.corrupt.empty())
+      p.corrupt = fmt::format("malformed reply: sample {}: {}", p.request->indices[i], why);
   }
 
   static ucs_status_t on_reply(void* arg, const void* header, size_t header_length, void* data,
                                size_t length, const ucp_am_recv_param_t* param) {
     static_cast<ClientImpl*>(arg)->handle_reply(
+        std::span(static_cast<const std::byte*>(header), header_length), data, length, param);
+    return UCS_OK;
+  }
+
+  static ucs_status_t on_record(void* arg, const void* header, size_t header_length, void* data,
+                                size_t length, const ucp_am_recv_param_t* param) {
+    static_cast<ClientImpl*>(arg)->handle_record(
         std::span(static_cast<const std::byte*>(header), header_length), data, length, param);
     return UCS_OK;
   }
@@ -247,7 +317,7 @@ class ClientImpl final : public PeerClient {
       return;
     }
     auto it = by_id_.find(h->request_id);
-    if (it == by_id_.end()) return;  // not ours (any more)
+    if (it == by_id_.end() || it->second->done) return;  // not ours (any more)
     Pending& p = *it->second;
     p.reply = *h;
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
@@ -256,58 +326,105 @@ class ClientImpl final : public PeerClient {
       p.done = true;
       return;
     }
-    if (length != h->data_bytes) {
+    auto transport_failure = [&](std::string why) {
       p.transport_failed = true;
-      p.message = fmt::format("reply says {} bytes, carries {}", h->data_bytes, length);
+      p.message = std::move(why);
       p.done = true;
-      return;
-    }
+    };
+    if (length != h->data_bytes)
+      return transport_failure(
+          fmt::format("reply says {} bytes, carries {}", h->data_bytes, length));
+    if (h->separate > p.separate.size())
+      return transport_failure(fmt::format("malformed reply: says {} of {} records come apart",
+                                           h->separate, p.separate.size()));
     std::span<std::byte> dest = p.request->destination(length);
     p.dest = dest;
     p.bytes = length;
-    if (dest.size() < length) {
+    if (dest.size() < length)
+      return transport_failure(
+          fmt::format("destination of {} bytes for a reply of {}", dest.size(), length));
+    receive(p, -1, data, dest.first(length), rndv);
+  }
+
+  void handle_record(std::span<const std::byte> header, void* data, size_t length,
+                     const ucp_am_recv_param_t* param) {
+    std::string error;
+    auto h = parse_record_header(header, length, &error);
+    if (!h) {
+      failure_ = "malformed record message: " + error;
+      failed_ = true;
+      return;
+    }
+    auto it = by_id_.find(h->request_id);
+    if (it == by_id_.end() || !it->second->request) return;  // not ours (any more)
+    Pending& p = *it->second;
+    if (h->record >= p.separate.size() || p.separate[h->record] != 0 || h->size > kMaxRecordBytes) {
       p.transport_failed = true;
-      p.message = fmt::format("destination of {} bytes for a reply of {}", dest.size(), length);
-      p.done = true;
+      p.message = fmt::format(
+          "record {} ({} bytes) of a request for {}: out of range, too large or sent twice",
+          h->record, h->size, p.separate.size());
       return;
     }
+    ReadRequest& r = *p.request;
+    std::span<std::byte> dest;
+    if (r.record_destination) dest = r.record_destination(h->record, h->size);
+    if (dest.size() < h->size) dest = r.owned.emplace_back(h->size);
+    p.separate[h->record] = 1;
+    receive(p, h->record, data, dest.first(h->size), param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV);
+  }
+
+  // Takes a message's data into `dest`: a copy for an eager message, else a rendezvous receive
+  // (UCX pulls the bytes from the server straight into `dest`).
+  void receive(Pending& p, int64_t record, void* data, std::span<std::byte> dest, bool rndv) {
     if (!rndv) {
-      std::memcpy(dest.data(), data, length);
-      check_records(p);
-      p.done = true;
-      return;
+      std::memcpy(dest.data(), data, dest.size());
+      return landed(p, record, dest);
     }
-    // Rendezvous: UCX pulls the bytes from the server's reply buffer into `dest`.
+    auto rc = std::make_unique<Receive>();
+    rc->pending = &p;
+    rc->record = record;
+    rc->dest = dest;
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.recv_am = &ClientImpl::on_received;
-    rp.user_data = &p;
+    rp.user_data = rc.get();
     p.client = this;
-    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), length, &rp);
-    if (r == nullptr) {
-      check_records(p);
-      p.done = true;
-    } else if (UCS_PTR_IS_ERR(r)) {
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), dest.size(), &rp);
+    if (r == nullptr) return landed(p, record, dest);
+    if (UCS_PTR_IS_ERR(r)) {
       p.transport_failed = true;
       p.message =
-          fmt::format("receiving {} bytes: {}", length, ucs_status_string(UCS_PTR_STATUS(r)));
-      p.done = true;
-    } else {
-      p.recv_request = r;
+          fmt::format("receiving {} bytes: {}", dest.size(), ucs_status_string(UCS_PTR_STATUS(r)));
+      return;
     }
+    rc->request = r;
+    p.receives.push_back(std::move(rc));
+  }
+
+  void landed(Pending& p, int64_t record, std::span<std::byte> dest) {
+    if (record < 0) {
+      check_records(p);
+      p.done = true;
+      return;
+    }
+    const auto k = static_cast<size_t>(record);
+    p.request->record_data[k] = dest;
+    p.separate[k] = 2;
+    ++p.separate_landed;
+    if (p.table_ok && p.corrupt.empty()) check_separate(p, k);
   }
 
   static void on_received(void* request, ucs_status_t status, size_t, void* user_data) {
-    auto* p = static_cast<Pending*>(user_data);
-    if (status != UCS_OK) {
-      p->transport_failed = true;
-      p->message = fmt::format("receiving reply data: {}", ucs_status_string(status));
-    } else {
-      p->client->check_records(*p);
-    }
-    p->recv_request = nullptr;
-    p->done = true;
+    auto* rc = static_cast<Receive*>(user_data);
+    Pending& p = *rc->pending;
+    rc->request = nullptr;
     ucp_request_free(request);
+    if (status != UCS_OK) {
+      p.transport_failed = true;
+      p.message = fmt::format("receiving reply data: {}", ucs_status_string(status));
+      return;
+    }
+    p.client->landed(p, rc->record, rc->dest);
   }
 
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {

@@ -20,6 +20,9 @@ struct ClientOptions {
   std::string token;           // the cluster's shared token
   uint32_t timeout_ms = 5000;  // connecting, and waiting for the replies of one read()
   bool verify = true;          // check every record against its checksum (end to end)
+  // Records at least this long come in messages of their own, each moved from where it lies on
+  // the server straight into its own destination (ReadRequest::record_destination); 0: never.
+  uint32_t separate_bytes = 256 << 10;
 };
 
 /// One request: which samples, where their bytes go, and (after read()) what came back.
@@ -28,7 +31,15 @@ struct ReadRequest {
   /// Called once with the reply's data size (the records, then one RecordInfo per sample);
   /// returns an 8-byte-aligned buffer at least that long.
   std::function<std::span<std::byte>(size_t bytes)> destination;
-  std::vector<RecordInfo> records;  // filled by read(): where each record is in the buffer
+  /// Optional: where record `record` (its position in `indices`) goes when it comes in a
+  /// message of its own (ClientOptions::separate_bytes). A span shorter than `bytes` (or no
+  /// function) lets the client keep it in `owned`.
+  std::function<std::span<std::byte>(size_t record, size_t bytes)> record_destination;
+
+  // Filled by read():
+  std::vector<std::span<const std::byte>> record_data;  // each record's bytes, wherever they are
+  std::vector<RecordInfo> records;            // the reply's table (offset kSeparate: came apart)
+  std::vector<std::vector<std::byte>> owned;  // separate records without a destination
 };
 
 class PeerClient {

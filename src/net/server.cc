@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -48,18 +49,35 @@ struct ReplyBuffer {
 
 class ServerImpl;
 
-// One reply in flight: header and data stay alive until UCX reports the send complete.
+// A record that goes in a message of its own, straight from where it lies: the shard's
+// mapping (page cache) or the reply buffer it was read into (direct I/O).
+struct Part {
+  RecordHeader header;
+  const std::byte* data = nullptr;
+};
+
+// One reply in flight: its messages' headers and data stay alive until UCX reports every send
+// complete.
 struct Reply {
   ReplyHeader header;
   ReplyBuffer buffer;
-  size_t size = 0;  // bytes of data
+  size_t size = 0;  // bytes of the kReplyAm data, from buffer.data
+  std::vector<Part> parts;
+  size_t sends_left = 0;
   uint64_t conn = 0;
   ServerImpl* owner = nullptr;
+};
+
+// A shard file mapped read-only, for records sent straight from the page cache.
+struct Mapping {
+  const std::byte* data = nullptr;
+  size_t size = 0;
 };
 
 struct Job {
   uint64_t conn = 0;
   uint64_t request_id = 0;
+  uint32_t separate_bytes = 0;  // as RequestHeader::separate_bytes
   std::vector<uint64_t> indices;
 };
 
@@ -104,6 +122,8 @@ class ServerImpl final : public ShardServer {
     progress_thread_.join();
     for (auto& r : done_) give_back(r->buffer);  // built, never sent
     for (ReplyBuffer& b : free_buffers_) std::free(b.data);
+    for (const Mapping& m : maps_)
+      if (m.data) ::munmap(const_cast<std::byte*>(m.data), m.size);
   }
 
   std::string address() const override { return address_; }
@@ -207,7 +227,7 @@ class ServerImpl final : public ShardServer {
       return reject(conn->second, req->request_id, ReplyStatus::kBadRequest,
                     "request data must be sent eagerly");
     }
-    Job job{conn->second, req->request_id, std::vector<uint64_t>(req->count)};
+    Job job{conn->second, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count)};
     std::memcpy(job.indices.data(), data, length);
     const uint64_t n = dataset_->num_samples();
     for (uint64_t index : job.indices) {
@@ -244,32 +264,45 @@ class ServerImpl final : public ShardServer {
     for (auto& r : done) send(std::move(r));
   }
 
+  // The reply's message, then each of its separate records; the reply is freed once UCX has
+  // finished with all of them.
   void send(std::unique_ptr<Reply> reply) {
     auto it = conns_.find(reply->conn);
     if (it == conns_.end()) return give_back(reply->buffer);  // the client is gone
-    ReplyBuffer& b = reply->buffer;
+    Reply* r = reply.release();
+    const size_t parts = r->parts.size();  // r may be gone after its last post
+    r->owner = this;
+    r->sends_left = 1 + parts;
+    ++in_flight_;
+    post(it->second, kReplyAm, &r->header, sizeof r->header, r->buffer.data, r->size, r);
+    for (size_t k = 0; k < parts; ++k) {
+      Part& part = r->parts[k];
+      post(it->second, kRecordAm, &part.header, sizeof part.header, part.data, part.header.size, r);
+    }
+  }
+
+  void post(ucp_ep_h ep, uint16_t id, const void* header, size_t header_bytes, const void* data,
+            size_t bytes, Reply* reply) {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.send = &ServerImpl::on_sent;
-    p.user_data = reply.get();
-    ucs_status_ptr_t r = ucp_am_send_nbx(it->second, kReplyAm, &reply->header, sizeof reply->header,
-                                         b.data, reply->size, &p);
-    if (UCS_PTR_IS_PTR(r)) {
-      ++in_flight_;
-      reply->owner = this;
-      reply.release();  // freed by on_sent
-    } else {
-      give_back(b);  // sent (or failed) at once
-    }
+    p.user_data = reply;
+    ucs_status_ptr_t st = ucp_am_send_nbx(ep, id, header, header_bytes, data, bytes, &p);
+    if (!UCS_PTR_IS_PTR(st)) sent_one(reply);  // sent (or failed) at once
   }
 
   // Runs in the progress thread, from ucp_worker_progress.
   static void on_sent(void* request, ucs_status_t, void* user_data) {
-    std::unique_ptr<Reply> reply(static_cast<Reply*>(user_data));
-    ServerImpl* self = reply->owner;
-    --self->in_flight_;
-    self->give_back(reply->buffer);
+    auto* reply = static_cast<Reply*>(user_data);
+    reply->owner->sent_one(reply);
     ucp_request_free(request);
+  }
+
+  void sent_one(Reply* reply) {
+    if (--reply->sends_left > 0) return;
+    --in_flight_;
+    give_back(reply->buffer);
+    delete reply;
   }
 
   // --- reply buffers -----------------------------------------------------------------------------
@@ -352,17 +385,21 @@ class ServerImpl final : public ShardServer {
   void set_message(Reply& reply, ReplyStatus status, std::string_view message) {
     reply.header.status = status;
     reply.header.count = 0;
+    reply.header.separate = 0;
+    reply.parts.clear();
     if (!reply.buffer.data) reply.buffer = take_buffer(message.size());
     std::memcpy(reply.buffer.data, message.data(), std::min(message.size(), reply.buffer.capacity));
     reply.size = std::min(message.size(), reply.buffer.capacity);
     reply.header.data_bytes = reply.size;
   }
 
-  // Reads the job's records with the IO engine straight into a registered reply buffer: each
-  // record inside its block-aligned cover under direct I/O (RecordInfo says where), packed
-  // back to back otherwise. The stored checksums go along unchecked: the client checks every
-  // record end to end. Datasets without stored checksums (read in place) get them computed
-  // here, so transit is still covered.
+  // Reads the job's records with the IO engine straight into a pooled reply buffer: each record
+  // inside its block-aligned cover under direct I/O (RecordInfo says where), back to back
+  // otherwise. Records of at least job.separate_bytes go in messages of their own: from the
+  // shard's mapping when reading through the page cache (no read, no copy here: the transport
+  // takes them from the page cache), else from where they were read, after the table. The
+  // stored checksums go along unchecked: the client checks every record end to end. Datasets
+  // without stored checksums (read in place) get them computed here, so transit is covered.
   std::unique_ptr<Reply> build_reply(const Job& job, uint64_t& record_bytes) {
     auto reply = std::make_unique<Reply>();
     reply->conn = job.conn;
@@ -371,56 +408,99 @@ class ServerImpl final : public ShardServer {
       const size_t n = job.indices.size();
       const uint64_t align = direct_ ? dataset_->alignment() : 1;
       std::vector<RecordInfo> infos(n);
-      std::vector<io::ReadOp> ops(n);
-      std::vector<uint64_t> at(n);  // where each op's cover goes in the reply
+      std::vector<io::ReadOp> ops;
+      std::vector<uint64_t> op_at;       // where each op's cover goes in the buffer
+      std::vector<size_t> op_sample;     // whose cover each op reads
+      std::vector<uint64_t> read_at(n);  // where a separate record that is read lands
       std::vector<detail::UniqueFd> files;
+      std::vector<SampleExtent> extents(n);
+      for (size_t i = 0; i < n; ++i) extents[i] = dataset_->extent(job.indices[i]);
+      auto separate = [&](size_t i) {
+        return job.separate_bytes > 0 && extents[i].size >= job.separate_bytes;
+      };
+      auto mapped = [&](size_t i) -> const Mapping* {
+        const SampleExtent& e = extents[i];
+        if (e.shard >= maps_.size() || !maps_[e.shard].data) return nullptr;
+        const Mapping& m = maps_[e.shard];
+        return e.offset <= m.size && e.size <= m.size - e.offset ? &m : nullptr;
+      };
+      // Plans the read of record i's cover at the next free place from `end`; returns where
+      // the record itself lands.
       uint64_t end = 0;
-      for (size_t i = 0; i < n; ++i) {
-        SampleExtent e = dataset_->extent(job.indices[i]);
+      auto plan_read = [&](size_t i) {
+        const SampleExtent& e = extents[i];
         const uint64_t start = e.offset / align * align;
         const uint64_t cover = format::align_up(e.offset + e.size, align) - start;
-        at[i] = format::align_up(end, align);
-        infos[i] = {at[i] + (e.offset - start), e.size, e.checksum};
-        ops[i] = {e.shard, start, static_cast<uint32_t>(cover), nullptr,
-                  static_cast<uint32_t>(e.offset - start + e.size)};
+        const uint64_t at = format::align_up(end, align);
+        ops.push_back({e.shard, start, static_cast<uint32_t>(cover), nullptr,
+                       static_cast<uint32_t>(e.offset - start + e.size)});
+        op_at.push_back(at);
+        op_sample.push_back(i);
         if (files_) {
           files.emplace_back(dataset_->open_sample(job.indices[i], direct_));
-          ops[i].fd = files.back().get();
+          ops.back().fd = files.back().get();
         }
-        end = at[i] + cover;
-        record_bytes += e.size;
+        end = at + cover;
+        return at + (e.offset - start);
+      };
+      for (size_t i = 0; i < n; ++i) {
+        infos[i] = {kSeparate, extents[i].size, extents[i].checksum};
+        record_bytes += extents[i].size;
+        if (separate(i)) {
+          ++reply->header.separate;
+          continue;
+        }
+        infos[i].offset = plan_read(i);
       }
       const uint64_t table = format::align_up(end, 8);
-      const uint64_t bytes = table + n * sizeof(RecordInfo);
-      if (bytes > options_.max_reply_bytes) {
+      const uint64_t reply_bytes = table + n * sizeof(RecordInfo);
+      end = reply_bytes;
+      for (size_t i = 0; i < n; ++i)  // separate records not sent from a mapping: read them too
+        if (separate(i) && !mapped(i)) read_at[i] = plan_read(i);
+      if (end > options_.max_reply_bytes) {
         record_bytes = 0;
         set_message(*reply, ReplyStatus::kTooLarge,
-                    fmt::format("reply of {} bytes is over the server's limit of {}", bytes,
+                    fmt::format("reply of {} bytes is over the server's limit of {}", end,
                                 options_.max_reply_bytes));
         return reply;
       }
-      reply->buffer = take_buffer(bytes);
+      reply->buffer = take_buffer(end);
       std::byte* out = reply->buffer.data;
-      for (size_t i = 0; i < n; ++i) ops[i].dest = out + at[i];
-      auto deadline =
-          std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-      io::ReadFailure f = io_->read_all(ops, deadline);
-      if (f.error != 0) {
-        const io::ReadOp& op = ops[f.op];
-        const uint64_t index = job.indices[f.op];
-        std::string file = files_ ? std::string(dataset_->sample_file(index))
-                                  : dataset_->shards()[op.file].path.string();
-        detail::fail(ErrorCode::kIo, "{}: sample {}: read [{}+{}]: {}", file, index, op.offset,
-                     op.length,
-                     f.error == -ENODATA ? "end of file (truncated?)" : std::strerror(-f.error));
+      for (size_t k = 0; k < ops.size(); ++k) ops[k].dest = out + op_at[k];
+      if (!ops.empty()) {
+        auto deadline =
+            std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
+        io::ReadFailure f = io_->read_all(ops, deadline);
+        if (f.error != 0) {
+          const io::ReadOp& op = ops[f.op];
+          const uint64_t index = job.indices[op_sample[f.op]];
+          std::string file = files_ ? std::string(dataset_->sample_file(index))
+                                    : dataset_->shards()[op.file].path.string();
+          detail::fail(ErrorCode::kIo, "{}: sample {}: read [{}+{}]: {}", file, index, op.offset,
+                       op.length,
+                       f.error == -ENODATA ? "end of file (truncated?)" : std::strerror(-f.error));
+        }
       }
-      if (!dataset_->packed())
-        for (size_t i = 0; i < n; ++i)
-          infos[i].checksum =
-              format::record_checksum(out + infos[i].offset, infos[i].size, job.indices[i]);
+      for (size_t i = 0; i < n; ++i) {
+        const std::byte* record = nullptr;
+        if (!separate(i)) {
+          record = out + infos[i].offset;
+        } else {
+          const Mapping* m = mapped(i);
+          record = m ? m->data + extents[i].offset : out + read_at[i];
+          Part part;
+          part.header.request_id = job.request_id;
+          part.header.record = static_cast<uint32_t>(i);
+          part.header.size = extents[i].size;
+          part.data = record;
+          reply->parts.push_back(part);
+        }
+        if (!dataset_->packed())
+          infos[i].checksum = format::record_checksum(record, infos[i].size, job.indices[i]);
+      }
       std::memcpy(out + table, infos.data(), n * sizeof(RecordInfo));
-      reply->size = bytes;
-      reply->header.data_bytes = bytes;
+      reply->size = reply_bytes;
+      reply->header.data_bytes = reply_bytes;
       reply->header.count = static_cast<uint32_t>(n);
       return reply;
     } catch (const std::exception& e) {
@@ -443,6 +523,20 @@ class ServerImpl final : public ShardServer {
     else
       for (uint32_t i = 0; i < dataset_->shards().size(); ++i)
         fds.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
+    // Through the page cache, a packed dataset's shards are also mapped: a large record is sent
+    // straight from there (the kernel copies it into the socket, or the NIC reads it), never
+    // touched here (its stored checksum is what the client checks it against).
+    if (!direct_ && !files_ && dataset_->packed()) {
+      maps_.resize(fds.size());
+      for (size_t i = 0; i < fds.size(); ++i) {
+        struct stat st {};
+        if (fds[i] < 0 || ::fstat(fds[i], &st) != 0 || st.st_size <= 0) continue;
+        void* m =
+            ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fds[i], 0);
+        if (m != MAP_FAILED)
+          maps_[i] = {static_cast<const std::byte*>(m), static_cast<size_t>(st.st_size)};
+      }
+    }
     std::string engine;
     io_ = std::make_unique<io::Service>(options_.io, fds,
                                         [&](const std::string& line) { engine = line; });
@@ -450,7 +544,8 @@ class ServerImpl final : public ShardServer {
         fmt::format("{}; {}", engine,
                     direct_ ? "direct I/O (O_DIRECT) on"
                             : "reading through the page cache" +
-                                  (direct.why_not.empty() ? "" : ": " + direct.why_not));
+                                  std::string(maps_.empty() ? "" : ", large records sent from it") +
+                                  (direct.why_not.empty() ? "" : " (" + direct.why_not + ")"));
   }
 
   std::shared_ptr<const Dataset> dataset_;
@@ -460,6 +555,7 @@ class ServerImpl final : public ShardServer {
   bool files_ = false;  // a files tree: each sample's file is opened for its read
   std::vector<detail::UniqueFd> direct_fds_;
   std::unique_ptr<io::Service> io_;
+  std::vector<Mapping> maps_;  // per shard, through the page cache (packed datasets)
   std::string io_description_;
   Worker worker_;
   ucp_listener_h listener_ = nullptr;

@@ -76,8 +76,13 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
     std::memcpy(infos.data(), data.data() + data.size() - table, table);
   const uint64_t records_end = data.size() - table;
   uint64_t at = 0;  // end of the previous record
+  uint32_t separate = 0;
   for (size_t i = 0; i < infos.size(); ++i) {
     const RecordInfo& r = infos[i];
+    if (r.offset == kSeparate) {
+      ++separate;
+      continue;
+    }
     if (r.offset < at || r.offset > records_end || r.size > records_end - r.offset) {
       *error = fmt::format("record {} at [{}+{}] overlaps its predecessor or the table at {}", i,
                            r.offset, r.size, records_end);
@@ -85,7 +90,32 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
     }
     at = r.offset + r.size;
   }
+  if (separate != reply.separate) {
+    *error = fmt::format("reply says {} records come separately, its table {}", reply.separate,
+                         separate);
+    return std::nullopt;
+  }
   return infos;
+}
+
+std::optional<RecordHeader> parse_record_header(std::span<const std::byte> header,
+                                                size_t data_bytes, std::string* error) {
+  RecordHeader h;
+  if (header.size() != sizeof h) {
+    *error = fmt::format("record header is {} bytes, expected {}", header.size(), sizeof h);
+    return std::nullopt;
+  }
+  std::memcpy(&h, header.data(), sizeof h);
+  if (h.magic != kRecordMagic || h.version != kWireVersion) {
+    *error = fmt::format("record magic {:#x} version {}: not a sluice shard server of version {}",
+                         h.magic, h.version, kWireVersion);
+    return std::nullopt;
+  }
+  if (data_bytes != h.size) {
+    *error = fmt::format("record message says {} bytes, carries {}", h.size, data_bytes);
+    return std::nullopt;
+  }
+  return h;
 }
 
 std::string to_string(ReplyStatus status) {

@@ -8,6 +8,11 @@
 //                           (each where its RecordInfo says: under direct I/O a record sits
 //                           inside its block-aligned cover), padding to 8 bytes, then count x
 //                           RecordInfo; on error the message text
+//   record   AM kRecordAm:  header RecordHeader,  data: one record's bytes. A record at least
+//                           RequestHeader::separate_bytes long travels in a message of its own
+//                           (its RecordInfo says kSeparate), so that both ends move it from and
+//                           into its final place: the server's page cache or read buffer, the
+//                           client's batch.
 //
 // All fields are little-endian (the only byte order sluice runs on). Every field of a message
 // from a peer is checked before use: parse_* return an error text instead of trusting it.
@@ -26,9 +31,13 @@ namespace sluice::net {
 
 inline constexpr uint16_t kRequestAm = 0x51;
 inline constexpr uint16_t kReplyAm = 0x52;
+inline constexpr uint16_t kRecordAm = 0x53;
 inline constexpr uint32_t kRequestMagic = 0x51524c53;  // "SLRQ"
 inline constexpr uint32_t kReplyMagic = 0x50524c53;    // "SLRP"
-inline constexpr uint16_t kWireVersion = 2;            // 2: RecordInfo carries the record's offset
+inline constexpr uint32_t kRecordMagic = 0x43524c53;   // "SLRC"
+// 2: RecordInfo carries the record's offset. 3: large records in messages of their own.
+inline constexpr uint16_t kWireVersion = 3;
+inline constexpr uint64_t kSeparate = ~uint64_t{0};  // RecordInfo::offset of such a record
 
 using TokenDigest = std::array<uint8_t, 16>;
 
@@ -40,8 +49,8 @@ struct RequestHeader {
   uint16_t version = kWireVersion;
   uint16_t reserved = 0;
   uint64_t request_id = 0;
-  uint32_t count = 0;  // sample indices in the data
-  uint32_t reserved2 = 0;
+  uint32_t count = 0;           // sample indices in the data
+  uint32_t separate_bytes = 0;  // records at least this long come as kRecordAm (0: none do)
   TokenDigest token{};
 };
 static_assert(sizeof(RequestHeader) == 40);
@@ -60,8 +69,8 @@ struct ReplyHeader {
   uint16_t version = kWireVersion;
   ReplyStatus status = ReplyStatus::kOk;
   uint64_t request_id = 0;
-  uint32_t count = 0;  // records in the data (0 on error)
-  uint32_t reserved = 0;
+  uint32_t count = 0;       // records in the table (0 on error)
+  uint32_t separate = 0;    // of them, sent as kRecordAm
   uint64_t data_bytes = 0;  // bytes of the AM data
 };
 static_assert(sizeof(ReplyHeader) == 32);
@@ -76,16 +85,32 @@ struct RecordInfo {
 };
 static_assert(sizeof(RecordInfo) == 16);
 
+/// The header of a record sent in a message of its own; the message's data is the record.
+struct RecordHeader {
+  uint32_t magic = kRecordMagic;
+  uint16_t version = kWireVersion;
+  uint16_t reserved = 0;
+  uint64_t request_id = 0;
+  uint32_t record = 0;  // its position in the request
+  uint32_t size = 0;    // bytes of data
+};
+static_assert(sizeof(RecordHeader) == 24);
+
 /// Checks a request's header and data length; returns the header, or sets `error`.
 std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
                                            uint32_t max_count, std::string* error);
 /// Checks a reply's header; returns it, or sets `error`.
 std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error);
 /// Checks the records table at the end of a successful reply's data against its header: the
-/// records lie in order, without overlap, before the table. Returns the table, or sets `error`.
+/// records lie in order, without overlap, before the table, except the header's `separate`
+/// ones (offset kSeparate). Returns the table, or sets `error`.
 std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
                                                      std::span<const std::byte> data,
                                                      std::string* error);
+
+/// Checks a kRecordAm header and its data length; returns it, or sets `error`.
+std::optional<RecordHeader> parse_record_header(std::span<const std::byte> header,
+                                                size_t data_bytes, std::string* error);
 
 std::string to_string(ReplyStatus status);
 

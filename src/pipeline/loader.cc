@@ -145,6 +145,11 @@ struct WorkerScratch {
   std::vector<std::span<const std::byte>> remote_record;  // per sample, when remote
   std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
   size_t buffers_used = 0;                                // reply buffers this batch
+  std::vector<std::vector<std::byte>> owned_records;      // separate records kept by the client
+  // A batch of one fixed-size field: large remote records land in their slots here (each
+  // `slot_bytes` long, in batch order) instead of being copied there; null otherwise.
+  std::byte* slots = nullptr;
+  size_t slot_bytes = 0;
   std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
   // Requests sent to one peer and not yet finished.
   struct PeerCall {
@@ -529,6 +534,15 @@ class LoaderImpl final : public Loader {
     if (any_remote) {
       s.remote_record.assign(n, {});
       s.buffers_used = 0;
+      s.owned_records.clear();
+      s.slots = nullptr;
+      const auto& fields = *fields_;
+      if (dataset_->packed() && fields.size() == 1 && fields[0].fixed_size() &&
+          fields[0].fixed_bytes() > 0) {
+        s.slot_bytes = fields[0].fixed_bytes();
+        out.data.reserve(n * s.slot_bytes);  // the layout below: field 0 at offset 0
+        s.slots = out.data.data();
+      }
       std::vector<size_t> remote;
       for (size_t i = 0; i < n; ++i)
         if (s.remote[i]) remote.push_back(i);
@@ -634,7 +648,8 @@ class LoaderImpl final : public Loader {
       if (variable) offsets.push_back(0);
       for (size_t i = 0; i < n; ++i) {
         auto src = s.field_spans[i * nf + f];
-        if (!src.empty()) std::memcpy(dst, src.data(), src.size());
+        // A remote record that landed in its slot (see WorkerScratch::slots) is already there.
+        if (!src.empty() && src.data() != dst) std::memcpy(dst, src.data(), src.size());
         dst += src.size();
         if (variable) offsets.push_back(offsets.back() + src.size());
       }
@@ -682,6 +697,17 @@ class LoaderImpl final : public Loader {
                 buffer.resize((bytes + 7) / 8);
                 return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
               };
+          if (s.slots) {
+            std::vector<size_t> positions(
+                call.samples.begin() + k * kPerRequest,
+                call.samples.begin() + std::min(call.samples.size(), (k + 1) * kPerRequest));
+            call.requests[k].record_destination = [slots = s.slots, each = s.slot_bytes,
+                                                   positions = std::move(positions)](size_t record,
+                                                                                     size_t bytes) {
+              if (bytes != each || record >= positions.size()) return std::span<std::byte>();
+              return std::span<std::byte>(slots + positions[record] * each, each);
+            };
+          }
         }
         s.calls.push_back(std::move(call));
         if (!peer_call(s, s.calls.back(), /*start=*/true)) {
@@ -713,11 +739,9 @@ class LoaderImpl final : public Loader {
         continue;
       }
       size_t j = 0;
-      for (size_t k = 0; k < call.requests.size(); ++k) {
-        const auto* data =
-            reinterpret_cast<const std::byte*>(s.reply_buffers[call.first_buffer + k].data());
-        for (const net::RecordInfo& r : call.requests[k].records)
-          s.remote_record[call.samples[j++]] = {data + r.offset, r.size};
+      for (net::ReadRequest& r : call.requests) {
+        for (auto record : r.record_data) s.remote_record[call.samples[j++]] = record;
+        for (auto& owned : r.owned) s.owned_records.push_back(std::move(owned));
       }
     }
     return failed;

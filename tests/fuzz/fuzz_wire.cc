@@ -30,5 +30,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
     }
   });
+  const size_t record_header = std::min<size_t>(size, sizeof(net::RecordHeader));
+  fuzz::expect_only_errors([&] {
+    if (auto h = net::parse_record_header(in.first(record_header), size - record_header, &error))
+      if (h->size != size - record_header) __builtin_trap();  // the size it says is what came
+  });
   return 0;
 }

@@ -62,7 +62,10 @@ class ServerTest : public ::testing::Test {
     restart(DirectIo::kAuto);
   }
 
-  void TearDown() override { io::set_engine_wrapper({}); }
+  void TearDown() override {
+    io::set_engine_wrapper({});
+    net::set_reply_fault({});
+  }
 
   void restart(DirectIo direct) {
     server_.reset();
@@ -98,7 +101,7 @@ class ServerTest : public ::testing::Test {
       for (size_t i = 0; i < r.indices.size(); ++i) {
         auto want = dataset_->read_record(r.indices[i]);
         ASSERT_EQ(r.records[i].size, want.size()) << "sample " << r.indices[i];
-        ASSERT_EQ(0, std::memcmp(buffers[k].data() + r.records[i].offset, want.data(), want.size()))
+        ASSERT_EQ(0, std::memcmp(r.record_data[i].data(), want.data(), want.size()))
             << "sample " << r.indices[i];
       }
     }
@@ -131,6 +134,69 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect)
     auto c = client();
     read_and_check(*c, all, 16);
   }
+}
+
+// Records of at least separate_bytes come in messages of their own, from the shard's mapping
+// (page cache) or the server's read buffer (O_DIRECT), eager or by rendezvous, into the
+// caller's record_destination where it gives one and into the client's own storage where not.
+TEST_F(ServerTest, LargeRecordsComeApartIntoTheirOwnDestinations) {
+  std::vector<uint64_t> all(kSamples);
+  for (uint64_t i = 0; i < kSamples; ++i) all[i] = (i * 13) % kSamples;
+  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+    restart(direct);
+    SCOPED_TRACE(server_->io_description());
+    for (uint32_t separate : {1u << 10, 40u << 10}) {
+      auto c = PeerClient::connect(server_->address(), {"secret", 5000, true, separate});
+      std::vector<ReadRequest> requests(all.size() / 30);
+      std::vector<Buffer> buffers(requests.size());
+      std::vector<std::vector<std::byte>> slots(all.size());
+      for (size_t k = 0; k < requests.size(); ++k) {
+        requests[k].indices.assign(all.begin() + static_cast<ptrdiff_t>(k * 30),
+                                   all.begin() + static_cast<ptrdiff_t>(k * 30 + 30));
+        requests[k].destination = [&buffers, k](size_t bytes) { return buffers[k](bytes); };
+        if (k % 2 == 0)  // odd requests leave separate records to the client
+          requests[k].record_destination = [&slots, k](size_t record, size_t bytes) {
+            auto& slot = slots[k * 30 + record];
+            slot.resize(bytes);
+            return std::span<std::byte>(slot);
+          };
+      }
+      c->read(requests);
+      size_t apart = 0;
+      for (size_t k = 0; k < requests.size(); ++k)
+        for (size_t i = 0; i < 30; ++i) {
+          const ReadRequest& r = requests[k];
+          auto want = dataset_->read_record(r.indices[i]);
+          ASSERT_EQ(r.record_data[i].size(), want.size()) << "sample " << r.indices[i];
+          ASSERT_EQ(0, std::memcmp(r.record_data[i].data(), want.data(), want.size()))
+              << "sample " << r.indices[i];
+          if (r.records[i].offset != net::kSeparate) continue;
+          ++apart;
+          EXPECT_GE(want.size(), separate);
+          if (k % 2 == 0) {
+            EXPECT_EQ(r.record_data[i].data(), slots[k * 30 + i].data())
+                << "sample " << r.indices[i];
+          }
+        }
+      EXPECT_GT(apart, 0u);
+    }
+  }
+}
+
+// A reply whose table disagrees with the records sent apart is damage, reported at once (not
+// a wait for records that never come).
+TEST_F(ServerTest, ATableThatDisagreesWithTheRecordsSentApartIsCorruption) {
+  net::set_reply_fault([](const std::string&, net::ReplyHeader& h, std::span<std::byte>,
+                          std::chrono::milliseconds&) { h.separate += 1; });
+  auto c = PeerClient::connect(server_->address(), {"secret", 20000, true, 1u << 10});
+  std::vector<uint64_t> all(kSamples);
+  for (uint64_t i = 0; i < kSamples; ++i) all[i] = i;
+  auto t0 = std::chrono::steady_clock::now();
+  std::string what = message_of([&] { read_and_check(*c, all, 50); });
+  net::set_reply_fault({});
+  EXPECT_NE(what.find("malformed reply"), std::string::npos) << what;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));  // not the timeout
+  read_and_check(*client(), {1, 2, 3}, 3);                                     // the server goes on
 }
 
 TEST_F(ServerTest, AReadErrorOnTheServerNamesItsFileAndSample) {
@@ -186,7 +252,7 @@ TEST(ServerFilesTest, AFilesTreeIsServedWithChecksumsComputedByTheServer) {
       auto want = dataset->read_record(i);
       const net::RecordInfo& r = requests[0].records[i];
       ASSERT_EQ(r.size, want.size()) << server->io_description();
-      ASSERT_EQ(0, std::memcmp(buffer.data() + r.offset, want.data(), want.size()))
+      ASSERT_EQ(0, std::memcmp(requests[0].record_data[i].data(), want.data(), want.size()))
           << "sample " << i << ", " << server->io_description();
     }
   }
@@ -337,8 +403,7 @@ TEST(ExternalServer, EveryByteEqualsTheLocalRead) {
     for (size_t i = 0; i < requests[k].indices.size(); ++i) {
       auto want = dataset->read_record(requests[k].indices[i]);
       ASSERT_EQ(requests[k].records[i].size, want.size());
-      ASSERT_EQ(0, std::memcmp(buffers[k].data() + requests[k].records[i].offset, want.data(),
-                               want.size()))
+      ASSERT_EQ(0, std::memcmp(requests[k].record_data[i].data(), want.data(), want.size()))
           << "sample " << requests[k].indices[i];
     }
   }

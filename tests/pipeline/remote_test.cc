@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstring>
 #include <set>
 
@@ -242,6 +243,62 @@ TEST_F(RemoteLoaderTest, ALoaderServesItsOwnShardsToAnother) {
   ob.distributed.peers = {{listen, odd_}};
   auto loader_b = Loader::open(ob);
   expect_exactly_once(epoch(*loader_b));
+}
+
+// Large records of a one-field, fixed-size dataset come in messages of their own and land
+// straight in their batch slots; from a server reading through the page cache (sent from the
+// shard's mapping) and from one with O_DIRECT (sent from its read buffer), one per shard.
+TEST(RemoteSlotsTest, LargeFixedRecordsLandInTheirBatchSlotsFromBothKindsOfServer) {
+  testing::TempDir tmp;
+  constexpr size_t kBytes = 300 << 10;  // over the client's separate_bytes (256 KiB)
+  constexpr uint64_t kCount = 40;
+  WriterOptions w;
+  w.fields = {{"x", DType::kUInt8, {static_cast<int64_t>(kBytes)}}};
+  w.shard_bytes = 2 << 20;
+  auto writer = DatasetWriter::create(tmp / "full", w);
+  for (uint64_t i = 0; i < kCount; ++i) {
+    auto bytes = testing::sample_bytes(i, 0, kBytes);
+    std::span<const std::byte> fields[] = {bytes};
+    writer->add(fields);
+  }
+  writer->finish();
+  auto ds = Dataset::open(tmp / "full");
+  ASSERT_GE(ds->shards().size(), 4u);
+  fs::create_directories(tmp / "partial");
+  fs::copy_file(tmp / "full" / "manifest.sluice", tmp / "partial" / "manifest.sluice");
+  fs::copy_file(ds->shards()[0].path, tmp / "partial" / ds->shards()[0].path.filename());
+  std::vector<std::unique_ptr<ShardServer>> servers;
+  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+    ServerOptions so;
+    so.token = "t";
+    so.io.direct = direct;
+    servers.push_back(ShardServer::start(ds, so));
+  }
+  LoaderOptions o;
+  o.dataset.path = tmp / "partial";
+  o.batch_size = 6;
+  o.drop_last = false;
+  o.io.threads = 2;
+  o.distributed.token = "t";
+  for (uint32_t k = 1; k < ds->shards().size(); ++k)
+    o.distributed.peers.push_back({servers[k % 2]->address(), {k}});
+  auto loader = Loader::open(o);
+  std::vector<uint64_t> seen;
+  while (auto b = loader->next()) {
+    FieldView x = b->field("x");
+    for (size_t i = 0; i < b->size(); ++i) {
+      auto want = testing::sample_bytes(b->indices()[i], 0, kBytes);
+      auto got = x.sample(i);
+      ASSERT_EQ(got.size(), kBytes);
+      ASSERT_TRUE(std::equal(got.begin(), got.end(), want.begin())) << b->indices()[i];
+      if (!b->padding()[i]) seen.push_back(b->indices()[i]);
+    }
+  }
+  std::sort(seen.begin(), seen.end());
+  ASSERT_EQ(seen.size(), kCount);
+  for (uint64_t i = 0; i < kCount; ++i) ASSERT_EQ(seen[i], i);
+  EXPECT_GT(servers[0]->stats().requests, 0u);
+  EXPECT_GT(servers[1]->stats().requests, 0u);
 }
 
 }  // namespace
