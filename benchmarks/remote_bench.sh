@@ -28,15 +28,17 @@ for size in 4096 65536 1048576; do
 done
 
 sluice_run() {  # sluice_run SIZE -> "client bytes/s loader bytes/s"
-  local size=$1 port=$((20000 + RANDOM % 20000))
-  build/sluice serve "$work/ds$size" --listen "127.0.0.1:$port" --direct off --json > "$work/serve.json" 2>/dev/null &
+  local size=$1 address
+  rm -f "$work/serve.json"
+  build/sluice serve "$work/ds$size" --listen 127.0.0.1:0 --direct off --json > "$work/serve.json" 2>/dev/null &
   local pid=$!
   for _ in $(seq 50); do [[ -s "$work/serve.json" ]] && break; sleep 0.1; done
+  address=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['address'])" "$work/serve.json")
   local per=$per_request
   (( size >= 1048576 )) && per=2  # 2 MiB replies
   (( size <= 4096 )) && per=256
   local client loader shards
-  client=$(build/benchmarks/remote_bench "127.0.0.1:$port" "${count[$size]}" "$secs" "$per" "$in_flight" |
+  client=$(build/benchmarks/remote_bench "$address" "${count[$size]}" "$secs" "$per" "$in_flight" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_per_s"])')
   # The Loader on a node with only the manifest: every shard comes from the server.
   mkdir -p "$work/remote$size" && cp "$work/ds$size/manifest.sluice" "$work/remote$size/"
@@ -47,7 +49,7 @@ sluice_run() {  # sluice_run SIZE -> "client bytes/s loader bytes/s"
     echo "io: {threads: 4}"
     echo "distributed:"
     echo "  peers:"
-    echo "    - {address: \"127.0.0.1:$port\", shards: [$(seq -s, 0 $((shards - 1)))]}"
+    echo "    - {address: \"$address\", shards: [$(seq -s, 0 $((shards - 1)))]}"
   } > "$work/remote$size.yaml"
   loader=$(build/sluice bench "$work/remote$size.yaml" --seconds "$secs" --json 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_per_s"])')
@@ -55,7 +57,8 @@ sluice_run() {  # sluice_run SIZE -> "client bytes/s loader bytes/s"
   echo "$client $loader"
 }
 perftest_run() {  # perftest_run SIZE -> bytes/s
-  local size=$1 port=$((20000 + RANDOM % 20000)) iters=$((4 * 1024 * 1024 * 1024 / $1))
+  # A port below the ephemeral range (32768-), where benchmark connections in TIME_WAIT sit.
+  local size=$1 port=$((20000 + RANDOM % 12000)) iters=$((4 * 1024 * 1024 * 1024 / $1))
   (( iters > 2000000 )) && iters=2000000
   ucx_perftest -p "$port" > /dev/null 2>&1 &
   local pid=$!

@@ -218,21 +218,30 @@ class ClientImpl final : public PeerClient {
       broken_ = true;
       fail(ErrorCode::kIo, "peer {}: {}", address_, why);
     }
+    // A damaged reply, or a bad message of one, fails the read while the connection is up.
+    // Receives under way into the callers' memory are let finish first (later messages find no
+    // request and are dropped): cancelling a rendezvous mid-transfer can abort the sending
+    // server inside UCX's TCP transport (1.13: tcp_ep.c PUT_TX_WAITING_ACK assertion).
     for (auto& p : pendings)
-      if (!p->corrupt.empty()) {  // records of it may still be arriving: stop them first
-        for (auto& rc : p->receives)
-          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
-        close(true);
-        failure_ = p->corrupt;
+      if (!p->corrupt.empty() || p->transport_failed) {
+        auto receiving = [&] {
+          for (auto& q : pendings)
+            for (auto& rc : q->receives)
+              if (rc->request) return true;
+          return false;
+        };
+        while (!failed_ && receiving() && Clock::now() < until)
+          worker_.wait(std::chrono::milliseconds(10));
+        if (receiving()) {
+          for (auto& q : pendings)
+            for (auto& rc : q->receives)
+              if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+          close(true);
+        }
         broken_ = true;
-        break;
-      }
-    for (auto& p : pendings)
-      if (p->transport_failed) {
-        close(true);
-        failure_ = p->message;
-        broken_ = true;
-        fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
+        failure_ = p->corrupt.empty() ? p->message : p->corrupt;
+        if (p->corrupt.empty()) fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
+        return;  // finish() throws the damage
       }
   }
 

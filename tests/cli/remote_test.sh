@@ -63,6 +63,19 @@ local_n=$("$SLUICE" bench "$TMP/local.yaml" --epochs 2 --json 2>/dev/null | samp
 remote_n=$("$SLUICE" bench "$TMP/both.yaml" --epochs 2 --json 2>/dev/null | samples)
 check "remote epochs deliver what local ones do ($local_n)" test "$remote_n" = "$local_n"
 
+# Loaders killed in the middle of transfers (kill -9: their connections drop with replies in
+# flight) leave both servers serving.
+for k in 1 2 3; do
+  "$SLUICE" bench "$TMP/both.yaml" --seconds 5 > /dev/null 2>&1 &
+  victim=$!
+  sleep "0.$((3 * k))"
+  kill -9 "$victim"
+  wait "$victim" 2>/dev/null
+done
+check "servers survive loaders killed mid-transfer" kill -0 "$a_pid" "$b_pid"
+again_n=$("$SLUICE" bench "$TMP/both.yaml" --epochs 2 --json 2>/dev/null | samples)
+check "and still serve whole epochs ($again_n)" test "$again_n" = "$local_n"
+
 # Server a dies a second into a 3-second run: the replica b serves the rest.
 "$SLUICE" bench "$TMP/both.yaml" --seconds 3 --json > "$TMP/failover.json" 2> "$TMP/failover.err" &
 bench=$!
