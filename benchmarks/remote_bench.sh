@@ -57,7 +57,7 @@ sluice_run() {  # sluice_run SIZE -> "client bytes/s loader bytes/s"
   echo "$client $loader"
 }
 perftest_run() {  # perftest_run SIZE -> bytes/s
-  # A port below the ephemeral range (32768-), where benchmark connections in TIME_WAIT sit.
+  # A port below the ephemeral range (32768-): connections left in TIME_WAIT hold ports there.
   local size=$1 port=$((20000 + RANDOM % 12000)) iters=$((4 * 1024 * 1024 * 1024 / $1))
   (( iters > 2000000 )) && iters=2000000
   ucx_perftest -p "$port" > /dev/null 2>&1 &
