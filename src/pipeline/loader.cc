@@ -657,11 +657,10 @@ class LoaderImpl final : public Loader {
   }
 
   // Sends the remote samples at batch positions `todo`, each to the first live peer that
-  // serves its shard: every peer's requests in flight at once, kPerRequest samples a request.
+  // serves its shard: every peer's requests in flight at once.
   // A peer that cannot take them is marked dead and its samples go to the next replica. Throws
   // naming the shard and every peer tried when no replica is left.
   void start_remote(WorkerScratch& s, const std::vector<size_t>& todo) {
-    constexpr size_t kPerRequest = 1024;
     std::vector<size_t> left = todo;
     while (!left.empty()) {
       std::map<size_t, std::vector<size_t>> by_peer;
@@ -677,37 +676,50 @@ class LoaderImpl final : public Loader {
         by_peer[chosen].push_back(i);
       }
       left.clear();
+      // Each peer's samples in requests of at most kPerRequest samples and about kRequestBytes
+      // (estimated from the manifest's shard sizes): a server refuses replies over its limit.
+      std::map<size_t, std::vector<std::pair<size_t, size_t>>> ranges;
+      size_t needed = s.buffers_used;
+      for (auto& [peer, samples] : by_peer) {
+        auto& r = ranges[peer];
+        uint64_t bytes = 0;
+        for (size_t j = 0; j < samples.size(); ++j) {
+          const uint64_t guess = sample_bytes_guess(s.refs[samples[j]].index);
+          if (r.empty() || r.back().second - r.back().first >= kPerRequest ||
+              (bytes + guess > kRequestBytes && bytes > 0)) {
+            r.push_back({j, j});
+            bytes = 0;
+          }
+          r.back().second = j + 1;
+          bytes += guess;
+        }
+        needed += r.size();
+      }
       // Every request gets a reply buffer of its own; size the list before any destination
       // refers into it.
-      size_t needed = s.buffers_used;
-      for (auto& [peer, samples] : by_peer)
-        needed += (samples.size() + kPerRequest - 1) / kPerRequest;
       if (s.reply_buffers.size() < needed) s.reply_buffers.resize(needed);
       for (auto& [peer, samples] : by_peer) {
         WorkerScratch::PeerCall call{peer, std::move(samples), {}, s.buffers_used};
-        const size_t count = (call.samples.size() + kPerRequest - 1) / kPerRequest;
-        s.buffers_used += count;
-        call.requests.resize(count);
-        for (size_t k = 0; k < count; ++k) {
-          for (size_t j = k * kPerRequest; j < std::min(call.samples.size(), (k + 1) * kPerRequest);
-               ++j)
-            call.requests[k].indices.push_back(s.refs[call.samples[j]].index);
+        const auto& r = ranges[peer];
+        s.buffers_used += r.size();
+        call.requests.resize(r.size());
+        for (size_t k = 0; k < r.size(); ++k) {
+          const auto first = call.samples.begin() + static_cast<ptrdiff_t>(r[k].first);
+          const auto last = call.samples.begin() + static_cast<ptrdiff_t>(r[k].second);
+          for (auto it = first; it != last; ++it)
+            call.requests[k].indices.push_back(s.refs[*it].index);
           call.requests[k].destination =
               [&buffer = s.reply_buffers[call.first_buffer + k]](size_t bytes) {
                 buffer.resize((bytes + 7) / 8);
                 return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
               };
-          if (s.slots) {
-            std::vector<size_t> positions(
-                call.samples.begin() + k * kPerRequest,
-                call.samples.begin() + std::min(call.samples.size(), (k + 1) * kPerRequest));
+          if (s.slots)
             call.requests[k].record_destination = [slots = s.slots, each = s.slot_bytes,
-                                                   positions = std::move(positions)](size_t record,
-                                                                                     size_t bytes) {
+                                                   positions = std::vector<size_t>(first, last)](
+                                                      size_t record, size_t bytes) {
               if (bytes != each || record >= positions.size()) return std::span<std::byte>();
               return std::span<std::byte>(slots + positions[record] * each, each);
             };
-          }
         }
         s.calls.push_back(std::move(call));
         if (!peer_call(s, s.calls.back(), /*start=*/true)) {
@@ -716,6 +728,15 @@ class LoaderImpl final : public Loader {
         }
       }
     }
+  }
+
+  static constexpr size_t kPerRequest = 1024;
+  static constexpr uint64_t kRequestBytes = 64 << 20;
+
+  // A remote sample's size as far as this node knows: its shard's bytes per sample.
+  uint64_t sample_bytes_guess(uint64_t index) const {
+    const ShardInfo& shard = dataset_->shards()[dataset_->shard_of(index)];
+    return shard.file_bytes / std::max<uint64_t>(1, shard.num_samples) + 1;
   }
 
   // Waits for every call start_remote made and points the samples at their records. Returns

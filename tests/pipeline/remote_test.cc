@@ -245,6 +245,55 @@ TEST_F(RemoteLoaderTest, ALoaderServesItsOwnShardsToAnother) {
   expect_exactly_once(epoch(*loader_b));
 }
 
+// A dataset of one fixed-size uint8 field, `count` samples of `bytes`, in shards of about
+// `shard_bytes`; and a copy of it with only the manifest and shard 0, the rest left to peers.
+std::shared_ptr<Dataset> write_fixed(const fs::path& dir, uint64_t count, size_t bytes,
+                                     uint64_t shard_bytes) {
+  WriterOptions w;
+  w.fields = {{"x", DType::kUInt8, {static_cast<int64_t>(bytes)}}};
+  w.shard_bytes = shard_bytes;
+  auto writer = DatasetWriter::create(dir / "full", w);
+  for (uint64_t i = 0; i < count; ++i) {
+    auto record = testing::sample_bytes(i, 0, bytes);
+    std::span<const std::byte> fields[] = {record};
+    writer->add(fields);
+  }
+  writer->finish();
+  auto ds = Dataset::open(dir / "full");
+  fs::create_directories(dir / "partial");
+  fs::copy_file(dir / "full" / "manifest.sluice", dir / "partial" / "manifest.sluice");
+  fs::copy_file(ds->shards()[0].path, dir / "partial" / ds->shards()[0].path.filename());
+  return ds;
+}
+
+// Reads an epoch; checks every sample's bytes and that each comes exactly once.
+void expect_fixed_epoch(Loader& loader, uint64_t count, size_t bytes) {
+  std::vector<uint64_t> seen;
+  while (auto b = loader.next()) {
+    FieldView x = b->field("x");
+    for (size_t i = 0; i < b->size(); ++i) {
+      auto want = testing::sample_bytes(b->indices()[i], 0, bytes);
+      auto got = x.sample(i);
+      ASSERT_EQ(got.size(), bytes);
+      ASSERT_TRUE(std::equal(got.begin(), got.end(), want.begin())) << b->indices()[i];
+      if (!b->padding()[i]) seen.push_back(b->indices()[i]);
+    }
+  }
+  std::sort(seen.begin(), seen.end());
+  ASSERT_EQ(seen.size(), count);
+  for (uint64_t i = 0; i < count; ++i) ASSERT_EQ(seen[i], i);
+}
+
+LoaderOptions fixed_options(const fs::path& dir, size_t batch) {
+  LoaderOptions o;
+  o.dataset.path = dir / "partial";
+  o.batch_size = batch;
+  o.drop_last = false;
+  o.io.threads = 2;
+  o.distributed.token = "t";
+  return o;
+}
+
 // Large records of a one-field, fixed-size dataset come in messages of their own and land
 // straight in their batch slots; from a server reading through the page cache (sent from the
 // shard's mapping) and from one with O_DIRECT (sent from its read buffer), one per shard.
@@ -252,21 +301,8 @@ TEST(RemoteSlotsTest, LargeFixedRecordsLandInTheirBatchSlotsFromBothKindsOfServe
   testing::TempDir tmp;
   constexpr size_t kBytes = 300 << 10;  // over the client's separate_bytes (256 KiB)
   constexpr uint64_t kCount = 40;
-  WriterOptions w;
-  w.fields = {{"x", DType::kUInt8, {static_cast<int64_t>(kBytes)}}};
-  w.shard_bytes = 2 << 20;
-  auto writer = DatasetWriter::create(tmp / "full", w);
-  for (uint64_t i = 0; i < kCount; ++i) {
-    auto bytes = testing::sample_bytes(i, 0, kBytes);
-    std::span<const std::byte> fields[] = {bytes};
-    writer->add(fields);
-  }
-  writer->finish();
-  auto ds = Dataset::open(tmp / "full");
+  auto ds = write_fixed(tmp.path(), kCount, kBytes, 2 << 20);
   ASSERT_GE(ds->shards().size(), 4u);
-  fs::create_directories(tmp / "partial");
-  fs::copy_file(tmp / "full" / "manifest.sluice", tmp / "partial" / "manifest.sluice");
-  fs::copy_file(ds->shards()[0].path, tmp / "partial" / ds->shards()[0].path.filename());
   std::vector<std::unique_ptr<ShardServer>> servers;
   for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
     ServerOptions so;
@@ -274,31 +310,34 @@ TEST(RemoteSlotsTest, LargeFixedRecordsLandInTheirBatchSlotsFromBothKindsOfServe
     so.io.direct = direct;
     servers.push_back(ShardServer::start(ds, so));
   }
-  LoaderOptions o;
-  o.dataset.path = tmp / "partial";
-  o.batch_size = 6;
-  o.drop_last = false;
-  o.io.threads = 2;
-  o.distributed.token = "t";
+  LoaderOptions o = fixed_options(tmp.path(), 6);
   for (uint32_t k = 1; k < ds->shards().size(); ++k)
     o.distributed.peers.push_back({servers[k % 2]->address(), {k}});
   auto loader = Loader::open(o);
-  std::vector<uint64_t> seen;
-  while (auto b = loader->next()) {
-    FieldView x = b->field("x");
-    for (size_t i = 0; i < b->size(); ++i) {
-      auto want = testing::sample_bytes(b->indices()[i], 0, kBytes);
-      auto got = x.sample(i);
-      ASSERT_EQ(got.size(), kBytes);
-      ASSERT_TRUE(std::equal(got.begin(), got.end(), want.begin())) << b->indices()[i];
-      if (!b->padding()[i]) seen.push_back(b->indices()[i]);
-    }
-  }
-  std::sort(seen.begin(), seen.end());
-  ASSERT_EQ(seen.size(), kCount);
-  for (uint64_t i = 0; i < kCount; ++i) ASSERT_EQ(seen[i], i);
+  expect_fixed_epoch(*loader, kCount, kBytes);
   EXPECT_GT(servers[0]->stats().requests, 0u);
   EXPECT_GT(servers[1]->stats().requests, 0u);
+}
+
+// A batch of more record bytes than a server answers at once is asked for in several requests
+// (sized from the manifest's shard sizes), not refused.
+TEST(RemoteSlotsTest, ABatchLargerThanTheServersReplyLimitIsSplitIntoRequests) {
+  testing::TempDir tmp;
+  constexpr size_t kBytes = 300 << 10;
+  constexpr uint64_t kCount = 250;  // 73 MiB in one batch
+  auto ds = write_fixed(tmp.path(), kCount, kBytes, 1 << 20);
+  ServerOptions so;
+  so.token = "t";
+  so.max_reply_bytes = 66 << 20;  // O_DIRECT reads count against it
+  auto server = ShardServer::start(ds, so);
+  LoaderOptions o = fixed_options(tmp.path(), kCount);
+  std::vector<uint32_t> rest;
+  for (uint32_t k = 1; k < ds->shards().size(); ++k) rest.push_back(k);
+  o.distributed.peers.push_back({server->address(), rest});
+  auto loader = Loader::open(o);
+  expect_fixed_epoch(*loader, kCount, kBytes);
+  EXPECT_GE(server->stats().requests, 2u);
+  EXPECT_EQ(server->stats().rejected, 0u);
 }
 
 }  // namespace
