@@ -41,8 +41,7 @@ struct Pending {
   ReplyHeader reply;
   std::string message;  // the server's error text, or a transport failure
   bool transport_failed = false;
-  std::span<std::byte> dest;  // where the reply data goes
-  size_t bytes = 0;           // reply data received into the destination
+  std::span<std::byte> dest;  // where the reply data goes, exactly its length
   std::string corrupt;        // what the checks found wrong
   bool table_ok = false;      // the reply's record table is in and well-formed
   ClientImpl* client = nullptr;
@@ -168,6 +167,7 @@ class ClientImpl final : public PeerClient {
       p->id = raw && raw_header_.size() < 16 ? 0 : ++next_id_;
       p->header.request_id = p->id;
       p->header.token = token_;
+      p->client = this;
       by_id_[p->id] = p.get();
       const void* header = &p->header;
       size_t header_len = sizeof p->header;
@@ -190,9 +190,9 @@ class ClientImpl final : public PeerClient {
     }
   }
 
-  // Progresses until every reply is in, the peer fails, or the timeout passes. On failure the
-  // connection is closed (cancelling receives into the callers' buffers) before the error is
-  // thrown.
+  // Progresses until every reply is in, the peer fails, or the timeout passes. When the peer
+  // fails or times out, the connection is abandoned before the error is thrown; a damaged reply
+  // first lets the receives under way finish (below).
   void wait_all(std::vector<std::unique_ptr<Pending>>& pendings) {
     const auto until = deadline();
     auto all_done = [&] {
@@ -210,10 +210,7 @@ class ClientImpl final : public PeerClient {
                             ? failure_
                             : fmt::format("no reply within {} ms ({} of {} requests outstanding)",
                                           options_.timeout_ms, outstanding, pendings.size());
-      for (auto& p : pendings)
-        for (auto& rc : p->receives)
-          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
-      close(true);
+      abandon(pendings);
       failure_ = why;
       broken_ = true;
       fail(ErrorCode::kIo, "peer {}: {}", address_, why);
@@ -224,25 +221,30 @@ class ClientImpl final : public PeerClient {
     // server inside UCX's TCP transport (1.13: tcp_ep.c PUT_TX_WAITING_ACK assertion).
     for (auto& p : pendings)
       if (!p->corrupt.empty() || p->transport_failed) {
-        auto receiving = [&] {
-          for (auto& q : pendings)
-            for (auto& rc : q->receives)
-              if (rc->request) return true;
-          return false;
-        };
-        while (!failed_ && receiving() && Clock::now() < until)
+        while (!failed_ && receiving(pendings) && Clock::now() < until)
           worker_.wait(std::chrono::milliseconds(10));
-        if (receiving()) {
-          for (auto& q : pendings)
-            for (auto& rc : q->receives)
-              if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
-          close(true);
-        }
+        if (receiving(pendings)) abandon(pendings);
         broken_ = true;
         failure_ = p->corrupt.empty() ? p->message : p->corrupt;
         if (p->corrupt.empty()) fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
         return;  // finish() throws the damage
       }
+  }
+
+  static bool receiving(const std::vector<std::unique_ptr<Pending>>& pendings) {
+    for (auto& p : pendings)
+      for (auto& rc : p->receives)
+        if (rc->request) return true;
+    return false;
+  }
+
+  // Cancels the receives under way and force-closes the connection, so that no late bytes land
+  // in the callers' memory.
+  void abandon(std::vector<std::unique_ptr<Pending>>& pendings) {
+    for (auto& p : pendings)
+      for (auto& rc : p->receives)
+        if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+    close(true);
   }
 
   // The reply's data is in: checks its record table, then (unless verify is off) every record
@@ -252,7 +254,7 @@ class ClientImpl final : public PeerClient {
   // p.corrupt, which read() throws.
   void check_records(Pending& p) {
     ReadRequest& r = *p.request;
-    std::span<const std::byte> data(p.dest.data(), p.bytes);
+    std::span<const std::byte> data = p.dest;
     std::string error;
     auto table = parse_records(p.reply, data, &error);
     if (!table || table->size() != r.indices.size()) {
@@ -347,12 +349,11 @@ class ClientImpl final : public PeerClient {
       return transport_failure(fmt::format("malformed reply: says {} of {} records come apart",
                                            h->separate, p.separate.size()));
     std::span<std::byte> dest = p.request->destination(length);
-    p.dest = dest;
-    p.bytes = length;
     if (dest.size() < length)
       return transport_failure(
           fmt::format("destination of {} bytes for a reply of {}", dest.size(), length));
-    receive(p, -1, data, dest.first(length), rndv);
+    p.dest = dest.first(length);
+    receive(p, -1, data, p.dest, rndv);
   }
 
   void handle_record(std::span<const std::byte> header, void* data, size_t length,
@@ -397,7 +398,6 @@ class ClientImpl final : public PeerClient {
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.recv_am = &ClientImpl::on_received;
     rp.user_data = rc.get();
-    p.client = this;
     ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), dest.size(), &rp);
     if (r == nullptr) return landed(p, record, dest);
     if (UCS_PTR_IS_ERR(r)) {

@@ -5,6 +5,7 @@
 #include "format/layout.h"
 #include "index/direct.h"
 #include "io/service.h"
+#include "memory/aligned_buffer.h"
 #include "net/ucx.h"
 #include "net/wire.h"
 
@@ -37,15 +38,13 @@ ReplyFault reply_fault() {
   return g_fault;
 }
 
-// Reply data lives in these: zeroed once when allocated (so a reply never carries memory
-// other than dataset bytes), then reused. Reuse is what keeps them registered: UCX registers a
-// send buffer with the NIC (verbs) on first use and keeps it in its registration cache, so a
-// pooled buffer is registered once. (Mapping them ourselves with ucp_mem_map gave nothing more
-// and made shutdown racy: UCX may still hold a region when a send to a dead peer is cancelled.)
-struct ReplyBuffer {
-  std::byte* data = nullptr;
-  size_t capacity = 0;
-};
+// Reply data lives in pooled memory::AlignedBuffers: zeroed once when allocated (so a reply
+// never carries memory other than dataset bytes), then reused. Reuse is what keeps them
+// registered: UCX registers a send buffer with the NIC (verbs) on first use and keeps it in its
+// registration cache, so a pooled buffer is registered once. (Mapping them ourselves with
+// ucp_mem_map gave nothing more and made shutdown racy: UCX may still hold a region when a
+// send to a dead peer is cancelled.)
+using memory::AlignedBuffer;
 
 class ServerImpl;
 
@@ -60,8 +59,8 @@ struct Part {
 // complete.
 struct Reply {
   ReplyHeader header;
-  ReplyBuffer buffer;
-  size_t size = 0;  // bytes of the kReplyAm data, from buffer.data
+  AlignedBuffer buffer;
+  size_t size = 0;  // bytes of the kReplyAm data, from buffer.data()
   std::vector<Part> parts;
   size_t sends_left = 0;
   uint64_t conn = 0;
@@ -120,8 +119,6 @@ class ServerImpl final : public ShardServer {
     for (auto& t : readers_) t.join();
     worker_.signal();
     progress_thread_.join();
-    for (auto& r : done_) give_back(r->buffer);  // built, never sent
-    for (ReplyBuffer& b : free_buffers_) std::free(b.data);
     for (const Mapping& m : maps_)
       if (m.data) ::munmap(const_cast<std::byte*>(m.data), m.size);
   }
@@ -268,13 +265,13 @@ class ServerImpl final : public ShardServer {
   // finished with all of them.
   void send(std::unique_ptr<Reply> reply) {
     auto it = conns_.find(reply->conn);
-    if (it == conns_.end()) return give_back(reply->buffer);  // the client is gone
+    if (it == conns_.end()) return give_back(std::move(reply->buffer));  // the client is gone
     Reply* r = reply.release();
     const size_t parts = r->parts.size();  // r may be gone after its last post
     r->owner = this;
     r->sends_left = 1 + parts;
     ++in_flight_;
-    post(it->second, kReplyAm, &r->header, sizeof r->header, r->buffer.data, r->size, r);
+    post(it->second, kReplyAm, &r->header, sizeof r->header, r->buffer.data(), r->size, r);
     for (size_t k = 0; k < parts; ++k) {
       Part& part = r->parts[k];
       post(it->second, kRecordAm, &part.header, sizeof part.header, part.data, part.header.size, r);
@@ -301,51 +298,43 @@ class ServerImpl final : public ShardServer {
   void sent_one(Reply* reply) {
     if (--reply->sends_left > 0) return;
     --in_flight_;
-    give_back(reply->buffer);
+    give_back(std::move(reply->buffer));
     delete reply;
   }
 
   // --- reply buffers -----------------------------------------------------------------------------
 
-  // Any thread: the smallest idle buffer that holds `bytes`, else a new one.
-  ReplyBuffer take_buffer(size_t bytes) {
+  // Any thread: the smallest idle buffer that holds `bytes`, else a new one (in 64 KiB steps,
+  // so that buffers get reused).
+  AlignedBuffer take_buffer(size_t bytes) {
     {
       std::lock_guard lock(mu_);
       auto best = free_buffers_.end();
       for (auto it = free_buffers_.begin(); it != free_buffers_.end(); ++it)
-        if (it->capacity >= bytes && (best == free_buffers_.end() || it->capacity < best->capacity))
+        if (it->capacity() >= bytes &&
+            (best == free_buffers_.end() || it->capacity() < best->capacity()))
           best = it;
       if (best != free_buffers_.end()) {
-        ReplyBuffer b = *best;
-        idle_bytes_ -= b.capacity;
+        AlignedBuffer b = std::move(*best);
+        idle_bytes_ -= b.capacity();
         free_buffers_.erase(best);
         return b;
       }
     }
-    // 64 KiB steps (2 MiB, huge-page aligned, from 2 MiB on), so that buffers get reused.
-    constexpr size_t kHuge = 2 << 20;
-    const size_t step = bytes >= kHuge ? kHuge : 64 << 10;
-    ReplyBuffer b;
-    b.capacity = (std::max<size_t>(bytes, 1) + step - 1) / step * step;
-    b.data = static_cast<std::byte*>(std::aligned_alloc(step >= kHuge ? kHuge : 4096, b.capacity));
-    if (!b.data) detail::fail_errno(ENOMEM, fmt::format("reply buffer of {} bytes", b.capacity));
-    if (step >= kHuge) ::madvise(b.data, b.capacity, MADV_HUGEPAGE);
-    std::memset(b.data, 0, b.capacity);
+    AlignedBuffer b;
+    b.reserve(format::align_up(std::max<size_t>(bytes, 1), 64 << 10));
+    std::memset(b.data(), 0, b.capacity());
     return b;
   }
 
   // Keeps up to kMaxIdleBytes of buffers for reuse, frees the rest.
-  void give_back(ReplyBuffer& b) {
-    if (!b.data) return;
+  void give_back(AlignedBuffer&& b) {
     constexpr size_t kMaxIdleBytes = 256ull << 20;
     std::lock_guard lock(mu_);
-    if (idle_bytes_ + b.capacity <= kMaxIdleBytes) {
-      idle_bytes_ += b.capacity;
-      free_buffers_.push_back(b);
-    } else {
-      std::free(b.data);
+    if (b.data() && idle_bytes_ + b.capacity() <= kMaxIdleBytes) {
+      idle_bytes_ += b.capacity();
+      free_buffers_.push_back(std::move(b));
     }
-    b = {};
   }
 
   // --- reader threads ----------------------------------------------------------------------------
@@ -364,7 +353,7 @@ class ServerImpl final : public ShardServer {
       auto reply = build_reply(job, record_bytes);
       if (ReplyFault fault = reply_fault()) {
         std::chrono::milliseconds delay{0};
-        fault(address_, reply->header, {reply->buffer.data, reply->size}, delay);
+        fault(address_, reply->header, {reply->buffer.data(), reply->size}, delay);
         if (delay.count() > 0) std::this_thread::sleep_for(delay);
       }
       {
@@ -387,9 +376,9 @@ class ServerImpl final : public ShardServer {
     reply.header.count = 0;
     reply.header.separate = 0;
     reply.parts.clear();
-    if (!reply.buffer.data) reply.buffer = take_buffer(message.size());
-    std::memcpy(reply.buffer.data, message.data(), std::min(message.size(), reply.buffer.capacity));
-    reply.size = std::min(message.size(), reply.buffer.capacity);
+    if (!reply.buffer.data()) reply.buffer = take_buffer(message.size());
+    reply.size = std::min(message.size(), reply.buffer.capacity());
+    std::memcpy(reply.buffer.data(), message.data(), reply.size);
     reply.header.data_bytes = reply.size;
   }
 
@@ -465,7 +454,7 @@ class ServerImpl final : public ShardServer {
         return reply;
       }
       reply->buffer = take_buffer(end);
-      std::byte* out = reply->buffer.data;
+      std::byte* out = reply->buffer.data();
       for (size_t k = 0; k < ops.size(); ++k) ops[k].dest = out + op_at[k];
       if (!ops.empty()) {
         auto deadline =
@@ -572,7 +561,7 @@ class ServerImpl final : public ShardServer {
   std::condition_variable jobs_cv_;
   std::deque<Job> jobs_;
   std::deque<std::unique_ptr<Reply>> done_;
-  std::vector<ReplyBuffer> free_buffers_;  // freed by ~ServerImpl
+  std::vector<AlignedBuffer> free_buffers_;
   size_t idle_bytes_ = 0;
   ServerStats stats_;
   bool stop_ = false;

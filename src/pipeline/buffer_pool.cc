@@ -1,36 +1,9 @@
 #include "pipeline/buffer_pool.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <new>
 
 namespace sluice::pipeline {
-
-bool AlignedBuffer::reserve(size_t bytes) {
-  if (bytes <= capacity_ && data_) return false;
-  size_t size = (std::max<size_t>(bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
-  size = std::max(size, capacity_ + capacity_ / 2);  // geometric growth: rare reallocations
-  size = (size + kAlignment - 1) / kAlignment * kAlignment;
-  void* p = nullptr;
-  // Large buffers on 2 MiB boundaries with transparent huge pages where the kernel offers them
-  // (madvise mode): O_DIRECT reads into them measured 7-10% faster at 64 KiB (fewer pages
-  // to pin and map per read); a refusal only costs that.
-  constexpr size_t kHuge = 2 << 20;
-  if (size >= kHuge) {
-    size = (size + kHuge - 1) / kHuge * kHuge;
-    if (posix_memalign(&p, kHuge, size) != 0) throw std::bad_alloc();
-    madvise(p, size, MADV_HUGEPAGE);
-  } else if (posix_memalign(&p, kAlignment, size) != 0) {
-    throw std::bad_alloc();
-  }
-  // The loader probed for a device before asking for pinning; a refusal here (memlock) leaves
-  // ordinary memory, which works the same, only with slower copies to the device.
-  bool pinned = pin_ && memory::pin(p, size, nullptr);
-  data_ = std::unique_ptr<std::byte, FreeAligned>(static_cast<std::byte*>(p), FreeAligned{pinned});
-  capacity_ = size;
-  return true;
-}
 
 size_t BatchStorage::used_bytes() const {
   size_t end = 0;

@@ -8,6 +8,7 @@
 // `budget + max_held` storages exist: a consumer that holds more than `max_held` batches stops
 // the loader (back-pressure) instead of growing memory without bound.
 
+#include "memory/aligned_buffer.h"
 #include "memory/cuda.h"
 
 #include <chrono>
@@ -21,33 +22,7 @@
 
 namespace sluice::pipeline {
 
-/// Frees an AlignedBuffer's memory, unpinning it first when it was pinned.
-struct FreeAligned {
-  bool pinned = false;
-  void operator()(std::byte* p) const {
-    if (pinned) memory::unpin(p);
-    std::free(p);
-  }
-};
-
-/// A growable, 4096-byte-aligned byte buffer (usable as an O_DIRECT destination).
-class AlignedBuffer {
- public:
-  static constexpr size_t kAlignment = 4096;
-  std::byte* data() const { return data_.get(); }
-  size_t capacity() const { return capacity_; }
-  /// Makes room for `bytes`; existing contents are not kept. Returns whether it reallocated.
-  bool reserve(size_t bytes);
-  /// Page-lock every allocation from now on (device: pinned / cuda:N), best effort.
-  void set_pin(bool pin) { pin_ = pin; }
-  /// Whether the current allocation is page-locked.
-  bool pinned() const { return data_.get_deleter().pinned; }
-
- private:
-  std::unique_ptr<std::byte, FreeAligned> data_;
-  size_t capacity_ = 0;
-  bool pin_ = false;
-};
+using memory::AlignedBuffer;
 
 /// device: cuda:N: a batch's copy on the device and the events that order its reuse. The
 /// loader thread that fills the storage waits for `copied` before it overwrites the host bytes

@@ -146,10 +146,9 @@ struct WorkerScratch {
   std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
   size_t buffers_used = 0;                                // reply buffers this batch
   std::vector<std::vector<std::byte>> owned_records;      // separate records kept by the client
-  // A batch of one fixed-size field: large remote records land in their slots here (each
-  // `slot_bytes` long, in batch order) instead of being copied there; null otherwise.
+  // A batch of one fixed-size field: large remote records land in their slots here (in batch
+  // order, LoaderImpl::one_field_bytes_ each) instead of being copied there; null otherwise.
   std::byte* slots = nullptr;
-  size_t slot_bytes = 0;
   std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
   // Requests sent to one peer and not yet finished.
   struct PeerCall {
@@ -371,10 +370,11 @@ class LoaderImpl final : public Loader {
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
     bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
-    direct_to_batch_ = all_local && dataset_->packed() && fields.size() == 1 &&
-                       fields[0].fixed_size() && fields[0].fixed_bytes() > 0 &&
-                       fields[0].fixed_bytes() % io_alignment_ == 0 &&
-                       fields[0].fixed_bytes() <= UINT32_MAX;
+    one_field_bytes_ = dataset_->packed() && fields.size() == 1 && fields[0].fixed_size()
+                           ? fields[0].fixed_bytes()
+                           : 0;
+    direct_to_batch_ = all_local && one_field_bytes_ > 0 && one_field_bytes_ % io_alignment_ == 0 &&
+                       one_field_bytes_ <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
                        : "direct I/O off, reading through the page cache: " + why);
@@ -536,11 +536,8 @@ class LoaderImpl final : public Loader {
       s.buffers_used = 0;
       s.owned_records.clear();
       s.slots = nullptr;
-      const auto& fields = *fields_;
-      if (dataset_->packed() && fields.size() == 1 && fields[0].fixed_size() &&
-          fields[0].fixed_bytes() > 0) {
-        s.slot_bytes = fields[0].fixed_bytes();
-        out.data.reserve(n * s.slot_bytes);  // the layout below: field 0 at offset 0
+      if (one_field_bytes_ > 0) {
+        out.data.reserve(n * one_field_bytes_);  // the layout below: field 0 at offset 0
         s.slots = out.data.data();
       }
       std::vector<size_t> remote;
@@ -714,7 +711,7 @@ class LoaderImpl final : public Loader {
                 return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
               };
           if (s.slots)
-            call.requests[k].record_destination = [slots = s.slots, each = s.slot_bytes,
+            call.requests[k].record_destination = [slots = s.slots, each = one_field_bytes_,
                                                    positions = std::vector<size_t>(first, last)](
                                                       size_t record, size_t bytes) {
               if (bytes != each || record >= positions.size()) return std::span<std::byte>();
@@ -838,7 +835,7 @@ class LoaderImpl final : public Loader {
   // neighbours both on disk and in the batch are merged.
   void read_into_batch(io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
     const size_t n = s.refs.size();
-    const uint64_t each = (*fields_)[0].fixed_bytes();
+    const uint64_t each = one_field_bytes_;
     constexpr uint64_t kMaxRead = 4 << 20;
     out.field_offset.assign(1, 0);
     out.field_bytes.assign(1, n * each);
@@ -918,8 +915,10 @@ class LoaderImpl final : public Loader {
   bool direct_ = false;
   uint64_t io_alignment_ = 1;
   bool direct_to_batch_ = false;  // see read_into_batch
-  bool pin_ = false;              // batch buffers page-locked (device: pinned / cuda:N)
-  bool files_ = false;            // dataset.format files: one file per sample, opened per batch
+  // A packed dataset of one fixed-size field: its record size (a record is that field); else 0.
+  uint64_t one_field_bytes_ = 0;
+  bool pin_ = false;    // batch buffers page-locked (device: pinned / cuda:N)
+  bool files_ = false;  // dataset.format files: one file per sample, opened per batch
   std::shared_ptr<BufferPool> pool_;
   std::string token_;                             // the cluster's shared token
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order

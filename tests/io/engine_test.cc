@@ -6,7 +6,7 @@
 
 #include "common/file.h"
 #include "fault_engine.h"
-#include "pipeline/buffer_pool.h"
+#include "memory/aligned_buffer.h"
 #include "test_util.h"
 
 #include <fcntl.h>
@@ -88,7 +88,7 @@ TEST_P(EngineTest, SameBytesAsPread) {
 TEST_P(EngineTest, RegisteredBufferReadsTheSame) {
   std::vector<std::byte> unused;
   auto ops = random_ops(200, unused);
-  pipeline::AlignedBuffer buffer;
+  memory::AlignedBuffer buffer;
   size_t total = 0;
   for (auto& op : ops) total += op.length;
   buffer.reserve(total);
@@ -298,7 +298,7 @@ TEST(EngineChoice, MemlockTooLowForBuffersStillReads) {
   o.engine = IoEngineKind::kUring;
   std::vector<int> fds;
   auto e = io::make_engine(o, fds, {});
-  pipeline::AlignedBuffer b;
+  memory::AlignedBuffer b;
   b.reserve(1 << 16);
   EXPECT_FALSE(e->register_buffer({b.data(), b.capacity()}));
   io::set_register_buffers_fault(0);
