@@ -2,10 +2,10 @@
 
 #include "common/check.h"
 #include "common/errors.h"
+#include "format/layout.h"
 #include "net/ucx.h"
 
 #include <fmt/format.h>
-#include <xxhash.h>
 
 #include <cstring>
 #include <unordered_map>
@@ -290,8 +290,7 @@ class ClientImpl final : public PeerClient {
     if (!options_.verify || !p.corrupt.empty()) return;
     ReadRequest& r = *p.request;
     const RecordInfo& info = r.records[i];
-    uint32_t sum = static_cast<uint32_t>(
-        XXH3_64bits_withSeed(r.record_data[i].data(), info.size, r.indices[i]));
+    uint32_t sum = format::record_checksum(r.record_data[i].data(), info.size, r.indices[i]);
     if (sum != info.checksum)
       p.corrupt = fmt::format(
           "sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on the peer's "
