@@ -3,6 +3,8 @@
 #include "format/layout.h"
 #include "test_util.h"
 
+#include <xxhash.h>  // the plain (portable) entry points: the reference for the format
+
 #include <cstring>
 
 namespace sluice {
@@ -213,6 +215,28 @@ TEST(Format, ManifestRoundTrip) {
   // Any truncation is an error, never a crash.
   for (size_t n = 0; n < bytes.size(); ++n)
     EXPECT_THROW(format::decode_manifest(std::span(bytes).first(n), "m"), Error) << n;
+}
+
+// The stored checksums are XXH3-64 (low 32 bits for records, seeded with the global index):
+// whatever SIMD path computes them must give the portable function's values, or datasets
+// written on one machine would fail their checks on another.
+TEST(Format, ChecksumsAreTheReferenceXXH3) {
+  std::vector<std::byte> data((1 << 20) + 64);
+  uint64_t x = 0x9e3779b97f4a7c15;
+  for (auto& b : data) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b = static_cast<std::byte>(x);
+  }
+  for (size_t size : {0, 1, 3, 16, 17, 128, 129, 240, 241, 1000, 4096, 65536, 1 << 20})
+    for (size_t at : {0, 1, 7, 64}) {
+      const std::byte* p = data.data() + at;
+      for (uint64_t seed : {uint64_t{0}, uint64_t{12345678901}}) {
+        ASSERT_EQ(format::checksum64(p, size, seed), XXH3_64bits_withSeed(p, size, seed))
+            << size << " bytes at +" << at;
+        ASSERT_EQ(format::record_checksum(p, size, seed),
+                  static_cast<uint32_t>(XXH3_64bits_withSeed(p, size, seed)));
+      }
+    }
 }
 
 TEST(Format, DTypeNames) {
