@@ -34,6 +34,13 @@ using net::ReplyStatus;
 
 constexpr uint64_t kSamples = 300;
 
+// Every sample once, in the order i * step % kSamples (step coprime to 300: 1 is in order).
+std::vector<uint64_t> every_sample(uint64_t step) {
+  std::vector<uint64_t> all(kSamples);
+  for (uint64_t i = 0; i < kSamples; ++i) all[i] = i * step % kSamples;
+  return all;
+}
+
 // A request's destination: 8-byte-aligned storage that grows to the reply's size.
 struct Buffer {
   std::vector<uint64_t> words;
@@ -114,8 +121,7 @@ class ServerTest : public ::testing::Test {
 
 TEST_F(ServerTest, EveryByteEqualsTheLocalRead) {
   auto c = client();
-  std::vector<uint64_t> all(kSamples);
-  for (uint64_t i = 0; i < kSamples; ++i) all[i] = (i * 7) % kSamples;  // a shuffled order
+  const std::vector<uint64_t> all = every_sample(7);  // a shuffled order
   read_and_check(*c, all, 32);   // ten requests in flight, replies of ~1.5 MB (rendezvous)
   read_and_check(*c, {5}, 1);    // one small record (eager)
   read_and_check(*c, all, 300);  // one request for everything
@@ -126,8 +132,7 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalRead) {
 // Under direct I/O the server reads each record's block-aligned cover and the reply says where
 // the record sits in it; through the page cache records go back to back. Both end equal.
 TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect) {
-  std::vector<uint64_t> all(kSamples);
-  for (uint64_t i = 0; i < kSamples; ++i) all[i] = (i * 11) % kSamples;
+  const std::vector<uint64_t> all = every_sample(11);
   for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
     restart(direct);
     SCOPED_TRACE(server_->io_description());
@@ -140,8 +145,7 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect)
 // (page cache) or the server's read buffer (O_DIRECT), eager or by rendezvous, into the
 // caller's record_destination where it gives one and into the client's own storage where not.
 TEST_F(ServerTest, LargeRecordsComeApartIntoTheirOwnDestinations) {
-  std::vector<uint64_t> all(kSamples);
-  for (uint64_t i = 0; i < kSamples; ++i) all[i] = (i * 13) % kSamples;
+  const std::vector<uint64_t> all = every_sample(13);
   for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
     restart(direct);
     SCOPED_TRACE(server_->io_description());
@@ -189,8 +193,7 @@ TEST_F(ServerTest, ATableThatDisagreesWithTheRecordsSentApartIsCorruption) {
   net::set_reply_fault([](const std::string&, net::ReplyHeader& h, std::span<std::byte>,
                           std::chrono::milliseconds&) { h.separate += 1; });
   auto c = PeerClient::connect(server_->address(), {"secret", 20000, true, 1u << 10});
-  std::vector<uint64_t> all(kSamples);
-  for (uint64_t i = 0; i < kSamples; ++i) all[i] = i;
+  const std::vector<uint64_t> all = every_sample(1);
   auto t0 = std::chrono::steady_clock::now();
   std::string what = message_of([&] { read_and_check(*c, all, 50); });
   net::set_reply_fault({});
@@ -208,8 +211,7 @@ TEST_F(ServerTest, AReadErrorOnTheServerNamesItsFileAndSample) {
   });
   restart(DirectIo::kAuto);
   auto c = client();
-  std::vector<uint64_t> all(kSamples);
-  for (uint64_t i = 0; i < kSamples; ++i) all[i] = i;
+  const std::vector<uint64_t> all = every_sample(1);
   std::string what = message_of([&] { read_and_check(*c, all, 100); });
   EXPECT_NE(what.find("peer " + server_->address() + ": read error: " + dir().string() + "/shard-"),
             std::string::npos)
