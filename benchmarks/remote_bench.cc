@@ -2,8 +2,12 @@
 // requests in flight; prints one line of JSON. Used by benchmarks/remote_bench.sh, which puts
 // ucx_perftest's ucp_am_bw beside it on the same transport.
 //
-//   remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY]
-//   (token from $SLUICE_TOKEN; VERIFY 1 (default) checks every record's checksum, 0 does not)
+//   remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY] [PLACES]
+//   (token from $SLUICE_TOKEN; VERIFY 1 (default) checks every record's checksum, 0 does not.
+//   PLACES "distinct" (default): each large record lands in a place of its own, as in a
+//   Loader's batch slots; "one": all land in one buffer that stays in cache, as ucp_am_bw's
+//   receiver does. "one" is for comparing with ucx_perftest's memory pattern: it needs VERIFY 0,
+//   and SAMPLES 4 gives the server a hot source too.)
 
 #include <sluice/error.h>
 
@@ -19,9 +23,9 @@
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fmt::print(
-        stderr,
-        "usage: remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY]\n");
+    fmt::print(stderr,
+               "usage: remote_bench ADDRESS SAMPLES [SECONDS] [PER_REQUEST] [IN_FLIGHT] [VERIFY] "
+               "[PLACES]\n");
     return 2;
   }
   const std::string address = argv[1];
@@ -30,6 +34,16 @@ int main(int argc, char** argv) {
   const size_t per_request = argc > 4 ? std::stoul(argv[4]) : 16;
   const size_t in_flight = argc > 5 ? std::stoul(argv[5]) : 8;
   const bool verify = argc > 6 ? std::string(argv[6]) != "0" : true;
+  const std::string places_mode = argc > 7 ? argv[7] : "distinct";
+  if (places_mode != "distinct" && places_mode != "one") {
+    fmt::print(stderr, "remote_bench: PLACES is 'distinct' or 'one', not '{}'\n", places_mode);
+    return 2;
+  }
+  const bool one_place = places_mode == "one";
+  if (one_place && verify) {
+    fmt::print(stderr, "remote_bench: PLACES 'one' overlaps records: it needs VERIFY 0\n");
+    return 2;
+  }
   const char* token = std::getenv("SLUICE_TOKEN");
   try {
     auto client = sluice::net::PeerClient::connect(address, {token ? token : "", 10000, verify});
@@ -39,13 +53,16 @@ int main(int argc, char** argv) {
     // Large records come apart, each into a place of its own (as into a Loader's batch slots).
     std::vector<std::vector<std::vector<uint64_t>>> places(
         in_flight, std::vector<std::vector<uint64_t>>(per_request));
+    // Never resized, as receives into it overlap; records larger than it get a place of their own.
+    std::vector<std::byte> one(one_place ? 64u << 20 : 0);
     std::vector<sluice::net::ReadRequest> requests(in_flight);
     for (size_t k = 0; k < in_flight; ++k) {
       requests[k].destination = [&buffers, k](size_t bytes) {
         buffers[k].resize((bytes + 7) / 8);
         return std::span<std::byte>(reinterpret_cast<std::byte*>(buffers[k].data()), bytes);
       };
-      requests[k].record_destination = [&places, k](size_t record, size_t bytes) {
+      requests[k].record_destination = [&, k](size_t record, size_t bytes) {
+        if (one_place && bytes <= one.size()) return std::span<std::byte>(one.data(), bytes);
         auto& place = places[k][record];
         place.resize((bytes + 7) / 8);
         return std::span<std::byte>(reinterpret_cast<std::byte*>(place.data()), bytes);
