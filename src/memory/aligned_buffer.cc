@@ -17,8 +17,8 @@ void FreeAligned::operator()(std::byte* p) const {
 
 bool AlignedBuffer::reserve(size_t bytes) {
   if (bytes <= capacity_ && data_) return false;
-  size_t size = (std::max<size_t>(bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
-  size = std::max(size, capacity_ + capacity_ / 2);  // geometric growth: rare reallocations
+  // Geometric growth: rare reallocations.
+  size_t size = std::max({bytes, size_t{1}, capacity_ + capacity_ / 2});
   size = (size + kAlignment - 1) / kAlignment * kAlignment;
   void* p = nullptr;
   // Large buffers on 2 MiB boundaries with transparent huge pages where the kernel offers them

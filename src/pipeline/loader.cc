@@ -361,7 +361,6 @@ class LoaderImpl final : public Loader {
     DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct");
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
-    const std::string why = direct.why_not;
     if (files_)
       fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
     else
@@ -377,7 +376,7 @@ class LoaderImpl final : public Loader {
                        one_field_bytes_ <= UINT32_MAX;
     if (options_.io.direct != DirectIo::kOff)
       log_line(direct_ ? "direct I/O (O_DIRECT) on"
-                       : "direct I/O off, reading through the page cache: " + why);
+                       : "direct I/O off, reading through the page cache: " + direct.why_not);
   }
 
   void start_threads() {
@@ -784,11 +783,8 @@ class LoaderImpl final : public Loader {
     } catch (const Error& e) {
       // A peer that is gone, stops answering or sends bytes that fail their checks (garbage,
       // damage on its disk or in transit) is dropped for its replicas.
-      if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) {
-        s.clients.erase(call.peer);
-        throw;
-      }
       s.clients.erase(call.peer);
+      if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) throw;
       mark_peer_dead(call.peer, e.what());
       return false;
     }
