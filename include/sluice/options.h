@@ -58,8 +58,11 @@ struct DistributedOptions {
   // Where the shards missing from this node are read from. A shard listed by several peers has
   // replicas, tried in this order when a peer fails.
   std::vector<PeerOptions> peers;
-  std::string listen;               // HOST:PORT: also serve this node's shards to other loaders
-  std::string token;                // shared token of the cluster; "" reads $SLUICE_TOKEN
+  std::string listen;                // HOST:PORT: also serve this node's shards to other loaders
+  std::string token;                 // shared token of the cluster; "" reads token_file, then
+                                     // $SLUICE_TOKEN
+  std::filesystem::path token_file;  // a file holding the token (first line)
+  bool no_token = false;  // listen without a token: anyone who can connect reads (trusted host)
   uint32_t peer_timeout_ms = 5000;  // connecting to a peer, and each batch's remote reads
 };
 

@@ -2,6 +2,7 @@
 
     peers = sluice.distributed.exchange_peers("10.0.0.5:7070", shards=[0, 1, 2, 3])
     loader = sluice.Loader("train.yaml", distributed={"listen": "0.0.0.0:7070", "peers": peers})
+    # the cluster's token: $SLUICE_TOKEN, or distributed.token / token_file in the config
 
 Every rank publishes the address other ranks should connect to (not 0.0.0.0) and the shards
 its node holds; each gets back every other rank's entry, ready for `distributed.peers`.

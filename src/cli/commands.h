@@ -39,7 +39,8 @@ struct BenchArgs {
 struct ServeArgs {
   std::filesystem::path dataset;
   std::string listen = "0.0.0.0:7070";
-  std::filesystem::path token_file;  // else $SLUICE_TOKEN, else no token
+  std::filesystem::path token_file;  // else $SLUICE_TOKEN
+  bool no_token = false;             // serve without a token (refused unless said)
   uint32_t threads = 4;
   std::string direct = "auto";  // auto, on, off
   bool json = false;

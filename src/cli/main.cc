@@ -74,6 +74,8 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--listen", serve.listen, "HOST:PORT to listen on (default 0.0.0.0:7070)");
   serve_cmd->add_option("--token-file", serve.token_file,
                         "File holding the shared token (default: $SLUICE_TOKEN)");
+  serve_cmd->add_flag("--no-token", serve.no_token,
+                      "Serve without a token: anyone who can connect reads (trusted host only)");
   serve_cmd->add_option("--threads", serve.threads, "Replies read at once (default 4)");
   serve_cmd
       ->add_option("--direct", serve.direct,

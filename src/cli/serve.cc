@@ -13,7 +13,6 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 
 namespace sluice::cli {
 
@@ -24,14 +23,19 @@ int run_serve(const ServeArgs& args) {
   options.io.direct = args.direct == "on"    ? DirectIo::kOn
                       : args.direct == "off" ? DirectIo::kOff
                                              : DirectIo::kAuto;
+  // A token from --token-file, else $SLUICE_TOKEN; none at all only with --no-token.
+  if (args.no_token && !args.token_file.empty())
+    throw Error(ErrorCode::kInvalidArgument, "--no-token and --token-file: pick one");
+  options.no_token = args.no_token;
   if (!args.token_file.empty()) {
-    std::ifstream in(args.token_file);
-    if (!in)
-      throw Error(ErrorCode::kNotFound, args.token_file.string() + ": cannot read the token file");
-    std::getline(in, options.token);
-  } else if (const char* token = std::getenv("SLUICE_TOKEN")) {
+    options.token = read_token_file(args.token_file);
+  } else if (const char* token = std::getenv("SLUICE_TOKEN"); token && !args.no_token) {
     options.token = token;
   }
+  if (options.token.empty() && !args.no_token)
+    throw Error(ErrorCode::kInvalidArgument,
+                "no token: give --token-file F (or set $SLUICE_TOKEN); --no-token serves without "
+                "one, to anyone who can connect (a single trusted host only)");
   auto dataset = Dataset::open(args.dataset);
   // Signals are taken by sigwait below; block them before the server's threads start so that
   // none of those threads is picked to run a default handler.
@@ -60,8 +64,10 @@ int run_serve(const ServeArgs& args) {
   ServerStats s = server->stats();
   server.reset();
   fmt::print(stderr,
-             "sluice serve: stopped by {}: {} requests answered, {} refused, {} bytes sent\n",
-             sig == SIGINT ? "SIGINT" : "SIGTERM", s.requests, s.rejected, s.bytes_sent);
+             "sluice serve: stopped by {}: {} requests answered, {} rejected, {} busy, {} bytes "
+             "sent; {} clients served, {} connections refused\n",
+             sig == SIGINT ? "SIGINT" : "SIGTERM", s.requests, s.rejected, s.busy, s.bytes_sent,
+             s.connections, s.refused);
   return 0;
 }
 

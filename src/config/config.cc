@@ -257,6 +257,16 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.distributed.token = scalar(c, n, "distributed.token", "a string");
        }},
+      {"distributed.token_file",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         fs::path p(scalar(c, n, "distributed.token_file", "a path"));
+         o.distributed.token_file =
+             p.is_absolute() || c.base_dir.empty() ? p : (c.base_dir / p).lexically_normal();
+       }},
+      {"distributed.no_token",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.distributed.no_token = parse_bool(c, n, "distributed.no_token");
+       }},
       {"distributed.peer_timeout_ms",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.distributed.peer_timeout_ms =
@@ -506,7 +516,10 @@ std::string LoaderOptions::to_yaml() const {
   }
   if (!distributed.listen.empty())
     out << YAML::Key << "listen" << YAML::Value << distributed.listen;
-  // The token is a secret: never echoed.
+  // The token is a secret: never echoed (its file's path is not).
+  if (!distributed.token_file.empty())
+    out << YAML::Key << "token_file" << YAML::Value << distributed.token_file.string();
+  if (distributed.no_token) out << YAML::Key << "no_token" << YAML::Value << true;
   out << YAML::Key << "peer_timeout_ms" << YAML::Value << distributed.peer_timeout_ms
       << YAML::EndMap;
   out << YAML::EndMap;

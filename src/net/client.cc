@@ -3,17 +3,19 @@
 #include "common/check.h"
 #include "common/errors.h"
 #include "format/layout.h"
+#include "net/handshake.h"
 #include "net/ucx.h"
 
 #include <fmt/format.h>
 
+#include <cstddef>
 #include <cstring>
+#include <optional>
 #include <unordered_map>
 
 namespace sluice::net {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using detail::fail;
 
 // A record message larger than this is garbage, not a sample (and not worth allocating for).
@@ -36,7 +38,13 @@ struct Pending {
   uint64_t id = 0;
   ReadRequest* request = nullptr;  // nullptr for send_raw
   RequestHeader header;
+  bool raw = false;  // send_raw: raw_header goes instead of header
+  bool sign = true;  // send_raw: set the connection id and MAC
+  std::vector<std::byte> raw_header;
   std::span<const std::byte> raw_data;
+  // kBusy: the server asked to send it again later; when, and the wait after the next kBusy.
+  std::optional<Clock::time_point> resend_at;
+  std::chrono::milliseconds backoff{1};
   bool done = false;  // the reply's message is settled (data in, or an error)
   ReplyHeader reply;
   std::string message;  // the server's error text, or a transport failure
@@ -70,23 +78,30 @@ ErrorCode code_for(ReplyStatus s) {
 class ClientImpl final : public PeerClient {
  public:
   ClientImpl(const std::string& address, const ClientOptions& options)
-      : address_(address), options_(options), token_(token_digest(options.token)) {
+      : address_(address), options_(options) {
     SocketAddress addr = SocketAddress::parse(address);
     worker_.set_am_handler(kReplyAm, &ClientImpl::on_reply, this, "peer " + address_);
     worker_.set_am_handler(kRecordAm, &ClientImpl::on_record, this, "peer " + address_);
-    ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                   UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-    p.sockaddr.addr = addr.get();
-    p.sockaddr.addrlen = addr.length;
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    p.err_handler.cb = &ClientImpl::on_ep_error;
-    p.err_handler.arg = this;
-    check(ucp_ep_create(worker_.get(), &p, &ep_), "peer " + address_ + ": connect");
+    // The token is proven on a TCP connection of our own first; UCX only ever sees the worker
+    // address of a server that proved it too.
+    const auto until = deadline();
+    Session session;
+    try {
+      session =
+          client_handshake(connect_tcp(addr, until), options_.token, worker_.address(), until);
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::kConfig)
+        throw Error(ErrorCode::kConfig, fmt::format("peer {}: {}", address_, e.what()));
+      fail(ErrorCode::kIo, "peer {}: cannot connect: {}", address_, e.what());
+    }
+    control_ = std::move(session.control);
+    conn_ = session.conn;
+    session_ = std::make_unique<Mac>(session.key);
+    ep_ =
+        worker_.connect(session.server_address, &ClientImpl::on_ep_error, this, "peer " + address_);
     // The connection is set up lazily; a flush completes once it is (or fails when it cannot).
     ucp_request_param_t fp{};
-    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), deadline());
+    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), until);
     if (st != UCS_OK || failed_) {
       std::string why = failed_ ? failure_ : std::string(ucs_status_string(st));
       if (st == UCS_ERR_TIMED_OUT) why = fmt::format("no answer within {} ms", options_.timeout_ms);
@@ -138,10 +153,12 @@ class ClientImpl final : public PeerClient {
   }
 
   std::pair<ReplyStatus, std::string> send_raw(std::span<const std::byte> header,
-                                               std::span<const std::byte> data) override {
+                                               std::span<const std::byte> data,
+                                               bool sign) override {
     usable();
     std::vector<std::unique_ptr<Pending>> pendings;
     auto p = std::make_unique<Pending>();
+    p->sign = sign;
     raw_header_.assign(header.begin(), header.end());
     p->raw_data = data;
     pendings.push_back(std::move(p));
@@ -164,30 +181,43 @@ class ClientImpl final : public PeerClient {
   void send_all(std::vector<std::unique_ptr<Pending>>& pendings, bool raw = false) {
     for (auto& p : pendings) {
       // A raw header too short to carry a request id is answered with id 0.
-      p->id = raw && raw_header_.size() < 16 ? 0 : ++next_id_;
+      constexpr size_t kIdAt = offsetof(RequestHeader, request_id);
+      p->id = raw && raw_header_.size() < kIdAt + 8 ? 0 : ++next_id_;
       p->header.request_id = p->id;
-      p->header.token = token_;
       p->client = this;
       by_id_[p->id] = p.get();
-      const void* header = &p->header;
-      size_t header_len = sizeof p->header;
       if (raw) {
-        header = raw_header_.data();
-        header_len = raw_header_.size();
-        if (header_len >= 16) std::memcpy(raw_header_.data() + 8, &p->id, 8);  // match the reply
+        p->raw = true;
+        p->raw_header = raw_header_;
+        if (p->raw_header.size() >= kIdAt + 8)  // match the reply
+          std::memcpy(p->raw_header.data() + kIdAt, &p->id, 8);
       }
-      ucp_request_param_t sp{};
-      sp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
-      sp.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
-      sp.cb.send = [](void* request, ucs_status_t, void*) { ucp_request_free(request); };
-      ucs_status_ptr_t r = ucp_am_send_nbx(ep_, kRequestAm, header, header_len, p->raw_data.data(),
-                                           p->raw_data.size(), &sp);
-      if (UCS_PTR_IS_ERR(r)) {
-        failure_ = fmt::format("send: {}", ucs_status_string(UCS_PTR_STATUS(r)));
-        failed_ = true;
-        break;
-      }
+      if (!send(*p)) break;
     }
+  }
+
+  // Sends one request, naming this connection and signed with its session key (a raw request
+  // too, as far as it has room for both). Returns false when the send fails.
+  bool send(Pending& p) {
+    std::span<std::byte> header = std::as_writable_bytes(std::span(&p.header, 1));
+    if (p.raw) header = p.raw_header;
+    if (header.size() >= kRequestAuthBytes) {
+      std::memcpy(header.data(), &conn_, sizeof conn_);
+      RequestMac mac = p.sign ? request_mac(*session_, header, p.raw_data) : RequestMac{};
+      std::memcpy(header.data() + sizeof conn_, mac.data(), mac.size());
+    }
+    ucp_request_param_t sp{};
+    sp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
+    sp.flags = UCP_AM_SEND_FLAG_EAGER;
+    sp.cb.send = [](void* request, ucs_status_t, void*) { ucp_request_free(request); };
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep_, kRequestAm, header.data(), header.size(),
+                                         p.raw_data.data(), p.raw_data.size(), &sp);
+    if (UCS_PTR_IS_ERR(r)) {
+      failure_ = fmt::format("send: {}", ucs_status_string(UCS_PTR_STATUS(r)));
+      failed_ = true;
+      return false;
+    }
+    return true;
   }
 
   // Progresses until every reply is in, the peer fails, or the timeout passes. When the peer
@@ -200,8 +230,10 @@ class ClientImpl final : public PeerClient {
         if (!p->complete()) return false;
       return true;
     };
-    while (!failed_ && !all_done() && Clock::now() < until)
-      worker_.wait(std::chrono::milliseconds(10));
+    while (!failed_ && !all_done() && Clock::now() < until) {
+      resend_due(pendings);
+      if (worker_.wait(std::chrono::milliseconds(10), control_.get())) control_event();
+    }
     for (auto& p : pendings) by_id_.erase(p->id);
     if (failed_ || !all_done()) {
       size_t outstanding = 0;
@@ -229,6 +261,27 @@ class ClientImpl final : public PeerClient {
         if (p->corrupt.empty()) fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
         return;  // finish() throws the damage
       }
+  }
+
+  // Requests the server answered kBusy go again once their wait is over.
+  void resend_due(std::vector<std::unique_ptr<Pending>>& pendings) {
+    const auto now = Clock::now();
+    for (auto& p : pendings)
+      if (p->resend_at && now >= *p->resend_at && !failed_) {
+        p->resend_at.reset();
+        send(*p);
+      }
+  }
+
+  // The handshake's TCP connection is readable: the server closed it (it dropped this client),
+  // or sent bytes it never sends. Either way the session is over.
+  void control_event() {
+    std::byte b;
+    ssize_t n = ::recv(control_.get(), &b, 1, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    failed_ = true;
+    failure_ =
+        n == 0 ? "the server closed the connection" : "unexpected bytes on the control connection";
   }
 
   static bool receiving(const std::vector<std::unique_ptr<Pending>>& pendings) {
@@ -329,8 +382,13 @@ class ClientImpl final : public PeerClient {
     auto it = by_id_.find(h->request_id);
     if (it == by_id_.end() || it->second->done) return;  // not ours (any more)
     Pending& p = *it->second;
-    p.reply = *h;
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+    if (h->status == ReplyStatus::kBusy && p.request) {  // back-pressure: again, a bit later
+      p.resend_at = Clock::now() + p.backoff;
+      p.backoff = std::min(p.backoff * 2, std::chrono::milliseconds(100));
+      return;
+    }
+    p.reply = *h;
     if (h->status != ReplyStatus::kOk || !p.request) {
       if (!rndv) p.message.assign(static_cast<const char*>(data), std::min<size_t>(length, 4096));
       p.done = true;
@@ -454,12 +512,15 @@ class ClientImpl final : public PeerClient {
     }
     ep_ = nullptr;
     worker_.progress();
+    control_.reset();  // tells the server this session is over
   }
 
   std::string address_;
   ClientOptions options_;
-  TokenDigest token_;
   Worker worker_;
+  detail::UniqueFd control_;      // the handshake's TCP connection, open for the session
+  uint64_t conn_ = 0;             // the server's id of this session
+  std::unique_ptr<Mac> session_;  // signs requests
   ucp_ep_h ep_ = nullptr;
   uint64_t next_id_ = 0;
   std::unordered_map<uint64_t, Pending*> by_id_;

@@ -64,10 +64,13 @@ class PeerClient {
   virtual void start(std::span<ReadRequest> requests) = 0;
   virtual void finish() = 0;
 
-  /// Test seam: sends a raw request (any header and data bytes) and returns the reply's status
-  /// and message; for malformed-request tests.
+  /// Test seam: sends a raw request (any header and data bytes; where there is room, its first
+  /// kRequestAuthBytes become this connection's id and the request's MAC, or a zero MAC without
+  /// `sign`) and returns the
+  /// reply's status and message; throws as read() does when none comes.
   virtual std::pair<ReplyStatus, std::string> send_raw(std::span<const std::byte> header,
-                                                       std::span<const std::byte> data) = 0;
+                                                       std::span<const std::byte> data,
+                                                       bool sign = true) = 0;
 };
 
 }  // namespace sluice::net

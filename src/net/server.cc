@@ -2,23 +2,32 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/log.h"
 #include "format/layout.h"
 #include "index/direct.h"
 #include "io/service.h"
 #include "memory/aligned_buffer.h"
+#include "net/handshake.h"
+#include "net/tcp.h"
 #include "net/ucx.h"
 #include "net/wire.h"
 
 #include <fmt/format.h>
 
+#include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstddef>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -63,7 +72,8 @@ struct Reply {
   size_t size = 0;  // bytes of the kReplyAm data, from buffer.data()
   std::vector<Part> parts;
   size_t sends_left = 0;
-  uint64_t conn = 0;
+  uint64_t conn = 0;    // the connection it answers
+  bool counted = true;  // a data reply: counts in Conn::outstanding (else in Conn::unsent_errors)
   ServerImpl* owner = nullptr;
 };
 
@@ -80,31 +90,51 @@ struct Job {
   std::vector<uint64_t> indices;
 };
 
-bool same_digest(const TokenDigest& a, const TokenDigest& b) {
-  uint8_t diff = 0;  // constant time: no early exit on the first differing byte
-  for (size_t i = 0; i < a.size(); ++i) diff = static_cast<uint8_t>(diff | (a[i] ^ b[i]));
-  return diff == 0;
-}
+// One client connection: first the handshake on its TCP socket, then (ready) its UCX endpoint
+// for replies, with the TCP socket kept open to tell when the client goes away.
+struct Conn {
+  uint64_t id = 0;  // random: requests name it, and nobody can guess another client's
+  detail::UniqueFd fd;
+  std::string peer;  // the client's HOST:PORT, for log lines
+  bool ready = false;
+  Clock::time_point deadline;  // of the handshake
+  Nonce nonce{};
+  std::vector<std::byte> in;   // handshake bytes received so far
+  std::vector<std::byte> out;  // handshake bytes to send, from out_sent
+  size_t out_sent = 0;
+  std::unique_ptr<Mac> session;  // checks this connection's requests
+  ucp_ep_h ep = nullptr;
+  uint32_t outstanding = 0;    // requests queued, being read or their replies being sent
+  uint32_t unsent_errors = 0;  // error and busy replies UCX has not sent yet
+};
+
+// Error replies a client may leave unsent (it floods requests and takes no replies) before it
+// is disconnected: they are small, but not free.
+constexpr uint32_t kMaxUnsentErrors = 1024;
+
+// epoll tags of the two descriptors that are not connections (connection ids are never these).
+constexpr uint64_t kListenTag = 0;
+constexpr uint64_t kWorkerTag = 1;
 
 class ServerImpl final : public ShardServer {
  public:
   ServerImpl(std::shared_ptr<const Dataset> dataset, const ServerOptions& options)
-      : dataset_(std::move(dataset)), options_(options), token_(token_digest(options.token)) {
+      : dataset_(std::move(dataset)),
+        options_(options),
+        token_(std::span(reinterpret_cast<const uint8_t*>(options.token.data()),
+                         options.token.size())) {
     SocketAddress addr = SocketAddress::parse(options.listen);
     open_io();
     worker_.set_am_handler(kRequestAm, &ServerImpl::on_request, this, "shard server");
-    ucp_listener_params_t lp{};
-    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-    lp.sockaddr.addr = addr.get();
-    lp.sockaddr.addrlen = addr.length;
-    lp.conn_handler.cb = &ServerImpl::on_connection;
-    lp.conn_handler.arg = this;
-    check(ucp_listener_create(worker_.get(), &lp, &listener_),
-          "shard server: listen on " + options.listen);
-    ucp_listener_attr_t la{};
-    la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-    check(ucp_listener_query(listener_, &la), "shard server: listener address");
-    address_ = to_string(reinterpret_cast<const sockaddr*>(&la.sockaddr));
+    worker_address_ = worker_.address();
+    listen_fd_ =
+        listen_tcp(addr, options.listen, static_cast<int>(std::max(16u, options.max_handshakes)));
+    address_ = local_address(listen_fd_.get());
+    reserve_fd_ = detail::UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    epoll_fd_ = detail::UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll_fd_) detail::fail_errno(errno, "shard server: epoll");
+    watch(worker_.event_fd(), kWorkerTag, EPOLLIN);
+    watch(listen_fd_.get(), kListenTag, EPOLLIN);
     for (uint32_t i = 0; i < std::max(1u, options_.read_threads); ++i)
       readers_.emplace_back([this] { read_loop(); });
     progress_thread_ = std::thread([this] { progress_loop(); });
@@ -132,9 +162,11 @@ class ServerImpl final : public ShardServer {
   }
 
  private:
-  // --- progress thread: everything that touches UCX --------------------------------------------
+  // --- progress thread: connections, handshakes and everything that touches UCX ---------------
 
   void progress_loop() {
+    epoll_event events[64];
+    auto next_check = Clock::now();
     while (true) {
       worker_.progress();
       send_finished();
@@ -142,45 +174,275 @@ class ServerImpl final : public ShardServer {
         std::lock_guard lock(mu_);
         if (stop_) break;
       }
-      worker_.wait(std::chrono::milliseconds(100));
+      if (auto now = Clock::now(); now >= next_check) {
+        expire_handshakes(now);
+        if (accept_paused_ && now >= accept_resume_) {
+          accept_paused_ = false;
+          watch(listen_fd_.get(), kListenTag, EPOLLIN);
+        }
+        next_check = now + std::chrono::milliseconds(100);
+      }
+      // With UCX events pending, look at the sockets without sleeping, then progress again:
+      // a busy data path never starves the listener and the handshakes.
+      const int timeout_ms = worker_.arm() ? 100 : 0;
+      int n = ::epoll_wait(epoll_fd_.get(), events, 64, timeout_ms);
+      for (int i = 0; i < n; ++i) {
+        const uint64_t tag = events[i].data.u64;
+        if (tag == kListenTag)
+          accept_all();
+        else if (tag != kWorkerTag)
+          on_conn_event(tag, events[i].events);
+      }
     }
-    // Shut down: close every connection, let their sends fail, then drop the listener.
-    for (auto& [id, ep] : conns_) close_ep(ep);
-    conns_.clear();
-    ep_ids_.clear();
-    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while (in_flight_ > 0 && std::chrono::steady_clock::now() < until)
-      worker_.wait(std::chrono::milliseconds(10));
-    ucp_listener_destroy(listener_);
+    // Shut down: close every connection, let their sends fail, then stop listening.
+    while (!conns_.empty()) close_conn(*conns_.begin()->second, "");
+    auto until = Clock::now() + std::chrono::seconds(2);
+    while (in_flight_ > 0 && Clock::now() < until) worker_.wait(std::chrono::milliseconds(10));
+    listen_fd_.reset();
     worker_.progress();
   }
 
-  static void on_connection(ucp_conn_request_h request, void* arg) {
-    auto* self = static_cast<ServerImpl*>(arg);
-    ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
-                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    p.conn_request = request;
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    p.err_handler.cb = &ServerImpl::on_ep_error;
-    p.err_handler.arg = self;
-    ucp_ep_h ep = nullptr;
-    if (ucp_ep_create(self->worker_.get(), &p, &ep) != UCS_OK) return;  // the client sees a failure
-    uint64_t id = ++self->next_conn_;
-    self->conns_[id] = ep;
-    self->ep_ids_[ep] = id;
-    std::lock_guard lock(self->mu_);
-    ++self->stats_.connections;
+  void watch(int fd, uint64_t tag, uint32_t events, int op = EPOLL_CTL_ADD) {
+    epoll_event e{};
+    e.events = events;
+    e.data.u64 = tag;
+    if (::epoll_ctl(epoll_fd_.get(), op, fd, &e) != 0 && op != EPOLL_CTL_DEL)
+      detail::fail_errno(errno, "shard server: epoll_ctl");
   }
 
-  // A client went away (or its connection broke): forget it; its queued replies are dropped.
-  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t) {
+  // Takes every connection waiting in the backlog. Over the limits (connections, handshakes
+  // under way) or out of descriptors, a connection is closed at once: the backlog never fills
+  // with connections nobody serves, and the loop never spins on one it cannot take.
+  void accept_all() {
+    while (true) {
+      sockaddr_storage sa{};
+      socklen_t len = sizeof sa;
+      int fd = ::accept4(listen_fd_.get(), reinterpret_cast<sockaddr*>(&sa), &len,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        const int err = errno;
+        if (err == EINTR || err == ECONNABORTED) continue;
+        if (err == EAGAIN || err == EWOULDBLOCK) return;
+        if ((err == EMFILE || err == ENFILE) && shed_one()) continue;
+        // Out of descriptors with none in reserve, or another error: stop accepting for a
+        // moment instead of spinning on a listener that stays readable.
+        log_.log(
+            fmt::format("shard server {}: accept: {}; not accepting for 100 ms ({} "
+                        "connections open)",
+                        address_, std::strerror(err), conns_.size()));
+        watch(listen_fd_.get(), kListenTag, 0, EPOLL_CTL_DEL);
+        accept_paused_ = true;
+        accept_resume_ = Clock::now() + std::chrono::milliseconds(100);
+        return;
+      }
+      detail::UniqueFd owned(fd);
+      std::string peer = to_string(reinterpret_cast<const sockaddr*>(&sa));
+      if (handshakes_ >= options_.max_handshakes ||
+          conns_.size() - handshakes_ >= options_.max_connections) {
+        count_refused();
+        log_.log(
+            fmt::format("shard server {}: refused {}: {} connections and {} handshakes "
+                        "open (limits {} and {})",
+                        address_, peer, conns_.size() - handshakes_, handshakes_,
+                        options_.max_connections, options_.max_handshakes));
+        continue;
+      }
+      auto c = std::make_unique<Conn>();
+      c->id = new_conn_id();
+      c->fd = std::move(owned);
+      c->peer = std::move(peer);
+      c->deadline = Clock::now() + std::chrono::milliseconds(options_.handshake_timeout_ms);
+      random_bytes(c->nonce);
+      ServerHello hello;
+      hello.nonce = c->nonce;
+      if (options_.no_token) hello.flags |= kServerOpen;
+      append(c->out, hello);
+      Conn& conn = *c;
+      conns_[c->id] = std::move(c);
+      ++handshakes_;
+      watch(conn.fd.get(), conn.id, EPOLLIN | EPOLLRDHUP);
+      flush(conn);
+    }
+  }
+
+  // At the descriptor limit: the one kept in reserve makes room to accept a connection and
+  // close it at once (so that the client sees a close, not a hang). False when none is left.
+  bool shed_one() {
+    if (!reserve_fd_) return false;
+    reserve_fd_.reset();
+    detail::UniqueFd victim(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    const bool took = static_cast<bool>(victim);
+    victim.reset();
+    reserve_fd_ = detail::UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (took) {
+      count_refused();
+      log_.log(
+          fmt::format("shard server {}: out of file descriptors ({} connections open): "
+                      "closing new connections at once",
+                      address_, conns_.size()));
+    }
+    return took && reserve_fd_;
+  }
+
+  uint64_t new_conn_id() {
+    uint64_t id = 0;
+    while (id == kListenTag || id == kWorkerTag || conns_.count(id))
+      random_bytes(std::span(reinterpret_cast<uint8_t*>(&id), sizeof id));
+    return id;
+  }
+
+  template <typename T>
+  static void append(std::vector<std::byte>& out, const T& value) {
+    auto b = std::as_bytes(std::span(&value, 1));
+    out.insert(out.end(), b.begin(), b.end());
+  }
+
+  void count_refused() {
+    std::lock_guard lock(mu_);
+    ++stats_.refused;
+  }
+
+  void on_conn_event(uint64_t id, uint32_t events) {
+    auto it = conns_.find(id);
+    if (it == conns_.end()) return;
+    Conn& c = *it->second;
+    if ((events & EPOLLOUT) && !flush(c)) return;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) receive(c);
+  }
+
+  // Sends what is left of c.out; returns false when that closed the connection.
+  bool flush(Conn& c) {
+    while (c.out_sent < c.out.size()) {
+      ssize_t n = ::send(c.fd.get(), c.out.data() + c.out_sent, c.out.size() - c.out_sent,
+                         MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n > 0) {
+        c.out_sent += static_cast<size_t>(n);
+      } else if (n < 0 && errno == EINTR) {
+        continue;
+      } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        watch(c.fd.get(), c.id, EPOLLIN | EPOLLRDHUP | EPOLLOUT, EPOLL_CTL_MOD);
+        return true;
+      } else {
+        close_conn(c, fmt::format("send: {}", std::strerror(errno)));
+        return false;
+      }
+    }
+    if (!c.out.empty()) {
+      c.out = {};
+      c.out_sent = 0;
+      watch(c.fd.get(), c.id, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+    }
+    return true;
+  }
+
+  // Bytes on a connection's socket: the client's hello (bounded, checked as it comes), then
+  // nothing but its close.
+  void receive(Conn& c) {
+    std::byte buf[4096];
+    while (true) {
+      ssize_t n = ::recv(c.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      if (n < 0) return close_conn(c, fmt::format("receive: {}", std::strerror(errno)));
+      if (n == 0) return close_conn(c, c.ready ? "" : "closed during the handshake");
+      if (c.ready) return close_conn(c, "sent bytes after the handshake");
+      c.in.insert(c.in.end(), buf, buf + n);
+      HelloParse hello = parse_client_hello(c.in);
+      if (hello.state == HelloParse::kBad) return refuse(c, AcceptStatus::kRefused, hello.error);
+      if (hello.state == HelloParse::kComplete) return finish_handshake(c, hello);
+    }
+  }
+
+  void finish_handshake(Conn& c, const HelloParse& hello) {
+    Digest want = client_proof(token_, c.nonce, hello.hello.nonce, hello.address);
+    if (!equal_constant_time(want, hello.hello.proof))
+      return refuse(c, AcceptStatus::kUnauthorized,
+                    options_.no_token ? "token mismatch: this server runs without a token"
+                                      : "token mismatch: this server needs the cluster's token");
+    try {
+      c.ep = worker_.connect(hello.address, &ServerImpl::on_ep_error, this, "client " + c.peer);
+    } catch (const Error& e) {
+      return refuse(c, AcceptStatus::kRefused, e.what());
+    }
+    ep_ids_[c.ep] = c.id;
+    c.session = std::make_unique<Mac>(session_key(token_, c.nonce, hello.hello.nonce, c.id));
+    Accept a;
+    a.conn = c.id;
+    a.data_bytes = static_cast<uint32_t>(worker_address_.size());
+    a.proof =
+        server_proof(token_, c.nonce, hello.hello.nonce, c.id, hello.address, worker_address_);
+    append(c.out, a);
+    c.out.insert(c.out.end(), worker_address_.begin(), worker_address_.end());
+    c.in = {};
+    c.ready = true;
+    --handshakes_;
+    {
+      std::lock_guard lock(mu_);
+      ++stats_.connections;
+      ++stats_.open_connections;
+    }
+    flush(c);
+  }
+
+  // Ends a handshake that failed: one line in the log (rate-limited), the reason to the client
+  // if its socket takes it at once, and the connection closed.
+  void refuse(Conn& c, AcceptStatus status, const std::string& why) {
+    count_refused();
+    Accept a;
+    a.status = status;
+    std::string text = why.substr(0, kMaxRefusalText);
+    a.data_bytes = static_cast<uint32_t>(text.size());
+    std::vector<std::byte> out;
+    append(out, a);
+    auto t = std::as_bytes(std::span(text));
+    out.insert(out.end(), t.begin(), t.end());
+    [[maybe_unused]] ssize_t sent =
+        ::send(c.fd.get(), out.data(), out.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    close_conn(c, why);
+  }
+
+  void expire_handshakes(Clock::time_point now) {
+    std::vector<Conn*> late;
+    for (auto& [id, c] : conns_)
+      if (!c->ready && now >= c->deadline) late.push_back(c.get());
+    for (Conn* c : late)
+      refuse(*c, AcceptStatus::kRefused,
+             fmt::format("no complete hello within {} ms", options_.handshake_timeout_ms));
+  }
+
+  // Forgets a connection: its socket, its endpoint (force-closed: sends under way fail), and
+  // the requests it has queued. `why` (unless empty) goes to the log.
+  void close_conn(Conn& c, const std::string& why) {
+    if (!why.empty())
+      log_.log(fmt::format("shard server {}: closed {}: {}", address_, c.peer, why));
+    watch(c.fd.get(), c.id, 0, EPOLL_CTL_DEL);
+    if (!c.ready) --handshakes_;
+    if (c.ep) {
+      ep_ids_.erase(c.ep);
+      close_ep(c.ep);
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (c.ready) --stats_.open_connections;
+      total_outstanding_ -= std::erase_if(jobs_, [&](const Job& j) { return j.conn == c.id; });
+    }
+    conns_.erase(c.id);
+  }
+
+  // A client's endpoint failed (it died, or its connection broke): forget the client.
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<ServerImpl*>(arg);
     auto it = self->ep_ids_.find(ep);
     if (it == self->ep_ids_.end()) return;
-    self->conns_.erase(it->second);
-    self->ep_ids_.erase(it);
-    self->close_ep(ep);
+    auto c = self->conns_.find(it->second);
+    if (c != self->conns_.end()) {
+      c->second->ep = nullptr;  // closed below, not again in close_conn
+      self->ep_ids_.erase(it);
+      self->close_ep(ep);
+      self->close_conn(*c->second, status == UCS_ERR_CONNECTION_RESET
+                                       ? ""
+                                       : fmt::format("endpoint: {}", ucs_status_string(status)));
+    }
   }
 
   void close_ep(ucp_ep_h ep) {
@@ -190,6 +452,8 @@ class ServerImpl final : public ShardServer {
     ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
     if (UCS_PTR_IS_PTR(r)) ucp_request_free(r);  // released by UCX once the close completes
   }
+
+  // --- requests -------------------------------------------------------------------------------
 
   static ucs_status_t on_request(void* arg, const void* header, size_t header_length, void* data,
                                  size_t length, const ucp_am_recv_param_t* param) {
@@ -201,38 +465,69 @@ class ServerImpl final : public ShardServer {
     return UCS_OK;
   }
 
+  // Nothing of a request is read before its connection is known and its MAC checks out; a
+  // request that fails that closes the connection it names. An authenticated request that is
+  // malformed or asks too much gets an error reply.
   void handle_request(std::span<const std::byte> header, void* data, size_t length,
                       const ucp_am_recv_param_t* param) {
-    ucp_ep_h ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
-    auto conn = ep ? ep_ids_.find(ep) : ep_ids_.end();
-    if (conn == ep_ids_.end()) {  // nobody to answer: sent without a reply endpoint
-      std::lock_guard lock(mu_);
-      ++stats_.rejected;
-      return;
+    auto drop = [&](const std::string& why) {
+      {
+        std::lock_guard lock(mu_);
+        ++stats_.rejected;
+      }
+      log_.log(fmt::format("shard server {}: dropped a request: {}", address_, why));
+    };
+    if (header.size() < kRequestAuthBytes) return drop("too short to name its connection");
+    uint64_t id = 0;
+    std::memcpy(&id, header.data(), sizeof id);
+    auto it = conns_.find(id);
+    if (it == conns_.end() || !it->second->ready) return drop("names no open connection");
+    Conn& c = *it->second;
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+      drop("data sent by rendezvous");  // index lists are small: not a sluice client
+      return close_conn(c, "a request's data sent by rendezvous");
+    }
+    auto indices = std::span(static_cast<const std::byte*>(data), length);
+    RequestMac want = request_mac(*c.session, header, indices);
+    RequestMac got;
+    std::memcpy(got.data(), header.data() + sizeof id, got.size());
+    if (!equal_constant_time(want, got)) {
+      drop("MAC mismatch");
+      return close_conn(c, "a request failed authentication");
     }
     uint64_t request_id = 0;
-    if (header.size() >= 16) std::memcpy(&request_id, header.data() + 8, 8);
+    if (header.size() >= offsetof(RequestHeader, request_id) + 8)
+      std::memcpy(&request_id, header.data() + offsetof(RequestHeader, request_id), 8);
+    // Error replies go out at once unless the client stops taking them while it floods us.
+    if (c.unsent_errors >= kMaxUnsentErrors)
+      return close_conn(
+          c, fmt::format("does not take its replies ({} error replies unsent)", c.unsent_errors));
     std::string error;
     auto req = parse_request(header, length, options_.max_request_samples, &error);
-    if (!req) return reject(conn->second, request_id, ReplyStatus::kBadRequest, error);
-    if (!same_digest(req->token, token_)) {
-      return reject(conn->second, req->request_id, ReplyStatus::kUnauthorized,
-                    "token mismatch: this server needs the cluster's shared token");
-    }
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-      // Index lists are small; a client that sends one by rendezvous is not a sluice client.
-      return reject(conn->second, req->request_id, ReplyStatus::kBadRequest,
-                    "request data must be sent eagerly");
-    }
-    Job job{conn->second, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count)};
+    if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, error);
+    Job job{c.id, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count)};
     std::memcpy(job.indices.data(), data, length);
     const uint64_t n = dataset_->num_samples();
     for (uint64_t index : job.indices) {
       if (index >= n)
-        return reject(conn->second, req->request_id, ReplyStatus::kOutOfRange,
+        return reject(c, req->request_id, ReplyStatus::kOutOfRange,
                       fmt::format("sample {} out of range: {} has {} samples", index,
                                   dataset_->path().string(), n));
     }
+    if (c.outstanding >= options_.max_queued_per_connection ||
+        total_outstanding_ >= options_.max_queued) {
+      {
+        std::lock_guard lock(mu_);
+        ++stats_.busy;
+      }
+      return reject(c, req->request_id, ReplyStatus::kBusy,
+                    fmt::format("{} requests outstanding from this client (limit {}), {} in all "
+                                "(limit {})",
+                                c.outstanding, options_.max_queued_per_connection,
+                                total_outstanding_, options_.max_queued));
+    }
+    ++c.outstanding;
+    ++total_outstanding_;
     {
       std::lock_guard lock(mu_);
       jobs_.push_back(std::move(job));
@@ -240,12 +535,14 @@ class ServerImpl final : public ShardServer {
     jobs_cv_.notify_one();
   }
 
-  void reject(uint64_t conn, uint64_t request_id, ReplyStatus status, const std::string& message) {
+  void reject(Conn& c, uint64_t request_id, ReplyStatus status, const std::string& message) {
     auto reply = std::make_unique<Reply>();
-    reply->conn = conn;
+    reply->conn = c.id;
     reply->header.request_id = request_id;
+    reply->counted = false;
     set_message(*reply, status, message);
-    {
+    ++c.unsent_errors;
+    if (status != ReplyStatus::kBusy) {
       std::lock_guard lock(mu_);
       ++stats_.rejected;
     }
@@ -265,16 +562,20 @@ class ServerImpl final : public ShardServer {
   // finished with all of them.
   void send(std::unique_ptr<Reply> reply) {
     auto it = conns_.find(reply->conn);
-    if (it == conns_.end()) return give_back(std::move(reply->buffer));  // the client is gone
+    if (it == conns_.end() || !it->second->ep) {  // the client is gone
+      replied(*reply);
+      return give_back(std::move(reply->buffer));
+    }
     Reply* r = reply.release();
     const size_t parts = r->parts.size();  // r may be gone after its last post
     r->owner = this;
     r->sends_left = 1 + parts;
     ++in_flight_;
-    post(it->second, kReplyAm, &r->header, sizeof r->header, r->buffer.data(), r->size, r);
+    ucp_ep_h ep = it->second->ep;
+    post(ep, kReplyAm, &r->header, sizeof r->header, r->buffer.data(), r->size, r);
     for (size_t k = 0; k < parts; ++k) {
       Part& part = r->parts[k];
-      post(it->second, kRecordAm, &part.header, sizeof part.header, part.data, part.header.size, r);
+      post(ep, kRecordAm, &part.header, sizeof part.header, part.data, part.header.size, r);
     }
   }
 
@@ -298,8 +599,21 @@ class ServerImpl final : public ShardServer {
   void sent_one(Reply* reply) {
     if (--reply->sends_left > 0) return;
     --in_flight_;
+    replied(*reply);
     give_back(std::move(reply->buffer));
     delete reply;
+  }
+
+  // A reply is done with (sent, failed, or its client gone).
+  void replied(const Reply& r) {
+    auto it = conns_.find(r.conn);
+    Conn* c = it == conns_.end() ? nullptr : it->second.get();
+    if (!r.counted) {
+      if (c) --c->unsent_errors;
+      return;
+    }
+    if (c) --c->outstanding;
+    --total_outstanding_;
   }
 
   // --- reply buffers -----------------------------------------------------------------------------
@@ -317,6 +631,7 @@ class ServerImpl final : public ShardServer {
       if (best != free_buffers_.end()) {
         AlignedBuffer b = std::move(*best);
         idle_bytes_ -= b.capacity();
+        busy_bytes_ += b.capacity();
         free_buffers_.erase(best);
         return b;
       }
@@ -324,17 +639,24 @@ class ServerImpl final : public ShardServer {
     AlignedBuffer b;
     b.reserve(format::align_up(std::max<size_t>(bytes, 1), 64 << 10));
     std::memset(b.data(), 0, b.capacity());
+    std::lock_guard lock(mu_);
+    busy_bytes_ += b.capacity();
     return b;
   }
 
-  // Keeps up to kMaxIdleBytes of buffers for reuse, frees the rest.
+  // Keeps up to kMaxIdleBytes of buffers for reuse, frees the rest; wakes a reader that waits
+  // for reply memory.
   void give_back(AlignedBuffer&& b) {
     constexpr size_t kMaxIdleBytes = 256ull << 20;
-    std::lock_guard lock(mu_);
-    if (b.data() && idle_bytes_ + b.capacity() <= kMaxIdleBytes) {
-      idle_bytes_ += b.capacity();
-      free_buffers_.push_back(std::move(b));
+    {
+      std::lock_guard lock(mu_);
+      busy_bytes_ -= b.capacity();
+      if (b.data() && idle_bytes_ + b.capacity() <= kMaxIdleBytes) {
+        idle_bytes_ += b.capacity();
+        free_buffers_.push_back(std::move(b));
+      }
     }
+    jobs_cv_.notify_one();
   }
 
   // --- reader threads ----------------------------------------------------------------------------
@@ -344,7 +666,11 @@ class ServerImpl final : public ShardServer {
       Job job;
       {
         std::unique_lock lock(mu_);
-        jobs_cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        // Replies not yet sent hold their buffers: past max_reply_memory of them, readers wait
+        // for sends to finish (clients that do not take their replies meet kBusy, then a close).
+        jobs_cv_.wait(lock, [&] {
+          return stop_ || (!jobs_.empty() && busy_bytes_ < options_.max_reply_memory);
+        });
         if (stop_) return;
         job = std::move(jobs_.front());
         jobs_.pop_front();
@@ -539,7 +865,7 @@ class ServerImpl final : public ShardServer {
 
   std::shared_ptr<const Dataset> dataset_;
   ServerOptions options_;
-  TokenDigest token_;
+  Mac token_;  // HMAC-SHA256 under the token (empty with no_token)
   bool direct_ = false;
   bool files_ = false;  // a files tree: each sample's file is opened for its read
   std::vector<detail::UniqueFd> direct_fds_;
@@ -547,14 +873,22 @@ class ServerImpl final : public ShardServer {
   std::vector<Mapping> maps_;  // per shard, through the page cache (packed datasets)
   std::string io_description_;
   Worker worker_;
-  ucp_listener_h listener_ = nullptr;
+  std::vector<std::byte> worker_address_;
+  detail::UniqueFd listen_fd_;
+  detail::UniqueFd epoll_fd_;
+  detail::UniqueFd reserve_fd_;  // spent to accept-and-close when out of descriptors
   std::string address_;
+  detail::RateLimitedLog log_;
 
   // Progress thread only.
-  std::unordered_map<uint64_t, ucp_ep_h> conns_;
+  std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;  // by id, handshakes included
   std::unordered_map<ucp_ep_h, uint64_t> ep_ids_;
-  uint64_t next_conn_ = 0;
-  size_t in_flight_ = 0;
+  uint32_t handshakes_ = 0;       // connections in conns_ not ready yet
+  size_t in_flight_ = 0;          // replies whose sends UCX has not finished
+  size_t total_outstanding_ = 0;  // Conn::outstanding of all connections, and of closed ones
+                                  // whose replies are still being read or sent
+  bool accept_paused_ = false;
+  Clock::time_point accept_resume_;
 
   // Shared, under mu_.
   mutable std::mutex mu_;
@@ -563,6 +897,8 @@ class ServerImpl final : public ShardServer {
   std::deque<std::unique_ptr<Reply>> done_;
   std::vector<AlignedBuffer> free_buffers_;
   size_t idle_bytes_ = 0;
+  size_t busy_bytes_ = 0;  // reply buffers handed out and not given back
+
   ServerStats stats_;
   bool stop_ = false;
 
@@ -581,8 +917,34 @@ void set_reply_fault(ReplyFault fault) {
 
 namespace sluice {
 
+std::string read_token_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw Error(ErrorCode::kConfig, path.string() + ": token file is a directory");
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) {
+    if (in.is_open() && in.eof())
+      throw Error(ErrorCode::kConfig, path.string() + ": token file is empty");
+    throw Error(ErrorCode::kConfig, fmt::format("{}: cannot read the token file: {}", path.string(),
+                                                std::strerror(errno)));
+  }
+  const auto first = line.find_first_not_of(" \t\r");
+  const auto last = line.find_last_not_of(" \t\r");
+  if (first == std::string::npos)
+    throw Error(ErrorCode::kConfig,
+                path.string() + ": token file holds no token on its first line");
+  return line.substr(first, last - first + 1);
+}
+
 std::unique_ptr<ShardServer> ShardServer::start(std::shared_ptr<const Dataset> dataset,
                                                 const ServerOptions& options) {
+  if (options.token.empty() && !options.no_token)
+    throw Error(ErrorCode::kConfig,
+                "shard server: no token: give the cluster's shared token, or run without one "
+                "explicitly (--no-token, distributed.no_token: true) on a trusted host only");
+  if (!options.token.empty() && options.no_token)
+    throw Error(ErrorCode::kConfig, "shard server: a token and no_token both given; pick one");
   return std::make_unique<net::ServerImpl>(std::move(dataset), options);
 }
 

@@ -1,15 +1,19 @@
 #pragma once
 
 // The little of UCX that the shard server and its clients share: a context + worker pair that
-// owns both handles, UCX status -> sluice::Error, and HOST:PORT parsing. UCX picks the
+// owns both handles, and UCX status -> sluice::Error. Endpoints are made from worker addresses
+// that the handshake (net/handshake.h) exchanged; UCX's own connection manager is never
+// exposed to the network. UCX picks the
 // transport (verbs on InfiniBand/RoCE, TCP or shared memory elsewhere) from UCX_TLS and what
 // the machine has; this code is the same on every fabric.
 
-#include <sys/socket.h>
 #include <ucp/api/ucp.h>
 
 #include <chrono>
+#include <cstddef>
+#include <span>
 #include <string>
+#include <vector>
 
 namespace sluice::net {
 
@@ -28,31 +32,31 @@ class Worker {
   ucp_worker_h get() const { return worker_; }
   /// Progresses until idle; returns whether anything happened.
   bool progress();
-  /// Sleeps until UCX has an event or `timeout` passes (after arming the worker), unless events
-  /// are already pending. Wakes early when another thread calls signal().
-  void wait(std::chrono::milliseconds timeout);
+  /// Sleeps until UCX has an event, `also` (a descriptor, -1: none) is readable or `timeout`
+  /// passes (after arming the worker), unless events are already pending. Wakes early when
+  /// another thread calls signal(). Returns whether `also` is readable.
+  bool wait(std::chrono::milliseconds timeout, int also = -1);
+  /// Arms the worker's event fd for a wait of the caller's own (epoll); returns false when
+  /// events are pending instead (progress first).
+  bool arm();
+  int event_fd() const { return efd_; }
   /// Wakes a thread in wait(); thread-safe.
   void signal();
   /// Calls `cb(arg, ...)` for every whole active message `id` that arrives; throws Error(kIo)
   /// naming `who` when UCX refuses.
   void set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg, const std::string& who);
+  /// This worker's address, for the other side's connect().
+  std::vector<std::byte> address() const;
+  /// An endpoint to the worker at `address` (from a peer that proved the token), with peer
+  /// failure reported to `on_error`. Throws Error(kIo) naming `who`.
+  ucp_ep_h connect(std::span<const std::byte> address, ucp_err_handler_cb_t on_error, void* arg,
+                   const std::string& who);
 
  private:
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   int efd_ = -1;
 };
-
-/// A parsed HOST:PORT ("[v6addr]:port" for IPv6). Throws Error(kInvalidArgument) naming `text`.
-struct SocketAddress {
-  sockaddr_storage storage{};
-  socklen_t length = 0;
-  static SocketAddress parse(const std::string& text);
-  const sockaddr* get() const { return reinterpret_cast<const sockaddr*>(&storage); }
-};
-
-/// "HOST:PORT" of a bound or connected socket address.
-std::string to_string(const sockaddr* addr);
 
 /// Waits for a UCX request (or immediate result) by progressing `worker`, at most until
 /// `deadline`; returns its status (UCS_ERR_TIMED_OUT, after cancelling it, on time out).

@@ -1,18 +1,18 @@
 #include "net/wire.h"
 
 #include <fmt/format.h>
-#include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace sluice::net {
 
-TokenDigest token_digest(const std::string& token) {
-  XXH128_hash_t h = XXH3_128bits(token.data(), token.size());
-  TokenDigest d;
-  std::memcpy(d.data(), &h.low64, 8);
-  std::memcpy(d.data() + 8, &h.high64, 8);
-  return d;
+RequestMac request_mac(const Mac& session, std::span<const std::byte> header,
+                       std::span<const std::byte> data) {
+  Digest d = session.compute({header.subspan(std::min(header.size(), kRequestAuthBytes)), data});
+  RequestMac m;
+  std::memcpy(m.data(), d.data(), m.size());
+  return m;
 }
 
 std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
@@ -55,7 +55,7 @@ std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::s
                          h.magic, h.version, kWireVersion);
     return std::nullopt;
   }
-  if (h.status > ReplyStatus::kTooLarge) {
+  if (h.status > ReplyStatus::kBusy) {
     *error = fmt::format("reply status {} unknown", static_cast<unsigned>(h.status));
     return std::nullopt;
   }
@@ -132,6 +132,8 @@ std::string to_string(ReplyStatus status) {
       return "read error";
     case ReplyStatus::kTooLarge:
       return "reply too large";
+    case ReplyStatus::kBusy:
+      return "server busy";
   }
   return "unknown";
 }

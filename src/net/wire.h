@@ -3,7 +3,8 @@
 // The shard server's messages, carried as UCX active messages. A client asks for samples by
 // global index (never by file offset); the server answers with their records, or with an error.
 //
-//   request  AM kRequestAm: header RequestHeader, data: count x uint64 sample indices
+//   request  AM kRequestAm: header RequestHeader, data: count x uint64 sample indices; sent on
+//                           a connection authenticated by the handshake (net/handshake.h)
 //   reply    AM kReplyAm:   header ReplyHeader,   data: on success the records in request order
 //                           (each where its RecordInfo says: under direct I/O a record sits
 //                           inside its block-aligned cover), padding to 8 bytes, then count x
@@ -16,6 +17,8 @@
 //
 // All fields are little-endian (the only byte order sluice runs on). Every field of a message
 // from a peer is checked before use: parse_* return an error text instead of trusting it.
+
+#include "net/crypto.h"
 
 #include <array>
 #include <chrono>
@@ -36,24 +39,32 @@ inline constexpr uint32_t kRequestMagic = 0x51524c53;  // "SLRQ"
 inline constexpr uint32_t kReplyMagic = 0x50524c53;    // "SLRP"
 inline constexpr uint32_t kRecordMagic = 0x43524c53;   // "SLRC"
 // 2: RecordInfo carries the record's offset. 3: large records in messages of their own.
-inline constexpr uint16_t kWireVersion = 3;
+// 4: requests name their connection and carry a MAC under its session key; kBusy.
+inline constexpr uint16_t kWireVersion = 4;
 inline constexpr uint64_t kSeparate = ~uint64_t{0};  // RecordInfo::offset of such a record
 
-using TokenDigest = std::array<uint8_t, 16>;
+using RequestMac = std::array<uint8_t, 16>;
 
-/// XXH3-128 of the shared token; what a request carries instead of the token itself.
-TokenDigest token_digest(const std::string& token);
+/// Bytes at the start of a request that name its connection and authenticate the rest; a
+/// server reads nothing else of a request before the MAC checks out.
+inline constexpr size_t kRequestAuthBytes = 24;
 
 struct RequestHeader {
+  uint64_t conn = 0;  // the connection's id, from the handshake (net/handshake.h)
+  RequestMac mac{};   // request_mac() of everything after this field and the data
   uint32_t magic = kRequestMagic;
   uint16_t version = kWireVersion;
   uint16_t reserved = 0;
   uint64_t request_id = 0;
   uint32_t count = 0;           // sample indices in the data
   uint32_t separate_bytes = 0;  // records at least this long come as kRecordAm (0: none do)
-  TokenDigest token{};
 };
-static_assert(sizeof(RequestHeader) == 40);
+static_assert(sizeof(RequestHeader) == 48);
+
+/// The first 16 bytes of HMAC-SHA256 under the session key over a request's header past
+/// kRequestAuthBytes, then its data.
+RequestMac request_mac(const Mac& session, std::span<const std::byte> header,
+                       std::span<const std::byte> data);
 
 enum class ReplyStatus : uint16_t {
   kOk = 0,
@@ -62,6 +73,7 @@ enum class ReplyStatus : uint16_t {
   kOutOfRange = 3,    // a sample index >= the dataset's sample count
   kReadError = 4,     // the server could not read or verify a sample
   kTooLarge = 5,      // the reply would exceed the server's limit
+  kBusy = 6,          // too much queued (this connection's or the server's): send it again later
 };
 
 struct ReplyHeader {

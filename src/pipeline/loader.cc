@@ -13,6 +13,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/log.h"
 #include "format/layout.h"
 #include "index/direct.h"
 #include "io/engine.h"
@@ -49,11 +50,10 @@ std::span<const std::byte> FieldView::sample(size_t i) const {
 namespace pipeline {
 
 using detail::fail;
+using detail::log_line;
 namespace fs = std::filesystem;
 
 namespace {
-
-void log_line(const std::string& line) { std::fprintf(stderr, "sluice: %s\n", line.c_str()); }
 
 class BatchImpl final : public Batch {
  public:
@@ -180,7 +180,13 @@ class LoaderImpl final : public Loader {
       ServerOptions so;
       so.listen = options.distributed.listen;
       so.token = token_;
+      so.no_token = options.distributed.no_token;
       so.io = options_.io;
+      if (token_.empty() && !so.no_token)
+        fail(ErrorCode::kConfig,
+             "distributed.listen: no token: set distributed.token or distributed.token_file (or "
+             "$SLUICE_TOKEN), or distributed.no_token: true to serve without one (a single "
+             "trusted host only)");
       server_ = ShardServer::start(dataset_, so);
       log_line(fmt::format("serving this node's shards on {}", server_->address()));
     }
@@ -333,7 +339,10 @@ class LoaderImpl final : public Loader {
   void plan_peers() {
     const auto& d = options_.distributed;
     const char* env = std::getenv("SLUICE_TOKEN");
-    token_ = !d.token.empty() ? d.token : env ? env : "";
+    token_ = !d.token.empty()        ? d.token
+             : !d.token_file.empty() ? read_token_file(d.token_file)
+             : env && !d.no_token    ? env
+                                     : "";
     const auto& shards = dataset_->shards();
     shard_peers_.assign(shards.size(), {});
     for (size_t p = 0; p < d.peers.size(); ++p)

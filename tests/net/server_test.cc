@@ -260,13 +260,30 @@ TEST(ServerFilesTest, AFilesTreeIsServedWithChecksumsComputedByTheServer) {
   }
 }
 
+// The token is proven before anything else: a client with another token (or none) is refused
+// at connect, with a message that says so, and the server counts it.
 TEST_F(ServerTest, AWrongTokenIsRefused) {
-  auto c = client("not the token");
-  std::string m = message_of([&] { read_and_check(*c, {1, 2}, 2); });
-  EXPECT_NE(m.find("unauthorized"), std::string::npos) << m;
-  EXPECT_NE(m.find(server_->address()), std::string::npos) << m;
-  EXPECT_EQ(server_->stats().rejected, 1u);
-  EXPECT_EQ(server_->stats().requests, 0u);
+  for (std::string token : {"not the token", ""}) {
+    std::string m = message_of([&] { client(token); });
+    EXPECT_NE(m.find("unauthorized"), std::string::npos) << m;
+    EXPECT_NE(m.find(server_->address()), std::string::npos) << m;
+  }
+  EXPECT_EQ(server_->stats().refused, 2u);
+  EXPECT_EQ(server_->stats().connections, 0u);
+  read_and_check(*client(), {1, 2}, 2);
+}
+
+// Without a token a server starts only when told to, and then serves only clients without one:
+// a client holding a token will not read from a server that cannot prove it.
+TEST_F(ServerTest, NoTokenIsAnErrorUnlessSaidAndThenBothSidesMustAgree) {
+  ServerOptions o;
+  std::string m = message_of([&] { ShardServer::start(dataset_, o); });
+  EXPECT_NE(m.find("no token"), std::string::npos) << m;
+  o.no_token = true;
+  server_ = ShardServer::start(dataset_, o);
+  read_and_check(*client(""), {4, 5}, 2);
+  m = message_of([&] { client("secret"); });
+  EXPECT_NE(m.find("without a token"), std::string::npos) << m;
 }
 
 TEST_F(ServerTest, AnOutOfRangeSampleIsRefusedByName) {
@@ -280,13 +297,11 @@ TEST_F(ServerTest, MalformedRequestsGetErrorRepliesAndTheServerSurvives) {
   auto c = client();
   net::RequestHeader good;
   good.count = 2;
-  good.token = net::token_digest("secret");
   uint64_t two[2] = {1, 2};
   auto bytes = [](const auto& v) { return std::as_bytes(std::span(&v, 1)); };
   auto data = std::as_bytes(std::span(two));
 
-  auto short_header = bytes(good).first(12);
-  EXPECT_EQ(c->send_raw(short_header, data).first, ReplyStatus::kBadRequest);
+  // Authenticated (the client signs them) but malformed: error replies, the connection stays.
   net::RequestHeader bad = good;
   bad.magic = 0xdeadbeef;
   EXPECT_EQ(c->send_raw(bytes(bad), data).first, ReplyStatus::kBadRequest);
@@ -305,8 +320,67 @@ TEST_F(ServerTest, MalformedRequestsGetErrorRepliesAndTheServerSurvives) {
   std::vector<std::byte> noise(333, std::byte{0x5a});
   EXPECT_EQ(c->send_raw(noise, noise).first, ReplyStatus::kBadRequest);
   EXPECT_EQ(c->send_raw(bytes(good), data).first, ReplyStatus::kOk);
-  EXPECT_EQ(server_->stats().rejected, 7u);
+  EXPECT_EQ(server_->stats().rejected, 6u);
   read_and_check(*c, {0, 1, 2, 299}, 4);
+}
+
+// A request that does not prove itself is never parsed: too short to name a connection, it is
+// dropped (no reply); naming one with a wrong MAC, it closes that connection. Others go on.
+TEST_F(ServerTest, UnauthenticatedRequestsAreDroppedAndAForgedOneClosesItsConnection) {
+  auto other = client();
+  net::RequestHeader good;
+  good.count = 2;
+  uint64_t two[2] = {1, 2};
+  auto data = std::as_bytes(std::span(two));
+  auto header = std::as_bytes(std::span(&good, 1));
+  auto quiet = client("secret", 500);
+  std::string m = message_of([&] { quiet->send_raw(header.first(12), data, false); });
+  EXPECT_NE(m.find("no reply within 500 ms"), std::string::npos) << m;
+  auto forged = client();
+  m = message_of([&] { forged->send_raw(header, data, /*sign=*/false); });
+  EXPECT_NE(m.find("closed the connection"), std::string::npos) << m;
+  EXPECT_EQ(server_->stats().rejected, 2u);
+  EXPECT_EQ(server_->stats().requests, 0u);
+  read_and_check(*other, every_sample(7), 32);
+  EXPECT_EQ(server_->stats().open_connections, 1u);
+}
+
+// Back-pressure: past its share of outstanding requests a client is answered kBusy and sends
+// them again later; with reply memory bounded too, every record still arrives, exactly once.
+TEST_F(ServerTest, RequestsPastTheQueueLimitAreAnsweredBusyAndSentAgain) {
+  ServerOptions o;
+  o.token = "secret";
+  o.max_queued_per_connection = 2;
+  o.read_threads = 1;
+  o.max_reply_memory = 1 << 20;
+  server_ = ShardServer::start(dataset_, o);
+  auto c = client();
+  read_and_check(*c, every_sample(7), 10);  // 30 requests in flight at once
+  EXPECT_GT(server_->stats().busy, 0u);
+  EXPECT_EQ(server_->stats().requests, 30u);
+  EXPECT_EQ(server_->stats().rejected, 0u);
+}
+
+// A token file that holds no token is an error, never an open server.
+TEST(TokenFile, EmptyUnreadableOrADirectoryIsAnError) {
+  testing::TempDir tmp;
+  auto message = [](const fs::path& p) {
+    try {
+      read_token_file(p);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kConfig);
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  std::ofstream(tmp.path() / "empty").close();
+  std::ofstream(tmp.path() / "blank") << "  \n";
+  std::ofstream(tmp.path() / "good") << " s3cret \nsecond line\n";
+  EXPECT_NE(message(tmp.path() / "empty").find("empty"), std::string::npos);
+  EXPECT_NE(message(tmp.path() / "blank").find("no token"), std::string::npos);
+  EXPECT_NE(message(tmp.path()).find("directory"), std::string::npos);
+  EXPECT_NE(message(tmp.path() / "missing").find("cannot read"), std::string::npos);
+  EXPECT_EQ(read_token_file(tmp.path() / "good"), "s3cret");
 }
 
 TEST_F(ServerTest, NobodyListeningFailsToConnectNamingThePeer) {

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <set>
 
 namespace sluice {
@@ -217,6 +218,29 @@ TEST_F(RemoteLoaderTest, AWrongTokenFailsNamingThePeer) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("unauthorized"), std::string::npos) << e.what();
   }
+}
+
+// A loader that listens needs a token, or says it runs without one; a token file counts.
+TEST_F(RemoteLoaderTest, ListeningWithoutATokenIsAnErrorUnlessSaid) {
+  LoaderOptions o = options({});
+  o.distributed.peers.clear();
+  o.dataset.path = full();
+  o.distributed.token.clear();
+  o.distributed.listen = testing::free_loopback_address();
+  ::unsetenv("SLUICE_TOKEN");
+  try {
+    Loader::open(o);
+    FAIL() << "listened without a token";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kConfig);
+    EXPECT_NE(std::string(e.what()).find("distributed.no_token"), std::string::npos) << e.what();
+  }
+  o.distributed.no_token = true;
+  Loader::open(o);
+  o.distributed.no_token = false;
+  o.distributed.token_file = tmp_ / "token";
+  std::ofstream(o.distributed.token_file) << "from-a-file\n";
+  Loader::open(o);
 }
 
 TEST_F(RemoteLoaderTest, ALoaderServesItsOwnShardsToAnother) {
