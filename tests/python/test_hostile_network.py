@@ -174,6 +174,43 @@ def test_random_bytes_of_every_length(target: Target) -> None:
     target.check_healthy("random bytes of every length 0-4096")
 
 
+def listening_ports(pid: int) -> list[tuple[str, int]]:
+    """Every TCP port process `pid` listens on (its own and its UCX transports')."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = []
+    for line in open(f"/proc/{pid}/net/tcp").readlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in inodes:  # LISTEN
+            ip, port = f[1].split(":")
+            host = socket.inet_ntoa(bytes.fromhex(ip)[::-1])
+            ports.append(("127.0.0.1" if host == "0.0.0.0" else host, int(port, 16)))
+    return ports
+
+
+def test_ucx_transport_ports_take_garbage(target: Target) -> None:
+    """UCX's TCP transport listens on ports of its own (one per interface); they must take
+    garbage too. Nothing there is sluice's parsing, but it is sluice's process."""
+    rng = random.Random(20)
+    ports = [p for p in listening_ports(target.proc.pid) if p[1] != target.port]
+    assert ports, "no UCX transport port found"
+    for host, port in ports:
+        for n in list(range(0, 300)) + [4096, 100_000]:
+            try:
+                s = socket.create_connection((host, port), timeout=10)
+                s.sendall(rng.randbytes(n))
+                s.close()
+            except OSError:
+                pass
+    target.check_healthy("garbage to UCX's transport ports")
+
+
 def test_long_streams(target: Target) -> None:
     rng = random.Random(18)
     for prefix in (b"", CLIENT_HELLO, CLIENT_HELLO + struct.pack("<HII", 0, 16 << 10, 0)):
