@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 venv=${SLUICE_VENV:-.venv}
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
-# webdataset: the tests write tar shards with its TarWriter, as users make them.
-"$venv/bin/python" -c "import torch, numpy, pytest, webdataset" 2>/dev/null ||
-  pip install torch==2.13.0 numpy pytest webdataset==1.0.2
+# webdataset: the tests write tar shards with its TarWriter, as users make them; lightning: a
+# Trainer killed mid-epoch and resumed (tests/python/test_lightning.py).
+"$venv/bin/python" -c "import torch, numpy, pytest, webdataset, lightning" 2>/dev/null ||
+  pip install torch==2.13.0 numpy pytest webdataset==1.0.2 lightning==2.6.6
 pip install .
 "$venv/bin/python" -c "import sluice" || { echo "python-env: pip install . failed"; exit 1; }

@@ -96,6 +96,8 @@ class SLUICE_EXPORT Loader {
   virtual uint64_t num_batches() const = 0;
   /// Batches this rank gets in a whole epoch, wherever the loader stands.
   virtual uint64_t batches_per_epoch() const = 0;
+  /// Batches of the current epoch not yet delivered by next() (0 once its last one was).
+  virtual uint64_t batches_left() const = 0;
   /// Where the consumer stands: resuming from it with load_state() delivers exactly the
   /// samples not yet delivered, on any world size.
   virtual SamplerState state() const = 0;

@@ -75,8 +75,9 @@ struct SLUICE_EXPORT LoaderOptions {
   uint64_t seed = 0;
   ShuffleOptions shuffle;
   uint32_t prefetch = 4;  // batches in flight per rank
-  // Batches the consumer may hold at once (Python: tensors still alive). Beyond it the loader
-  // stops reading until one is dropped, and next() fails after io.timeout_ms saying so.
+  // Batches the consumer may hold while it asks for the next (Python: tensors still alive).
+  // Holding more, next() fails at once saying so (keeping every batch, as list(loader) does,
+  // is the usual cause); memory stays bounded.
   uint32_t max_batches_held = 32;
   IoOptions io;
   DeviceOptions device;

@@ -6,6 +6,8 @@
         batch["index"], batch["data"]
 
 See README.md for the config keys and docs/python.md for the iterator's semantics.
+`sluice.torch` (DataLoader for Lightning, IterableDataset) is imported on first use, so that
+`import sluice` does not import torch.
 """
 
 from ._C import CorruptionError, Dataset, DatasetWriter, __version__
@@ -13,3 +15,11 @@ from . import distributed
 from .loader import Loader
 
 __all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__", "distributed"]
+
+
+def __getattr__(name: str):
+    if name == "torch":  # lazily: importing sluice does not import torch
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'sluice' has no attribute {name!r}")

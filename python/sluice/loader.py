@@ -14,6 +14,20 @@ Config = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 _STATE_VERSION = 1
 
 
+def _non_negative_int(value: Any, what: str) -> int:
+    """An int >= 0 (numpy and torch integers too); ValueError naming `what` for anything else:
+    bools, floats, strings, negative numbers."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d tensor/array
+            return _non_negative_int(value.item(), what)
+        raise ValueError(f"sluice.Loader.{what}: expected an integer >= 0, got {value!r}")
+    if int(value) < 0:
+        raise ValueError(f"sluice.Loader.{what}: expected an integer >= 0, got {int(value)}")
+    return int(value)
+
+
 def _scalar(value: Any) -> str:
     """A Python value as the YAML scalar LoaderOptions.set() parses."""
     if isinstance(value, bool):
@@ -46,8 +60,11 @@ class Loader:
     (`batch_size=512`, `shuffle={"mode": "block"}`, `**{"io.threads": 2}`). `rank` and
     `world_size` default to the config, then to RANK / WORLD_SIZE as torchrun sets them.
 
-    Each `for` loop over the loader runs the rest of the current epoch; the next loop starts
-    the following epoch unless `set_epoch` or `load_state_dict` says otherwise. Tensors are
+    Each `for` loop over the loader runs one epoch: the rest of the current one, or the next
+    one once the current one is delivered, unless `set_epoch` or `load_state_dict` says
+    otherwise (between loops; inside a running loop they raise, as does a second loop while
+    one runs). `len(loader)` is a whole epoch's batches; `batches_left` what the next loop
+    delivers. Tensors are
     views of the loader's buffers (no copy) and keep them alive, also after the loader is gone;
     a buffer is reused once every tensor of its batch has died. Holding more than
     `max_batches_held` batches stops the loader, and the next batch then fails with a message
@@ -88,6 +105,13 @@ class Loader:
         self._c = _C.Loader(path, settings)
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # The loop in progress: a token its generator holds from its first batch until it has
+        # delivered its epoch's last one (or is closed). One at a time.
+        self._running: object | None = None
+        self._delivered = 0  # batches the loop in progress has delivered
+        # load_state_dict placed the loader inside an epoch and no loop has started since:
+        # set_epoch of that same epoch keeps the place (what Lightning does on resume).
+        self._resumed = False
 
     def _loader(self) -> _C.Loader:
         if os.getpid() != self._pid:
@@ -100,36 +124,87 @@ class Loader:
         return self._c
 
     def __len__(self) -> int:
-        """Batches this rank gets per epoch (the same on every rank)."""
+        """Batches this rank gets in a whole epoch (the same on every rank), as torch's
+        DataLoader counts them, also after load_state_dict; `batches_left` is what the next loop
+        still delivers."""
         return self._loader().batches_per_epoch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    @property
+    def batches_left(self) -> int:
+        """Batches the loop in progress still delivers, or the next loop will: the rest of a
+        resumed epoch after load_state_dict, a whole epoch once the last one is done. For
+        progress bars (`tqdm(loader, total=loader.batches_left)`) and schedules."""
         loader = self._loader()
-        first = True
+        left = loader.batches_left
+        if self._running is None and left == 0:
+            return loader.batches_per_epoch
+        return left
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch: the rest of the current one, or the next one when the current one has
+        been delivered. Never more than one epoch per loop, and one loop at a time."""
+        return self._epoch(self._loader())
+
+    def _epoch(self, loader: _C.Loader) -> Iterator[dict[str, Any]]:
+        # Runs from the loop's first next(): a loop created but not started (Lightning calls
+        # iter() before set_epoch) holds nothing.
+        if self._running is not None:
+            raise RuntimeError(
+                f"sluice.Loader: a loop over epoch {loader.epoch} is already running "
+                f"({self._delivered} of {len(self)} batches delivered); a loader delivers one "
+                "epoch to one loop at a time. Finish or break out of that loop first (several "
+                "consumers need a loader each, with rank/world_size splitting the data)"
+            )
+        token = object()
+        self._running = token
+        self._resumed = False
+        self._delivered = 0
         cuda_device = loader.cuda_device
         if cuda_device >= 0:
             import torch
 
             current_stream = torch.cuda.current_stream
-        while True:
-            # device: cuda:N: the current stream waits for the batch's copy (no host sync), and
-            # the batch's device buffer is reused only after the work queued on it is done.
-            stream = current_stream(cuda_device).cuda_stream if cuda_device >= 0 else 0
-            tensors = loader.next(stream)
-            if tensors is None:
-                if first:
-                    # The previous loop stopped after the epoch's last batch without reading its
-                    # end: this loop is the next epoch.
-                    first = False
-                    continue
-                return
-            first = False
-            from_dlpack = self._from_dlpack
-            yield {key: from_dlpack(capsule) for key, capsule in tensors}
+        from_dlpack = self._from_dlpack
+        try:
+            if loader.batches_left == 0:
+                # The epoch the loader stands in was delivered: this loop is the next one. Its
+                # end may not have been read yet (a loop that stopped after the last batch).
+                tensors = loader.next(0)
+                if tensors is not None:  # pragma: no cover - the C++ loader's contract
+                    raise RuntimeError("sluice.Loader: [internal] a batch past the epoch's end")
+            while True:
+                # device: cuda:N: the current stream waits for the batch's copy (no host sync),
+                # and the batch's device buffer is reused only after the work queued on it.
+                stream = current_stream(cuda_device).cuda_stream if cuda_device >= 0 else 0
+                tensors = loader.next(stream)
+                if tensors is None:
+                    return
+                self._delivered += 1
+                last = loader.batches_left == 0
+                if last:  # the epoch is delivered: the loop is done, whatever the caller does
+                    self._running = None
+                yield {key: from_dlpack(capsule) for key, capsule in tensors}
+                if last:
+                    return
+        finally:
+            if self._running is token:
+                self._running = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Restarts at the beginning of `epoch` (dropping batches read ahead)."""
-        self._loader().set_epoch(int(epoch))
+        """The next loop runs `epoch` from its start (batches read ahead are dropped). Right
+        after load_state_dict of a state inside `epoch`, it keeps that place instead. Raises
+        RuntimeError inside a running loop."""
+        epoch = _non_negative_int(epoch, "set_epoch: epoch")
+        loader = self._loader()
+        if self._running is not None:
+            raise RuntimeError(
+                f"sluice.Loader.set_epoch({epoch}) inside a loop over epoch {loader.epoch} "
+                f"({self._delivered} of {len(self)} batches delivered): call it between loops"
+            )
+        if self._resumed and epoch == loader.state()[0]:
+            return  # resuming: the restored place is where this epoch continues
+        self._resumed = False
+        loader.set_epoch(epoch)
 
     @property
     def epoch(self) -> int:
@@ -171,20 +246,28 @@ class Loader:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resumes from state_dict(); ValueError when it belongs to another dataset or seed."""
+        """Resumes from state_dict(): the next loop delivers exactly what was not delivered of
+        that epoch, on any world size. ValueError when the state is malformed or belongs to
+        another dataset or seed; RuntimeError inside a running loop."""
         loader = self._loader()
-        try:
-            version, epoch, position = (int(state[k]) for k in ("version", "epoch", "position"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"sluice.Loader.load_state_dict: not a sluice state: {e!r}") from None
+        if self._running is not None:
+            raise RuntimeError("sluice.Loader.load_state_dict inside a running loop: call it between loops")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"sluice.Loader.load_state_dict: expected the dict from state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("version", "epoch", "position") if k not in state]
+        if missing:
+            raise ValueError(f"sluice.Loader.load_state_dict: not a sluice state: missing {', '.join(missing)}")
+        version, epoch, position = (
+            _non_negative_int(state[k], f"load_state_dict: {k}") for k in ("version", "epoch", "position"))
         if version != _STATE_VERSION:
             raise ValueError(f"sluice.Loader.load_state_dict: state version {version}, expected {_STATE_VERSION}")
         for key, mine in (("num_samples", loader.num_samples), ("seed", loader.seed)):
-            if key in state and int(state[key]) != mine:
+            if key in state and _non_negative_int(state[key], f"load_state_dict: {key}") != mine:
                 raise ValueError(
                     f"sluice.Loader.load_state_dict: state is for {key} {state[key]}, this loader has {mine}"
                 )
         loader.load_state(epoch, position)
+        self._resumed = True
 
     def stats(self) -> dict[str, Any]:
         """Counters: batches, samples, bytes, wait_seconds, engine, direct_io, batches_held."""

@@ -1,4 +1,14 @@
-"""sluice for torch.utils.data.DataLoader and Lightning.
+"""sluice for PyTorch Lightning, torchdata-style training loops and torch.utils.data.DataLoader.
+
+    loader = sluice.torch.DataLoader("config.yaml")   # return it from train_dataloader()
+
+sluice.torch.DataLoader is what Lightning needs to resume mid-epoch exactly: Lightning saves its
+state_dict() in every checkpoint and restores it with load_state_dict() before the epoch goes on,
+and calls `loader.sampler.set_epoch(epoch)` at each epoch start, so the loader's epochs follow
+the trainer's. `torch.utils.data.DataLoader(IterableDataset(...), batch_size=None)` works for
+plain loops, but Lightning neither saves nor restores a plain DataLoader: resumed mid-epoch it
+would replay the epoch from its start. torchdata's StatefulDataLoader around the IterableDataset
+saves and restores it too.
 
     ds = sluice.torch.IterableDataset("config.yaml")
     dl = torch.utils.data.DataLoader(ds, batch_size=None)   # sluice batches already
@@ -20,6 +30,66 @@ from typing import Any
 import torch.utils.data
 
 from .loader import Config, Loader
+
+
+class _EpochSetter:
+    """What Lightning finds at `loader.sampler`: its set_epoch is the loader's."""
+
+    def __init__(self, owner: DataLoader) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
+class DataLoader:
+    """A sluice.Loader as the stateful data loader object that Lightning and torchdata-style
+    code save and restore on their own: iterate it for one epoch's batches (dicts of tensors),
+    `len()` is a whole epoch's batches, `state_dict()` / `load_state_dict()` resume exactly
+    mid-epoch on any world size, and `sampler.set_epoch(e)` (what Lightning calls at each epoch
+    start) picks the epoch, keeping a just-restored place in that epoch.
+
+    Arguments as sluice.Loader's. The loader is created on first use, in the process that
+    iterates (so the object can be made before DDP spawns or forks).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **overrides: Any,
+    ) -> None:
+        self._dataset = IterableDataset(config, rank, world_size, **overrides)
+        self.sampler = _EpochSetter(self)
+        self.batch_size = None  # batches come whole from sluice, as DataLoader(batch_size=None)
+
+    @property
+    def loader(self) -> Loader:
+        """The sluice.Loader behind this object (created on first use)."""
+        return self._dataset._get()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._dataset)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    @property
+    def batches_left(self) -> int:
+        return self.loader.batches_left
+
+    def set_epoch(self, epoch: int) -> None:
+        self._dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return self._dataset.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._dataset.load_state_dict(state)
+
+    def close(self) -> None:
+        self._dataset.close()
 
 
 class IterableDataset(torch.utils.data.IterableDataset):
@@ -89,3 +159,9 @@ class IterableDataset(torch.utils.data.IterableDataset):
             self._loader.load_state_dict(state)
         else:
             self._state = dict(state)
+
+    def close(self) -> None:
+        """Stops the loader's threads now (it is made again on the next use)."""
+        if self._loader is not None and self._pid == os.getpid():
+            self._loader.close()
+        self._loader = None

@@ -204,7 +204,7 @@ void bind_loader(py::module_& m) {
       .def_property_readonly("batches_per_epoch",
                              [](const PyLoader& l) { return l.get().batches_per_epoch(); })
       .def_property_readonly("batches_left",
-                             [](const PyLoader& l) { return l.get().num_batches(); })
+                             [](const PyLoader& l) { return l.get().batches_left(); })
       .def_property_readonly("num_samples",
                              [](const PyLoader& l) { return l.get().dataset().num_samples(); })
       .def_property_readonly("rank",

@@ -74,12 +74,20 @@ struct ReadOp {
 struct ReadFailure {
   size_t op = 0;  // index into the ops span
   int error = 0;  // -errno; -ETIMEDOUT when the deadline passed; -ENODATA for end of file
+  // Reads were still in flight when this returned: past the deadline they were waited for
+  // another kDrainGrace, in vain. They may land in the destinations at any later time, so the
+  // caller must never reuse or free that memory (leak it, and the engine that reads into it).
+  bool in_flight = false;
 };
+
+/// How long a job past its deadline waits for its reads in flight before giving up on them
+/// (ReadFailure::in_flight).
+inline constexpr std::chrono::milliseconds kDrainGrace{2000};
 
 /// Reads every op completely with up to queue_depth() in flight. Returns nullopt-like
 /// (error == 0) on success, else the first failure. Never returns while a read it submitted
-/// is still in flight, unless the deadline passed (then the engine must be destroyed before
-/// the destination memory is reused).
+/// is still in flight, except with ReadFailure::in_flight set (see there): past the deadline
+/// it stops submitting and waits up to kDrainGrace for the reads in flight.
 /// When `*cancel` becomes true, no new reads start; those in flight are drained and the
 /// result is -ECANCELED.
 ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,

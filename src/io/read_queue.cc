@@ -113,7 +113,18 @@ size_t ReadQueue::run_once(std::chrono::milliseconds wait) {
         ++a;
         continue;
       }
-      job.failure = {job.failure.error ? job.failure.op : job.next, -ETIMEDOUT};
+      if (job.failure.error != -ETIMEDOUT) {  // past the deadline: no new reads from here on
+        job.failure = {job.failure.error ? job.failure.op : job.next, -ETIMEDOUT};
+        job.finished += job.ops.size() - job.next;
+        job.next = job.ops.size();
+      }
+      // The reads in flight would land in the caller's memory after it took it back: wait for
+      // them a while longer, then say that they are still out.
+      if (job.in_flight > 0 && now < job.deadline + kDrainGrace) {
+        ++a;
+        continue;
+      }
+      job.failure.in_flight = job.in_flight > 0;
     }
     finish(slot);
     ++completed;
@@ -132,7 +143,7 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
   queue.add(&job);
   while (!job.complete) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
+        deadline + kDrainGrace - std::chrono::steady_clock::now());
     queue.run_once(std::clamp(left, std::chrono::milliseconds(0), std::chrono::milliseconds(100)) +
                    std::chrono::milliseconds(1));
   }

@@ -33,9 +33,9 @@ class ReadQueue {
   /// Queues `job` behind the others; it must stay alive until it is complete.
   void add(ReadJob* job);
   /// Submits what fits, waits up to `wait` for completions and settles them. Jobs that became
-  /// complete (done, failed and drained, or past their deadline) get `complete` set and are
-  /// forgotten; returns how many. A job past its deadline may still have reads in flight: its
-  /// memory must not be reused until the engine is destroyed (as with read_all).
+  /// complete (done, failed and drained, or past their deadline and drained or kDrainGrace
+  /// later) get `complete` set and are forgotten; returns how many. A job completed with
+  /// failure.in_flight may still be read into: its memory must never be reused.
   size_t run_once(std::chrono::milliseconds wait);
   /// Whether no job is waiting for reads (reads of expired jobs may still be in flight).
   bool empty() const { return active_.empty(); }

@@ -9,6 +9,7 @@
 namespace sluice::io {
 
 struct Service::Waiter {
+  std::vector<ReadOp> ops;  // the job's own copy: a caller may leave before the IO thread does
   ReadJob job;
   bool done = false;  // under Service::mu_
 };
@@ -48,16 +49,19 @@ ReadFailure Service::read_all(std::span<const ReadOp> ops,
                               std::chrono::steady_clock::time_point deadline,
                               const std::atomic<bool>* cancel) {
   auto w = std::make_shared<Waiter>();
-  w->job.ops = ops;
+  w->ops.assign(ops.begin(), ops.end());
+  w->job.ops = w->ops;
   w->job.deadline = deadline;
   w->job.cancel = cancel;
   std::unique_lock lock(mu_);
   incoming_.push_back(w);
   work_cv_.notify_one();
-  // The queue enforces the deadline; this backstop only guards against an IO thread that is
-  // stuck in the kernel. The Waiter is shared so an abandoned job stays valid for the thread.
-  if (!done_cv_.wait_until(lock, deadline + std::chrono::seconds(5), [&] { return w->done; }))
-    return {ops.size(), -ETIMEDOUT};
+  // The queue enforces the deadline (and drains); this backstop only guards against an IO
+  // thread that is stuck in the kernel. The Waiter is shared so an abandoned job stays valid
+  // for the thread, whose reads may then still land: in_flight.
+  if (!done_cv_.wait_until(lock, deadline + kDrainGrace + std::chrono::seconds(5),
+                           [&] { return w->done; }))
+    return {ops.size(), -ETIMEDOUT, true};
   return w->job.failure;
 }
 
@@ -84,6 +88,9 @@ void Service::run() {
     done_cv_.notify_all();
     std::erase_if(active, [](const std::shared_ptr<Waiter>& w) { return w->job.complete; });
   }
+  // Reads given up on (in_flight) may still be in the engine: it goes before the queue and the
+  // jobs it could still touch.
+  engine_.reset();
 }
 
 }  // namespace sluice::io

@@ -26,7 +26,7 @@ class Service {
   Service& operator=(const Service&) = delete;
 
   /// Thread-safe. Reads every op completely, queued behind other callers' reads; the same
-  /// contract as io::read_all.
+  /// contract as io::read_all (the ops are copied: the caller's list may go at once).
   ReadFailure read_all(std::span<const ReadOp> ops, std::chrono::steady_clock::time_point deadline,
                        const std::atomic<bool>* cancel = nullptr);
 

@@ -27,6 +27,12 @@ class AlignedBuffer {
   void set_pin(bool pin) { pin_ = pin; }
   /// Whether the current allocation is page-locked.
   bool pinned() const { return data_.get_deleter().pinned; }
+  /// Gives up the memory without freeing it: reads that may still land in it (an IO engine
+  /// past its deadline) must never find it reused. The buffer is empty afterwards.
+  void leak() {
+    (void)data_.release();
+    capacity_ = 0;
+  }
 
  private:
   std::unique_ptr<std::byte, FreeAligned> data_;

@@ -786,6 +786,13 @@ class ServerImpl final : public ShardServer {
         auto deadline =
             std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
         io::ReadFailure f = io_->read_all(ops, deadline);
+        if (f.in_flight) {
+          // Reads given up on may still land in this buffer: it is never reused (the error
+          // text goes out of a fresh one).
+          std::lock_guard lock(mu_);
+          busy_bytes_ -= reply->buffer.capacity();
+          reply->buffer.leak();
+        }
         if (f.error != 0) {
           const io::ReadOp& op = ops[f.op];
           const uint64_t index = job.indices[op_sample[f.op]];

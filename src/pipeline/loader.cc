@@ -132,6 +132,10 @@ struct StepResult {
 // What one loader thread keeps between batches: nothing here is allocated per sample.
 struct WorkerScratch {
   AlignedBuffer staging;
+  // A read of this batch was given up on while still in flight (io::ReadFailure::in_flight):
+  // the batch's storage, this staging buffer and the engine may still be written into, so
+  // they are leaked, never reused.
+  bool reads_in_flight = false;
   std::vector<SampleRef> refs;
   std::vector<SampleExtent> extents;
   std::vector<uint32_t> order;  // samples sorted by (shard, offset)
@@ -199,6 +203,15 @@ class LoaderImpl final : public Loader {
 
   std::shared_ptr<const Batch> next() override {
     if (!prepare(true)) return nullptr;
+    // Past its limit the consumer gets no more batches, and waiting cannot help (only the
+    // consumer can drop batches): say so now, not after the IO timeout. Holding exactly the
+    // limit while asking for the next one is fine ("keep the last N").
+    if (const size_t held = pool_->held(); held > options_.max_batches_held)
+      fail(ErrorCode::kIo,
+           "{}: the consumer holds {} batches (max_batches_held: {}) and asks for another: drop "
+           "references to old batches (list(loader) keeps every batch; keep copies of what you "
+           "need), or raise max_batches_held",
+           dataset_->path().string(), held, options_.max_batches_held);
     const uint64_t step = delivered_;
     auto t0 = std::chrono::steady_clock::now();
     StepResult result;
@@ -243,6 +256,9 @@ class LoaderImpl final : public Loader {
   uint64_t epoch() const override { return plan_.state_after(0).epoch; }
   uint64_t num_batches() const override { return plan_.num_batches(); }
   uint64_t batches_per_epoch() const override { return sampler_.num_batches(world_); }
+  uint64_t batches_left() const override {
+    return delivered_ >= plan_.num_batches() ? 0 : plan_.num_batches() - delivered_;
+  }
 
   SamplerState state() const override {
     if (delivered_ >= plan_.num_batches()) return {epoch() + 1, 0};
@@ -286,7 +302,7 @@ class LoaderImpl final : public Loader {
   // backstop for a loader thread that cannot even start, or a consumer that holds every buffer
   // (one second later), counted from the consumer's first wait for this batch.
   std::chrono::steady_clock::time_point deadline() const {
-    return *wait_since_ + std::chrono::milliseconds(options_.io.timeout_ms) +
+    return *wait_since_ + std::chrono::milliseconds(options_.io.timeout_ms) + io::kDrainGrace +
            std::chrono::seconds(1);
   }
 
@@ -474,7 +490,13 @@ class LoaderImpl final : public Loader {
         }
         publish(step, {std::move(storage), nullptr});
       } catch (...) {
-        pool_->release(std::move(storage));
+        if (scratch.reads_in_flight) {
+          (void)storage.release();
+          scratch.staging.leak();
+          (void)engine.release();
+        } else {
+          pool_->release(std::move(storage));
+        }
         if (cancel_) return;
         publish(step, {nullptr, std::current_exception()});
         return;
@@ -894,10 +916,11 @@ class LoaderImpl final : public Loader {
   }
 
   // Reads s.ops with this thread's engine, or through the loader's IO service when it has one.
-  void read_local(io::Engine* engine, const WorkerScratch& s,
+  void read_local(io::Engine* engine, WorkerScratch& s,
                   std::chrono::steady_clock::time_point deadline) {
     io::ReadFailure failure = service_ ? service_->read_all(s.ops, deadline, &cancel_)
                                        : io::read_all(*engine, s.ops, deadline, &cancel_);
+    s.reads_in_flight = failure.in_flight;
     if (failure.error != 0) read_error(s, failure);
   }
 

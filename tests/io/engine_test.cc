@@ -161,6 +161,37 @@ TEST_P(EngineTest, AReadThatNeverCompletesTimesOut) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
 }
 
+// A read that completes after the deadline is waited for (up to kDrainGrace) before read_all
+// returns: its bytes never land in memory the caller has taken back.
+TEST_P(EngineTest, AReadThatCompletesAfterTheDeadlineIsDrainedBeforeReturning) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(20, buffer);
+  for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
+  FaultEngine e(engine(),
+                [](const io::Request& r) { return r.tag == 3 ? Fault::kLate : Fault::kNone; });
+  auto t0 = std::chrono::steady_clock::now();
+  io::ReadFailure f = io::read_all(e, ops, deadline(200));
+  EXPECT_EQ(f.error, -ETIMEDOUT);
+  EXPECT_FALSE(f.in_flight);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(600));
+  EXPECT_EQ(ops[3].dest[0], testing::kLateByte);  // landed before the return, not after
+}
+
+// One that is later still is reported in flight: the caller must leak that memory.
+TEST_P(EngineTest, AReadLaterThanTheGraceIsReportedInFlight) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(20, buffer);
+  for (auto& op : ops) op.length = std::max<uint32_t>(op.length, 1);
+  {
+    FaultEngine e(
+        engine(), [](const io::Request& r) { return r.tag == 3 ? Fault::kLate : Fault::kNone; },
+        -EIO, io::kDrainGrace + std::chrono::milliseconds(500));
+    io::ReadFailure f = io::read_all(e, ops, deadline(100));
+    EXPECT_EQ(f.error, -ETIMEDOUT);
+    EXPECT_TRUE(f.in_flight);
+  }  // the engine (its late writer) goes before the buffer
+}
+
 // The IO service: one engine on its own thread, shared by several callers. Faults go in
 // through the engine wrapper, which is how the service (like the loader) makes its engine.
 class ServiceTest : public EngineTest {
@@ -242,6 +273,21 @@ TEST_P(ServiceTest, AHungReadTimesOutAndOthersGoOn) {
   EXPECT_EQ(svc->read_all(good, deadline()).error, 0);
   expect_contents(good);
   svc.reset();  // does not wait for the read that never completes
+}
+
+TEST_P(ServiceTest, ALateReadIsDrainedBeforeTheCallerGetsItsMemoryBack) {
+  std::vector<std::byte> late_buffer, good_buffer;
+  auto late = random_ops(10, late_buffer);
+  auto good = random_ops(100, good_buffer);
+  const uint64_t slow = single_out(late[3], good);
+  auto svc =
+      service([&](const io::Request& r) { return r.offset == slow ? Fault::kLate : Fault::kNone; });
+  io::ReadFailure f = svc->read_all(late, deadline(200));
+  EXPECT_EQ(f.error, -ETIMEDOUT);
+  EXPECT_FALSE(f.in_flight);
+  EXPECT_EQ(late[3].dest[0], testing::kLateByte);
+  EXPECT_EQ(svc->read_all(good, deadline()).error, 0);
+  expect_contents(good);
 }
 
 TEST_P(ServiceTest, CancelStopsNewReads) {

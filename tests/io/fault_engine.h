@@ -1,25 +1,37 @@
 #pragma once
 
 // Fault injection at the engine seam: wraps a real engine and, per request, cuts it short,
-// answers EAGAIN, fails it with an errno, or never answers.
+// answers EAGAIN, fails it with an errno, never answers, or answers late: kLate writes
+// kLateByte over the destination from another thread `late` after the submit (as a device
+// would, whoever is or is not waiting) and only then completes the read.
 
 #include "io/engine.h"
 
+#include <chrono>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 namespace sluice::testing {
 
-enum class Fault { kNone, kShort, kAgain, kError, kHang };
+enum class Fault { kNone, kShort, kAgain, kError, kHang, kLate };
+
+inline constexpr std::byte kLateByte{0xAB};
 
 class FaultEngine final : public io::Engine {
  public:
   /// `decide(request)` picks the fault for each submitted request; `error` is the -errno
   /// kError answers with.
   FaultEngine(std::unique_ptr<io::Engine> inner, std::function<Fault(const io::Request&)> decide,
-              int error = -EIO)
-      : inner_(std::move(inner)), decide_(std::move(decide)), error_(error) {}
+              int error = -EIO, std::chrono::milliseconds late = std::chrono::milliseconds(600))
+      : inner_(std::move(inner)), decide_(std::move(decide)), error_(error), late_(late) {}
+  ~FaultEngine() override {
+    for (auto& t : late_writers_) t.join();
+  }
 
   std::string describe() const override { return "faulty " + inner_->describe(); }
   uint32_t queue_depth() const override { return inner_->queue_depth(); }
@@ -47,11 +59,26 @@ class FaultEngine final : public io::Engine {
         return 0;
       case Fault::kHang:
         return 0;  // accepted, never completed
+      case Fault::kLate:
+        late_writers_.emplace_back([this, r] {
+          std::this_thread::sleep_for(late_);
+          std::memset(r.dest, static_cast<int>(kLateByte), r.length);
+          std::lock_guard lock(late_mu_);
+          late_done_.push_back({r.tag, static_cast<int32_t>(r.length)});
+        });
+        return 0;
     }
     return 0;
   }
   int flush() override { return inner_->flush(); }
   int reap(std::span<io::Completion> out, std::chrono::milliseconds timeout) override {
+    {
+      std::lock_guard lock(late_mu_);
+      synthetic_.insert(synthetic_.end(), late_done_.begin(), late_done_.end());
+      late_done_.clear();
+    }
+    if (synthetic_.empty() && !late_writers_.empty())  // a late one may come meanwhile
+      timeout = std::min(timeout, std::chrono::milliseconds(10));
     if (!synthetic_.empty()) {
       size_t n = 0;
       while (n < out.size() && !synthetic_.empty()) {
@@ -67,7 +94,11 @@ class FaultEngine final : public io::Engine {
   std::unique_ptr<io::Engine> inner_;
   std::function<Fault(const io::Request&)> decide_;
   int error_;
+  std::chrono::milliseconds late_;
   std::deque<io::Completion> synthetic_;
+  std::vector<std::thread> late_writers_;
+  std::mutex late_mu_;
+  std::vector<io::Completion> late_done_;
 };
 
 }  // namespace sluice::testing

@@ -177,10 +177,10 @@ def test_holding_too_many_batches_applies_back_pressure(fixed: Path) -> None:
     loader = sluice.Loader(config(fixed, batch_size=16, max_batches_held=4, prefetch=2,
                                   io={"timeout_ms": 300, "threads": 2}))
     held = []
-    with pytest.raises(OSError, match="max_batches_held: 4"):
+    with pytest.raises(OSError, match="holds 5 batches \\(max_batches_held: 4\\) and asks for another"):
         for batch in loader:
             held.append(batch["data"])
-    assert len(held) <= 4 + 2 + 2  # held + prefetch + loader threads: memory stays bounded
+    assert len(held) == 5  # failed at once when a sixth was asked for, not after a timeout
     del held, batch
     gc.collect()
     assert loader.stats()["batches_held"] == 0
@@ -351,3 +351,140 @@ def test_dataset_reader_and_writer(mixed: Path, tmp_path: Path) -> None:
     assert not dest.exists()
     with pytest.raises(ValueError, match="unknown dtype"):
         sluice.DatasetWriter(str(dest), [{"name": "x", "dtype": "float128"}])
+
+
+def test_one_epoch_per_loop_whatever_the_previous_loop_did(mixed: Path) -> None:
+    loader = sluice.Loader(config(mixed))
+    n = len(loader)
+    assert loader.batches_left == n
+    first = [b["index"] for b in loader]
+    assert len(first) == n and loader.batches_left == n  # the next loop is a whole epoch
+    # A loop that stops right after the last batch (as Lightning does, never asking for more).
+    it = iter(loader)
+    second = [next(it)["index"] for _ in range(n)]
+    assert loader.epoch == 1
+    third = list(b["index"] for b in loader)  # the next loop: epoch 2, no batch of epoch 1
+    assert len(third) == n and loader.epoch == 2
+    assert len(second) == n
+    del it
+    # A loop broken off mid-epoch: the next loop delivers the rest of that epoch only.
+    for k, _ in enumerate(loader):
+        if k == 4:
+            break
+    assert loader.batches_left == n - 5
+    assert len(list(b["index"] for b in loader)) == n - 5
+
+
+def test_a_second_loop_or_set_epoch_inside_a_loop_raises(mixed: Path) -> None:
+    loader = sluice.Loader(config(mixed))
+    it = iter(loader)
+    next(it)
+    with pytest.raises(RuntimeError, match="already running"):
+        next(iter(loader))
+    with pytest.raises(RuntimeError, match=r"set_epoch\(5\) inside a loop over epoch 0"):
+        loader.set_epoch(5)
+    with pytest.raises(RuntimeError, match="inside a running loop"):
+        loader.load_state_dict(loader.state_dict())
+    rest = list(it)  # the first loop goes on, unharmed
+    assert len(rest) == len(loader) - 1
+    loader.set_epoch(5)  # between loops: fine
+    assert loader.epoch == 5
+
+
+def test_threads_sharing_one_loader_get_an_error_not_a_shared_stream(mixed: Path) -> None:
+    loader = sluice.Loader(config(mixed))
+    started = threading.Barrier(4)
+    results: list[object] = []
+
+    def run() -> None:
+        started.wait()
+        try:
+            results.append(len([b["index"] for b in loader]))
+        except RuntimeError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    counts = [r for r in results if isinstance(r, int)]
+    errors = [r for r in results if isinstance(r, RuntimeError)]
+    assert len(results) == 4
+    # Each loop that ran delivered a whole epoch; the others were refused, not interleaved.
+    assert all(c == len(loader) for c in counts) and counts
+    assert all("already running" in str(e) for e in errors)
+
+
+def test_set_epoch_after_load_state_dict_keeps_the_resumed_place(mixed: Path) -> None:
+    full = epoch_indices(sluice.Loader(config(mixed)))
+    loader = sluice.Loader(config(mixed))
+    got: list[int] = []
+    for k, batch in enumerate(loader):
+        got += real_indices(batch)
+        if k == 6:
+            break
+    state = loader.state_dict()
+    resumed = sluice.Loader(config(mixed))
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(loader) and resumed.batches_left == len(loader) - 7
+    resumed.set_epoch(state["epoch"])  # what Lightning and `for epoch in range(start, ...)` do
+    assert got + epoch_indices(resumed) == full
+    resumed.set_epoch(0)  # not right after a load: the epoch starts over
+    assert epoch_indices(resumed) == full
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1", None, [3]])
+def test_load_state_dict_refuses_what_is_not_a_position(mixed: Path, bad: object) -> None:
+    loader = sluice.Loader(config(mixed))
+    state = loader.state_dict()
+    state["position"] = bad
+    with pytest.raises(ValueError, match="position"):
+        loader.load_state_dict(state)
+    state["position"] = np.int64(32)  # numpy and torch integers are integers
+    loader.load_state_dict(state)
+    state["position"] = torch.tensor(32)
+    loader.load_state_dict(state)
+
+
+def test_import_sluice_makes_sluice_torch_reachable_without_importing_torch() -> None:
+    code = ("import sys, sluice; assert 'torch' not in sys.modules; "
+            "ds = sluice.torch.IterableDataset; assert 'torch' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_writer_takes_numbers_tensors_and_strided_arrays_and_checks_dtype_and_shape(
+        tmp_path: Path) -> None:
+    fields = [{"name": "x", "dtype": "float32", "shape": [3]},
+              {"name": "label", "dtype": "int64", "shape": []},
+              {"name": "data", "dtype": "uint8", "shape": [-1]}]
+    base = np.arange(12, dtype=np.float32)
+    samples = [
+        {"x": base[::4], "label": 7, "data": b"abc"},                       # strided, a Python int
+        {"x": torch.tensor([1.0, 2.0, 3.0]), "label": np.int64(8),          # a tensor, numpy scalar
+         "data": torch.arange(5, dtype=torch.uint8)},
+        {"x": base.reshape(3, 4)[:, 1], "label": torch.tensor(9), "data": np.zeros(0, np.uint8)},
+    ]
+    with sluice.DatasetWriter(str(tmp_path / "ds"), fields) as w:
+        for s in samples:
+            w.add(s)
+        for value, pattern in (
+            (np.arange(3, dtype=np.float64), r'field "x" \(float32\): given float64'),
+            (np.zeros((3, 1), np.float32), r'field "x" \(float32\): shape \[3, 1\]'),
+            ("abc", r'field "x" \(float32\): cannot take a str'),
+        ):
+            with pytest.raises(ValueError, match=pattern):
+                w.add({"x": value, "label": 1, "data": b""})
+        with pytest.raises(ValueError, match=r'field "label" \(int64\): 1.5 is a float'):
+            w.add({"x": base[:3], "label": 1.5, "data": b""})
+        with pytest.raises(ValueError, match=r'field "label" \(int64\): \d+ does not fit int64'):
+            w.add({"x": base[:3], "label": 2**70, "data": b""})
+    ds = sluice.Dataset(str(tmp_path / "ds"))
+    assert len(ds) == 3
+    got = [ds.sample(i) for i in range(3)]
+    assert np.frombuffer(got[0]["x"], np.float32).tolist() == [0.0, 4.0, 8.0]
+    assert np.frombuffer(got[1]["x"], np.float32).tolist() == [1.0, 2.0, 3.0]
+    assert np.frombuffer(got[2]["x"], np.float32).tolist() == [1.0, 5.0, 9.0]
+    assert [np.frombuffer(g["label"], np.int64)[0] for g in got] == [7, 8, 9]
+    assert got[1]["data"] == bytes(range(5)) and got[0]["data"] == b"abc"
