@@ -21,12 +21,21 @@ for t in "${targets[@]}"; do
   cp -n tests/fuzz/corpus/"$t"/* "$work"/ 2>/dev/null || true
   echo "== $t: ${secs}s"
   # -rss_limit: YAML and tar inputs may ask for large allocations; they must fail cleanly.
-  UCX_MEM_EVENTS=no build-fuzz/tests/fuzz/"$t" "$work" -max_total_time="$secs" \
-    -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix=build-fuzz/"$t"- 2>&1 |
-    grep -E "^#[0-9]+.*DONE|stat::number_of_executed_units|ERROR|SUMMARY|artifact" || true
-  if compgen -G "build-fuzz/$t-crash-*" >/dev/null || compgen -G "build-fuzz/$t-leak-*" >/dev/null ||
-     compgen -G "build-fuzz/$t-oom-*" >/dev/null; then
-    echo "fuzz: $t found a failing input: $(ls build-fuzz/"$t"-*)"
+  # UCX_HANDLE_ERRORS=none: UCX (linked by the net targets) must not take the crash signals, or
+  # it exits before libFuzzer can write the failing input.
+  rc=0
+  UCX_MEM_EVENTS=no UCX_HANDLE_ERRORS=none build-fuzz/tests/fuzz/"$t" "$work" \
+    -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 \
+    -artifact_prefix=build-fuzz/"$t"- > build-fuzz/"$t".log 2>&1 || rc=$?
+  grep -E "^#[0-9]+.*DONE|stat::number_of_executed_units|ERROR|SUMMARY|artifact" build-fuzz/"$t".log || true
+  units=$(sed -n 's/^stat::number_of_executed_units: *//p' build-fuzz/"$t".log | tail -1)
+  # A target fails the run when it exits non-zero, leaves a failing input, or ran no input at
+  # all (a crash at start-up, a signal taken by someone else).
+  if [[ $rc -ne 0 ]] || compgen -G "build-fuzz/$t-crash-*" >/dev/null ||
+     compgen -G "build-fuzz/$t-leak-*" >/dev/null || compgen -G "build-fuzz/$t-oom-*" >/dev/null ||
+     [[ -z "$units" || "$units" -eq 0 ]]; then
+    echo "fuzz: $t failed (exit $rc, ${units:-no} inputs run): $(ls build-fuzz/"$t"-* 2>/dev/null)"
+    tail -30 build-fuzz/"$t".log
     exit 1
   fi
 done

@@ -20,8 +20,8 @@ int main(int argc, char** argv) {
   auto* pack_cmd = app.add_subcommand("pack", "Pack a source dataset into sluice shards");
   pack_cmd
       ->add_option("SRC", pack.sources,
-                   "Source: a directory tree (one file per sample, parent directory name = "
-                   "label), a .npy array, or a token file (--format tokens --seq-len N)")
+                   "Source: a directory tree (one file per sample, label = the first directory "
+                   "under it), a .npy array, or a token file (--format tokens --seq-len N)")
       ->required();
   pack_cmd->add_option("-o,--output", pack.output, "Destination dataset directory")->required();
   pack_cmd->add_option("--format", pack.format, "Source format")

@@ -1,6 +1,6 @@
 // `sluice pack`: into a packed dataset, from a directory tree (one file per sample and the
-// parent directory's name as the label: torchvision's ImageFolder layout), or from a source the
-// loader also reads in place (a .npy array, a token file), sample by sample.
+// first directory under the root as the label: torchvision's ImageFolder layout), or from a source
+// the loader also reads in place (a .npy array, a token file), sample by sample.
 
 #include <sluice/sluice.h>
 

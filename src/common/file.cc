@@ -1,8 +1,10 @@
 #include "common/file.h"
 
 #include "common/errors.h"
+#include "common/log.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -69,6 +71,30 @@ uint64_t file_size(int fd, const std::string& what) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) fail_errno(errno, "stat " + what);
   return static_cast<uint64_t>(st.st_size);
+}
+
+void reserve_descriptors(uint64_t count, const std::string& what) {
+  constexpr uint64_t kMargin = 64;  // sockets, the IO engine's ring, files the program has open
+  uint64_t open_now = 0;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+    ++open_now;
+  const uint64_t want = open_now + count + kMargin;
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY ||
+      lim.rlim_cur >= want)
+    return;
+  if (lim.rlim_max != RLIM_INFINITY && lim.rlim_max < want)
+    fail(ErrorCode::kIo,
+         "{} needs about {} open files ({} of its own, {} open already), but this process may "
+         "open {} (ulimit -n, hard limit {}): raise the limit, e.g. ulimit -n {}",
+         what, want, count, open_now, lim.rlim_cur, lim.rlim_max, want);
+  const rlim_t before = lim.rlim_cur;
+  lim.rlim_cur = want;
+  if (::setrlimit(RLIMIT_NOFILE, &lim) == 0)
+    log_line(fmt::format("{}: raised the open-file limit from {} to {} (ulimit -n)", what, before,
+                         want));
 }
 
 }  // namespace sluice::detail

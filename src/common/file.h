@@ -49,4 +49,9 @@ void fsync_or_throw(int fd, const std::string& what);
 void fsync_dir(const std::filesystem::path& dir);
 uint64_t file_size(int fd, const std::string& what);
 
+/// Makes room for `count` more open descriptors (plus a margin) under RLIMIT_NOFILE: raises the
+/// soft limit toward the hard one when needed, saying so once. Throws Error(kIo) naming `what`
+/// and how many are needed when even the hard limit is too low.
+void reserve_descriptors(uint64_t count, const std::string& what);
+
 }  // namespace sluice::detail

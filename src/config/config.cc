@@ -2,6 +2,9 @@
 
 #include "common/errors.h"
 
+#include <fmt/ranges.h>
+
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
@@ -296,6 +299,17 @@ bool is_section(std::string_view key) {
   return false;
 }
 
+// For an override of a whole section with a scalar (Python's shuffle="none"): "expected a
+// mapping of mode, block_size, buffer_size (e.g. shuffle: {mode: ...}), got "none"".
+std::string section_expected(const std::string& section, const YAML::Node& got) {
+  std::vector<std::string> keys;
+  for (const auto& [name, _] : setters())
+    if (name.starts_with(section) && name.size() > section.size() && name[section.size()] == '.')
+      keys.emplace_back(name.substr(section.size() + 1));
+  return fmt::format("expected a mapping of {} (e.g. {}: {{{}: ...}}), got {}",
+                     fmt::join(keys, ", "), section, keys.front(), shown(got));
+}
+
 void apply_map(LoaderOptions& o, const YAML::Node& map, const std::string& prefix,
                const Context& ctx) {
   std::set<std::string> seen;
@@ -308,6 +322,8 @@ void apply_map(LoaderOptions& o, const YAML::Node& map, const std::string& prefi
       apply_map(o, kv.second, key + ".", ctx);
     } else if (const Setter* s = find_setter(key)) {
       (*s)(o, kv.second, ctx);
+    } else if (key == "dataset" && kv.second.IsScalar()) {  // dataset: PATH, a shorthand
+      (*find_setter("dataset.path"))(o, kv.second, ctx);
     } else if (is_section(key)) {
       config_error(ctx, kv.second, key,
                    fmt::format("expected a mapping, got {}", shown(kv.second)));
@@ -336,6 +352,9 @@ LoaderOptions LoaderOptions::from_yaml_string(std::string_view text, const std::
   YAML::Node root;
   try {
     root = YAML::Load(std::string(text));
+  } catch (const YAML::DeepRecursion& e) {
+    detail::fail(ErrorCode::kConfig, "{}:{}:{}: invalid YAML: nested too deeply", source,
+                 e.mark.line + 1, e.mark.column + 1);
   } catch (const YAML::Exception& e) {
     detail::fail(ErrorCode::kConfig, "{}:{}:{}: invalid YAML: {}", source, e.mark.line + 1,
                  e.mark.column + 1, e.msg);
@@ -351,6 +370,11 @@ LoaderOptions LoaderOptions::from_yaml_string(std::string_view text, const std::
 }
 
 LoaderOptions LoaderOptions::from_yaml(const fs::path& path) {
+  if (std::error_code ec; fs::is_directory(path, ec))
+    detail::fail(ErrorCode::kConfig,
+                 "{}: a directory, not a config file (for a dataset there, give a config with "
+                 "dataset.path, or in Python sluice.Loader({{\"dataset\": PATH}}))",
+                 path.string());
   std::ifstream in(path);
   if (!in) {
     std::error_code ec;
@@ -367,13 +391,16 @@ LoaderOptions LoaderOptions::from_yaml(const fs::path& path) {
 void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
   const Setter* s = find_setter(key);
   std::string source = fmt::format("override {}", key);
-  if (!s) detail::fail(ErrorCode::kConfig, "{}: unknown key", key);
   YAML::Node node;
   try {
     node = YAML::Load(std::string(yaml_value));
   } catch (const YAML::Exception& e) {
     detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
   }
+  if (!s && key == "dataset" && node.IsScalar()) s = find_setter("dataset.path");  // shorthand
+  if (!s && is_section(key))
+    detail::fail(ErrorCode::kConfig, "{}: {}", key, section_expected(std::string(key), node));
+  if (!s) detail::fail(ErrorCode::kConfig, "{}: unknown key", key);
   fs::path cwd = fs::current_path();
   const std::string overrides = "override";
   Context ctx{overrides, cwd};

@@ -1,11 +1,15 @@
 #include "common/check.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/log.h"
 #include "format/layout.h"
 #include "index/tar_index.h"
 
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +17,7 @@
 #include <charconv>
 #include <cstring>
 #include <optional>
+#include <set>
 
 namespace sluice {
 
@@ -185,6 +190,9 @@ std::shared_ptr<Dataset> Dataset::open(const fs::path& dir, const DatasetOpenOpt
     first += s.num_samples;
   }
   impl->shards.reserve(impl->manifest.shards.size());
+  detail::reserve_descriptors(
+      impl->manifest.shards.size(),
+      fmt::format("{} ({} shards)", impl->dir.string(), impl->manifest.shards.size()));
   for (uint32_t i = 0; i < impl->manifest.shards.size(); ++i)
     impl->open_shard(i, options.allow_absent_shards);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
@@ -318,14 +326,37 @@ int Dataset::open_sample(uint64_t index, bool direct) const {
   if (name.empty())
     fail(ErrorCode::kInvalidArgument, "{}: sample {}: not a files dataset", impl_->dir.string(),
          index);
-  int fd = ::openat(impl_->shards[0].fd.get(), name.c_str(),
-                    O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+  // RESOLVE_BENEATH: no path (nor a link replaced since the listing) leads out of the tree.
+  open_how how{};
+  how.flags = O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0);
+  how.resolve = RESOLVE_BENEATH;
+  int fd = static_cast<int>(
+      ::syscall(SYS_openat2, impl_->shards[0].fd.get(), name.c_str(), &how, sizeof how));
+  if (fd < 0 && errno == ENOSYS)  // before Linux 5.6: the listing's check stands alone
+    fd = ::openat(impl_->shards[0].fd.get(), name.c_str(), static_cast<int>(how.flags));
+  const std::string path = (impl_->dir / name).string();
   if (fd < 0) {
     int err = errno;
     throw Error(err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIo,
-                fmt::format("{}: sample {}: open: {}", (impl_->dir / name).string(), index,
-                            detail::errno_text(err)),
+                fmt::format("{}: sample {}: open: {}{}", path, index, detail::errno_text(err),
+                            err == EXDEV ? " (a symbolic link now leads out of the tree)" : ""),
                 err);
+  }
+  // The listing's size is what the sample is: a file that has changed since would be read cut
+  // short or cut off without a word.
+  struct stat st {};
+  const uint64_t listed = impl_->files->sizes[index];
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    detail::fail_errno(err, "stat " + path);
+  }
+  if (static_cast<uint64_t>(st.st_size) != listed) {
+    ::close(fd);
+    fail(ErrorCode::kCorruption,
+         "{}: sample {}: size changed since the tree was listed ({} bytes then, {} now); list "
+         "it again (a new Loader) after changing files",
+         path, index, listed, st.st_size);
   }
   return fd;
 }
@@ -550,6 +581,11 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
+// A files tree is listed once. Labels are torchvision's ImageFolder's: the first directory
+// under the root (ROOT/cat/train/a.jpg is a "cat"). Symbolic links are followed while they stay
+// inside the root (a class directory linked from elsewhere in the tree, a deduplicated file);
+// one that leads out of it is skipped, with a warning, and never read (reads open files with
+// RESOLVE_BENEATH, so a link changed later cannot lead out either). Hidden entries are skipped.
 std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   std::error_code ec;
   if (!fs::exists(root, ec))
@@ -557,37 +593,78 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   if (!fs::is_directory(root, ec))
     fail(ErrorCode::kInvalidArgument,
          "{}: not a directory (format files takes a tree of class directories)", root.string());
+  const fs::path real_root = fs::canonical(root, ec);
+  if (ec) detail::fail_errno(ec.value(), "resolve " + root.string());
   struct Entry {
     std::string rel, label;
+    std::string open_as;  // rel, or for an entry reached through links, the path they lead to
     uint64_t size;
   };
   std::vector<Entry> entries;
-  auto it = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
+  std::vector<std::string> outside;       // links that lead out of the tree, skipped
+  std::set<fs::path> entered{real_root};  // directories reached through links: no cycles
+  std::vector<std::string> linked_dirs;   // listed paths of directories entered through links
+  auto inside = [&](const fs::path& real) {
+    auto rel = real.lexically_relative(real_root);
+    return !rel.empty() && *rel.begin() != "..";
+  };
+  auto it =
+      fs::recursive_directory_iterator(root, fs::directory_options::follow_directory_symlink, ec);
   if (ec) detail::fail_errno(ec.value(), "list " + root.string());
   for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (ec) detail::fail_errno(ec.value(), "list " + it->path().string());
-    if (it->path().filename().string().starts_with(".")) {  // hidden: skipped, not entered
-      if (it->is_directory()) it.disable_recursion_pending();
+    const fs::path& path = it->path();
+    if (path.filename().string().starts_with(".")) {  // hidden: skipped, not entered
+      if (it->is_directory(ec)) it.disable_recursion_pending();
       continue;
     }
+    if (it->is_symlink(ec)) {
+      fs::path real = fs::canonical(path, ec);
+      if (ec || !inside(real)) {
+        outside.push_back(path.string() + (ec ? " (dangling)" : " -> " + real.string()));
+        ec.clear();
+        if (it->is_directory(ec)) it.disable_recursion_pending();
+        continue;
+      }
+      if (fs::is_directory(real, ec)) {
+        if (!entered.insert(real).second)
+          it.disable_recursion_pending();  // a cycle
+        else
+          linked_dirs.push_back(path.string() + "/");
+        continue;
+      }
+    }
     if (!it->is_regular_file(ec)) continue;
-    fs::path rel = it->path().lexically_relative(root);
+    fs::path rel = path.lexically_relative(root);
+    // Reached through a link: read by the path it resolves to (links in it checked above), so
+    // that opening it follows no link at all.
+    fs::path open_as = rel;
+    const bool linked = it->is_symlink(ec) || std::any_of(linked_dirs.begin(), linked_dirs.end(),
+                                                          [&](const std::string& d) {
+                                                            return path.string().starts_with(d);
+                                                          });
+    if (linked) open_as = fs::canonical(path, ec).lexically_relative(real_root);
+    if (ec) detail::fail_errno(ec.value(), "resolve " + path.string());
     if (!rel.has_parent_path())
       fail(ErrorCode::kInvalidArgument,
-           "{}: not inside a class directory (expected ROOT/<label>/<file>)", it->path().string());
+           "{}: not inside a class directory (expected ROOT/<label>/.../<file>)", path.string());
     uint64_t size = it->file_size(ec);
-    if (ec) detail::fail_errno(ec.value(), "stat " + it->path().string());
+    if (ec) detail::fail_errno(ec.value(), "stat " + path.string());
     if (size > UINT32_MAX)
-      fail(ErrorCode::kUnsupported, "{}: {} bytes: samples are at most 4 GiB", it->path().string(),
-           size);
-    entries.push_back({rel.string(), it->path().parent_path().filename().string(), size});
+      fail(ErrorCode::kUnsupported, "{}: {} bytes: samples are at most 4 GiB", path.string(), size);
+    entries.push_back({rel.string(), rel.begin()->string(), open_as.string(), size});
   }
+  if (!outside.empty())
+    detail::log_line(
+        fmt::format("{}: skipped {} symbolic link{} leading out of the tree (not read): {}{}",
+                    root.string(), outside.size(), outside.size() == 1 ? "" : "s", outside.front(),
+                    outside.size() > 1 ? ", ..." : ""));
   if (entries.empty()) fail(ErrorCode::kInvalidArgument, "{}: no files", root.string());
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return a.rel < b.rel; });
 
   auto impl = std::make_unique<Impl>();
-  impl->dir = fs::absolute(root);
+  impl->dir = real_root;
   Impl::Files f;
   std::vector<std::string>& classes = impl->manifest.classes;
   for (const auto& e : entries) classes.push_back(e.label);
@@ -596,7 +673,7 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   uint64_t total = 0;
   for (const auto& e : entries) {
     f.name_at.push_back(f.names.size());
-    f.names += e.rel;
+    f.names += e.open_as;
     f.sizes.push_back(static_cast<uint32_t>(e.size));
     f.labels.push_back(std::lower_bound(classes.begin(), classes.end(), e.label) - classes.begin());
     total += e.size;

@@ -27,6 +27,9 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
       detail::UniqueFd first(dataset.open_sample(0, true));
       probe_read(first.get(), std::string(dataset.sample_file(0)));
     } else {
+      detail::reserve_descriptors(
+          shards.size(), fmt::format("{} with O_DIRECT ({} shards, a second descriptor each)",
+                                     dataset.path().string(), shards.size()));
       for (const auto& s : shards)
         out.fds.push_back(s.local ? detail::open_file(s.path, O_RDONLY | O_DIRECT)
                                   : detail::UniqueFd{});

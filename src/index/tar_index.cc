@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "format/layout.h"
 
 #include <fcntl.h>
 #include <fmt/ranges.h>
@@ -23,7 +24,9 @@ using detail::fail;
 namespace {
 
 constexpr size_t kBlock = 512;
-constexpr char kCacheMagic[8] = {'S', 'L', 'T', 'A', 'R', 'I', 'X', '1'};
+// 2: the tar's inode, device and change time join its size and mtime, and the cache carries a
+// checksum of itself.
+constexpr char kCacheMagic[8] = {'S', 'L', 'T', 'A', 'R', 'I', 'X', '2'};
 
 // A numeric header field: octal text, or base-256 binary when the high bit is set (GNU).
 uint64_t tar_number(const char* p, size_t n) {
@@ -67,10 +70,17 @@ std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size
       fail(ErrorCode::kCorruption, "{}: bad tar header at offset {}: checksum {} != {}", label, at,
            stored, sum);
     const uint64_t n = tar_number(h + 124, 12), data = at + kBlock;
-    if (data + n > size)
+    if (data > size || n > size - data)  // compared without overflow: n may be near 2^64
       fail(ErrorCode::kCorruption, "{}: tar member at offset {} ({} bytes) runs past the end ({})",
            label, at, n, size);
     const char type = h[156];
+    // Long names and pax records are names and short key=value lists: a huge one is damage,
+    // not something to allocate for.
+    constexpr uint64_t kMaxHeaderData = 1 << 20;
+    if ((type == 'L' || type == 'x' || type == 'g') && n > kMaxHeaderData)
+      fail(ErrorCode::kCorruption,
+           "{}: tar {} header at offset {} says {} bytes (at most {} expected): damaged?", label,
+           type == 'L' ? "long-name" : "pax", at, n, kMaxHeaderData);
     std::string name = c_string(h, 100);
     if (std::memcmp(h + 257, "ustar", 5) == 0 && h[345]) name = c_string(h + 345, 155) + "/" + name;
     if (type == 'L' || type == 'x') {  // the next member's name: GNU long name, or pax path=
@@ -198,42 +208,60 @@ bool get(std::string_view& in, std::vector<T>& v) {
   return true;
 }
 
-std::string encode(const TarIndex& t, uint64_t size, int64_t mtime) {
-  std::string out(kCacheMagic, 8);
-  out.append(reinterpret_cast<const char*>(&size), 8);
-  out.append(reinterpret_cast<const char*>(&mtime), 8);
+// What identifies the tar a cache was made from. The change time moves with any write and
+// with any mtime set back by hand (utime updates it), which size and mtime alone miss.
+struct TarStamp {
+  uint64_t size = 0;
+  int64_t mtime = 0, ctime = 0;  // ns
+  uint64_t ino = 0, dev = 0;
+  bool operator==(const TarStamp&) const = default;
+};
+constexpr size_t kCacheHeader = 8 + sizeof(TarStamp) + 8;  // magic, stamp, payload checksum
+
+std::string encode(const TarIndex& t, const TarStamp& stamp) {
+  std::string payload;
   std::string names;
   for (const auto& f : t.fields) names += f + '\0';
-  put(out, std::vector<char>(names.begin(), names.end()));
-  put(out, t.is_int);
-  put(out, t.start);
-  put(out, t.span);
-  put(out, t.offset);
-  put(out, t.size);
-  put(out, t.ints);
-  return out;
+  put(payload, std::vector<char>(names.begin(), names.end()));
+  put(payload, t.is_int);
+  put(payload, t.start);
+  put(payload, t.span);
+  put(payload, t.offset);
+  put(payload, t.size);
+  put(payload, t.ints);
+  std::string out(kCacheMagic, 8);
+  out.append(reinterpret_cast<const char*>(&stamp), sizeof stamp);
+  const uint64_t sum = format::checksum64(payload.data(), payload.size());
+  out.append(reinterpret_cast<const char*>(&sum), 8);
+  return out + payload;
 }
 
-bool decode(std::string_view in, uint64_t size, int64_t mtime, TarIndex& t) {
-  if (in.size() < 24 || std::memcmp(in.data(), kCacheMagic, 8) != 0) return false;
-  uint64_t s;
-  int64_t m;
-  std::memcpy(&s, in.data() + 8, 8);
-  std::memcpy(&m, in.data() + 16, 8);
-  if (s != size || m != mtime) return false;  // the tar changed
-  in.remove_prefix(24);
+// A cache is used only when it was made from this very tar and is whole: anything else (another
+// tar, a damaged or cut cache) means a rescan, never an index that lies.
+bool decode(std::string_view in, const TarStamp& stamp, TarIndex& t) {
+  if (in.size() < kCacheHeader || std::memcmp(in.data(), kCacheMagic, 8) != 0) return false;
+  TarStamp cached;
+  uint64_t sum;
+  std::memcpy(&cached, in.data() + 8, sizeof cached);
+  std::memcpy(&sum, in.data() + 8 + sizeof cached, 8);
+  in.remove_prefix(kCacheHeader);
+  if (!(cached == stamp) || format::checksum64(in.data(), in.size()) != sum) return false;
   std::vector<char> names;
   if (!get(in, names) || !get(in, t.is_int) || !get(in, t.start) || !get(in, t.span) ||
-      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints))
+      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints) || !in.empty())
     return false;
   for (size_t p = 0; p < names.size();) {
-    std::string f(names.data() + p);
+    std::string f(names.data() + p, strnlen(names.data() + p, names.size() - p));
     p += f.size() + 1;
     t.fields.push_back(f);
   }
   const size_t n = t.start.size(), nf = t.fields.size();
-  return nf > 0 && t.is_int.size() == nf && t.span.size() == n && t.offset.size() == n * nf &&
-         t.size.size() == n * nf && t.ints.size() == n * nf;
+  if (!(nf > 0 && t.is_int.size() == nf && t.span.size() == n && t.offset.size() == n * nf &&
+        t.size.size() == n * nf && t.ints.size() == n * nf))
+    return false;
+  for (size_t i = 0; i < n; ++i)  // every sample inside the tar, as the scan would have it
+    if (t.start[i] > stamp.size || t.span[i] > stamp.size - t.start[i]) return false;
+  return true;
 }
 
 fs::path user_cache_path(const fs::path& tar) {
@@ -266,16 +294,21 @@ fs::path tar_index_cache_path(const fs::path& tar) { return tar.string() + ".slu
 TarIndex load_tar_index(const fs::path& tar, int fd, uint64_t size) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) detail::fail_errno(errno, "stat " + tar.string());
-  const int64_t mtime = int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
+  TarStamp stamp;
+  stamp.size = size;
+  stamp.mtime = int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
+  stamp.ctime = int64_t{st.st_ctim.tv_sec} * 1000000000 + st.st_ctim.tv_nsec;
+  stamp.ino = st.st_ino;
+  stamp.dev = st.st_dev;
   for (const fs::path& cache : {tar_index_cache_path(tar), user_cache_path(tar)}) {
     std::ifstream f(cache, std::ios::binary);
     if (!f) continue;
     std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
     TarIndex t;
-    if (decode(bytes, size, mtime, t)) return t;
+    if (decode(bytes, stamp, t)) return t;
   }
   TarIndex t = scan_tar(tar.string(), fd, size);
-  std::string bytes = encode(t, size, mtime);
+  std::string bytes = encode(t, stamp);
   if (!write_atomically(tar_index_cache_path(tar), bytes))  // read-only beside the data
     write_atomically(user_cache_path(tar), bytes);          // best effort: a rescan is correct
   return t;

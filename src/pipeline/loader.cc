@@ -498,9 +498,28 @@ class LoaderImpl final : public Loader {
           pool_->release(std::move(storage));
         }
         if (cancel_) return;
-        publish(step, {nullptr, std::current_exception()});
+        publish(step, {nullptr, out_of_memory_named(std::current_exception(), step)});
         return;
       }
+    }
+  }
+
+  // A bare std::bad_alloc says nothing a user can act on: name the batch and what it needs.
+  std::exception_ptr out_of_memory_named(std::exception_ptr error, uint64_t step) const {
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::bad_alloc&) {
+      const uint64_t n = std::max<uint64_t>(dataset_->num_samples(), 1);
+      const uint64_t per_batch = dataset_->total_bytes() / n * options_.batch_size;
+      return std::make_exception_ptr(
+          Error(ErrorCode::kIo,
+                fmt::format("{}: out of memory building batch {} (batch_size {}, about {} MB each, "
+                            "{} in flight): lower batch_size, prefetch or io.threads",
+                            dataset_->path().string(), step, options_.batch_size, per_batch >> 20,
+                            options_.prefetch + options_.io.threads),
+                ENOMEM));
+    } catch (...) {
+      return error;
     }
   }
 

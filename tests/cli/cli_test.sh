@@ -73,7 +73,9 @@ check "order --json" bash -c "'$SLUICE' order '$TMP/train.yaml' --rank 1 --world
 check "bench --epochs 1" bash -c "'$SLUICE' bench '$TMP/train.yaml' --epochs 1 --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"samples\"] == 211 and d[\"batches\"] == 27 and 0 <= d[\"wait_fraction\"] <= 1, d'"
 "$SLUICE" bench "$TMP/train.yaml" --seconds 60 --json > "$TMP/bench.json" 2>/dev/null &
 pid=$!
-sleep 0.5
+# Ready once it reads: the loader has the dataset's shards open.
+for _ in $(seq 1 1000); do ls -l /proc/$pid/fd 2>/dev/null | grep -q "shard-" && break; sleep 0.01; done
+check "bench: started reading before the Ctrl-C" bash -c "ls -l /proc/$pid/fd | grep -q shard-"
 start=$(date +%s)
 kill -INT $pid
 rc=0; wait $pid || rc=$?
@@ -119,15 +121,17 @@ for _ in $(seq 1 2000); do  # until the pack has closed a few shards (at most ~1
   kill -0 $pid 2>/dev/null || break
   sleep 0.005
 done
+# The kill must land mid-pack (the input is ~120 shards): a pack that finished first would make
+# this check vacuous, so that fails too.
+check "killed pack: still packing at the kill" kill -0 $pid
 kill -9 $pid 2>/dev/null || true
 wait $pid 2>/dev/null || true
-if [[ -e "$TMP/killed" ]]; then
-  check "killed pack: complete if present" "$SLUICE" verify "$TMP/killed"
-else
-  partial=$(ls -d "$TMP"/.killed.partial-* 2>/dev/null | head -1)
-  check "killed pack: left a hidden staging dir" test -n "$partial"
-  expect_fail "killed pack: staging dir is no dataset" "not a packed sluice dataset" "$SLUICE" inspect "$partial"
-fi
+check "killed pack: no destination" test ! -e "$TMP/killed"
+partial=$(ls -d "$TMP"/.killed.partial-* 2>/dev/null | head -1)
+check "killed pack: left a hidden staging dir" test -n "$partial"
+expect_fail "killed pack: staging dir is no dataset" "not a packed sluice dataset" "$SLUICE" inspect "$partial"
+"$SLUICE" pack "$TMP/many" -o "$TMP/killed" --shard-size 1M >/dev/null
+check "killed pack: a second pack completes and verifies" "$SLUICE" verify "$TMP/killed"
 
 # ENOSPC while packing (a 4 MiB tmpfs; needs root to mount, skipped otherwise): a clear error
 # and no destination that looks like a dataset.

@@ -20,12 +20,29 @@ python3 "$SRC/examples/make_image_folder.py" "$TMP/images" --classes 3 --per-cla
 printf 'dataset: {path: ds}\nbatch_size: 5\ndistributed: {rank: 0, world_size: 1}\n' > "$TMP/t.yaml"
 out=$("$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 2>/dev/null)
 echo "$out" | grep -q "epoch 1: 120 batches, 600 samples" || { echo "FAIL: cpp_trainer: $out"; exit 1; }
-# Killed mid-run, it resumes from its state file and finishes (exactness of the rest is
-# checked in tests/pipeline).
-"$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 "$TMP/state" >/dev/null 2>&1 &
-pid=$!
-for _ in $(seq 1 500); do [[ -s "$TMP/state" ]] && break; sleep 0.01; done
-kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
-"$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 "$TMP/state" > "$TMP/resumed" 2>/dev/null
-grep -q "resumed at" "$TMP/resumed" || grep -q "epoch 1:" "$TMP/resumed" || { echo "FAIL: no resume"; exit 1; }
+# Killed with SIGKILL ten times at different points, it always finds a whole state file and
+# resumes exactly where that file says; then it finishes. A damaged state file is an error.
+state="$TMP/state"
+for k in $(seq 1 10); do
+  "$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 "$state" > "$TMP/run$k" 2>&1 &
+  pid=$!
+  sleep "0.$(( (k * 37) % 9 + 1 ))"
+  kill -9 $pid 2>/dev/null || true
+  wait $pid 2>/dev/null || true
+  if [[ ! -e "$state" ]]; then
+    grep -q "no state file yet" "$TMP/run$k" || { echo "FAIL: run $k: no state and no fresh start"; exit 1; }
+    continue
+  fi
+  read -r e p < "$state" || { echo "FAIL: kill $k left an empty or torn state file"; exit 1; }
+  [[ "$e" =~ ^[0-9]+$ && "$p" =~ ^[0-9]+$ ]] || { echo "FAIL: kill $k: state \"$e $p\""; exit 1; }
+  next=$("$TMP/examples/cpp_trainer" "$TMP/t.yaml" 0 "$state" 2>/dev/null | head -1)
+  [[ "$next" == "resumed at epoch $e, position $p" ]] || { echo "FAIL: kill $k: state $e $p, then: $next"; exit 1; }
+done
+"$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 "$state" > "$TMP/resumed" 2>&1 || { echo "FAIL: $(cat "$TMP/resumed")"; exit 1; }
+grep -q "resumed at" "$TMP/resumed" || { echo "FAIL: the last run did not resume"; exit 1; }
+printf 'garbage' > "$state"
+if "$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 "$state" > "$TMP/bad" 2>&1; then
+  echo "FAIL: a damaged state file started a fresh run"; exit 1
+fi
+grep -q "not a state file" "$TMP/bad" || { echo "FAIL: $(cat "$TMP/bad")"; exit 1; }
 echo "1 passed, 0 failed"

@@ -79,7 +79,10 @@ check "and still serve whole epochs ($again_n)" test "$again_n" = "$local_n"
 # Server a dies a second into a 3-second run: the replica b serves the rest.
 "$SLUICE" bench "$TMP/both.yaml" --seconds 3 --json > "$TMP/failover.json" 2> "$TMP/failover.err" &
 bench=$!
-sleep 1
+# Mid-run: once the loader is connected to a (its handshake connection to a's port).
+a_port=${a_addr##*:}
+for _ in $(seq 1 500); do ss -tn state established "( dport = :$a_port )" | grep -q ":$a_port" && break; sleep 0.01; done
+check "failover: the loader reads from a before a dies" bash -c "ss -tn state established '( dport = :$a_port )' | grep -q ':$a_port'"
 kill -9 "$a_pid"
 wait $bench
 rc=$?

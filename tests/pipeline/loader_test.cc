@@ -109,9 +109,20 @@ TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
           o.shuffle.buffer_size = 70;
           auto loader = Loader::open(o);
           size_t batches = 0;
-          expect_exactly_once(epoch(*loader, &batches), kSamples);
+          std::vector<uint64_t> got = epoch(*loader, &batches);
+          expect_exactly_once(got, kSamples);
           EXPECT_EQ(batches, loader->num_batches());
-          // The delivery order is the sampler's.
+          // The delivery order is the sampler's, whatever the engine and threads.
+          Sampler sampler(o.sampler_options(), kSamples, Dataset::open(dir())->shard_sizes());
+          RankPlan plan = sampler.plan({0, 0}, 0, 1);
+          std::vector<uint64_t> want;
+          std::vector<SampleRef> refs;
+          for (uint64_t step = 0; step < plan.num_batches(); ++step) {
+            plan.batch(step, refs);
+            for (const SampleRef& r : refs)
+              if (!r.padding) want.push_back(r.index);
+          }
+          EXPECT_EQ(got, want);
         }
 }
 

@@ -233,6 +233,23 @@ def test_config_errors_are_value_errors(mixed: Path, tmp_path: Path) -> None:
         sluice.Loader(42)  # type: ignore[arg-type]
 
 
+def test_keyword_overrides_of_sections_say_what_they_expect(mixed: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r'shuffle: expected a mapping of mode, .* got "none"'):
+        sluice.Loader(config(mixed), shuffle="none")
+    with pytest.raises(ValueError, match=r"io: expected a mapping of engine, .* got nothing"):
+        sluice.Loader(config(mixed), io=None)
+    # dataset=PATH is the shorthand for dataset.path, as a keyword and in a dict or YAML file.
+    assert len(sluice.Loader({"batch_size": 32}, dataset=str(mixed))) == N // 32
+    assert len(sluice.Loader({"dataset": str(mixed), "batch_size": 32})) == N // 32
+    (tmp_path / "short.yaml").write_text(f"dataset: {mixed}\nbatch_size: 32\n")
+    assert len(sluice.Loader(tmp_path / "short.yaml")) == N // 32
+    with pytest.raises(ValueError, match=r"a directory, not a config file"):
+        sluice.Loader(mixed)
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.yaml:1:\d+: invalid YAML: nested too deeply"):
+        sluice.Loader(tmp_path / "deep.yaml")
+
+
 def test_missing_dataset_and_config_are_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as e:
         sluice.Loader({"dataset": {"path": str(tmp_path / "nope")}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import subprocess
 
 import numpy as np
@@ -172,6 +173,76 @@ def test_files_errors_name_the_file(tmp_path: Path) -> None:
     assert files
 
 
+def files_epoch(root: Path) -> dict[int, tuple[bytes, int]]:
+    """index -> (bytes, label) of one epoch over a files tree."""
+    out = {}
+    cfg = {"dataset": {"path": str(root), "format": "files"}, "batch_size": 4, "drop_last": False}
+    for b in sluice.Loader(cfg, rank=0, world_size=1):
+        data, offsets = b["data"].numpy(), b["data_offsets"].numpy()
+        for k, i in enumerate(b["index"].tolist()):
+            out[i] = (data[offsets[k] : offsets[k + 1]].tobytes(), b["label"][k].item())
+    return out
+
+
+def test_nested_trees_are_labelled_by_their_first_directory(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    for rel in ["cat/train/a.jpg", "cat/val/b.jpg", "dog/train/c.jpg", "dog/val/deep/d.jpg"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    loader = sluice.Loader({"dataset": {"path": str(root), "format": "files"}}, rank=0, world_size=1)
+    assert loader.classes == ["cat", "dog"]  # as torchvision's ImageFolder: not train / val
+    got = files_epoch(root)
+    assert {d.decode(): label for d, label in got.values()} == {
+        "cat/train/a.jpg": 0, "cat/val/b.jpg": 0, "dog/train/c.jpg": 1, "dog/val/deep/d.jpg": 1}
+    if CLI.exists():  # sluice pack labels alike
+        subprocess.run([CLI, "pack", root, "-o", tmp_path / "packed"], check=True, capture_output=True)
+        ds = sluice.Dataset(str(tmp_path / "packed"))
+        assert ds.classes == ["cat", "dog"]
+        labels = {ds.sample(i)["data"].decode(): np.frombuffer(ds.sample(i)["label"], np.int64)[0]
+                  for i in range(len(ds))}
+        assert labels["dog/val/deep/d.jpg"] == 1 and labels["cat/val/b.jpg"] == 0
+
+
+def test_a_file_that_grew_or_shrank_after_listing_is_an_error(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree", per_class=3)
+    cfg = {"dataset": {"path": str(tmp_path / "tree"), "format": "files"}, "batch_size": 9}
+    for change in (b"more", None):
+        loader = sluice.Loader(cfg, rank=0, world_size=1)
+        f = tmp_path / "tree" / "dog" / "0001.bin"
+        data = f.read_bytes()
+        f.write_bytes(data + change if change else data[: len(data) // 2])
+        with pytest.raises(sluice.CorruptionError,
+                           match=r"dog/0001.bin: sample 4: size changed since the tree was listed"):
+            list(b["index"] for b in loader)
+        f.write_bytes(data)
+
+
+def test_symbolic_links_inside_the_tree_are_followed_and_outside_skipped(
+        tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tree"
+    make_tree(root, per_class=2)
+    (tmp_path / "secret").write_bytes(b"outside the tree")
+    (root / "cat" / "leak.bin").symlink_to(tmp_path / "secret")       # a file outside: skipped
+    (root / "outer").symlink_to(tmp_path, target_is_directory=True)   # a class outside: skipped
+    (root / "lynx").symlink_to(root / "cat", target_is_directory=True)  # a class inside: followed
+    (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)  # a cycle
+    (root / "eel" / "dup.bin").symlink_to(root / "eel" / "0000.bin")  # a file inside: followed
+    loader = sluice.Loader({"dataset": {"path": str(root), "format": "files"}}, rank=0, world_size=1)
+    assert loader.classes == ["cat", "dog", "eel", "lynx"]
+    err = capfd.readouterr().err
+    assert "skipped 3 symbolic links leading out of the tree" in err, err  # leak.bin twice (via lynx)
+    got = files_epoch(root)
+    assert all(d != b"outside the tree" for d, _ in got.values())
+    assert len(got) == 2 * 3 + 2 + 1 + 2  # cat, dog, eel; lynx's two; eel/dup.bin; dog/again's two
+    # A file replaced by a link after the listing cannot lead out either.
+    loader = sluice.Loader({"dataset": {"path": str(root), "format": "files"}, "batch_size": 4,
+                            "drop_last": False}, rank=0, world_size=1)
+    (root / "eel" / "0001.bin").unlink()
+    (root / "eel" / "0001.bin").symlink_to(Path("..") / ".." / "secret")
+    with pytest.raises(OSError, match=r"eel/0001.bin: sample \d+: open: .*leads out of the tree"):
+        list(b["index"] for b in loader)
+
+
 def write_shards(root: Path, shards: int = 3, per_shard: int = 50) -> list[dict]:
     """WebDataset shards made with webdataset's own TarWriter; returns each sample's fields."""
     import webdataset as wds
@@ -226,6 +297,37 @@ def test_tar_index_is_cached_and_a_changed_tar_rescanned(tmp_path: Path) -> None
     assert len(sluice.Dataset(str(tar))) == 4
 
 
+def tar_labels(tar: Path) -> list[int]:
+    cfg = {"dataset": {"path": str(tar), "format": "tar"}, "batch_size": 10, "drop_last": False,
+           "shuffle": {"mode": "none"}}
+    return [v for b in sluice.Loader(cfg, rank=0, world_size=1) for v in b["cls"].tolist()]
+
+
+def test_a_tar_rewritten_with_its_size_and_mtime_kept_is_rescanned(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    tar = tmp_path / "t.tar"
+
+    def write(label: str) -> None:
+        with wds.TarWriter(str(tar)) as w:
+            for i in range(10):
+                w.write({"__key__": f"k{i}", "jpg": b"x" * 100, "cls": label.encode()})
+
+    write("1")
+    stat = tar.stat()
+    assert tar_labels(tar) == [1] * 10  # scanned, and the index cached beside it
+    write("2")  # the same size, new labels...
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the old mtime put back
+    assert tar.stat().st_size == stat.st_size and tar.stat().st_mtime_ns == stat.st_mtime_ns
+    assert tar_labels(tar) == [2] * 10
+    # A damaged cache is not believed either.
+    cache = Path(str(tar) + ".sluice-index")
+    data = bytearray(cache.read_bytes())
+    data[-9] ^= 0x01  # inside the labels
+    cache.write_bytes(bytes(data))
+    assert tar_labels(tar) == [2] * 10
+
+
 def test_bad_tars_name_the_file(tmp_path: Path) -> None:
     write_shards(tmp_path / "wds", shards=1, per_shard=5)
     tar = tmp_path / "wds" / "shard-0000.tar"
@@ -237,6 +339,31 @@ def test_bad_tars_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "cut.tar").write_bytes(tar.read_bytes()[:3000])
     with pytest.raises(sluice.CorruptionError, match=r"cut.tar: (tar member .* runs past|truncated)"):
         sluice.Dataset(str(tmp_path / "cut.tar"))
+
+
+def tar_header(name: bytes, size_field: bytes, typeflag: bytes) -> bytes:
+    """One 512-byte ustar header with `size_field` (12 bytes) as given and a valid checksum."""
+    h = bytearray(512)
+    h[0 : len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[124:136] = size_field
+    h[156:157] = typeflag
+    h[257:263] = b"ustar\0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    assert len(h) == 512
+    return bytes(h)
+
+
+@pytest.mark.parametrize("typeflag", [b"0", b"L"])
+def test_absurd_tar_sizes_fail_at_once_naming_file_and_offset(tmp_path: Path, typeflag: bytes) -> None:
+    # Base-256 sizes (GNU): 2^64 - 512 for a member, 2^40 for a long name.
+    huge = b"\x80" + ((2**64 - 512) if typeflag == b"0" else 2**40).to_bytes(11, "big")
+    tar = tmp_path / "absurd.tar"
+    tar.write_bytes(tar_header(b"k0.jpg", b"%011o\0" % 3, b"0") + b"abc".ljust(512, b"\0")
+                    + tar_header(b"k1.jpg", huge, typeflag) + b"\0" * 4096)
+    with pytest.raises(sluice.CorruptionError, match=r"absurd.tar: tar .* at offset 1024"):
+        sluice.Dataset(str(tar))
 
 
 @pytest.mark.skipif(not CLI.exists(), reason="no build/sluice (the CLI is built by scripts/test.sh)")
