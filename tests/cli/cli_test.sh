@@ -110,6 +110,16 @@ expect_fail "verify truncated" "shard-00002.sluice: truncated" "$SLUICE" verify 
 rm "$TMP/bad/shard-00002.sluice"
 expect_fail "verify missing" "shard-00002.sluice: shard 2 is missing" "$SLUICE" verify "$TMP/bad"
 
+# More shards than the soft open-file limit allows: raised toward the hard limit, saying so;
+# with the hard limit too low, an error that says how many descriptors are needed.
+python3 "$(dirname "$0")/../../examples/make_image_folder.py" "$TMP/fds" --classes 2 --per-class 300 \
+  --min-bytes 3000 --max-bytes 5000 >/dev/null
+"$SLUICE" pack "$TMP/fds" -o "$TMP/fdds" --shard-size 8K >/dev/null
+check "many shards: the soft fd limit is raised" \
+  bash -c "ulimit -Sn 200; '$SLUICE' verify '$TMP/fdds' 2>&1 | grep -q 'raised the open-file limit'"
+expect_fail "many shards: a hard fd limit too low says how many" "needs about" \
+  bash -c "ulimit -n 200; exec '$SLUICE' verify '$TMP/fdds'"
+
 # A pack killed mid-way leaves no directory that looks complete: the destination either does
 # not exist or verifies, and the hidden staging directory is not a dataset.
 python3 "$(dirname "$0")/../../examples/make_image_folder.py" "$TMP/many" --classes 2 --per-class 1500 \
