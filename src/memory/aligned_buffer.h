@@ -2,6 +2,8 @@
 
 // Page-aligned host buffers: O_DIRECT destinations, batch storage, shard-server replies.
 
+#include "common/keep.h"
+
 #include <cstddef>
 #include <memory>
 
@@ -30,7 +32,7 @@ class AlignedBuffer {
   /// Gives up the memory without freeing it: reads that may still land in it (an IO engine
   /// past its deadline) must never find it reused. The buffer is empty afterwards.
   void leak() {
-    (void)data_.release();
+    detail::keep_forever(data_.release());
     capacity_ = 0;
   }
 

@@ -379,6 +379,7 @@ class ClientImpl final : public PeerClient {
       failed_ = true;
       return;
     }
+    note_reply_ep(param);
     auto it = by_id_.find(h->request_id);
     if (it == by_id_.end() || it->second->done) return;  // not ours (any more)
     Pending& p = *it->second;
@@ -422,6 +423,7 @@ class ClientImpl final : public PeerClient {
       failed_ = true;
       return;
     }
+    note_reply_ep(param);
     auto it = by_id_.find(h->request_id);
     if (it == by_id_.end() || !it->second->request) return;  // not ours (any more)
     Pending& p = *it->second;
@@ -438,6 +440,15 @@ class ClientImpl final : public PeerClient {
     if (dest.size() < h->size) dest = r.owned.emplace_back(h->size);
     p.separate[h->record] = 1;
     receive(p, h->record, data, dest.first(h->size), param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV);
+  }
+
+  // Replies come on the server's own endpoint to this worker; its end here is made by UCX
+  // (unless UCX matched it with ep_, as it may when both sides connect at once). It carries the
+  // receive side of rendezvous transfers (acknowledgements back to the server), so close()
+  // must close it too before the worker goes.
+  void note_reply_ep(const ucp_am_recv_param_t* param) {
+    if (!reply_ep_ && (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP))
+      reply_ep_ = param->reply_ep;
   }
 
   // Takes a message's data into `dest`: a copy for an eager message, else a rendezvous receive
@@ -500,17 +511,20 @@ class ClientImpl final : public PeerClient {
   }
 
   void close(bool force) {
-    if (!ep_) return;
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-    auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
-    ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(ep_, &p), until);
-    if (st == UCS_ERR_TIMED_OUT && !force) {
-      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      wait_request(worker_, ucp_ep_close_nbx(ep_, &p), Clock::now() + std::chrono::seconds(1));
+    if (reply_ep_ == ep_) reply_ep_ = nullptr;  // UCX matched the two endpoints into one
+    for (ucp_ep_h* ep : {&ep_, &reply_ep_}) {
+      if (!*ep) continue;
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
+      ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(*ep, &p), until);
+      if (st == UCS_ERR_TIMED_OUT && !force) {
+        p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+        wait_request(worker_, ucp_ep_close_nbx(*ep, &p), Clock::now() + std::chrono::seconds(1));
+      }
+      *ep = nullptr;
     }
-    ep_ = nullptr;
     worker_.progress();
     control_.reset();  // tells the server this session is over
   }
@@ -522,6 +536,7 @@ class ClientImpl final : public PeerClient {
   uint64_t conn_ = 0;             // the server's id of this session
   std::unique_ptr<Mac> session_;  // signs requests
   ucp_ep_h ep_ = nullptr;
+  ucp_ep_h reply_ep_ = nullptr;  // this worker's end of the server's endpoint (see note_reply_ep)
   uint64_t next_id_ = 0;
   std::unordered_map<uint64_t, Pending*> by_id_;
   std::vector<std::byte> raw_header_;

@@ -582,7 +582,9 @@ class ServerImpl final : public ShardServer {
   void post(ucp_ep_h ep, uint16_t id, const void* header, size_t header_bytes, const void* data,
             size_t bytes, Reply* reply) {
     ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY;  // the client closes its end of this endpoint too
     p.cb.send = &ServerImpl::on_sent;
     p.user_data = reply;
     ucs_status_ptr_t st = ucp_am_send_nbx(ep, id, header, header_bytes, data, bytes, &p);

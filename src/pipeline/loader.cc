@@ -13,6 +13,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/keep.h"
 #include "common/log.h"
 #include "format/layout.h"
 #include "index/direct.h"
@@ -491,9 +492,9 @@ class LoaderImpl final : public Loader {
         publish(step, {std::move(storage), nullptr});
       } catch (...) {
         if (scratch.reads_in_flight) {
-          (void)storage.release();
+          detail::keep_forever(storage.release());
           scratch.staging.leak();
-          (void)engine.release();
+          detail::keep_forever(engine.release());
         } else {
           pool_->release(std::move(storage));
         }
