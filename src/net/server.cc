@@ -837,7 +837,8 @@ class ServerImpl final : public ShardServer {
   // The IO engine on the dataset's files: O_DIRECT where the file system takes it (as the
   // loader does), so reads of records skip the page cache and its copy.
   void open_io() {
-    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "server io.direct");
+    DirectFiles direct =
+        open_direct(*dataset_, options_.io.direct, "server io.direct", memory_room());
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
     files_ = !dataset_->sample_file(0).empty();
@@ -864,12 +865,12 @@ class ServerImpl final : public ShardServer {
     std::string engine;
     io_ = std::make_unique<io::Service>(options_.io, fds,
                                         [&](const std::string& line) { engine = line; });
-    io_description_ =
-        fmt::format("{}; {}", engine,
-                    direct_ ? "direct I/O (O_DIRECT) on"
-                            : "reading through the page cache" +
-                                  std::string(maps_.empty() ? "" : ", large records sent from it") +
-                                  (direct.why_not.empty() ? "" : " (" + direct.why_not + ")"));
+    io_description_ = fmt::format(
+        "{}; {}", engine,
+        direct_ ? "direct I/O (O_DIRECT) on" + (direct.why.empty() ? "" : ": " + direct.why)
+                : "reading through the page cache" +
+                      std::string(maps_.empty() ? "" : ", large records sent from it") +
+                      (direct.why.empty() ? "" : " (" + direct.why + ")"));
   }
 
   std::shared_ptr<const Dataset> dataset_;

@@ -384,7 +384,7 @@ class LoaderImpl final : public Loader {
   void open_files() {
     const auto& shards = dataset_->shards();
     files_ = !dataset_->sample_file(0).empty();
-    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct");
+    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
     if (files_)
@@ -400,9 +400,12 @@ class LoaderImpl final : public Loader {
                            : 0;
     direct_to_batch_ = all_local && one_field_bytes_ > 0 && one_field_bytes_ % io_alignment_ == 0 &&
                        one_field_bytes_ <= UINT32_MAX;
-    if (options_.io.direct != DirectIo::kOff)
-      log_line(direct_ ? "direct I/O (O_DIRECT) on"
-                       : "direct I/O off, reading through the page cache: " + direct.why_not);
+    if (options_.io.direct == DirectIo::kAuto)
+      log_line((direct_ ? "direct I/O (O_DIRECT) on: "
+                        : "direct I/O off, reading through the page cache: ") +
+               direct.why);
+    else if (options_.io.direct == DirectIo::kOn)
+      log_line("direct I/O (O_DIRECT) on");
   }
 
   void start_threads() {

@@ -66,7 +66,7 @@ class ServerTest : public ::testing::Test {
     // Records up to 96 KiB: replies of many of them go by rendezvous, small ones eagerly.
     testing::write_dataset(dir(), kSamples, 96 << 10, 1 << 20);
     dataset_ = Dataset::open(dir());
-    restart(DirectIo::kAuto);
+    restart(testing::direct_where_possible(dir()));
   }
 
   void TearDown() override {
@@ -133,7 +133,7 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalRead) {
 // the record sits in it; through the page cache records go back to back. Both end equal.
 TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect) {
   const std::vector<uint64_t> all = every_sample(11);
-  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+  for (DirectIo direct : {DirectIo::kOff, testing::direct_where_possible(dir())}) {
     restart(direct);
     SCOPED_TRACE(server_->io_description());
     auto c = client();
@@ -146,7 +146,7 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect)
 // caller's record_destination where it gives one and into the client's own storage where not.
 TEST_F(ServerTest, LargeRecordsComeApartIntoTheirOwnDestinations) {
   const std::vector<uint64_t> all = every_sample(13);
-  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+  for (DirectIo direct : {DirectIo::kOff, testing::direct_where_possible(dir())}) {
     restart(direct);
     SCOPED_TRACE(server_->io_description());
     for (uint32_t separate : {1u << 10, 40u << 10}) {
@@ -209,7 +209,7 @@ TEST_F(ServerTest, AReadErrorOnTheServerNamesItsFileAndSample) {
       return ++submits == 3 ? testing::Fault::kError : testing::Fault::kNone;
     });
   });
-  restart(DirectIo::kAuto);
+  restart(testing::direct_where_possible(dir()));
   auto c = client();
   const std::vector<uint64_t> all = every_sample(1);
   std::string what = message_of([&] { read_and_check(*c, all, 100); });
@@ -239,7 +239,7 @@ TEST(ServerFilesTest, AFilesTreeIsServedWithChecksumsComputedByTheServer) {
   DatasetOptions d;
   d.path = root;
   auto dataset = Dataset::open_source(d);
-  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+  for (DirectIo direct : {DirectIo::kOff, testing::direct_where_possible(root)}) {
     ServerOptions o;
     o.token = "t";
     o.io.direct = direct;

@@ -94,7 +94,7 @@ void expect_exactly_once(std::vector<uint64_t> seen, uint64_t n) {
 
 TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
   for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads})
-    for (auto direct : {DirectIo::kAuto, DirectIo::kOff})
+    for (auto direct : {testing::direct_where_possible(dir()), DirectIo::kOff})
       for (auto mode :
            {ShuffleMode::kGlobal, ShuffleMode::kBlock, ShuffleMode::kShard, ShuffleMode::kNone})
         for (uint32_t threads : {1u, 3u}) {
@@ -276,7 +276,7 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
 // late bytes came, are all intact. Without that drain the late bytes land in whichever batch
 // reuses the buffer.
 TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
-  for (DirectIo direct : {DirectIo::kAuto, DirectIo::kOff}) {
+  for (DirectIo direct : {testing::direct_where_possible(dir()), DirectIo::kOff}) {
     std::atomic<int> submits{0};
     io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
       return std::make_unique<FaultEngine>(
@@ -510,7 +510,7 @@ TEST_F(LoaderTest, SingleFixedFieldIsReadStraightIntoTheBatch) {
   writer->finish();
   for (auto mode : {ShuffleMode::kNone, ShuffleMode::kGlobal})
     for (auto engine : {IoEngineKind::kUring, IoEngineKind::kThreads})
-      for (auto direct : {DirectIo::kAuto, DirectIo::kOff}) {
+      for (auto direct : {testing::direct_where_possible(dir()), DirectIo::kOff}) {
         LoaderOptions o;
         o.dataset.path = t / "blocks";
         o.batch_size = 32;

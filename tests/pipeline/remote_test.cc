@@ -328,7 +328,7 @@ TEST(RemoteSlotsTest, LargeFixedRecordsLandInTheirBatchSlotsFromBothKindsOfServe
   auto ds = write_fixed(tmp.path(), kCount, kBytes, 2 << 20);
   ASSERT_GE(ds->shards().size(), 4u);
   std::vector<std::unique_ptr<ShardServer>> servers;
-  for (DirectIo direct : {DirectIo::kOff, DirectIo::kAuto}) {
+  for (DirectIo direct : {DirectIo::kOff, testing::direct_where_possible(tmp.path())}) {
     ServerOptions so;
     so.token = "t";
     so.io.direct = direct;
