@@ -226,7 +226,7 @@ class ServerImpl final : public ShardServer {
         if ((err == EMFILE || err == ENFILE) && shed_one()) continue;
         // Out of descriptors with none in reserve, or another error: stop accepting for a
         // moment instead of spinning on a listener that stays readable.
-        log_.log(
+        fd_log_.log(
             fmt::format("shard server {}: accept: {}; not accepting for 100 ms ({} "
                         "connections open)",
                         address_, std::strerror(err), conns_.size()));
@@ -240,7 +240,7 @@ class ServerImpl final : public ShardServer {
       if (handshakes_ >= options_.max_handshakes ||
           conns_.size() - handshakes_ >= options_.max_connections) {
         count_refused();
-        log_.log(
+        accept_log_.log(
             fmt::format("shard server {}: refused {}: {} connections and {} handshakes "
                         "open (limits {} and {})",
                         address_, peer, conns_.size() - handshakes_, handshakes_,
@@ -276,7 +276,7 @@ class ServerImpl final : public ShardServer {
     reserve_fd_ = detail::UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
     if (took) {
       count_refused();
-      log_.log(
+      fd_log_.log(
           fmt::format("shard server {}: out of file descriptors ({} connections open): "
                       "closing new connections at once",
                       address_, conns_.size()));
@@ -414,7 +414,7 @@ class ServerImpl final : public ShardServer {
   // the requests it has queued. `why` (unless empty) goes to the log.
   void close_conn(Conn& c, const std::string& why) {
     if (!why.empty())
-      log_.log(fmt::format("shard server {}: closed {}: {}", address_, c.peer, why));
+      close_log_.log(fmt::format("shard server {}: closed {}: {}", address_, c.peer, why));
     watch(c.fd.get(), c.id, 0, EPOLL_CTL_DEL);
     if (!c.ready) --handshakes_;
     if (c.ep) {
@@ -475,7 +475,7 @@ class ServerImpl final : public ShardServer {
         std::lock_guard lock(mu_);
         ++stats_.rejected;
       }
-      log_.log(fmt::format("shard server {}: dropped a request: {}", address_, why));
+      request_log_.log(fmt::format("shard server {}: dropped a request: {}", address_, why));
     };
     if (header.size() < kRequestAuthBytes) return drop("too short to name its connection");
     uint64_t id = 0;
@@ -888,7 +888,11 @@ class ServerImpl final : public ShardServer {
   detail::UniqueFd epoll_fd_;
   detail::UniqueFd reserve_fd_;  // spent to accept-and-close when out of descriptors
   std::string address_;
-  detail::RateLimitedLog log_;
+  // One line a second each, so that a flood of one kind (a port scan) hides no other kind.
+  detail::RateLimitedLog accept_log_;   // connections over the limits
+  detail::RateLimitedLog fd_log_;       // out of descriptors, accept errors
+  detail::RateLimitedLog close_log_;    // connections closed: garbage, handshakes, errors
+  detail::RateLimitedLog request_log_;  // requests dropped unparsed
 
   // Progress thread only.
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;  // by id, handshakes included

@@ -388,19 +388,20 @@ def test_out_of_descriptors_sheds_new_connections_and_recovers(mixed: Path, tmp_
     token_file.write_text(TOKEN)
     port = free_port()
     err = open(tmp_path / "serve.err", "w")
-    # Room for the server's own descriptors and a few clients, not for hundreds.
-    limit = 96
     proc = subprocess.Popen(
         [str(CLI), "serve", str(mixed), "--listen", f"127.0.0.1:{port}", "--token-file",
          str(token_file), "--json"],
-        stdout=subprocess.PIPE, stderr=err, text=True,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+        stdout=subprocess.PIPE, stderr=err, text=True)
     wait_listening(proc, port)
     t = Target(proc, f"127.0.0.1:{port}", local, odd)
     try:
         assert sorted(t.epoch()) == list(range(N))
         time.sleep(0.2)
         t.baseline = open_fds(proc.pid)
+        # Room for the server's own descriptors and a few clients, not for hundreds (and fewer
+        # than its 64 handshakes: the descriptors run out first).
+        limit = t.baseline + 24
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
         held = []
         for _ in range(300):  # handshakes that stall: each holds a descriptor until its deadline
             try:

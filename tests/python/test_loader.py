@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -321,20 +322,26 @@ def test_close_and_context_manager(mixed: Path) -> None:
 
 
 def test_ctrl_c_interrupts_a_blocked_wait_promptly(fixed: Path, tmp_path: Path) -> None:
-    # The consumer holds every batch it may, so the next wait is a long one (60 s timeout);
-    # SIGINT must end it with KeyboardInterrupt at once.
+    # Shard 0 lives only on a "peer" that accepts connections and never answers, with a 60 s
+    # peer timeout: the wait for the first batch is a long one, and SIGINT must end it with
+    # KeyboardInterrupt at once.
+    local = tmp_path / "ds"
+    local.mkdir()
+    for f in fixed.iterdir():
+        if f.name != "shard-00000.sluice":
+            os.symlink(f, local / f.name)
     script = tmp_path / "hold.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, sluice
-        loader = sluice.Loader({{"dataset": {{"path": {str(fixed)!r}}}, "batch_size": 16,
-                                "max_batches_held": 2, "prefetch": 1,
-                                "io": {{"timeout_ms": 60000, "threads": 1}}}})
-        held = []
+        import socket, sys, sluice
+        silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+        peer = "127.0.0.1:%d" % silent.getsockname()[1]
+        loader = sluice.Loader({{"dataset": {{"path": {str(local)!r}}}, "batch_size": 16,
+                                "shuffle": {{"mode": "none"}}, "io": {{"threads": 1}},
+                                "distributed": {{"peers": [{{"address": peer, "shards": [0]}}],
+                                                "token": "t", "peer_timeout_ms": 60000}}}})
         try:
-            for batch in loader:
-                held.append(batch["data"])
-                if len(held) == 2:
-                    print("blocked", flush=True)
+            print(silent.getsockname()[1], flush=True)
+            next(iter(loader))
         except KeyboardInterrupt:
             print("interrupted", flush=True)
             sys.exit(42)
@@ -342,7 +349,17 @@ def test_ctrl_c_interrupts_a_blocked_wait_promptly(fixed: Path, tmp_path: Path) 
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ})
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "blocked"
+    port = int(proc.stdout.readline())
+    # In the wait once its loader thread has connected to the silent peer (next() started it).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ss = subprocess.run(["ss", "-tnp", "state", "established", f"( dport = :{port} )"],
+                            capture_output=True, text=True).stdout
+        if f"pid={proc.pid}," in ss:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the loader never connected to the silent peer")
     proc.send_signal(signal.SIGINT)
     try:
         code = proc.wait(timeout=5)
