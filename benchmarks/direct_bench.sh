@@ -10,6 +10,7 @@
 # configs ROUNDS times and reports medians, and auto against the better of the other two.
 # Needs root (drop_caches, a cgroup v1 memory controller or cgroup v2) and a Release build.
 #   benchmarks/direct_bench.sh [WORKDIR] [SECONDS] [ROUNDS] [DATASET_MB]
+# env: DATASETS (default "p4096 p65536 t4096 t65536"), STATES (default "resident cold half small")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/var/tmp/sluice-direct-bench}
@@ -95,8 +96,8 @@ run() {  # run DATASET STATE CONFIG -> samples/s
 
 echo "| dataset | state | auto (median) | direct: true | direct: false | auto / best | auto chose |"
 echo "|---|---|---|---|---|---|---|"
-for ds in p4096 p65536 t4096 t65536; do
-  for state in resident cold half small; do
+for ds in ${DATASETS:-p4096 p65536 t4096 t65536}; do
+  for state in ${STATES:-resident cold half small}; do
     a=(); d=(); b=(); chose=""
     for r in $(seq 1 "$rounds"); do
       a+=("$(run "$ds" "$state" auto)")

@@ -3,6 +3,7 @@
 #include "common/errors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <vector>
 
 namespace sluice {
 
@@ -117,6 +119,7 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
     }
     auto gb = [](uint64_t b) { return static_cast<double>(b) / 1e9; };
     if (local <= room.bytes) {
+      out.warm = dataset.sample_file(0).empty();  // shard files (a files tree is not warmed)
       out.why = fmt::format(
           "the local data ({:.2f} GB) fits in the memory this process may use ({:.2f} GB, {}): "
           "it stays in the page cache",
@@ -160,6 +163,31 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
       detail::fail(ErrorCode::kUnsupported, "{}: true, but {}", setting, e.what());
   }
   return out;
+}
+
+void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop) {
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const auto& shards = dataset.shards();
+  for (uint32_t i = 0; i < shards.size() && !stop.load(std::memory_order_relaxed); ++i) {
+    if (!shards[i].local || shards[i].file_bytes == 0) continue;
+    const int fd = dataset.shard_fd(i);
+    const size_t bytes = shards[i].file_bytes;
+    // Resident already (another rank on this node, an earlier epoch)? Then nothing to read.
+    void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    if (map != MAP_FAILED) {
+      std::vector<unsigned char> in_core((bytes + page - 1) / page);
+      const bool all =
+          ::mincore(map, bytes, in_core.data()) == 0 &&
+          std::all_of(in_core.begin(), in_core.end(), [](unsigned char c) { return c & 1; });
+      ::munmap(map, bytes);
+      if (all) continue;
+    }
+    // In slices, so that a stopping loader does not wait for a whole shard's submission.
+    constexpr off_t kSlice = 64 << 20;
+    for (off_t at = 0; at < static_cast<off_t>(bytes) && !stop.load(std::memory_order_relaxed);
+         at += kSlice)
+      ::posix_fadvise(fd, at, kSlice, POSIX_FADV_WILLNEED);
+  }
 }
 
 }  // namespace sluice

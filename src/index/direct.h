@@ -8,6 +8,7 @@
 
 #include "common/file.h"
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,9 @@ struct DirectFiles {
   // `files` tree, whose readers open each sample with Dataset::open_sample(index, true).
   std::vector<detail::UniqueFd> fds;
   std::string why;  // under `auto`: why it chose what it chose (the probe's error when off)
+  // `auto` chose the page cache because the data fits: warm it (warm_page_cache) so that an
+  // epoch starting cold soon reads from memory instead of paying a random read per sample.
+  bool warm = false;
 };
 
 /// The memory this process may fill with page cache: /proc/meminfo's MemAvailable, or less
@@ -36,5 +40,10 @@ MemoryRoom memory_room();
 /// it does not (the cache would thrash) and the probe works.
 DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string& setting,
                         const MemoryRoom& room);
+
+/// Asks the kernel to read `dataset`'s local shards into the page cache (POSIX_FADV_WILLNEED:
+/// large sequential reads, in the background of the caller's own random ones), shard by shard
+/// until done or `stop` is set. Shards already resident cost a mincore of their pages.
+void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop);
 
 }  // namespace sluice

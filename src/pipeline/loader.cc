@@ -198,6 +198,8 @@ class LoaderImpl final : public Loader {
   }
 
   ~LoaderImpl() override {
+    warm_stop_ = true;
+    if (warm_thread_.joinable()) warm_thread_.join();
     stop_threads();
     pool_->detach();
   }
@@ -386,6 +388,8 @@ class LoaderImpl final : public Loader {
     files_ = !dataset_->sample_file(0).empty();
     DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
     direct_ = direct.on;
+    warm_ = direct.warm;
+    if (warm_) direct.why += "; warming it in the background";
     direct_fds_ = std::move(direct.fds);
     if (files_)
       fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
@@ -409,6 +413,10 @@ class LoaderImpl final : public Loader {
   }
 
   void start_threads() {
+    // Started with the first batch (a loader that reads nothing warms nothing), and joined by
+    // the destructor; one pass per loader.
+    if (warm_ && !warm_thread_.joinable())
+      warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
     if (direct_ && !service_)
       service_ = std::make_unique<io::Service>(options_.io, fds_,
                                                [&](const std::string& line) { note_engine(line); });
@@ -998,6 +1006,9 @@ class LoaderImpl final : public Loader {
   std::vector<std::thread> threads_;
   // Direct I/O: one IO thread with one engine serves every loader thread (see io/service.h).
   std::unique_ptr<io::Service> service_;
+  bool warm_ = false;
+  std::atomic<bool> warm_stop_{false};
+  std::thread warm_thread_;  // warm_page_cache, when io.direct: auto chose the page cache
 };
 
 }  // namespace
