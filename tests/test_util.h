@@ -2,8 +2,8 @@
 
 #include <sluice/sluice.h>
 
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -65,8 +65,6 @@ inline std::vector<std::vector<std::byte>> write_dataset(const std::filesystem::
   return data;
 }
 
-/// "127.0.0.1:PORT" for a port that was free a moment ago (bound, then closed), and nobody
-/// listens on.
 /// DirectIo::kOn where `dir`'s file system takes O_DIRECT reads, else kOff: for tests of the
 /// O_DIRECT paths, which `auto` no longer picks for data that fits in memory.
 inline DirectIo direct_where_possible(const std::filesystem::path& dir) {
@@ -78,13 +76,16 @@ inline DirectIo direct_where_possible(const std::filesystem::path& dir) {
   ::close(fd);
   fd = ::open(probe.c_str(), O_RDONLY | O_DIRECT);
   void* buf = nullptr;
-  ok = ok && fd >= 0 && ::posix_memalign(&buf, 4096, 4096) == 0 && ::pread(fd, buf, 4096, 0) == 4096;
+  ok =
+      ok && fd >= 0 && ::posix_memalign(&buf, 4096, 4096) == 0 && ::pread(fd, buf, 4096, 0) == 4096;
   std::free(buf);
   if (fd >= 0) ::close(fd);
   ::unlink(probe.c_str());
   return ok ? DirectIo::kOn : DirectIo::kOff;
 }
 
+/// "127.0.0.1:PORT" for a port that was free a moment ago (bound, then closed), and nobody
+/// listens on.
 inline std::string free_loopback_address() {
   int s = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};

@@ -112,7 +112,8 @@ class SLUICE_EXPORT Dataset {
  public:
   static std::shared_ptr<Dataset> open(const std::filesystem::path& dir,
                                        const DatasetOpenOptions& options = {});
-  /// Opens what `source.format` names (auto detects): packed shards as open() does, or a
+  /// Opens what `source.format` names (auto detects; the one place formats are told apart, used
+  /// by the Loader, `sluice pack/inspect/verify` and Python's sluice.Dataset): packed shards as open() does, or a
   /// source read in place: `npy` (a NumPy .npy array of shape (N, ...): N samples of one field
   /// "data" with its dtype and shape), `tokens` (a flat uint16/uint32 token file as windows of
   /// seq_len tokens every stride tokens: one field "tokens" [seq_len]) or `files` (a tree of
@@ -135,8 +136,10 @@ class SLUICE_EXPORT Dataset {
   uint32_t alignment() const;
   uint32_t format_version() const;  // 0 for sources read in place
   /// True for packed shards (aligned, checksummed records); false for sources read in place
-  /// (npy, tokens), which have neither.
+  /// (npy, tokens, files, tar), which have neither.
   bool packed() const;
+  /// What open_source found (never kAuto): kShards for packed shards, else the in-place reader.
+  DatasetFormat format() const;
   const std::vector<FieldSpec>& fields() const;
   const std::vector<std::string>& classes() const;
   const std::vector<ShardInfo>& shards() const;
@@ -169,7 +172,9 @@ class SLUICE_EXPORT Dataset {
 
   /// Checks every header, index and sample checksum. `progress(done, total)` is called now and
   /// then with bytes checked. Returns one line per problem (empty when the dataset is sound),
-  /// each naming the shard file and, where it applies, the sample index.
+  /// each naming the shard file and, where it applies, the sample index. A source read in place
+  /// has no checksums: every sample is read and split into its fields (a file that shrank, a
+  /// tar member cut short or an unreadable file is a problem).
   std::vector<std::string> verify(
       const std::function<void(uint64_t, uint64_t)>& progress = {}) const;
 

@@ -7,12 +7,16 @@ __version__: str
 class CorruptionError(RuntimeError): ...
 
 class Dataset:
-    """A packed dataset, opened for inspection and one-at-a-time reads."""
+    """A dataset opened for inspection and one-at-a-time reads: packed shards, or what the Loader
+    reads in place (a directory of .tar shards or one .tar, a tree of files, a .npy array)."""
 
     def __init__(self, path: str) -> None: ...
     def __len__(self) -> int: ...
     @property
     def path(self) -> str: ...
+    @property
+    def format(self) -> str:
+        """"shards" (packed), "tar", "files" or "npy"."""
     @property
     def total_bytes(self) -> int: ...
     @property
@@ -24,7 +28,7 @@ class Dataset:
     def extent(self, index: int) -> tuple[str, int, int]:
         """(shard file, offset, size) of sample `index`'s record."""
     def sample(self, index: int) -> dict[str, bytes]:
-        """Sample `index`'s fields, read with pread and checksum-checked."""
+        """Sample `index`'s fields, read with pread (checksum-checked when packed)."""
 
 class DatasetWriter:
     """Writes a packed dataset; it appears at `path` only after finish() (or a clean `with`)."""

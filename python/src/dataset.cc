@@ -340,9 +340,9 @@ void bind_dataset(py::module_& m) {
       .def_property_readonly("num_samples", [](PyWriter& w) { return w.writer().num_samples(); });
 
   py::class_<Dataset, std::shared_ptr<Dataset>>(m, "Dataset")
-      // A directory is a packed dataset; a file is a source read in place (a .tar or .npy).
+      // What the Loader reads with `dataset: PATH`: packed shards, or a source read in place (a
+      // directory of .tar shards or one .tar, a tree of files, a .npy array).
       .def(py::init([](const std::string& path) {
-             if (std::filesystem::is_directory(path)) return Dataset::open(path);
              DatasetOptions source;
              source.path = path;
              return Dataset::open_source(source);
@@ -351,6 +351,8 @@ void bind_dataset(py::module_& m) {
       .def("__len__", &Dataset::num_samples)
       .def_property_readonly("path", [](const Dataset& d) { return d.path().string(); })
       .def_property_readonly("total_bytes", &Dataset::total_bytes)
+      .def_property_readonly("format",
+                             [](const Dataset& d) { return std::string(to_string(d.format())); })
       .def_property_readonly("classes", &Dataset::classes)
       .def_property_readonly("shards",
                              [](const Dataset& d) {

@@ -25,10 +25,34 @@ std::string shape_text(const FieldSpec& f) {
   return s + "]";
 }
 
+// Whatever the Loader would read at `path` with `dataset: PATH`: packed shards, or a source read
+// in place (a directory of .tar shards or one .tar, a tree of files, a .npy array).
+std::shared_ptr<Dataset> open_any(const fs::path& path) {
+  DatasetOptions source;
+  source.path = path;
+  return Dataset::open_source(source);
+}
+
+std::string format_text(const Dataset& ds) {
+  switch (ds.format()) {
+    case DatasetFormat::kShards:
+      return fmt::format("sluice packed shards, version {}, {}-byte alignment", ds.format_version(),
+                         ds.alignment());
+    case DatasetFormat::kTar:
+      return "WebDataset tar shards, read in place (no stored checksums)";
+    case DatasetFormat::kFiles:
+      return "a tree of files, read in place (labels: the first directory under the root)";
+    case DatasetFormat::kNpy:
+      return "a NumPy .npy array, read in place";
+    default:
+      return fmt::format("{}, read in place", to_string(ds.format()));
+  }
+}
+
 }  // namespace
 
 int run_inspect(const fs::path& path, bool as_json) {
-  auto ds = Dataset::open(path);
+  auto ds = open_any(path);
   if (as_json) {
     json fields = json::object();
     for (const auto& f : ds->fields())
@@ -41,6 +65,7 @@ int run_inspect(const fs::path& path, bool as_json) {
                         {"samples", s.num_samples},
                         {"file_bytes", s.file_bytes}});
     json out = {{"path", ds->path().string()},
+                {"format", to_string(ds->format())},
                 {"format_version", ds->format_version()},
                 {"samples", ds->num_samples()},
                 {"shards", ds->shards().size()},
@@ -53,8 +78,7 @@ int run_inspect(const fs::path& path, bool as_json) {
     return 0;
   }
   fmt::print("dataset   {}\n", ds->path().string());
-  fmt::print("format    sluice packed shards, version {}, {}-byte alignment\n",
-             ds->format_version(), ds->alignment());
+  fmt::print("format    {}\n", format_text(*ds));
   fmt::print("samples   {}\nshards    {}\nbytes     {}\n", ds->num_samples(), ds->shards().size(),
              ds->total_bytes());
   fmt::print("fields\n");
@@ -74,7 +98,7 @@ int run_verify(const fs::path& path, bool as_json) {
   std::shared_ptr<Dataset> ds;
   std::vector<std::string> problems;
   try {
-    ds = Dataset::open(path);
+    ds = open_any(path);
   } catch (const Error& e) {
     if (e.code() != ErrorCode::kCorruption && e.code() != ErrorCode::kNotFound) throw;
     problems.push_back(e.what());
@@ -92,8 +116,10 @@ int run_verify(const fs::path& path, bool as_json) {
                   {"bytes", ds->total_bytes()}});
     std::cout << out.dump(2) << "\n";
   } else if (problems.empty()) {
-    fmt::print("OK: {} samples in {} shards, {} bytes, every checksum matches\n", ds->num_samples(),
-               ds->shards().size(), ds->total_bytes());
+    fmt::print("OK: {} samples in {} shards, {} bytes, {}\n", ds->num_samples(),
+               ds->shards().size(), ds->total_bytes(),
+               ds->packed() ? "every checksum matches"
+                            : "every sample read and split (read in place: no stored checksums)");
   } else {
     constexpr size_t kShown = 20;
     for (size_t i = 0; i < std::min(problems.size(), kShown); ++i)

@@ -37,12 +37,13 @@ int main(int argc, char** argv) {
 
   std::string dataset;
   bool json = false;
-  auto* inspect_cmd = app.add_subcommand("inspect", "Describe a packed dataset");
-  inspect_cmd->add_option("DST", dataset, "Dataset directory")->required();
+  auto* inspect_cmd = app.add_subcommand(
+      "inspect", "Describe a dataset: packed, or read in place (tar shards, a files tree, .npy)");
+  inspect_cmd->add_option("DST", dataset, "Dataset directory or file")->required();
   inspect_cmd->add_flag("--json", json, "Machine-readable output");
 
   auto* verify_cmd = app.add_subcommand("verify", "Check every header, index entry and checksum");
-  verify_cmd->add_option("DST", dataset, "Dataset directory")->required();
+  verify_cmd->add_option("DST", dataset, "Dataset directory or file")->required();
   verify_cmd->add_flag("--json", json, "Machine-readable output");
 
   OrderArgs order;

@@ -77,7 +77,16 @@ uint32_t record_checksum(const void* data, size_t size, uint64_t index) {
   return static_cast<uint32_t>(XXH3_64bits_withSeed(data, size, index));
 }
 
-std::string shard_name(uint32_t shard_id) { return fmt::format("shard-{:05}.sluice", shard_id); }
+std::string check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored) {
+  const uint32_t computed = record_checksum(record.data(), record.size(), index);
+  if (computed == stored) return {};
+  return fmt::format("sample {}: checksum mismatch (stored {:08x}, computed {:08x})", index, stored,
+                     computed);
+}
+
+std::string shard_name(uint32_t shard_id) {
+  return fmt::format("shard-{:05}{}", shard_id, kShardExtension);
+}
 
 namespace {
 

@@ -6,7 +6,9 @@
 #include <sluice/dataset.h>
 
 #include <bit>
+#include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,6 +21,7 @@ inline constexpr uint32_t kVersion = 1;
 inline constexpr char kManifestMagic[8] = {'S', 'L', 'U', 'I', 'C', 'E', 'M', 'F'};
 inline constexpr char kShardMagic[8] = {'S', 'L', 'U', 'I', 'C', 'E', 'S', 'H'};
 inline constexpr std::string_view kManifestName = "manifest.sluice";
+inline constexpr std::string_view kShardExtension = ".sluice";  // shard-NNNNN.sluice
 inline constexpr uint32_t kShardHeaderBytes = 4096;  // header block; data starts after it
 inline constexpr uint32_t kPageBytes = 4096;         // index regions start page-aligned (mmap)
 inline constexpr uint32_t kMinAlignment = 512;
@@ -91,6 +94,9 @@ uint64_t checksum64(const void* data, size_t size, uint64_t seed = 0);
 /// The per-sample checksum: low 32 bits of XXH3-64 seeded with the sample's global index, so a
 /// record that landed under another index fails too.
 uint32_t record_checksum(const void* data, size_t size, uint64_t index);
+/// "" when `record` matches `stored`, else the one wording of a mismatch every reader uses:
+/// "sample I: checksum mismatch (stored S, computed C)" (callers put the file or peer first).
+std::string check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored);
 
 std::string shard_name(uint32_t shard_id);
 

@@ -50,6 +50,7 @@ struct Shard {
 
 struct Dataset::Impl {
   fs::path dir;
+  DatasetFormat format = DatasetFormat::kShards;
   format::Manifest manifest;
   std::vector<ShardInfo> infos;
   std::vector<Shard> shards;
@@ -74,7 +75,9 @@ struct Dataset::Impl {
 
   // What every source read in place has instead of a manifest: its schema and sizes, version 0,
   // and the O_DIRECT block as alignment (reads cover whole blocks).
-  void describe_in_place(std::vector<FieldSpec> fields, uint64_t samples, uint64_t bytes) {
+  void describe_in_place(DatasetFormat in_place, std::vector<FieldSpec> fields, uint64_t samples,
+                         uint64_t bytes) {
+    format = in_place;
     manifest.fields = std::move(fields);
     manifest.num_samples = samples;
     manifest.total_bytes = bytes;
@@ -203,7 +206,8 @@ uint64_t Dataset::num_samples() const { return impl_->manifest.num_samples; }
 uint64_t Dataset::total_bytes() const { return impl_->manifest.total_bytes; }
 uint32_t Dataset::alignment() const { return impl_->manifest.alignment; }
 uint32_t Dataset::format_version() const { return impl_->manifest.version; }
-bool Dataset::packed() const { return !impl_->array && !impl_->files && impl_->tars.empty(); }
+bool Dataset::packed() const { return impl_->format == DatasetFormat::kShards; }
+DatasetFormat Dataset::format() const { return impl_->format; }
 const std::vector<FieldSpec>& Dataset::fields() const { return impl_->manifest.fields; }
 const std::vector<std::string>& Dataset::classes() const { return impl_->manifest.classes; }
 const std::vector<ShardInfo>& Dataset::shards() const { return impl_->infos; }
@@ -273,11 +277,8 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
          index, n, x.size, x.offset);
   if (!packed()) return x.size;  // nothing to check against
-  uint32_t sum = format::record_checksum(record.data(), record.size(), index);
-  if (sum != x.checksum)
-    fail(ErrorCode::kCorruption,
-         "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})", path, index,
-         x.checksum, sum);
+  if (auto why = format::check_record(record, index, x.checksum); !why.empty())
+    fail(ErrorCode::kCorruption, "{}: {}", path, why);
   return x.size;
 }
 
@@ -364,8 +365,29 @@ int Dataset::open_sample(uint64_t index, bool direct) const {
 std::vector<std::string> Dataset::verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
   std::vector<std::string> problems;
-  if (!packed()) return problems;  // sizes were checked at open; there are no checksums
   uint64_t total = total_bytes(), done = 0;
+  if (!packed()) {  // no checksums: read every sample and split it into its fields
+    std::vector<std::byte> record;
+    std::vector<std::span<const std::byte>> fields;
+    for (uint64_t index = 0; index < num_samples(); ++index) {
+      try {
+        record.resize(extent(index).size);
+        read_record_into(index, record);
+        if (auto why = split_record(index, record, fields); !why.empty())
+          problems.push_back(fmt::format(
+              "{}: sample {}: {}",
+              (impl_->files ? impl_->dir / sample_file(index) : impl_->infos[shard_of(index)].path)
+                  .string(),
+              index, why));
+      } catch (const Error& e) {
+        problems.push_back(e.what());
+      }
+      done += record.size();
+      if (progress && (index & 0xfff) == 0) progress(done, total);
+    }
+    if (progress) progress(done, total);
+    return problems;
+  }
   std::vector<std::byte> window;
   std::vector<std::span<const std::byte>> fields;
   constexpr uint64_t kWindow = 8 << 20;
@@ -399,12 +421,8 @@ std::vector<std::string> Dataset::verify(
         }
       }
       auto record = std::span(window).subspan(e.offset - win_start, e.size);
-      uint32_t sum = format::record_checksum(record.data(), record.size(), index);
-      if (sum != e.checksum)
-        problems.push_back(
-            fmt::format("{}: sample {}: checksum mismatch (stored {:08x}, computed "
-                        "{:08x})",
-                        path, index, e.checksum, sum));
+      if (auto bad = format::check_record(record, index, e.checksum); !bad.empty())
+        problems.push_back(fmt::format("{}: {}", path, bad));
       else if (auto why = impl_->layout.split(record, fields); !why.empty())
         problems.push_back(fmt::format("{}: sample {}: {}", path, index, why));
       done += e.size;
@@ -477,9 +495,16 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
     else if (path.extension() == ".tar")
       format = DatasetFormat::kTar;
     else if (fs::is_directory(path, ec)) {
+      // .tar files: WebDataset shards. Shard files without a manifest: a pack that never
+      // finished, opened as packed so that the error says so. Otherwise a tree of files.
       format = DatasetFormat::kFiles;
-      for (const auto& e : fs::directory_iterator(path, ec))
+      for (const auto& e : fs::directory_iterator(path, ec)) {
         if (e.path().extension() == ".tar") format = DatasetFormat::kTar;
+        if (e.path().extension() == format::kShardExtension) {
+          format = DatasetFormat::kShards;
+          break;
+        }
+      }
     } else if (path.extension() == ".npy")
       format = DatasetFormat::kNpy;
     else if (source.seq_len > 0)
@@ -576,7 +601,7 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
     fail(ErrorCode::kInvalidArgument, "{}: samples of {} bytes (sluice reads 1 byte to 4 GiB)",
          name, a.item);
   impl->array = a;
-  impl->describe_in_place({field}, count, count * a.item);
+  impl->describe_in_place(format, {field}, count, count * a.item);
   impl->add_single_shard(std::move(s), count, size);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
@@ -680,7 +705,8 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   }
   f.name_at.push_back(f.names.size());
   impl->files = std::move(f);
-  impl->describe_in_place({{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}},
+  impl->describe_in_place(DatasetFormat::kFiles,
+                          {{"data", DType::kUInt8, {-1}}, {"label", DType::kInt64, {}}},
                           entries.size(), total);
   Shard s;  // the root directory: files open relative to it
   s.fd = detail::open_file(impl->dir, O_RDONLY | O_DIRECTORY);
@@ -723,7 +749,7 @@ std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
   for (size_t f = 0; f < t0.fields.size(); ++f)
     fields.push_back(t0.is_int[f] ? FieldSpec{t0.fields[f], DType::kInt64, {}}
                                   : FieldSpec{t0.fields[f], DType::kUInt8, {-1}});
-  impl->describe_in_place(std::move(fields), first, total);
+  impl->describe_in_place(DatasetFormat::kTar, std::move(fields), first, total);
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 

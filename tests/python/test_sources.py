@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import os
 import subprocess
 
@@ -377,3 +378,41 @@ def test_pack_tar_shards(tmp_path: Path) -> None:
         s = ds.sample(i)
         assert s["jpg"] == samples[i]["jpg"] and s["json"] == samples[i]["json"]
         assert np.frombuffer(s["cls"], np.int64)[0] == i % 7
+
+
+def test_dataset_opens_what_the_loader_reads(tmp_path: Path) -> None:
+    """sluice.Dataset(PATH) tells formats apart as the Loader does (it once took only packed
+    directories and .tar/.npy files): a directory of tars, a files tree, a .npy array."""
+    samples = write_shards(tmp_path / "wds", shards=2, per_shard=10)
+    ds = sluice.Dataset(str(tmp_path / "wds"))
+    assert ds.format == "tar" and len(ds) == 20 and len(ds.shards) == 2
+    assert ds.sample(13)["jpg"] == samples[13]["jpg"]
+
+    files = make_tree(tmp_path / "tree", per_class=3)
+    ds = sluice.Dataset(str(tmp_path / "tree"))
+    assert ds.format == "files" and len(ds) == 9 and ds.classes == ["cat", "dog", "eel"]
+    assert ds.sample(4)["data"] == files["dog/0001.bin"]
+    assert np.frombuffer(ds.sample(4)["label"], np.int64)[0] == 1
+
+    np.save(tmp_path / "x.npy", np.arange(12, dtype=np.int32).reshape(4, 3))
+    ds = sluice.Dataset(str(tmp_path / "x.npy"))
+    assert ds.format == "npy" and len(ds) == 4
+    assert np.frombuffer(ds.sample(2)["data"], np.int32).tolist() == [6, 7, 8]
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="no build/sluice (the CLI is built by scripts/test.sh)")
+def test_inspect_and_verify_take_what_the_loader_reads(tmp_path: Path) -> None:
+    write_shards(tmp_path / "wds", shards=2, per_shard=10)
+    make_tree(tmp_path / "tree", per_class=3)
+    for path, fmt, n in [(tmp_path / "wds", "tar", 20), (tmp_path / "tree", "files", 9)]:
+        out = json.loads(subprocess.run([CLI, "inspect", path, "--json"], check=True,
+                                        capture_output=True, text=True).stdout)
+        assert (out["format"], out["samples"]) == (fmt, n)
+        done = subprocess.run([CLI, "verify", path], capture_output=True, text=True)
+        assert done.returncode == 0 and "every sample read" in done.stdout, done.stdout + done.stderr
+
+    # No checksums to compare, but a tar cut short is found and named.
+    tar = tmp_path / "wds" / "shard-0001.tar"
+    os.truncate(tar, tar.stat().st_size // 2)
+    done = subprocess.run([CLI, "verify", tmp_path / "wds"], capture_output=True, text=True)
+    assert done.returncode == 1 and "shard-0001.tar" in done.stderr, done.stderr
