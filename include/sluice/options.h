@@ -33,9 +33,10 @@ struct IoOptions {
   // the page cache.
   uint32_t queue_depth = 128;
   DirectIo direct = DirectIo::kAuto;  // O_DIRECT when the file system allows it
-  uint32_t threads = 4;               // loader threads, each building one batch at a time
-  uint32_t timeout_ms = 30000;        // longest wait for a read or a batch
-  bool verify = true;                 // check every sample's checksum as it is read
+  // Loader threads, each building one batch at a time; 0 (auto): resolved_io_threads().
+  uint32_t threads = 0;
+  uint32_t timeout_ms = 30000;  // longest wait for a read or a batch
+  bool verify = true;           // check every sample's checksum as it is read
 };
 
 enum class DeviceKind { kCpu, kPinned, kCuda };
@@ -52,7 +53,7 @@ struct PeerOptions {
   bool operator==(const PeerOptions&) const = default;
 };
 
-struct DistributedOptions {
+struct SLUICE_EXPORT DistributedOptions {
   std::optional<uint32_t> rank;        // nullopt: read RANK from the environment (default 0)
   std::optional<uint32_t> world_size;  // nullopt: read WORLD_SIZE from the environment (default 1)
   // Where the shards missing from this node are read from. A shard listed by several peers has
@@ -64,7 +65,16 @@ struct DistributedOptions {
   std::filesystem::path token_file;  // a file holding the token (first line)
   bool no_token = false;  // listen without a token: anyone who can connect reads (trusted host)
   uint32_t peer_timeout_ms = 5000;  // connecting to a peer, and each batch's remote reads
+
+  /// The cluster's token: `token`, else the first line of `token_file` (read_token_file), else
+  /// $SLUICE_TOKEN unless no_token; "" when none. Throws kConfig naming a bad token file.
+  std::string resolved_token() const;
 };
+
+/// The token in a token file: its first line, without surrounding whitespace. Throws
+/// Error(kConfig) naming the file when it is missing, unreadable, a directory or holds no token:
+/// a server never starts open by mistake.
+SLUICE_EXPORT std::string read_token_file(const std::filesystem::path& path);
 
 /// Everything a Loader needs, as in the YAML config (CONTRACT.md). Plain values with defaults;
 /// every key can be set from YAML, from set() with a dotted key, or directly in C++.
@@ -99,6 +109,10 @@ struct SLUICE_EXPORT LoaderOptions {
   /// those variables are malformed or rank >= world_size.
   uint32_t resolved_rank() const;
   uint32_t resolved_world_size() const;
+  /// io.threads, or under auto the cores this process may use (its CPU affinity and its cgroup's
+  /// CPU quota, v1 or v2) shared among this node's ranks ($LOCAL_WORLD_SIZE, as torchrun sets
+  /// it), at least 1 and at most 4; `why`, when given, says how it was found.
+  uint32_t resolved_io_threads(std::string* why = nullptr) const;
   /// distributed.peers, or when it is empty the peers in $SLUICE_PEERS, written
   /// "HOST:PORT=SHARDS;HOST:PORT=SHARDS" with SHARDS like "0-3,8"; throws kConfig naming the
   /// variable when it is malformed.

@@ -68,9 +68,4 @@ class SLUICE_EXPORT ShardServer {
   virtual std::string io_description() const = 0;
 };
 
-/// The token in a token file: its first line, without surrounding whitespace. Throws
-/// Error(kConfig) naming the file when it is missing, unreadable, a directory or holds no token:
-/// a server never starts open by mistake.
-SLUICE_EXPORT std::string read_token_file(const std::filesystem::path& path);
-
 }  // namespace sluice

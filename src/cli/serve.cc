@@ -27,11 +27,10 @@ int run_serve(const ServeArgs& args) {
   if (args.no_token && !args.token_file.empty())
     throw Error(ErrorCode::kInvalidArgument, "--no-token and --token-file: pick one");
   options.no_token = args.no_token;
-  if (!args.token_file.empty()) {
-    options.token = read_token_file(args.token_file);
-  } else if (const char* token = std::getenv("SLUICE_TOKEN"); token && !args.no_token) {
-    options.token = token;
-  }
+  DistributedOptions from;  // resolved as a Loader's distributed section is
+  from.token_file = args.token_file;
+  from.no_token = args.no_token;
+  options.token = from.resolved_token();
   if (options.token.empty() && !args.no_token)
     throw Error(ErrorCode::kInvalidArgument,
                 "no token: give --token-file F (or set $SLUICE_TOKEN); --no-token serves without "

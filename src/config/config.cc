@@ -7,8 +7,15 @@
 #include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <set>
@@ -240,7 +247,9 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        }},
       {"io.threads",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.io.threads = static_cast<uint32_t>(parse_uint(c, n, "io.threads", 1, 64));
+         o.io.threads = scalar(c, n, "io.threads", "auto or a count") == "auto"
+                            ? 0
+                            : static_cast<uint32_t>(parse_uint(c, n, "io.threads", 1, 64));
        }},
       {"io.timeout_ms",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -463,6 +472,78 @@ uint32_t LoaderOptions::resolved_rank() const {
   return rank;
 }
 
+namespace {
+
+// CPUs the cgroup's quota allows (cpu.max in v2, cfs_quota_us / cfs_period_us in v1), rounded
+// up; nullopt when there is no quota or it cannot be read.
+std::optional<uint32_t> cgroup_cpus() {
+  auto ratio = [](double quota, double period) -> std::optional<uint32_t> {
+    if (quota <= 0 || period <= 0) return std::nullopt;
+    return static_cast<uint32_t>(std::ceil(quota / period));
+  };
+  std::ifstream v2("/sys/fs/cgroup/cpu.max");
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period) return quota == "max" ? std::nullopt : ratio(std::stod(quota), period);
+  std::ifstream q("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), p("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  double v1_quota = 0;
+  if (q >> v1_quota && p >> period) return ratio(v1_quota, period);
+  return std::nullopt;
+}
+
+}  // namespace
+
+uint32_t LoaderOptions::resolved_io_threads(std::string* why) const {
+  if (io.threads) {
+    if (why) *why = "io.threads";
+    return io.threads;
+  }
+  constexpr uint32_t kMost = 4;  // past this, more threads did not read faster (RESULTS.md)
+  cpu_set_t set;
+  uint32_t cores = ::sched_getaffinity(0, sizeof set, &set) == 0
+                       ? static_cast<uint32_t>(CPU_COUNT(&set))
+                       : static_cast<uint32_t>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
+  std::string how = fmt::format("{} cores in this process's CPU affinity", cores);
+  if (auto quota = cgroup_cpus(); quota && *quota < cores) {
+    cores = *quota;
+    how = fmt::format("a cgroup CPU quota of {} cores", cores);
+  }
+  const uint32_t ranks = env_uint("LOCAL_WORLD_SIZE", 1).value_or(1);
+  const uint32_t threads = std::clamp<uint32_t>(cores / ranks, 1, kMost);
+  if (why)
+    *why =
+        fmt::format("io.threads: auto: {} loader threads ({}{}, at most {})", threads, how,
+                    ranks > 1 ? fmt::format(" shared by {} ranks on this node", ranks) : "", kMost);
+  return threads;
+}
+
+std::string read_token_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw Error(ErrorCode::kConfig, path.string() + ": token file is a directory");
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) {
+    if (in.is_open() && in.eof())
+      throw Error(ErrorCode::kConfig, path.string() + ": token file is empty");
+    throw Error(ErrorCode::kConfig, fmt::format("{}: cannot read the token file: {}", path.string(),
+                                                std::strerror(errno)));
+  }
+  const auto first = line.find_first_not_of(" \t\r");
+  const auto last = line.find_last_not_of(" \t\r");
+  if (first == std::string::npos)
+    throw Error(ErrorCode::kConfig,
+                path.string() + ": token file holds no token on its first line");
+  return line.substr(first, last - first + 1);
+}
+
+std::string DistributedOptions::resolved_token() const {
+  if (!token.empty()) return token;
+  if (!token_file.empty()) return read_token_file(token_file);
+  const char* env = std::getenv("SLUICE_TOKEN");
+  return env && !no_token ? env : "";
+}
+
 std::string_view to_string(ShuffleMode mode) {
   switch (mode) {
     case ShuffleMode::kGlobal:
@@ -528,8 +609,9 @@ std::string LoaderOptions::to_yaml() const {
   out << YAML::Key << "io" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key << "engine"
       << YAML::Value << engine << YAML::Key << "queue_depth" << YAML::Value << io.queue_depth
       << YAML::Key << "direct" << YAML::Value << direct << YAML::Key << "threads" << YAML::Value
-      << io.threads << YAML::Key << "timeout_ms" << YAML::Value << io.timeout_ms << YAML::Key
-      << "verify" << YAML::Value << io.verify << YAML::EndMap;
+      << (io.threads ? std::to_string(io.threads) : std::string("auto")) << YAML::Key
+      << "timeout_ms" << YAML::Value << io.timeout_ms << YAML::Key << "verify" << YAML::Value
+      << io.verify << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << dev;
   out << YAML::Key << "distributed" << YAML::Value << YAML::BeginMap << YAML::Key << "rank"
       << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value

@@ -343,12 +343,9 @@ class ClientImpl final : public PeerClient {
     if (!options_.verify || !p.corrupt.empty()) return;
     ReadRequest& r = *p.request;
     const RecordInfo& info = r.records[i];
-    uint32_t sum = format::record_checksum(r.record_data[i].data(), info.size, r.indices[i]);
-    if (sum != info.checksum)
-      p.corrupt = fmt::format(
-          "sample {}: checksum mismatch (stored {:08x}, computed {:08x}): damaged on the peer's "
-          "disk or in transit",
-          r.indices[i], info.checksum, sum);
+    std::string why =
+        format::check_record({r.record_data[i].data(), info.size}, r.indices[i], info.checksum);
+    if (!why.empty()) p.corrupt = why + ": damaged on the peer's disk or in transit";
   }
 
   void corrupt_record(Pending& p, size_t i, std::string_view why) {

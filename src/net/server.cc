@@ -4,13 +4,14 @@
 #include "common/file.h"
 #include "common/log.h"
 #include "format/layout.h"
-#include "index/direct.h"
 #include "io/service.h"
 #include "memory/aligned_buffer.h"
 #include "net/handshake.h"
 #include "net/tcp.h"
 #include "net/ucx.h"
 #include "net/wire.h"
+#include "read/direct.h"
+#include "read/record_reader.h"
 
 #include <fmt/format.h>
 
@@ -723,13 +724,9 @@ class ServerImpl final : public ShardServer {
     reply->header.request_id = job.request_id;
     try {
       const size_t n = job.indices.size();
-      const uint64_t align = direct_ ? dataset_->alignment() : 1;
       std::vector<RecordInfo> infos(n);
-      std::vector<io::ReadOp> ops;
-      std::vector<uint64_t> op_at;       // where each op's cover goes in the buffer
-      std::vector<size_t> op_sample;     // whose cover each op reads
+      read::ReadPlan plan(*dataset_, direct_);
       std::vector<uint64_t> read_at(n);  // where a separate record that is read lands
-      std::vector<detail::UniqueFd> files;
       std::vector<SampleExtent> extents(n);
       for (size_t i = 0; i < n; ++i) extents[i] = dataset_->extent(job.indices[i]);
       auto separate = [&](size_t i) {
@@ -741,25 +738,6 @@ class ServerImpl final : public ShardServer {
         const Mapping& m = maps_[e.shard];
         return e.offset <= m.size && e.size <= m.size - e.offset ? &m : nullptr;
       };
-      // Plans the read of record i's cover at the next free place from `end`; returns where
-      // the record itself lands.
-      uint64_t end = 0;
-      auto plan_read = [&](size_t i) {
-        const SampleExtent& e = extents[i];
-        const uint64_t start = e.offset / align * align;
-        const uint64_t cover = format::align_up(e.offset + e.size, align) - start;
-        const uint64_t at = format::align_up(end, align);
-        ops.push_back({e.shard, start, static_cast<uint32_t>(cover), nullptr,
-                       static_cast<uint32_t>(e.offset - start + e.size)});
-        op_at.push_back(at);
-        op_sample.push_back(i);
-        if (files_) {
-          files.emplace_back(dataset_->open_sample(job.indices[i], direct_));
-          ops.back().fd = files.back().get();
-        }
-        end = at + cover;
-        return at + (e.offset - start);
-      };
       for (size_t i = 0; i < n; ++i) {
         infos[i] = {kSeparate, extents[i].size, extents[i].checksum};
         record_bytes += extents[i].size;
@@ -767,27 +745,26 @@ class ServerImpl final : public ShardServer {
           ++reply->header.separate;
           continue;
         }
-        infos[i].offset = plan_read(i);
+        infos[i].offset = plan.add(job.indices[i], extents[i], /*merge=*/true);
       }
-      const uint64_t table = format::align_up(end, 8);
-      const uint64_t reply_bytes = table + n * sizeof(RecordInfo);
-      end = reply_bytes;
+      const uint64_t table = plan.reserve(n * sizeof(RecordInfo), 8);
+      const uint64_t reply_bytes = plan.bytes();
       for (size_t i = 0; i < n; ++i)  // separate records not sent from a mapping: read them too
-        if (separate(i) && !mapped(i)) read_at[i] = plan_read(i);
-      if (end > options_.max_reply_bytes) {
+        if (separate(i) && !mapped(i)) read_at[i] = plan.add(job.indices[i], extents[i], false);
+      if (plan.bytes() > options_.max_reply_bytes) {
         record_bytes = 0;
         set_message(*reply, ReplyStatus::kTooLarge,
-                    fmt::format("reply of {} bytes is over the server's limit of {}", end,
+                    fmt::format("reply of {} bytes is over the server's limit of {}", plan.bytes(),
                                 options_.max_reply_bytes));
         return reply;
       }
-      reply->buffer = take_buffer(end);
+      reply->buffer = take_buffer(plan.bytes());
       std::byte* out = reply->buffer.data();
-      for (size_t k = 0; k < ops.size(); ++k) ops[k].dest = out + op_at[k];
-      if (!ops.empty()) {
+      plan.bind(out);
+      if (!plan.empty()) {
         auto deadline =
             std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-        io::ReadFailure f = io_->read_all(ops, deadline);
+        io::ReadFailure f = io_->read_all(plan.ops(), deadline);
         if (f.in_flight) {
           // Reads given up on may still land in this buffer: it is never reused (the error
           // text goes out of a fresh one).
@@ -795,15 +772,7 @@ class ServerImpl final : public ShardServer {
           busy_bytes_ -= reply->buffer.capacity();
           reply->buffer.leak();
         }
-        if (f.error != 0) {
-          const io::ReadOp& op = ops[f.op];
-          const uint64_t index = job.indices[op_sample[f.op]];
-          std::string file = files_ ? std::string(dataset_->sample_file(index))
-                                    : dataset_->shards()[op.file].path.string();
-          detail::fail(ErrorCode::kIo, "{}: sample {}: read [{}+{}]: {}", file, index, op.offset,
-                       op.length,
-                       f.error == -ENODATA ? "end of file (truncated?)" : std::strerror(-f.error));
-        }
+        if (f.error != 0) plan.fail(f, options_.io.timeout_ms);
       }
       for (size_t i = 0; i < n; ++i) {
         const std::byte* record = nullptr;
@@ -930,26 +899,6 @@ void set_reply_fault(ReplyFault fault) {
 }  // namespace sluice::net
 
 namespace sluice {
-
-std::string read_token_file(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec))
-    throw Error(ErrorCode::kConfig, path.string() + ": token file is a directory");
-  std::ifstream in(path);
-  std::string line;
-  if (!in || !std::getline(in, line)) {
-    if (in.is_open() && in.eof())
-      throw Error(ErrorCode::kConfig, path.string() + ": token file is empty");
-    throw Error(ErrorCode::kConfig, fmt::format("{}: cannot read the token file: {}", path.string(),
-                                                std::strerror(errno)));
-  }
-  const auto first = line.find_first_not_of(" \t\r");
-  const auto last = line.find_last_not_of(" \t\r");
-  if (first == std::string::npos)
-    throw Error(ErrorCode::kConfig,
-                path.string() + ": token file holds no token on its first line");
-  return line.substr(first, last - first + 1);
-}
 
 std::unique_ptr<ShardServer> ShardServer::start(std::shared_ptr<const Dataset> dataset,
                                                 const ServerOptions& options) {

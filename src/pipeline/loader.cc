@@ -16,12 +16,13 @@
 #include "common/keep.h"
 #include "common/log.h"
 #include "format/layout.h"
-#include "index/direct.h"
 #include "io/engine.h"
 #include "io/service.h"
 #include "memory/cuda.h"
 #include "net/client.h"
 #include "pipeline/buffer_pool.h"
+#include "read/direct.h"
+#include "read/record_reader.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -139,10 +140,9 @@ struct WorkerScratch {
   bool reads_in_flight = false;
   std::vector<SampleRef> refs;
   std::vector<SampleExtent> extents;
-  std::vector<uint32_t> order;  // samples sorted by (shard, offset)
-  std::vector<io::ReadOp> ops;
-  std::vector<size_t> op_staging;                       // staging offset of each op
-  std::vector<size_t> sample_op;                        // op of each sample
+  std::vector<uint32_t> order;                          // samples sorted by (shard, offset)
+  std::optional<read::ReadPlan> plan;                   // this batch's local reads
+  std::vector<uint64_t> record_at;                      // where each local record is in staging
   std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
   std::vector<std::span<const std::byte>> parts;        // one record's fields
   // Remote samples (shards not on this node): their records, and this thread's connections.
@@ -163,21 +163,25 @@ struct WorkerScratch {
     size_t first_buffer = 0;  // their replies go to reply_buffers from here on
   };
   std::vector<PeerCall> calls;
-  std::vector<detail::UniqueFd> sample_files;  // dataset.format files: this batch's open files
 };
 
 class LoaderImpl final : public Loader {
  public:
   explicit LoaderImpl(const LoaderOptions& options)
-      : options_(with_env_peers(options)),
+      : options_(resolved(options)),
         dataset_(open_dataset(options_)),
         fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
         world_(options.resolved_world_size()),
         pin_(probe_device(options_.device)),
-        pool_(std::make_shared<BufferPool>(options.prefetch + options.io.threads,
-                                           options.max_batches_held, pin_)) {
+        pool_(std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
+                                           options_.max_batches_held, pin_)) {
+    if (options.io.threads == 0) {
+      std::string why;
+      options.resolved_io_threads(&why);
+      log_line(why);
+    }
     open_files();
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
@@ -341,8 +345,10 @@ class LoaderImpl final : public Loader {
     return true;
   }
 
-  static LoaderOptions with_env_peers(LoaderOptions o) {
+  // What the environment decides, resolved once: peers from $SLUICE_PEERS, io.threads: auto.
+  static LoaderOptions resolved(LoaderOptions o) {
     o.distributed.peers = o.resolved_peers();
+    o.io.threads = o.resolved_io_threads();
     return o;
   }
 
@@ -357,11 +363,7 @@ class LoaderImpl final : public Loader {
   // absent shard needs one.
   void plan_peers() {
     const auto& d = options_.distributed;
-    const char* env = std::getenv("SLUICE_TOKEN");
-    token_ = !d.token.empty()        ? d.token
-             : !d.token_file.empty() ? read_token_file(d.token_file)
-             : env && !d.no_token    ? env
-                                     : "";
+    token_ = d.resolved_token();
     const auto& shards = dataset_->shards();
     shard_peers_.assign(shards.size(), {});
     for (size_t p = 0; p < d.peers.size(); ++p)
@@ -481,6 +483,7 @@ class LoaderImpl final : public Loader {
       return;
     }
     WorkerScratch scratch;
+    scratch.plan.emplace(*dataset_, direct_);
     std::unique_ptr<memory::Stream> stream;  // device: cuda:N, this thread's copies
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
       {
@@ -535,37 +538,9 @@ class LoaderImpl final : public Loader {
     }
   }
 
-  [[noreturn]] void read_error(const WorkerScratch& s, io::ReadFailure f) {
-    if (f.op >= s.ops.size())  // a failure of the engine itself, not of one read
-      throw Error(
-          ErrorCode::kIo,
-          fmt::format("{}: io engine: {}", dataset_->path().string(), detail::errno_text(-f.error)),
-          -f.error);
-    const io::ReadOp& op = s.ops[f.op];
-    std::string path = dataset_->shards()[op.file].path.string();
-    if (files_)  // name the sample's own file
-      for (size_t i = 0; i < s.refs.size(); ++i)
-        if (s.sample_op[i] == f.op)
-          path = (dataset_->path() / dataset_->sample_file(s.refs[i].index)).string();
-    std::string samples;
-    for (size_t i = 0, shown = 0; i < s.refs.size() && shown < 4; ++i)
-      if (s.sample_op[i] == f.op) {
-        samples += fmt::format("{}{}", shown++ ? ", " : "", s.refs[i].index);
-      }
-    std::string where =
-        fmt::format("read {} [{}+{}] (sample {})", path, op.offset, op.length, samples);
-    if (f.error == -ENODATA)
-      fail(ErrorCode::kCorruption, "{}: unexpected end of file (shard truncated?)", where);
-    if (f.error == -ETIMEDOUT)
-      fail(ErrorCode::kIo, "{}: timed out after {} ms", where, options_.io.timeout_ms);
-    throw Error(ErrorCode::kIo, fmt::format("{}: {}", where, detail::errno_text(-f.error)),
-                -f.error);
-  }
-
   void build(uint64_t step, io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
     plan_.batch(step, s.refs);
     const size_t n = s.refs.size();
-    const uint64_t align = io_alignment_;
     s.extents.resize(n);
     s.order.clear();
     s.remote.assign(n, 0);
@@ -610,57 +585,20 @@ class LoaderImpl final : public Loader {
       const auto &x = s.extents[a], &y = s.extents[b];
       return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
     });
-    // Coalesce the aligned covers of neighbouring samples into single reads (at most 4 MiB).
-    constexpr uint64_t kMaxRead = 4 << 20;
-    s.ops.clear();
-    s.op_staging.clear();
-    s.sample_op.assign(n, 0);
-    size_t staging_bytes = 0;
-    s.sample_files.clear();
-    for (uint32_t i : s.order) {
-      const SampleExtent& x = s.extents[i];
-      uint64_t start = x.offset / align * align;
-      uint64_t end = (x.offset + x.size + align - 1) / align * align;
-      if (files_) {  // one file per sample: its own descriptor, nothing to merge
-        s.sample_files.emplace_back(dataset_->open_sample(s.refs[i].index, direct_));
-        s.ops.push_back(
-            {0, 0, static_cast<uint32_t>(end), nullptr, x.size, s.sample_files.back().get()});
-        s.op_staging.push_back(staging_bytes);
-        staging_bytes += end;
-        s.sample_op[i] = s.ops.size() - 1;
-        continue;
-      }
-      if (!s.ops.empty()) {
-        io::ReadOp& last = s.ops.back();
-        uint64_t last_end = last.offset + last.length;
-        if (last.file == x.shard && start <= last_end && end - last.offset <= kMaxRead) {
-          if (end > last_end) {
-            staging_bytes += end - last_end;
-            last.length = static_cast<uint32_t>(end - last.offset);
-          }
-          last.required =
-              std::max(last.required, static_cast<uint32_t>(x.offset + x.size - last.offset));
-          s.sample_op[i] = s.ops.size() - 1;
-          continue;
-        }
-      }
-      // The cover may run past the end of a file that is not block-aligned (npy, tokens);
-      // only the sample's own bytes are required.
-      s.ops.push_back({x.shard, start, static_cast<uint32_t>(end - start), nullptr,
-                       static_cast<uint32_t>(x.offset + x.size - start)});
-      s.op_staging.push_back(staging_bytes);
-      staging_bytes += end - start;
-      s.sample_op[i] = s.ops.size() - 1;
-    }
+    // Coalesce the aligned covers of neighbouring samples into single reads.
+    read::ReadPlan& plan = *s.plan;
+    plan.clear();
+    s.record_at.assign(n, 0);
+    for (uint32_t i : s.order) s.record_at[i] = plan.add(s.refs[i].index, s.extents[i], true);
     // A new staging buffer is registered with the engine (fixed-buffer reads) when it can be.
-    if (s.staging.reserve(staging_bytes) && engine)
+    if (s.staging.reserve(plan.bytes()) && engine)
       engine->register_buffer({s.staging.data(), s.staging.capacity()});
-    for (size_t k = 0; k < s.ops.size(); ++k) s.ops[k].dest = s.staging.data() + s.op_staging[k];
+    plan.bind(s.staging.data());
 
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    if (!s.ops.empty()) read_local(engine, s, deadline);
-    s.sample_files.clear();
+    if (!plan.empty()) read_local(engine, s, deadline);
+    plan.close_files();
     if (any_remote)  // failed peers' samples go to their replicas until none is left
       for (auto todo = finish_remote(s); !todo.empty(); todo = finish_remote(s))
         start_remote(s, todo);
@@ -676,9 +614,8 @@ class LoaderImpl final : public Loader {
         record = s.remote_record[i];  // checked against its checksum by the client
       } else {
         const SampleExtent& x = s.extents[i];
-        const io::ReadOp& op = s.ops[s.sample_op[i]];
-        record = {op.dest + (x.offset - op.offset), x.size};
-        if (options_.io.verify) check_record(x, index, record.data());
+        record = {s.staging.data() + s.record_at[i], x.size};
+        if (options_.io.verify) read::check_record(*dataset_, index, x, record);
       }
       if (auto why = dataset_->split_record(index, record, parts); !why.empty())
         fail(ErrorCode::kCorruption, "{}: sample {}: {}",
@@ -894,34 +831,21 @@ class LoaderImpl final : public Loader {
   void read_into_batch(io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
     const size_t n = s.refs.size();
     const uint64_t each = one_field_bytes_;
-    constexpr uint64_t kMaxRead = 4 << 20;
     out.field_offset.assign(1, 0);
     out.field_bytes.assign(1, n * each);
     out.offsets.assign(1, {});
     out.data.reserve(n * each);
-    s.ops.clear();
-    s.sample_op.assign(n, 0);
-    for (size_t i = 0; i < n; ++i) {
-      const SampleExtent& x = s.extents[i];
-      std::byte* dest = out.data.data() + i * each;
-      if (!s.ops.empty()) {
-        io::ReadOp& last = s.ops.back();
-        if (last.file == x.shard && last.offset + last.length == x.offset &&
-            last.dest + last.length == dest && last.length + each <= kMaxRead) {
-          last.length += static_cast<uint32_t>(each);
-          s.sample_op[i] = s.ops.size() - 1;
-          continue;
-        }
-      }
-      s.ops.push_back({x.shard, x.offset, static_cast<uint32_t>(each), dest});
-      s.sample_op[i] = s.ops.size() - 1;
-    }
+    read::ReadPlan& plan = *s.plan;
+    plan.clear();
+    for (size_t i = 0; i < n; ++i)
+      plan.add_to(s.refs[i].index, s.extents[i], out.data.data() + i * each);
     auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
     read_local(engine, s, deadline);
     if (!options_.io.verify) return;
     for (size_t i = 0; i < n; ++i)
-      check_record(s.extents[i], s.refs[i].index, out.data.data() + i * each);
+      read::check_record(*dataset_, s.refs[i].index, s.extents[i],
+                         {out.data.data() + i * each, each});
   }
 
   // Queues the batch's copy to the device on this thread's stream; the consumer's stream waits
@@ -946,22 +870,15 @@ class LoaderImpl final : public Loader {
     d.copy_pending = true;
   }
 
-  // Reads s.ops with this thread's engine, or through the loader's IO service when it has one.
+  // Reads the plan's ops with this thread's engine, or through the loader's IO service when it has
+  // one.
   void read_local(io::Engine* engine, WorkerScratch& s,
                   std::chrono::steady_clock::time_point deadline) {
-    io::ReadFailure failure = service_ ? service_->read_all(s.ops, deadline, &cancel_)
-                                       : io::read_all(*engine, s.ops, deadline, &cancel_);
+    auto& ops = s.plan->ops();
+    io::ReadFailure failure = service_ ? service_->read_all(ops, deadline, &cancel_)
+                                       : io::read_all(*engine, ops, deadline, &cancel_);
     s.reads_in_flight = failure.in_flight;
-    if (failure.error != 0) read_error(s, failure);
-  }
-
-  void check_record(const SampleExtent& x, uint64_t index, const std::byte* record) const {
-    if (!dataset_->packed()) return;  // npy, tokens: no checksums to check
-    uint32_t sum = format::record_checksum(record, x.size, index);
-    if (sum != x.checksum)
-      fail(ErrorCode::kCorruption,
-           "{}: sample {}: checksum mismatch (stored {:08x}, computed {:08x})",
-           dataset_->shards()[x.shard].path.string(), index, x.checksum, sum);
+    if (failure.error != 0) s.plan->fail(failure, options_.io.timeout_ms);
   }
 
   LoaderOptions options_;

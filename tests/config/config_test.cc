@@ -2,6 +2,9 @@
 
 #include "test_util.h"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <fstream>
 
 namespace sluice {
@@ -160,6 +163,29 @@ TEST(Config, RankAndWorldSizeFromTheEnvironment) {
   unsetenv("WORLD_SIZE");
   EXPECT_EQ(o.resolved_rank(), 0u);
   EXPECT_EQ(o.resolved_world_size(), 1u);
+}
+
+TEST(Config, LoaderThreadsFollowTheCoresThisRankMayUse) {
+  LoaderOptions o;
+  EXPECT_EQ(o.io.threads, 0u);  // auto
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof set, &set), 0);
+  const uint32_t cores = static_cast<uint32_t>(CPU_COUNT(&set));
+  std::string why;
+  const uint32_t threads = o.resolved_io_threads(&why);
+  EXPECT_GE(threads, 1u);
+  EXPECT_LE(threads, std::min(cores, 4u)) << why;  // never more threads than cores
+  EXPECT_NE(why.find("io.threads: auto"), std::string::npos) << why;
+  setenv("LOCAL_WORLD_SIZE", "512", 1);  // more ranks on the node than cores: one each
+  EXPECT_EQ(o.resolved_io_threads(&why), 1u);
+  EXPECT_NE(why.find("shared by 512 ranks"), std::string::npos) << why;
+  unsetenv("LOCAL_WORLD_SIZE");
+
+  o = LoaderOptions::from_yaml_string("io: {threads: 3}\n", "t.yaml");
+  EXPECT_EQ(o.resolved_io_threads(), 3u);
+  o = LoaderOptions::from_yaml_string("dataset: /d\nio: {threads: auto}\n", "t.yaml");
+  EXPECT_EQ(o.io.threads, 0u);
+  EXPECT_EQ(LoaderOptions::from_yaml_string(o.to_yaml(), "again.yaml").io.threads, 0u);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-#include "index/direct.h"
+#include "read/direct.h"
 
 #include "common/errors.h"
 
@@ -182,8 +182,10 @@ void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop) {
       ::munmap(map, bytes);
       if (all) continue;
     }
-    // In slices, so that a stopping loader does not wait for a whole shard's submission.
-    constexpr off_t kSlice = 64 << 20;
+    // The kernel reads at most one readahead window per call (force_page_cache_ra clamps the
+    // length to max(read_ahead_kb, max_sectors_kb)), so ask 128 KiB at a time: the common
+    // minimum of both. Each call only submits; the block queue's depth paces the loop.
+    constexpr off_t kSlice = 128 << 10;
     for (off_t at = 0; at < static_cast<off_t>(bytes) && !stop.load(std::memory_order_relaxed);
          at += kSlice)
       ::posix_fadvise(fd, at, kSlice, POSIX_FADV_WILLNEED);
