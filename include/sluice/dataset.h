@@ -16,6 +16,10 @@
 
 namespace sluice {
 
+namespace detail {
+struct DatasetInternals;
+}
+
 /// Element type of a field. Values are part of the on-disk format (docs/format.md).
 enum class DType : uint8_t {
   kUInt8 = 0,
@@ -113,17 +117,17 @@ class SLUICE_EXPORT Dataset {
   static std::shared_ptr<Dataset> open(const std::filesystem::path& dir,
                                        const DatasetOpenOptions& options = {});
   /// Opens what `source.format` names (auto detects; the one place formats are told apart, used
-  /// by the Loader, `sluice pack/inspect/verify` and Python's sluice.Dataset): packed shards as open() does, or a
-  /// source read in place: `npy` (a NumPy .npy array of shape (N, ...): N samples of one field
-  /// "data" with its dtype and shape), `tokens` (a flat uint16/uint32 token file as windows of
-  /// seq_len tokens every stride tokens: one field "tokens" [seq_len]) or `files` (a tree of
-  /// class directories, one sample per file: "data" bytes and an int64 "label", the index of
-  /// the file's directory name among the sorted names; auto: a directory without a manifest)
-  /// or `tar` (WebDataset shards: a .tar file or a directory of them; members grouped into
-  /// samples by the key before the first dot, fields named by the extension, `cls`/`label` as
-  /// int64; the header scan is cached beside the tar or in ~/.cache/sluice).
-  /// Throws kConfig for missing parameters, kCorruption naming the file for a bad header or a
-  /// truncated file, kUnsupported for formats this build does not read in place.
+  /// by the Loader, `sluice pack/inspect/verify` and Python's sluice.Dataset): packed shards as
+  /// open() does, or a source read in place: `npy` (a NumPy .npy array of shape (N, ...): N samples
+  /// of one field "data" with its dtype and shape), `tokens` (a flat uint16/uint32 token file as
+  /// windows of seq_len tokens every stride tokens: one field "tokens" [seq_len]) or `files` (a
+  /// tree of class directories, one sample per file: "data" bytes and an int64 "label", the index
+  /// of the file's directory name among the sorted names; auto: a directory without a manifest) or
+  /// `tar` (WebDataset shards: a .tar file or a directory of them; members grouped into samples by
+  /// the key before the first dot, fields named by the extension, `cls`/`label` as int64; the
+  /// header scan is cached beside the tar or in ~/.cache/sluice). Throws kConfig for missing
+  /// parameters, kCorruption naming the file for a bad header or a truncated file, kUnsupported for
+  /// formats this build does not read in place.
   static std::shared_ptr<Dataset> open_source(const DatasetOptions& source,
                                               const DatasetOpenOptions& options = {});
   ~Dataset();
@@ -145,30 +149,17 @@ class SLUICE_EXPORT Dataset {
   const std::vector<ShardInfo>& shards() const;
   /// Sample counts per shard, in shard order (what the sampler's `shard` mode groups by).
   std::vector<uint64_t> shard_sizes() const;
-  /// File descriptor of shard `shard`, opened read-only; owned by the Dataset (-1 when absent).
-  int shard_fd(uint32_t shard) const;
 
   /// Where sample `index` lies. Throws kInvalidArgument when index >= num_samples(),
   /// kNotFound when its shard is not on this node, and kCorruption when its index entry points
   /// outside the shard's data region.
   SampleExtent extent(uint64_t index) const;
-  /// The shard that holds sample `index` (no I/O, also for absent shards).
-  uint32_t shard_of(uint64_t index) const;
   /// Reads the record of sample `index` with pread and checks its checksum.
   std::vector<std::byte> read_record(uint64_t index) const;
   /// The same into `dest` (at least extent(index).size bytes); returns the record's size.
   size_t read_record_into(uint64_t index, std::span<std::byte> dest) const;
   /// Splits a record into its fields; throws kCorruption when the lengths do not add up.
   SampleFields parse_record(uint64_t index, std::span<const std::byte> record) const;
-  /// The same into `fields` (reused storage); "" or why the record does not split.
-  std::string split_record(uint64_t index, std::span<const std::byte> record,
-                           std::vector<std::span<const std::byte>>& fields) const;
-  /// `files` datasets (a tree read in place): sample `index`'s file, relative to path(); empty
-  /// for other datasets. Its record is the file's bytes; its label comes from its directory.
-  std::string_view sample_file(uint64_t index) const;
-  /// `files` datasets: opens sample `index`'s file read-only (with O_DIRECT when `direct`);
-  /// the caller owns the descriptor. Throws naming the file and the sample.
-  int open_sample(uint64_t index, bool direct) const;
 
   /// Checks every header, index and sample checksum. `progress(done, total)` is called now and
   /// then with bytes checked. Returns one line per problem (empty when the dataset is sound),
@@ -178,9 +169,25 @@ class SLUICE_EXPORT Dataset {
   std::vector<std::string> verify(
       const std::function<void(uint64_t, uint64_t)>& progress = {}) const;
 
-  struct Impl;
-
  private:
+  // What the loader, the shard server and the read planner use, and users need not: reached
+  // through src/index/internals.h.
+  friend struct detail::DatasetInternals;
+  // File descriptor of shard `shard`, opened read-only; owned by the Dataset (-1 when absent).
+  int shard_fd(uint32_t shard) const;
+  // The shard that holds sample `index` (no I/O, also for absent shards).
+  uint32_t shard_of(uint64_t index) const;
+  // parse_record into `fields` (reused storage); "" or why the record does not split.
+  std::string split_record(uint64_t index, std::span<const std::byte> record,
+                           std::vector<std::span<const std::byte>>& fields) const;
+  // `files` datasets (a tree read in place): sample `index`'s file, relative to path(); empty
+  // for other datasets. Its record is the file's bytes; its label comes from its directory.
+  std::string_view sample_file(uint64_t index) const;
+  // `files` datasets: opens sample `index`'s file read-only (with O_DIRECT when `direct`);
+  // the caller owns the descriptor. Throws naming the file and the sample.
+  int open_sample(uint64_t index, bool direct) const;
+
+  struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
   static std::shared_ptr<Dataset> open_files(const std::filesystem::path& root);
   static std::shared_ptr<Dataset> open_tar(const std::filesystem::path& path);

@@ -16,7 +16,7 @@ std::unique_ptr<Engine> wrapped(std::unique_ptr<Engine> engine) {
   return g_wrapper ? g_wrapper(std::move(engine)) : std::move(engine);
 }
 
-std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const int> files,
+std::unique_ptr<Engine> choose_engine(const EngineOptions& options, std::span<const int> files,
                                       const std::function<void(const std::string&)>& on_choice);
 }  // namespace
 
@@ -25,15 +25,15 @@ void set_engine_wrapper(std::function<std::unique_ptr<Engine>(std::unique_ptr<En
   g_wrapper = std::move(wrap);
 }
 
-std::unique_ptr<Engine> make_engine(const IoOptions& options, std::span<const int> files,
+std::unique_ptr<Engine> make_engine(const EngineOptions& options, std::span<const int> files,
                                     const std::function<void(const std::string&)>& on_choice) {
   return wrapped(choose_engine(options, files, on_choice));
 }
 
 namespace {
-std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const int> files,
+std::unique_ptr<Engine> choose_engine(const EngineOptions& options, std::span<const int> files,
                                       const std::function<void(const std::string&)>& on_choice) {
-  if (options.engine == IoEngineKind::kThreads) {
+  if (options.kind == EngineKind::kThreads) {
     auto engine = make_thread_engine(options.queue_depth, files);
     if (on_choice) on_choice("io engine: " + engine->describe() + " (io.engine: threads)");
     return engine;
@@ -49,7 +49,7 @@ std::unique_ptr<Engine> choose_engine(const IoOptions& options, std::span<const 
   if (error == -ENOSYS || error == -EPERM)
     why += " (blocked by seccomp or kernel.io_uring_disabled)";
   if (error == -ENOMEM) why += " (memlock limit too low)";
-  if (options.engine == IoEngineKind::kUring)
+  if (options.kind == EngineKind::kUring)
     detail::fail(ErrorCode::kUnsupported, "io.engine: uring: io_uring is unavailable: {}", why);
   auto fallback = make_thread_engine(options.queue_depth, files);
   if (on_choice) on_choice("io engine: " + fallback->describe() + "; io_uring unavailable: " + why);

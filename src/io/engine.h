@@ -7,8 +7,6 @@
 //
 // Errors follow liburing: 0 or a count on success, -errno on failure.
 
-#include <sluice/options.h>
-
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -94,11 +92,19 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
                      std::chrono::steady_clock::time_point deadline,
                      const std::atomic<bool>* cancel = nullptr);
 
-/// Creates the engine that `options.engine` asks for over `files` (file descriptors, indexed
+/// The io layer's own options (the config's io.engine and io.queue_depth, mapped in
+/// config/io_options.h: nothing here reads <sluice/options.h>).
+enum class EngineKind { kAuto, kUring, kThreads };
+struct EngineOptions {
+  EngineKind kind = EngineKind::kAuto;
+  uint32_t queue_depth = 128;  // reads in flight
+};
+
+/// Creates the engine that `options.kind` asks for over `files` (file descriptors, indexed
 /// by Request::file). kAuto picks io_uring and falls back to threads when io_uring is blocked
 /// (seccomp, kernel.io_uring_disabled, ENOMEM); `on_choice` is called with a one-line account
 /// of what was chosen and why. kUring throws Error(kUnsupported) when io_uring is unavailable.
-std::unique_ptr<Engine> make_engine(const IoOptions& options, std::span<const int> files,
+std::unique_ptr<Engine> make_engine(const EngineOptions& options, std::span<const int> files,
                                     const std::function<void(const std::string&)>& on_choice);
 
 std::unique_ptr<Engine> make_uring_engine(uint32_t queue_depth, std::span<const int> files,

@@ -14,7 +14,7 @@ struct Service::Waiter {
   bool done = false;  // under Service::mu_
 };
 
-Service::Service(const IoOptions& options, std::span<const int> files,
+Service::Service(const EngineOptions& options, std::span<const int> files,
                  const std::function<void(const std::string&)>& on_choice) {
   std::promise<void> made;
   auto ready = made.get_future();

@@ -18,7 +18,7 @@ class Service {
  public:
   /// Starts the IO thread and makes its engine there (an io_uring ring with SINGLE_ISSUER
   /// belongs to the thread that submits). Throws what make_engine throws.
-  Service(const IoOptions& options, std::span<const int> files,
+  Service(const EngineOptions& options, std::span<const int> files,
           const std::function<void(const std::string&)>& on_choice);
   /// Lets queued reads finish, then joins the IO thread.
   ~Service();

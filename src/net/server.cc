@@ -3,7 +3,9 @@
 #include "common/errors.h"
 #include "common/file.h"
 #include "common/log.h"
+#include "config/io_options.h"
 #include "format/layout.h"
+#include "index/internals.h"
 #include "io/service.h"
 #include "memory/aligned_buffer.h"
 #include "net/handshake.h"
@@ -745,7 +747,8 @@ class ServerImpl final : public ShardServer {
           ++reply->header.separate;
           continue;
         }
-        infos[i].offset = plan.add(job.indices[i], extents[i], /*merge=*/true);
+        // Not merged: the client takes records laid out in request order, each after the last.
+        infos[i].offset = plan.add(job.indices[i], extents[i], /*merge=*/false);
       }
       const uint64_t table = plan.reserve(n * sizeof(RecordInfo), 8);
       const uint64_t reply_bytes = plan.bytes();
@@ -810,13 +813,13 @@ class ServerImpl final : public ShardServer {
         open_direct(*dataset_, options_.io.direct, "server io.direct", memory_room());
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
-    files_ = !dataset_->sample_file(0).empty();
+    files_ = dataset_->format() == DatasetFormat::kFiles;
     std::vector<int> fds;
     if (files_)
-      fds = {dataset_->shard_fd(0)};  // reads use each op's own descriptor
+      fds = {index::shard_fd(*dataset_, 0)};  // reads use each op's own descriptor
     else
       for (uint32_t i = 0; i < dataset_->shards().size(); ++i)
-        fds.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
+        fds.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
     // Through the page cache, a packed dataset's shards are also mapped: a large record is sent
     // straight from there (the kernel copies it into the socket, or the NIC reads it), never
     // touched here (its stored checksum is what the client checks it against).
@@ -832,7 +835,7 @@ class ServerImpl final : public ShardServer {
       }
     }
     std::string engine;
-    io_ = std::make_unique<io::Service>(options_.io, fds,
+    io_ = std::make_unique<io::Service>(config::engine_options(options_.io), fds,
                                         [&](const std::string& line) { engine = line; });
     io_description_ = fmt::format(
         "{}; {}", engine,

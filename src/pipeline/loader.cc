@@ -15,7 +15,9 @@
 #include "common/file.h"
 #include "common/keep.h"
 #include "common/log.h"
+#include "config/io_options.h"
 #include "format/layout.h"
+#include "index/internals.h"
 #include "io/engine.h"
 #include "io/service.h"
 #include "memory/cuda.h"
@@ -387,17 +389,18 @@ class LoaderImpl final : public Loader {
   // sample's file when its batch is read.
   void open_files() {
     const auto& shards = dataset_->shards();
-    files_ = !dataset_->sample_file(0).empty();
+    files_ = dataset_->format() == DatasetFormat::kFiles;
     DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
     direct_ = direct.on;
     warm_ = direct.warm;
     if (warm_) direct.why += "; warming it in the background";
     direct_fds_ = std::move(direct.fds);
     if (files_)
-      fds_ = {dataset_->shard_fd(0)};  // the tree's root; reads use each op's own descriptor
+      fds_ = {
+          index::shard_fd(*dataset_, 0)};  // the tree's root; reads use each op's own descriptor
     else
       for (uint32_t i = 0; i < shards.size(); ++i)
-        fds_.push_back(direct_ ? direct_fds_[i].get() : dataset_->shard_fd(i));
+        fds_.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
     io_alignment_ = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
     bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
@@ -420,7 +423,7 @@ class LoaderImpl final : public Loader {
     if (warm_ && !warm_thread_.joinable())
       warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
     if (direct_ && !service_)
-      service_ = std::make_unique<io::Service>(options_.io, fds_,
+      service_ = std::make_unique<io::Service>(config::engine_options(options_.io), fds_,
                                                [&](const std::string& line) { note_engine(line); });
     stop_ = false;
     cancel_ = false;
@@ -476,8 +479,8 @@ class LoaderImpl final : public Loader {
     const uint32_t threads = options_.io.threads;
     try {
       if (!service_)
-        engine =
-            io::make_engine(options_.io, fds_, [&](const std::string& line) { note_engine(line); });
+        engine = io::make_engine(config::engine_options(options_.io), fds_,
+                                 [&](const std::string& line) { note_engine(line); });
     } catch (...) {
       publish(worker, {nullptr, std::current_exception()});
       return;
@@ -548,7 +551,7 @@ class LoaderImpl final : public Loader {
     for (size_t i = 0; i < n; ++i) {
       uint64_t index = s.refs[i].index;
       if (!options_.distributed.peers.empty() &&
-          !dataset_->shards()[dataset_->shard_of(index)].local) {
+          !dataset_->shards()[index::shard_of(*dataset_, index)].local) {
         s.remote[i] = 1;
         any_remote = true;
         continue;
@@ -617,9 +620,9 @@ class LoaderImpl final : public Loader {
         record = {s.staging.data() + s.record_at[i], x.size};
         if (options_.io.verify) read::check_record(*dataset_, index, x, record);
       }
-      if (auto why = dataset_->split_record(index, record, parts); !why.empty())
+      if (auto why = index::split_record(*dataset_, index, record, parts); !why.empty())
         fail(ErrorCode::kCorruption, "{}: sample {}: {}",
-             dataset_->shards()[dataset_->shard_of(index)].path.string(), index, why);
+             dataset_->shards()[index::shard_of(*dataset_, index)].path.string(), index, why);
       std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
     }
     out.field_offset.resize(nf);
@@ -660,7 +663,7 @@ class LoaderImpl final : public Loader {
     while (!left.empty()) {
       std::map<size_t, std::vector<size_t>> by_peer;
       for (size_t i : left) {
-        uint32_t shard = dataset_->shard_of(s.refs[i].index);
+        uint32_t shard = index::shard_of(*dataset_, s.refs[i].index);
         size_t chosen = SIZE_MAX;
         for (size_t p : shard_peers_[shard])
           if (!peer_dead(p)) {
@@ -730,7 +733,7 @@ class LoaderImpl final : public Loader {
 
   // A remote sample's size as far as this node knows: its shard's bytes per sample.
   uint64_t sample_bytes_guess(uint64_t index) const {
-    const ShardInfo& shard = dataset_->shards()[dataset_->shard_of(index)];
+    const ShardInfo& shard = dataset_->shards()[index::shard_of(*dataset_, index)];
     return shard.file_bytes / std::max<uint64_t>(1, shard.num_samples) + 1;
   }
 

@@ -1,6 +1,7 @@
 #include "read/direct.h"
 
 #include "common/errors.h"
+#include "index/internals.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -111,7 +112,7 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
   if (mode == DirectIo::kOff || shards.empty()) return out;
   if (mode == DirectIo::kAuto) {
     uint64_t local = 0;
-    if (!dataset.sample_file(0).empty()) {
+    if (dataset.format() == DatasetFormat::kFiles) {
       local = dataset.total_bytes();
     } else {
       for (const auto& s : shards)
@@ -119,7 +120,8 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
     }
     auto gb = [](uint64_t b) { return static_cast<double>(b) / 1e9; };
     if (local <= room.bytes) {
-      out.warm = dataset.sample_file(0).empty();  // shard files (a files tree is not warmed)
+      out.warm =
+          dataset.format() != DatasetFormat::kFiles;  // shard files (a files tree is not warmed)
       out.why = fmt::format(
           "the local data ({:.2f} GB) fits in the memory this process may use ({:.2f} GB, {}): "
           "it stays in the page cache",
@@ -139,9 +141,9 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
       if (::pread(fd, probe.get(), align, 0) < 0)
         detail::fail_errno(errno, "O_DIRECT read of " + name);
     };
-    if (!dataset.sample_file(0).empty()) {
-      detail::UniqueFd first(dataset.open_sample(0, true));
-      probe_read(first.get(), std::string(dataset.sample_file(0)));
+    if (dataset.format() == DatasetFormat::kFiles) {
+      detail::UniqueFd first(index::open_sample(dataset, 0, true));
+      probe_read(first.get(), std::string(index::sample_file(dataset, 0)));
     } else {
       detail::reserve_descriptors(
           shards.size(), fmt::format("{} with O_DIRECT ({} shards, a second descriptor each)",
@@ -170,7 +172,7 @@ void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop) {
   const auto& shards = dataset.shards();
   for (uint32_t i = 0; i < shards.size() && !stop.load(std::memory_order_relaxed); ++i) {
     if (!shards[i].local || shards[i].file_bytes == 0) continue;
-    const int fd = dataset.shard_fd(i);
+    const int fd = index::shard_fd(dataset, i);
     const size_t bytes = shards[i].file_bytes;
     // Resident already (another rank on this node, an earlier epoch)? Then nothing to read.
     void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);

@@ -17,7 +17,7 @@ namespace sluice {
 struct DirectFiles {
   bool on = false;
   // Per shard: an O_DIRECT descriptor of each local shard (absent shards: none). Empty for a
-  // `files` tree, whose readers open each sample with Dataset::open_sample(index, true).
+  // `files` tree, whose readers open each sample with index::open_sample(dataset, index, true).
   std::vector<detail::UniqueFd> fds;
   std::string why;  // under `auto`: why it chose what it chose (the probe's error when off)
   // `auto` chose the page cache because the data fits: warm it (warm_page_cache) so that an

@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "format/layout.h"
+#include "index/internals.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -18,7 +19,7 @@ constexpr uint64_t kNotBound = std::numeric_limits<uint64_t>::max();  // add_to:
 ReadPlan::ReadPlan(const Dataset& dataset, bool direct)
     : dataset_(dataset),
       direct_(direct),
-      files_(!dataset.sample_file(0).empty()),
+      files_(dataset.format() == DatasetFormat::kFiles),
       align_(direct ? dataset.alignment() : 1) {}
 
 void ReadPlan::clear() {
@@ -35,7 +36,7 @@ uint64_t ReadPlan::add(uint64_t index, const SampleExtent& x, bool merge) {
   const uint64_t end = format::align_up(x.offset + x.size, align_);
   sample_index_.push_back(index);
   if (files_) {  // one file per sample: its own descriptor, nothing to merge
-    files_open_.emplace_back(dataset_.open_sample(index, direct_));
+    files_open_.emplace_back(index::open_sample(dataset_, index, direct_));
     merge = false;
   } else if (merge && !ops_.empty() && op_at_.back() != kNotBound) {
     io::ReadOp& last = ops_.back();
@@ -102,7 +103,8 @@ void ReadPlan::fail(const io::ReadFailure& f, uint32_t timeout_ms) const {
   std::string samples;
   for (size_t i = 0, shown = 0; i < sample_index_.size() && shown < 4; ++i)
     if (sample_op_[i] == f.op) {
-      if (files_) path = (dataset_.path() / dataset_.sample_file(sample_index_[i])).string();
+      if (files_)
+        path = (dataset_.path() / index::sample_file(dataset_, sample_index_[i])).string();
       samples += fmt::format("{}{}", shown++ ? ", " : "", sample_index_[i]);
     }
   const std::string where =

@@ -2,6 +2,7 @@
 // entry point that tells formats apart (Dataset::open_source with format auto): what each
 // yields, byte for byte, and what verify() says when a file changes under it.
 
+#include "index/internals.h"
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -124,10 +125,10 @@ TEST(SourcesTest, FilesTreeLabelsAreTheFirstDirectoryAndAChangedFileIsNamed) {
   ASSERT_EQ(ds->num_samples(), files.size());
   std::vector<std::span<const std::byte>> fields;
   for (uint64_t i = 0; i < ds->num_samples(); ++i) {  // listed in sorted path order
-    EXPECT_EQ(ds->sample_file(i), files[i].first);
+    EXPECT_EQ(index::sample_file(*ds, i), files[i].first);
     auto record = ds->read_record(i);
     EXPECT_EQ(record, sample_bytes(i, 0, files[i].second)) << files[i].first;
-    ASSERT_EQ(ds->split_record(i, record, fields), "");
+    ASSERT_EQ(index::split_record(*ds, i, record, fields), "");
     int64_t label;
     std::memcpy(&label, fields[1].data(), sizeof label);
     EXPECT_EQ(label, i < 2 ? 0 : 1) << files[i].first;
@@ -172,7 +173,7 @@ TEST(SourcesTest, TarShardsFromGnuTarGroupMembersBySampleKey) {
   std::vector<std::span<const std::byte>> fields;
   for (uint64_t i = 0; i < ds->num_samples(); ++i) {
     auto record = ds->read_record(i);
-    ASSERT_EQ(ds->split_record(i, record, fields), "");
+    ASSERT_EQ(index::split_record(*ds, i, record, fields), "");
     auto want = sample_bytes(i, 0, 50 + 300 * i);
     EXPECT_TRUE(std::equal(fields[0].begin(), fields[0].end(), want.begin(), want.end()))
         << "sample " << i;

@@ -22,7 +22,7 @@ namespace {
 using testing::Fault;
 using testing::FaultEngine;
 
-class EngineTest : public ::testing::TestWithParam<IoEngineKind> {
+class EngineTest : public ::testing::TestWithParam<io::EngineKind> {
  protected:
   void SetUp() override {
     contents_ = testing::sample_bytes(1, 2, 3 << 20);
@@ -36,8 +36,8 @@ class EngineTest : public ::testing::TestWithParam<IoEngineKind> {
   }
 
   std::unique_ptr<io::Engine> engine(uint32_t depth = 16) {
-    IoOptions o;
-    o.engine = GetParam();
+    io::EngineOptions o;
+    o.kind = GetParam();
     o.queue_depth = depth;
     return io::make_engine(o, fds_, {});
   }
@@ -99,7 +99,7 @@ TEST_P(EngineTest, RegisteredBufferReadsTheSame) {
   }
   auto e = engine();
   bool registered = e->register_buffer({buffer.data(), buffer.capacity()});
-  if (GetParam() == IoEngineKind::kUring) {
+  if (GetParam() == io::EngineKind::kUring) {
     EXPECT_TRUE(registered);
   }
   ASSERT_EQ(io::read_all(*e, ops, deadline()).error, 0);
@@ -204,8 +204,8 @@ class ServiceTest : public EngineTest {
           [decide](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
             return std::make_unique<FaultEngine>(std::move(e), decide);
           });
-    IoOptions o;
-    o.engine = GetParam();
+    io::EngineOptions o;
+    o.kind = GetParam();
     o.queue_depth = 32;
     return std::make_unique<io::Service>(o, fds_, nullptr);
   }
@@ -302,19 +302,19 @@ TEST_P(ServiceTest, CancelStopsNewReads) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, ServiceTest,
-                         ::testing::Values(IoEngineKind::kUring, IoEngineKind::kThreads),
-                         [](const ::testing::TestParamInfo<IoEngineKind>& p) {
-                           return p.param == IoEngineKind::kUring ? "uring" : "threads";
+                         ::testing::Values(io::EngineKind::kUring, io::EngineKind::kThreads),
+                         [](const ::testing::TestParamInfo<io::EngineKind>& p) {
+                           return p.param == io::EngineKind::kUring ? "uring" : "threads";
                          });
 
 INSTANTIATE_TEST_SUITE_P(Engines, EngineTest,
-                         ::testing::Values(IoEngineKind::kUring, IoEngineKind::kThreads),
-                         [](const ::testing::TestParamInfo<IoEngineKind>& p) {
-                           return p.param == IoEngineKind::kUring ? "uring" : "threads";
+                         ::testing::Values(io::EngineKind::kUring, io::EngineKind::kThreads),
+                         [](const ::testing::TestParamInfo<io::EngineKind>& p) {
+                           return p.param == io::EngineKind::kUring ? "uring" : "threads";
                          });
 
 TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
-  IoOptions o;
+  io::EngineOptions o;
   std::vector<int> fds;
   for (int err : {-EPERM, -ENOSYS, -ENOMEM}) {
     io::set_uring_setup_fault(err);
@@ -322,7 +322,7 @@ TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
     auto e = io::make_engine(o, fds, [&](const std::string& s) { choice = s; });
     EXPECT_NE(e->describe().find("pread thread pool"), std::string::npos);
     EXPECT_NE(choice.find("io_uring unavailable"), std::string::npos) << choice;
-    o.engine = IoEngineKind::kUring;
+    o.kind = io::EngineKind::kUring;
     try {
       io::make_engine(o, fds, {});
       ADD_FAILURE() << "io.engine: uring must not fall back";
@@ -330,7 +330,7 @@ TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
       EXPECT_EQ(e2.code(), ErrorCode::kUnsupported);
       EXPECT_NE(std::string(e2.what()).find("io_uring is unavailable"), std::string::npos);
     }
-    o.engine = IoEngineKind::kAuto;
+    o.kind = io::EngineKind::kAuto;
   }
   io::set_uring_setup_fault(0);
   std::string choice;
@@ -340,8 +340,8 @@ TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
 
 TEST(EngineChoice, MemlockTooLowForBuffersStillReads) {
   io::set_register_buffers_fault(-ENOMEM);
-  IoOptions o;
-  o.engine = IoEngineKind::kUring;
+  io::EngineOptions o;
+  o.kind = io::EngineKind::kUring;
   std::vector<int> fds;
   auto e = io::make_engine(o, fds, {});
   memory::AlignedBuffer b;

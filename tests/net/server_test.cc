@@ -141,6 +141,18 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect)
   }
 }
 
+// Neighbours requested backwards and samples requested twice (padding repeats a sample) come
+// back equal: the reply lays records out in request order, whatever shares a disk block.
+TEST_F(ServerTest, NeighboursBackwardsAndRepeatedSamplesComeBackEqual) {
+  const std::vector<uint64_t> order = {1, 0, 3, 2, 2, 5, 4, 4, 0, 1};
+  for (DirectIo direct : {DirectIo::kOff, testing::direct_where_possible(dir())}) {
+    restart(direct);
+    SCOPED_TRACE(server_->io_description());
+    auto c = client();
+    read_and_check(*c, order, order.size());
+  }
+}
+
 // Records of at least separate_bytes come in messages of their own, from the shard's mapping
 // (page cache) or the server's read buffer (O_DIRECT), eager or by rendezvous, into the
 // caller's record_destination where it gives one and into the client's own storage where not.

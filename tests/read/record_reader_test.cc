@@ -3,6 +3,8 @@
 
 #include "read/record_reader.h"
 
+#include "index/internals.h"
+
 #include "test_util.h"
 
 #include <gtest/gtest.h>
@@ -24,7 +26,7 @@ using testing::TempDir;
 // file once its required bytes are in).
 void run(const Dataset& ds, read::ReadPlan& plan) {
   for (const io::ReadOp& op : plan.ops()) {
-    const int fd = op.fd >= 0 ? op.fd : ds.shard_fd(op.file);
+    const int fd = op.fd >= 0 ? op.fd : index::shard_fd(ds, op.file);
     ssize_t got = ::pread(fd, op.dest, op.length, static_cast<off_t>(op.offset));
     ASSERT_GE(got, static_cast<ssize_t>(op.required ? op.required : op.length));
   }
