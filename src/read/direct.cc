@@ -4,7 +4,6 @@
 #include "index/internals.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,7 +13,6 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <vector>
 
 namespace sluice {
 
@@ -168,27 +166,17 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
 }
 
 void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop) {
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   const auto& shards = dataset.shards();
   for (uint32_t i = 0; i < shards.size() && !stop.load(std::memory_order_relaxed); ++i) {
     if (!shards[i].local || shards[i].file_bytes == 0) continue;
     const int fd = index::shard_fd(dataset, i);
-    const size_t bytes = shards[i].file_bytes;
-    // Resident already (another rank on this node, an earlier epoch)? Then nothing to read.
-    void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
-    if (map != MAP_FAILED) {
-      std::vector<unsigned char> in_core((bytes + page - 1) / page);
-      const bool all =
-          ::mincore(map, bytes, in_core.data()) == 0 &&
-          std::all_of(in_core.begin(), in_core.end(), [](unsigned char c) { return c & 1; });
-      ::munmap(map, bytes);
-      if (all) continue;
-    }
     // The kernel reads at most one readahead window per call (force_page_cache_ra clamps the
     // length to max(read_ahead_kb, max_sectors_kb)), so ask 128 KiB at a time: the common
-    // minimum of both. Each call only submits; the block queue's depth paces the loop.
+    // minimum of both. Each call only submits; the block queue's depth paces the loop, and
+    // pages already resident (another rank on this node, an earlier run) cost a lookup.
     constexpr off_t kSlice = 128 << 10;
-    for (off_t at = 0; at < static_cast<off_t>(bytes) && !stop.load(std::memory_order_relaxed);
+    for (off_t at = 0;
+         at < static_cast<off_t>(shards[i].file_bytes) && !stop.load(std::memory_order_relaxed);
          at += kSlice)
       ::posix_fadvise(fd, at, kSlice, POSIX_FADV_WILLNEED);
   }

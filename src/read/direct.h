@@ -43,7 +43,7 @@ DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string
 
 /// Asks the kernel to read `dataset`'s local shards into the page cache (POSIX_FADV_WILLNEED:
 /// large sequential reads, in the background of the caller's own random ones), shard by shard
-/// until done or `stop` is set. Shards already resident cost a mincore of their pages.
+/// until done or `stop` is set. Pages already resident cost a lookup each.
 void warm_page_cache(const Dataset& dataset, const std::atomic<bool>& stop);
 
 }  // namespace sluice
