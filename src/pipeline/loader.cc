@@ -179,11 +179,6 @@ class LoaderImpl final : public Loader {
         pin_(probe_device(options_.device)),
         pool_(std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
                                            options_.max_batches_held, pin_)) {
-    if (options.io.threads == 0) {
-      std::string why;
-      options.resolved_io_threads(&why);
-      log_line(why);
-    }
     open_files();
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
@@ -347,10 +342,15 @@ class LoaderImpl final : public Loader {
     return true;
   }
 
-  // What the environment decides, resolved once: peers from $SLUICE_PEERS, io.threads: auto.
+  // What the environment decides, resolved once: peers from $SLUICE_PEERS, io.threads: auto
+  // (logged with its reason).
   static LoaderOptions resolved(LoaderOptions o) {
     o.distributed.peers = o.resolved_peers();
-    o.io.threads = o.resolved_io_threads();
+    if (o.io.threads == 0) {
+      std::string why;
+      o.io.threads = o.resolved_io_threads(&why);
+      log_line(why);
+    }
     return o;
   }
 
@@ -395,9 +395,8 @@ class LoaderImpl final : public Loader {
     warm_ = direct.warm;
     if (warm_) direct.why += "; warming it in the background";
     direct_fds_ = std::move(direct.fds);
-    if (files_)
-      fds_ = {
-          index::shard_fd(*dataset_, 0)};  // the tree's root; reads use each op's own descriptor
+    if (files_)  // the tree's root; reads use each op's own descriptor
+      fds_ = {index::shard_fd(*dataset_, 0)};
     else
       for (uint32_t i = 0; i < shards.size(); ++i)
         fds_.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
