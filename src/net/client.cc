@@ -369,6 +369,7 @@ class ClientImpl final : public PeerClient {
 
   void handle_reply(std::span<const std::byte> header, void* data, size_t length,
                     const ucp_am_recv_param_t* param) {
+    note_reply_ep(param);  // first: a malformed reply still comes on an endpoint to close
     std::string error;
     auto h = parse_reply(header, &error);
     if (!h) {
@@ -376,7 +377,6 @@ class ClientImpl final : public PeerClient {
       failed_ = true;
       return;
     }
-    note_reply_ep(param);
     auto it = by_id_.find(h->request_id);
     if (it == by_id_.end() || it->second->done) return;  // not ours (any more)
     Pending& p = *it->second;
@@ -413,6 +413,7 @@ class ClientImpl final : public PeerClient {
 
   void handle_record(std::span<const std::byte> header, void* data, size_t length,
                      const ucp_am_recv_param_t* param) {
+    note_reply_ep(param);
     std::string error;
     auto h = parse_record_header(header, length, &error);
     if (!h) {
@@ -420,7 +421,6 @@ class ClientImpl final : public PeerClient {
       failed_ = true;
       return;
     }
-    note_reply_ep(param);
     auto it = by_id_.find(h->request_id);
     if (it == by_id_.end() || !it->second->request) return;  // not ours (any more)
     Pending& p = *it->second;
@@ -509,6 +509,15 @@ class ClientImpl final : public PeerClient {
 
   void close(bool force) {
     if (reply_ep_ == ep_) reply_ep_ = nullptr;  // UCX matched the two endpoints into one
+    // UCX 1.13 aborts (an assertion in ucp_request_send_state_ff) when it purges an endpoint
+    // that still has a wireup message queued, e.g. this worker's answer to the server's own
+    // endpoint, which UCX makes when the server first connects. A flush of the whole worker
+    // sends what is queued; it is bounded, since a dead peer never acknowledges.
+    if (ep_ || reply_ep_) {
+      ucp_request_param_t fp{};
+      wait_request(worker_, ucp_worker_flush_nbx(worker_.get(), &fp),
+                   Clock::now() + std::chrono::milliseconds(force ? 200 : 1000));
+    }
     for (ucp_ep_h* ep : {&ep_, &reply_ep_}) {
       if (!*ep) continue;
       ucp_request_param_t p{};
