@@ -2,6 +2,7 @@
 
 #include "common/check.h"
 #include "common/errors.h"
+#include "common/keep.h"
 #include "format/layout.h"
 #include "net/handshake.h"
 #include "net/ucx.h"
@@ -64,6 +65,31 @@ struct Pending {
   }
 };
 
+}  // namespace
+
+// The worker and what its clients share: request ids and the requests in flight, by id.
+struct ClientWorker::Impl {
+  Impl();
+  ~Impl();
+  Worker worker;
+  uint64_t next_id = 0;
+  std::unordered_map<uint64_t, Pending*> by_id;
+  // The request a message answers, as far as its header says (read before any other check, so
+  // that a malformed message still fails the client it was meant for); null when none is.
+  Pending* pending_of(const void* header, size_t length, size_t id_at) const {
+    uint64_t id = 0;
+    if (length < id_at + sizeof id) return nullptr;
+    std::memcpy(&id, static_cast<const std::byte*>(header) + id_at, sizeof id);
+    auto it = by_id.find(id);
+    return it == by_id.end() ? nullptr : it->second;
+  }
+};
+
+ClientWorker::ClientWorker() : impl_(std::make_unique<Impl>()) {}
+ClientWorker::~ClientWorker() = default;
+
+namespace {
+
 ErrorCode code_for(ReplyStatus s) {
   switch (s) {
     case ReplyStatus::kReadError:
@@ -77,11 +103,14 @@ ErrorCode code_for(ReplyStatus s) {
 
 class ClientImpl final : public PeerClient {
  public:
-  ClientImpl(const std::string& address, const ClientOptions& options)
-      : address_(address), options_(options) {
+  ClientImpl(const std::string& address, const ClientOptions& options,
+             std::shared_ptr<ClientWorker> shared)
+      : shared_(shared ? std::move(shared) : std::make_shared<ClientWorker>()),
+        worker_(shared_->impl().worker),
+        by_id_(shared_->impl().by_id),
+        address_(address),
+        options_(options) {
     SocketAddress addr = SocketAddress::parse(address);
-    worker_.set_am_handler(kReplyAm, &ClientImpl::on_reply, this, "peer " + address_);
-    worker_.set_am_handler(kRecordAm, &ClientImpl::on_record, this, "peer " + address_);
     // The token is proven on a TCP connection of our own first; UCX only ever sees the worker
     // address of a server that proved it too.
     const auto until = deadline();
@@ -110,7 +139,15 @@ class ClientImpl final : public PeerClient {
     }
   }
 
-  ~ClientImpl() override { close(false); }
+  // Requests started and never finished (the caller gave up on its batch) leave the shared
+  // worker's table first: their replies, if any come, find no request.
+  ~ClientImpl() override {
+    if (!started_.empty()) {
+      for (auto& p : started_) by_id_.erase(p->id);
+      abandon(started_);
+    }
+    close(false);
+  }
 
   const std::string& address() const override { return address_; }
 
@@ -147,8 +184,6 @@ class ClientImpl final : public PeerClient {
       if (p.reply.status != ReplyStatus::kOk)
         throw Error(code_for(p.reply.status),
                     fmt::format("peer {}: {}: {}", address_, to_string(p.reply.status), p.message));
-      if (!p.corrupt.empty())
-        throw Error(ErrorCode::kCorruption, fmt::format("peer {}: {}", address_, p.corrupt));
     }
   }
 
@@ -182,7 +217,7 @@ class ClientImpl final : public PeerClient {
     for (auto& p : pendings) {
       // A raw header too short to carry a request id is answered with id 0.
       constexpr size_t kIdAt = offsetof(RequestHeader, request_id);
-      p->id = raw && raw_header_.size() < kIdAt + 8 ? 0 : ++next_id_;
+      p->id = raw && raw_header_.size() < kIdAt + 8 ? 0 : ++shared_->impl().next_id;
       p->header.request_id = p->id;
       p->client = this;
       by_id_[p->id] = p.get();
@@ -255,11 +290,12 @@ class ClientImpl final : public PeerClient {
       if (!p->corrupt.empty() || p->transport_failed) {
         while (!failed_ && receiving(pendings) && Clock::now() < until)
           worker_.wait(std::chrono::milliseconds(10));
-        if (receiving(pendings)) abandon(pendings);
         broken_ = true;
         failure_ = p->corrupt.empty() ? p->message : p->corrupt;
-        if (p->corrupt.empty()) fail(ErrorCode::kIo, "peer {}: {}", address_, p->message);
-        return;  // finish() throws the damage
+        const bool transport = p->corrupt.empty();
+        if (receiving(pendings)) abandon(pendings);  // may release p
+        throw Error(transport ? ErrorCode::kIo : ErrorCode::kCorruption,
+                    fmt::format("peer {}: {}", address_, failure_));
       }
   }
 
@@ -297,6 +333,12 @@ class ClientImpl final : public PeerClient {
     for (auto& p : pendings)
       for (auto& rc : p->receives)
         if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+    // The cancelled receives' callbacks name their Receive: let them run before it goes (the
+    // worker outlives this client now). Ones UCX never completes keep their Receive forever.
+    const auto until = Clock::now() + std::chrono::seconds(1);
+    while (receiving(pendings) && Clock::now() < until) worker_.wait(std::chrono::milliseconds(1));
+    if (receiving(pendings))
+      for (auto& p : pendings) detail::keep_forever(p.release());
     close(true);
   }
 
@@ -353,23 +395,29 @@ class ClientImpl final : public PeerClient {
       p.corrupt = fmt::format("malformed reply: sample {}: {}", p.request->indices[i], why);
   }
 
+ public:
   static ucs_status_t on_reply(void* arg, const void* header, size_t header_length, void* data,
                                size_t length, const ucp_am_recv_param_t* param) {
-    static_cast<ClientImpl*>(arg)->handle_reply(
-        std::span(static_cast<const std::byte*>(header), header_length), data, length, param);
-    return UCS_OK;
+    auto* w = static_cast<ClientWorker::Impl*>(arg);
+    if (Pending* p = w->pending_of(header, header_length, offsetof(ReplyHeader, request_id)))
+      p->client->handle_reply(std::span(static_cast<const std::byte*>(header), header_length), data,
+                              length, param);
+    return UCS_OK;  // no request of this worker's: dropped (its sender's requests time out)
   }
 
   static ucs_status_t on_record(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
-    static_cast<ClientImpl*>(arg)->handle_record(
-        std::span(static_cast<const std::byte*>(header), header_length), data, length, param);
+    auto* w = static_cast<ClientWorker::Impl*>(arg);
+    if (Pending* p = w->pending_of(header, header_length, offsetof(RecordHeader, request_id)))
+      p->client->handle_record(std::span(static_cast<const std::byte*>(header), header_length),
+                               data, length, param);
     return UCS_OK;
   }
 
+ private:
   void handle_reply(std::span<const std::byte> header, void* data, size_t length,
                     const ucp_am_recv_param_t* param) {
-    note_reply_ep(param);  // first: a malformed reply still comes on an endpoint to close
+    if (!note_reply_ep(param)) return;  // first: a malformed reply still comes on an endpoint
     std::string error;
     auto h = parse_reply(header, &error);
     if (!h) {
@@ -413,7 +461,7 @@ class ClientImpl final : public PeerClient {
 
   void handle_record(std::span<const std::byte> header, void* data, size_t length,
                      const ucp_am_recv_param_t* param) {
-    note_reply_ep(param);
+    if (!note_reply_ep(param)) return;
     std::string error;
     auto h = parse_record_header(header, length, &error);
     if (!h) {
@@ -442,10 +490,12 @@ class ClientImpl final : public PeerClient {
   // Replies come on the server's own endpoint to this worker; its end here is made by UCX
   // (unless UCX matched it with ep_, as it may when both sides connect at once). It carries the
   // receive side of rendezvous transfers (acknowledgements back to the server), so close()
-  // must close it too before the worker goes.
-  void note_reply_ep(const ucp_am_recv_param_t* param) {
-    if (!reply_ep_ && (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP))
-      reply_ep_ = param->reply_ep;
+  // must close it too. Returns false for a message on another endpoint: on a shared worker,
+  // another peer's message that names one of this client's requests, which is not taken.
+  bool note_reply_ep(const ucp_am_recv_param_t* param) {
+    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return true;
+    if (!reply_ep_) reply_ep_ = param->reply_ep;
+    return param->reply_ep == reply_ep_ || param->reply_ep == ep_;
   }
 
   // Takes a message's data into `dest`: a copy for an eager message, else a rendezvous receive
@@ -509,18 +559,13 @@ class ClientImpl final : public PeerClient {
 
   void close(bool force) {
     if (reply_ep_ == ep_) reply_ep_ = nullptr;  // UCX matched the two endpoints into one
-    // UCX 1.13 aborts (an assertion in ucp_request_send_state_ff) when it purges an endpoint
-    // that still has a wireup message queued, e.g. this worker's answer to the server's own
-    // endpoint, which UCX makes when the server first connects. A flush of the whole worker
-    // sends what is queued; it is bounded, since a dead peer never acknowledges.
-    if (ep_ || reply_ep_) {
-      ucp_request_param_t fp{};
-      wait_request(worker_, ucp_worker_flush_nbx(worker_.get(), &fp),
-                   Clock::now() + std::chrono::milliseconds(force ? 200 : 1000));
-    }
-    for (ucp_ep_h* ep : {&ep_, &reply_ep_}) {
+    for (ucp_ep_h* ep : {&reply_ep_, &ep_}) {
       if (!*ep) continue;
       ucp_request_param_t p{};
+      // UCX 1.13 aborts (an assertion in ucp_request_send_state_ff) when it purges an endpoint
+      // with a wireup message still queued, e.g. this worker's answer to the server's own
+      // endpoint: a force close flushes first, for a bounded time (a dead peer never answers).
+      if (force) wait_request(worker_, ucp_ep_flush_nbx(*ep, &p), Clock::now() + kFlushBeforeForce);
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
       auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
@@ -535,16 +580,18 @@ class ClientImpl final : public PeerClient {
     control_.reset();  // tells the server this session is over
   }
 
+  static constexpr std::chrono::milliseconds kFlushBeforeForce{200};
+
+  std::shared_ptr<ClientWorker> shared_;  // first: the worker outlives this client's endpoints
+  Worker& worker_;
+  std::unordered_map<uint64_t, Pending*>& by_id_;  // the shared worker's, every client's requests
   std::string address_;
   ClientOptions options_;
-  Worker worker_;
   detail::UniqueFd control_;      // the handshake's TCP connection, open for the session
   uint64_t conn_ = 0;             // the server's id of this session
   std::unique_ptr<Mac> session_;  // signs requests
   ucp_ep_h ep_ = nullptr;
   ucp_ep_h reply_ep_ = nullptr;  // this worker's end of the server's endpoint (see note_reply_ep)
-  uint64_t next_id_ = 0;
-  std::unordered_map<uint64_t, Pending*> by_id_;
   std::vector<std::byte> raw_header_;
   std::vector<std::unique_ptr<Pending>> started_;  // between start() and finish()
   bool failed_ = false;  // the connection failed (error handler, malformed reply)
@@ -554,9 +601,23 @@ class ClientImpl final : public PeerClient {
 
 }  // namespace
 
+ClientWorker::Impl::Impl() {
+  worker.set_am_handler(kReplyAm, &ClientImpl::on_reply, this, "shard server replies");
+  worker.set_am_handler(kRecordAm, &ClientImpl::on_record, this, "shard server records");
+}
+
+// Every client closed its endpoints; those UCX made itself may still have a wireup message
+// queued, which UCX 1.13 aborts on when it purges them (see ClientImpl::close): flush first.
+ClientWorker::Impl::~Impl() {
+  ucp_request_param_t p{};
+  wait_request(worker, ucp_worker_flush_nbx(worker.get(), &p),
+               Clock::now() + std::chrono::milliseconds(200));
+}
+
 std::unique_ptr<PeerClient> PeerClient::connect(const std::string& address,
-                                                const ClientOptions& options) {
-  return std::make_unique<ClientImpl>(address, options);
+                                                const ClientOptions& options,
+                                                std::shared_ptr<ClientWorker> worker) {
+  return std::make_unique<ClientImpl>(address, options, std::move(worker));
 }
 
 }  // namespace sluice::net

@@ -42,12 +42,31 @@ struct ReadRequest {
   std::vector<std::vector<std::byte>> owned;  // separate records without a destination
 };
 
+/// A UCX context and worker that several clients share, each with its endpoint on it: one per
+/// loader thread serves every peer, so n peers cost n endpoints, not n contexts and workers.
+/// Replies are routed to their client by request id, and a client takes them only from its
+/// own server's endpoint. Not thread-safe: its clients are used by one thread at a time.
+class ClientWorker {
+ public:
+  ClientWorker();
+  ~ClientWorker();
+  ClientWorker(const ClientWorker&) = delete;
+  ClientWorker& operator=(const ClientWorker&) = delete;
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 class PeerClient {
  public:
-  /// Connects to the server at HOST:PORT. Throws Error(kInvalidArgument) for a bad address and
-  /// Error(kIo) "peer HOST:PORT: ..." when it cannot connect within the timeout.
+  /// Connects to the server at HOST:PORT, on `worker` (null: a worker of its own). Throws
+  /// Error(kInvalidArgument) for a bad address and Error(kIo) "peer HOST:PORT: ..." when it
+  /// cannot connect within the timeout.
   static std::unique_ptr<PeerClient> connect(const std::string& address,
-                                             const ClientOptions& options);
+                                             const ClientOptions& options,
+                                             std::shared_ptr<ClientWorker> worker = nullptr);
   virtual ~PeerClient() = default;
   virtual const std::string& address() const = 0;
 

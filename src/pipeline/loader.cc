@@ -21,8 +21,8 @@
 #include "io/engine.h"
 #include "io/service.h"
 #include "memory/cuda.h"
-#include "net/client.h"
 #include "pipeline/buffer_pool.h"
+#include "pipeline/peers.h"
 #include "read/direct.h"
 #include "read/record_reader.h"
 
@@ -147,24 +147,10 @@ struct WorkerScratch {
   std::vector<uint64_t> record_at;                      // where each local record is in staging
   std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
   std::vector<std::span<const std::byte>> parts;        // one record's fields
-  // Remote samples (shards not on this node): their records, and this thread's connections.
-  std::vector<uint8_t> remote;                            // per sample: read from a peer
-  std::vector<std::span<const std::byte>> remote_record;  // per sample, when remote
-  std::vector<std::vector<uint64_t>> reply_buffers;       // one per request in flight
-  size_t buffers_used = 0;                                // reply buffers this batch
-  std::vector<std::vector<std::byte>> owned_records;      // separate records kept by the client
-  // A batch of one fixed-size field: large remote records land in their slots here (in batch
-  // order, LoaderImpl::one_field_bytes_ each) instead of being copied there; null otherwise.
-  std::byte* slots = nullptr;
-  std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients;  // by peer number
-  // Requests sent to one peer and not yet finished.
-  struct PeerCall {
-    size_t peer = 0;
-    std::vector<size_t> samples;  // batch positions
-    std::vector<net::ReadRequest> requests;
-    size_t first_buffer = 0;  // their replies go to reply_buffers from here on
-  };
-  std::vector<PeerCall> calls;
+  // Remote samples (shards not on this node), and this thread's reads of them.
+  std::vector<uint8_t> remote;  // per sample: read from a peer
+  std::vector<RemoteSample> remote_samples;
+  std::unique_ptr<PeerReads> peer_reads;  // made with the first remote sample
 };
 
 class LoaderImpl final : public Loader {
@@ -364,24 +350,8 @@ class LoaderImpl final : public Loader {
   // Which peers serve each shard that is not on this node (replicas in config order); every
   // absent shard needs one.
   void plan_peers() {
-    const auto& d = options_.distributed;
-    token_ = d.resolved_token();
-    const auto& shards = dataset_->shards();
-    shard_peers_.assign(shards.size(), {});
-    for (size_t p = 0; p < d.peers.size(); ++p)
-      for (uint32_t shard : d.peers[p].shards) {
-        if (shard >= shards.size())
-          fail(ErrorCode::kConfig,
-               "distributed.peers[{}] ({}): shard {}: the dataset has {} shards", p,
-               d.peers[p].address, shard, shards.size());
-        shard_peers_[shard].push_back(p);
-      }
-    for (uint32_t k = 0; k < shards.size(); ++k)
-      if (!shards[k].local && shard_peers_[k].empty())
-        fail(ErrorCode::kConfig,
-             "{}: shard {} is not on this node and no peer in distributed.peers serves it",
-             shards[k].path.string(), k);
-    peer_failure_.assign(d.peers.size(), {});
+    token_ = options_.distributed.resolved_token();
+    peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify);
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
@@ -549,8 +519,7 @@ class LoaderImpl final : public Loader {
     bool any_remote = false;
     for (size_t i = 0; i < n; ++i) {
       uint64_t index = s.refs[i].index;
-      if (!options_.distributed.peers.empty() &&
-          !dataset_->shards()[index::shard_of(*dataset_, index)].local) {
+      if (peers_->remote(index)) {
         s.remote[i] = 1;
         any_remote = true;
         continue;
@@ -563,25 +532,23 @@ class LoaderImpl final : public Loader {
     // Remote requests go out first and their replies are collected after the local reads, so
     // peers read and send while this thread reads its own shards.
     struct AbandonOnError {  // a batch that fails midway drops connections with replies due
-      WorkerScratch& s;
+      PeerReads* reads;
       ~AbandonOnError() {
-        for (auto& c : s.calls) s.clients.erase(c.peer);
-        s.calls.clear();
+        if (reads) reads->abandon();
       }
-    } abandon{s};
+    } abandon{nullptr};
     if (any_remote) {
-      s.remote_record.assign(n, {});
-      s.buffers_used = 0;
-      s.owned_records.clear();
-      s.slots = nullptr;
+      if (!s.peer_reads) s.peer_reads = std::make_unique<PeerReads>(*peers_);
+      abandon.reads = s.peer_reads.get();
+      std::byte* slots = nullptr;
       if (one_field_bytes_ > 0) {
         out.data.reserve(n * one_field_bytes_);  // the layout below: field 0 at offset 0
-        s.slots = out.data.data();
+        slots = out.data.data();
       }
-      std::vector<size_t> remote;
+      s.remote_samples.clear();
       for (size_t i = 0; i < n; ++i)
-        if (s.remote[i]) remote.push_back(i);
-      start_remote(s, remote);
+        if (s.remote[i]) s.remote_samples.push_back({i, s.refs[i].index});
+      s.peer_reads->start(s.remote_samples, n, slots, one_field_bytes_);
     }
     std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
       const auto &x = s.extents[a], &y = s.extents[b];
@@ -601,9 +568,7 @@ class LoaderImpl final : public Loader {
         std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
     if (!plan.empty()) read_local(engine, s, deadline);
     plan.close_files();
-    if (any_remote)  // failed peers' samples go to their replicas until none is left
-      for (auto todo = finish_remote(s); !todo.empty(); todo = finish_remote(s))
-        start_remote(s, todo);
+    if (any_remote) s.peer_reads->finish();  // failed peers' samples go to their replicas
 
     // Check and split every record, then lay the batch out field by field.
     const size_t nf = fields_->size();
@@ -613,7 +578,7 @@ class LoaderImpl final : public Loader {
       uint64_t index = s.refs[i].index;
       std::span<const std::byte> record;
       if (s.remote[i]) {
-        record = s.remote_record[i];  // checked against its checksum by the client
+        record = s.peer_reads->record(i);  // checked against its checksum by the client
       } else {
         const SampleExtent& x = s.extents[i];
         record = {s.staging.data() + s.record_at[i], x.size};
@@ -645,173 +610,12 @@ class LoaderImpl final : public Loader {
       if (variable) offsets.push_back(0);
       for (size_t i = 0; i < n; ++i) {
         auto src = s.field_spans[i * nf + f];
-        // A remote record that landed in its slot (see WorkerScratch::slots) is already there.
+        // A remote record that landed in its slot (see PeerReads::start) is already there.
         if (!src.empty() && src.data() != dst) std::memcpy(dst, src.data(), src.size());
         dst += src.size();
         if (variable) offsets.push_back(offsets.back() + src.size());
       }
     }
-  }
-
-  // Sends the remote samples at batch positions `todo`, each to the first live peer that
-  // serves its shard: every peer's requests in flight at once.
-  // A peer that cannot take them is marked dead and its samples go to the next replica. Throws
-  // naming the shard and every peer tried when no replica is left.
-  void start_remote(WorkerScratch& s, const std::vector<size_t>& todo) {
-    std::vector<size_t> left = todo;
-    while (!left.empty()) {
-      std::map<size_t, std::vector<size_t>> by_peer;
-      for (size_t i : left) {
-        uint32_t shard = index::shard_of(*dataset_, s.refs[i].index);
-        size_t chosen = SIZE_MAX;
-        for (size_t p : shard_peers_[shard])
-          if (!peer_dead(p)) {
-            chosen = p;
-            break;
-          }
-        if (chosen == SIZE_MAX) no_peer_left(shard, s.refs[i].index);
-        by_peer[chosen].push_back(i);
-      }
-      left.clear();
-      // Each peer's samples in requests of at most kPerRequest samples and about kRequestBytes
-      // (estimated from the manifest's shard sizes): a server refuses replies over its limit.
-      std::map<size_t, std::vector<std::pair<size_t, size_t>>> ranges;
-      size_t needed = s.buffers_used;
-      for (auto& [peer, samples] : by_peer) {
-        auto& r = ranges[peer];
-        uint64_t bytes = 0;
-        for (size_t j = 0; j < samples.size(); ++j) {
-          const uint64_t guess = sample_bytes_guess(s.refs[samples[j]].index);
-          if (r.empty() || r.back().second - r.back().first >= kPerRequest ||
-              (bytes + guess > kRequestBytes && bytes > 0)) {
-            r.push_back({j, j});
-            bytes = 0;
-          }
-          r.back().second = j + 1;
-          bytes += guess;
-        }
-        needed += r.size();
-      }
-      // Every request gets a reply buffer of its own; size the list before any destination
-      // refers into it.
-      if (s.reply_buffers.size() < needed) s.reply_buffers.resize(needed);
-      for (auto& [peer, samples] : by_peer) {
-        WorkerScratch::PeerCall call{peer, std::move(samples), {}, s.buffers_used};
-        const auto& r = ranges[peer];
-        s.buffers_used += r.size();
-        call.requests.resize(r.size());
-        for (size_t k = 0; k < r.size(); ++k) {
-          const auto first = call.samples.begin() + static_cast<ptrdiff_t>(r[k].first);
-          const auto last = call.samples.begin() + static_cast<ptrdiff_t>(r[k].second);
-          for (auto it = first; it != last; ++it)
-            call.requests[k].indices.push_back(s.refs[*it].index);
-          call.requests[k].destination =
-              [&buffer = s.reply_buffers[call.first_buffer + k]](size_t bytes) {
-                buffer.resize((bytes + 7) / 8);
-                return std::span<std::byte>(reinterpret_cast<std::byte*>(buffer.data()), bytes);
-              };
-          if (s.slots)
-            call.requests[k].record_destination = [slots = s.slots, each = one_field_bytes_,
-                                                   positions = std::vector<size_t>(first, last)](
-                                                      size_t record, size_t bytes) {
-              if (bytes != each || record >= positions.size()) return std::span<std::byte>();
-              return std::span<std::byte>(slots + positions[record] * each, each);
-            };
-        }
-        s.calls.push_back(std::move(call));
-        if (!peer_call(s, s.calls.back(), /*start=*/true)) {
-          left.insert(left.end(), s.calls.back().samples.begin(), s.calls.back().samples.end());
-          s.calls.pop_back();
-        }
-      }
-    }
-  }
-
-  static constexpr size_t kPerRequest = 1024;
-  static constexpr uint64_t kRequestBytes = 64 << 20;
-
-  // A remote sample's size as far as this node knows: its shard's bytes per sample.
-  uint64_t sample_bytes_guess(uint64_t index) const {
-    const ShardInfo& shard = dataset_->shards()[index::shard_of(*dataset_, index)];
-    return shard.file_bytes / std::max<uint64_t>(1, shard.num_samples) + 1;
-  }
-
-  // Waits for every call start_remote made and points the samples at their records. Returns
-  // the samples of peers that failed meanwhile (they are marked dead), for their replicas.
-  std::vector<size_t> finish_remote(WorkerScratch& s) {
-    std::vector<size_t> failed;
-    std::vector<WorkerScratch::PeerCall> calls;
-    calls.swap(s.calls);
-    for (size_t c = 0; c < calls.size(); ++c) {
-      WorkerScratch::PeerCall& call = calls[c];
-      bool ok = false;
-      try {
-        ok = peer_call(s, call, /*start=*/false);
-      } catch (...) {
-        // Not a failure a replica would fix: the calls still out are abandoned with this one.
-        for (size_t d = c + 1; d < calls.size(); ++d) s.calls.push_back(std::move(calls[d]));
-        throw;
-      }
-      if (!ok) {
-        failed.insert(failed.end(), call.samples.begin(), call.samples.end());
-        continue;
-      }
-      size_t j = 0;
-      for (net::ReadRequest& r : call.requests) {
-        for (auto record : r.record_data) s.remote_record[call.samples[j++]] = record;
-        for (auto& owned : r.owned) s.owned_records.push_back(std::move(owned));
-      }
-    }
-    return failed;
-  }
-
-  // Starts (connecting first when needed) or finishes `call`. False when the peer failed: it is
-  // then marked dead and its connection dropped. Throws for what a replica would not fix (the
-  // server refused the request: a wrong token, a sample it does not have).
-  bool peer_call(WorkerScratch& s, WorkerScratch::PeerCall& call, bool start) {
-    const PeerOptions& p = options_.distributed.peers[call.peer];
-    try {
-      auto& client = s.clients[call.peer];
-      if (start) {
-        if (!client)
-          client = net::PeerClient::connect(
-              p.address, {token_, options_.distributed.peer_timeout_ms, options_.io.verify});
-        client->start(call.requests);
-      } else {
-        client->finish();
-      }
-      return true;
-    } catch (const Error& e) {
-      // A peer that is gone, stops answering or sends bytes that fail their checks (garbage,
-      // damage on its disk or in transit) is dropped for its replicas.
-      s.clients.erase(call.peer);
-      if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) throw;
-      mark_peer_dead(call.peer, e.what());
-      return false;
-    }
-  }
-
-  bool peer_dead(size_t peer) const {
-    std::lock_guard lock(peer_mu_);
-    return !peer_failure_[peer].empty();
-  }
-
-  void mark_peer_dead(size_t peer, const std::string& why) {
-    std::lock_guard lock(peer_mu_);
-    if (peer_failure_[peer].empty()) {
-      peer_failure_[peer] = why;
-      log_line(fmt::format("{}; its shards go to their replicas", why));
-    }
-  }
-
-  [[noreturn]] void no_peer_left(uint32_t shard, uint64_t index) const {
-    std::string tried;
-    {
-      std::lock_guard lock(peer_mu_);
-      for (size_t p : shard_peers_[shard]) tried += (tried.empty() ? "" : "; ") + peer_failure_[p];
-    }
-    fail(ErrorCode::kIo, "{}: sample {} (shard {}): no peer left that serves it: {}",
-         dataset_->shards()[shard].path.string(), index, shard, tried);
   }
 
   void finish_metadata(uint64_t step, const WorkerScratch& s, BatchStorage& out) {
@@ -898,11 +702,9 @@ class LoaderImpl final : public Loader {
   bool pin_ = false;    // batch buffers page-locked (device: pinned / cuda:N)
   bool files_ = false;  // dataset.format files: one file per sample, opened per batch
   std::shared_ptr<BufferPool> pool_;
-  std::string token_;                             // the cluster's shared token
-  std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order
-  mutable std::mutex peer_mu_;
-  std::vector<std::string> peer_failure_;  // per peer: why it is dead ("" = alive)
-  std::unique_ptr<ShardServer> server_;    // distributed.listen: this node's shards for others
+  std::string token_;               // the cluster's shared token
+  std::unique_ptr<PeerSet> peers_;  // distributed.peers: who serves the shards not on this node
+  std::unique_ptr<ShardServer> server_;  // distributed.listen: this node's shards for others
 
   // Consumer-side state (the consumer thread only).
   RankPlan plan_;
