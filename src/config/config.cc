@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <set>
+#include <span>
 #include <sstream>
 
 namespace sluice {
@@ -74,9 +75,34 @@ bool parse_bool(const Context& ctx, const YAML::Node& node, std::string_view key
   return value;
 }
 
+// Each enum's config spellings, in one table that both parsing and printing use.
 template <typename E>
-E parse_enum(const Context& ctx, const YAML::Node& node, std::string_view key,
-             std::initializer_list<std::pair<std::string_view, E>> values) {
+using Names = std::span<const std::pair<std::string_view, E>>;
+constexpr std::pair<std::string_view, DatasetFormat> kFormatNames[] = {
+    {"auto", DatasetFormat::kAuto},   {"shards", DatasetFormat::kShards},
+    {"tar", DatasetFormat::kTar},     {"tokens", DatasetFormat::kTokens},
+    {"files", DatasetFormat::kFiles}, {"npy", DatasetFormat::kNpy}};
+constexpr std::pair<std::string_view, ShuffleMode> kShuffleNames[] = {
+    {"global", ShuffleMode::kGlobal},
+    {"block", ShuffleMode::kBlock},
+    {"shard", ShuffleMode::kShard},
+    {"none", ShuffleMode::kNone}};
+constexpr std::pair<std::string_view, IoEngineKind> kEngineNames[] = {
+    {"auto", IoEngineKind::kAuto},
+    {"uring", IoEngineKind::kUring},
+    {"threads", IoEngineKind::kThreads}};
+constexpr std::pair<std::string_view, uint32_t> kTokenDtypeNames[] = {{"uint16", 2u},
+                                                                      {"uint32", 4u}};
+
+template <typename E>
+std::string_view name_of(Names<E> names, E value) {
+  for (const auto& [name, v] : names)
+    if (v == value) return name;
+  return "?";
+}
+
+template <typename E>
+E parse_enum(const Context& ctx, const YAML::Node& node, std::string_view key, Names<E> values) {
   std::string names;
   for (const auto& [name, _] : values) names += (names.empty() ? "" : ", ") + std::string(name);
   std::string s = scalar(ctx, node, key, "one of " + names);
@@ -173,13 +199,7 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        }},
       {"dataset.format",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.dataset.format = parse_enum<DatasetFormat>(c, n, "dataset.format",
-                                                      {{"auto", DatasetFormat::kAuto},
-                                                       {"shards", DatasetFormat::kShards},
-                                                       {"tar", DatasetFormat::kTar},
-                                                       {"tokens", DatasetFormat::kTokens},
-                                                       {"files", DatasetFormat::kFiles},
-                                                       {"npy", DatasetFormat::kNpy}});
+         o.dataset.format = parse_enum<DatasetFormat>(c, n, "dataset.format", kFormatNames);
        }},
       {"dataset.seq_len",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -191,8 +211,7 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        }},
       {"dataset.dtype",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.dataset.token_bytes =
-             parse_enum<uint32_t>(c, n, "dataset.dtype", {{"uint16", 2u}, {"uint32", 4u}});
+         o.dataset.token_bytes = parse_enum<uint32_t>(c, n, "dataset.dtype", kTokenDtypeNames);
        }},
       {"batch_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -204,11 +223,7 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
                   const Context& c) { o.seed = parse_uint(c, n, "seed"); }},
       {"shuffle.mode",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.shuffle.mode = parse_enum<ShuffleMode>(c, n, "shuffle.mode",
-                                                  {{"global", ShuffleMode::kGlobal},
-                                                   {"block", ShuffleMode::kBlock},
-                                                   {"shard", ShuffleMode::kShard},
-                                                   {"none", ShuffleMode::kNone}});
+         o.shuffle.mode = parse_enum<ShuffleMode>(c, n, "shuffle.mode", kShuffleNames);
        }},
       {"shuffle.block_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -229,10 +244,7 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        }},
       {"io.engine",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.io.engine = parse_enum<IoEngineKind>(c, n, "io.engine",
-                                                {{"auto", IoEngineKind::kAuto},
-                                                 {"uring", IoEngineKind::kUring},
-                                                 {"threads", IoEngineKind::kThreads}});
+         o.io.engine = parse_enum<IoEngineKind>(c, n, "io.engine", kEngineNames);
        }},
       {"io.queue_depth",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -544,42 +556,14 @@ std::string DistributedOptions::resolved_token() const {
   return env && !no_token ? env : "";
 }
 
-std::string_view to_string(ShuffleMode mode) {
-  switch (mode) {
-    case ShuffleMode::kGlobal:
-      return "global";
-    case ShuffleMode::kBlock:
-      return "block";
-    case ShuffleMode::kShard:
-      return "shard";
-    case ShuffleMode::kNone:
-      return "none";
-  }
-  return "?";
-}
+std::string_view to_string(ShuffleMode mode) { return name_of<ShuffleMode>(kShuffleNames, mode); }
 
 std::string_view to_string(DatasetFormat format) {
-  switch (format) {
-    case DatasetFormat::kAuto:
-      return "auto";
-    case DatasetFormat::kShards:
-      return "shards";
-    case DatasetFormat::kTar:
-      return "tar";
-    case DatasetFormat::kTokens:
-      return "tokens";
-    case DatasetFormat::kFiles:
-      return "files";
-    case DatasetFormat::kNpy:
-      return "npy";
-  }
-  return "?";
+  return name_of<DatasetFormat>(kFormatNames, format);
 }
 
 std::string LoaderOptions::to_yaml() const {
-  auto engine = io.engine == IoEngineKind::kAuto    ? "auto"
-                : io.engine == IoEngineKind::kUring ? "uring"
-                                                    : "threads";
+  const std::string engine(name_of<IoEngineKind>(kEngineNames, io.engine));
   auto direct = io.direct == DirectIo::kAuto ? "auto"
                 : io.direct == DirectIo::kOn ? "true"
                                              : "false";
@@ -595,7 +579,8 @@ std::string LoaderOptions::to_yaml() const {
   if (dataset.seq_len)
     out << YAML::Key << "seq_len" << YAML::Value << dataset.seq_len << YAML::Key << "stride"
         << YAML::Value << (dataset.stride ? dataset.stride : dataset.seq_len) << YAML::Key
-        << "dtype" << YAML::Value << (dataset.token_bytes == 4 ? "uint32" : "uint16");
+        << "dtype" << YAML::Value
+        << std::string(name_of<uint32_t>(kTokenDtypeNames, dataset.token_bytes));
   out << YAML::EndMap;
   out << YAML::Key << "batch_size" << YAML::Value << batch_size;
   out << YAML::Key << "drop_last" << YAML::Value << drop_last;
