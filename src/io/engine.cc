@@ -3,31 +3,20 @@
 #include "common/errors.h"
 
 #include <cerrno>
-#include <mutex>
 
 namespace sluice::io {
 
 namespace {
-std::mutex g_wrapper_mu;
-std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> g_wrapper;
-
-std::unique_ptr<Engine> wrapped(std::unique_ptr<Engine> engine) {
-  std::lock_guard lock(g_wrapper_mu);
-  return g_wrapper ? g_wrapper(std::move(engine)) : std::move(engine);
-}
-
 std::unique_ptr<Engine> choose_engine(const EngineOptions& options, std::span<const int> files,
                                       const std::function<void(const std::string&)>& on_choice);
 }  // namespace
 
-void set_engine_wrapper(std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> wrap) {
-  std::lock_guard lock(g_wrapper_mu);
-  g_wrapper = std::move(wrap);
-}
-
 std::unique_ptr<Engine> make_engine(const EngineOptions& options, std::span<const int> files,
                                     const std::function<void(const std::string&)>& on_choice) {
-  return wrapped(choose_engine(options, files, on_choice));
+  auto engine = choose_engine(options, files, on_choice);
+  if (options.faults && options.faults->wrap_engine)
+    return options.faults->wrap_engine(std::move(engine));
+  return engine;
 }
 
 namespace {
@@ -40,7 +29,7 @@ std::unique_ptr<Engine> choose_engine(const EngineOptions& options, std::span<co
   }
   int error = 0;
   std::string notes;
-  auto engine = make_uring_engine(options.queue_depth, files, &error, &notes);
+  auto engine = make_uring_engine(options.queue_depth, files, &error, &notes, options.faults.get());
   if (engine) {
     if (on_choice) on_choice("io engine: " + notes);
     return engine;

@@ -95,9 +95,23 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
 /// The io layer's own options (the config's io.engine and io.queue_depth, mapped in
 /// config/io_options.h: nothing here reads <sluice/options.h>).
 enum class EngineKind { kAuto, kUring, kThreads };
+
+/// Test seams, carried per instance in the options of what is tested (as leveldb's Env is), so
+/// that tests in one process never see each other's faults. Empty: normal operation.
+struct Faults {
+  /// io_uring setup fails with this -errno, as seccomp, kernel.io_uring_disabled or a low
+  /// memlock limit would make it.
+  int uring_setup = 0;
+  /// Buffer registration fails with this -errno (a low memlock limit).
+  int register_buffers = 0;
+  /// Every engine made passes through this (fault injection at the engine boundary).
+  std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> wrap_engine;
+};
+
 struct EngineOptions {
   EngineKind kind = EngineKind::kAuto;
-  uint32_t queue_depth = 128;  // reads in flight
+  uint32_t queue_depth = 128;            // reads in flight
+  std::shared_ptr<const Faults> faults;  // tests only
 };
 
 /// Creates the engine that `options.kind` asks for over `files` (file descriptors, indexed
@@ -108,15 +122,8 @@ std::unique_ptr<Engine> make_engine(const EngineOptions& options, std::span<cons
                                     const std::function<void(const std::string&)>& on_choice);
 
 std::unique_ptr<Engine> make_uring_engine(uint32_t queue_depth, std::span<const int> files,
-                                          int* error, std::string* notes);
+                                          int* error, std::string* notes,
+                                          const Faults* faults = nullptr);
 std::unique_ptr<Engine> make_thread_engine(uint32_t queue_depth, std::span<const int> files);
-
-/// Test seams: make io_uring setup or buffer registration fail with `error` (-errno), as
-/// seccomp, the io_uring_disabled sysctl or a low memlock limit would. 0 restores normal.
-void set_uring_setup_fault(int error);
-void set_register_buffers_fault(int error);
-/// Test seam: every engine make_engine creates is passed through `wrap` (for fault injection
-/// at the engine boundary). An empty function restores normal.
-void set_engine_wrapper(std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> wrap);
 
 }  // namespace sluice::io

@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 #include <liburing.h>
 
-#include <atomic>
 #include <cerrno>
 #include <vector>
 
@@ -11,18 +10,17 @@ namespace sluice::io {
 
 namespace {
 
-std::atomic<int> g_setup_fault{0};
-std::atomic<int> g_register_buffers_fault{0};
-
 class UringEngine final : public Engine {
  public:
-  UringEngine() = default;
+  explicit UringEngine(const Faults* faults)
+      : setup_fault_(faults ? faults->uring_setup : 0),
+        register_fault_(faults ? faults->register_buffers : 0) {}
   ~UringEngine() override {
     if (ready_) io_uring_queue_exit(&ring_);
   }
 
   int init(uint32_t depth, std::span<const int> files, std::string* notes) {
-    if (int fault = g_setup_fault.load()) return fault;
+    if (setup_fault_ != 0) return setup_fault_;
     depth_ = depth;
     // Newest flags first; older kernels reject them with EINVAL, so step down.
     const unsigned kFlagSets[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
@@ -66,7 +64,7 @@ class UringEngine final : public Engine {
       io_uring_unregister_buffers(&ring_);
       buffer_ = {};
     }
-    int ret = g_register_buffers_fault.load();
+    int ret = register_fault_;
     iovec iov{buffer.data(), buffer.size()};
     if (ret == 0) ret = io_uring_register_buffers(&ring_, &iov, 1);
     if (ret != 0) return false;  // ENOMEM: memlock limit; plain reads work the same
@@ -126,16 +124,14 @@ class UringEngine final : public Engine {
   std::vector<int> files_;
   bool fixed_files_ = false;
   std::span<std::byte> buffer_;
+  int setup_fault_, register_fault_;  // Faults (tests)
 };
 
 }  // namespace
 
-void set_uring_setup_fault(int error) { g_setup_fault = error; }
-void set_register_buffers_fault(int error) { g_register_buffers_fault = error; }
-
 std::unique_ptr<Engine> make_uring_engine(uint32_t queue_depth, std::span<const int> files,
-                                          int* error, std::string* notes) {
-  auto engine = std::make_unique<UringEngine>();
+                                          int* error, std::string* notes, const Faults* faults) {
+  auto engine = std::make_unique<UringEngine>(faults);
   *error = engine->init(queue_depth, files, notes);
   if (*error != 0) return nullptr;
   return engine;

@@ -9,6 +9,7 @@
 #include "io/service.h"
 #include "memory/aligned_buffer.h"
 #include "net/handshake.h"
+#include "net/server.h"
 #include "net/tcp.h"
 #include "net/ucx.h"
 #include "net/wire.h"
@@ -41,14 +42,6 @@
 
 namespace sluice::net {
 namespace {
-
-std::mutex g_fault_mu;
-ReplyFault g_fault;
-
-ReplyFault reply_fault() {
-  std::lock_guard lock(g_fault_mu);
-  return g_fault;
-}
 
 // Reply data lives in pooled memory::AlignedBuffers: zeroed once when allocated (so a reply
 // never carries memory other than dataset bytes), then reused. Reuse is what keeps them
@@ -121,9 +114,11 @@ constexpr uint64_t kWorkerTag = 1;
 
 class ServerImpl final : public ShardServer {
  public:
-  ServerImpl(std::shared_ptr<const Dataset> dataset, const ServerOptions& options)
+  ServerImpl(std::shared_ptr<const Dataset> dataset, const ServerOptions& options,
+             ServerFaults faults)
       : dataset_(std::move(dataset)),
         options_(options),
+        faults_(std::move(faults)),
         token_(std::span(reinterpret_cast<const uint8_t*>(options.token.data()),
                          options.token.size())) {
     SocketAddress addr = SocketAddress::parse(options.listen);
@@ -682,9 +677,9 @@ class ServerImpl final : public ShardServer {
       }
       uint64_t record_bytes = 0;
       auto reply = build_reply(job, record_bytes);
-      if (ReplyFault fault = reply_fault()) {
+      if (faults_.reply) {
         std::chrono::milliseconds delay{0};
-        fault(address_, reply->header, {reply->buffer.data(), reply->size}, delay);
+        faults_.reply(reply->header, {reply->buffer.data(), reply->size}, delay);
         if (delay.count() > 0) std::this_thread::sleep_for(delay);
       }
       {
@@ -835,8 +830,9 @@ class ServerImpl final : public ShardServer {
       }
     }
     std::string engine;
-    io_ = std::make_unique<io::Service>(config::engine_options(options_.io), fds,
-                                        [&](const std::string& line) { engine = line; });
+    io::EngineOptions eo = config::engine_options(options_.io);
+    eo.faults = faults_.io;
+    io_ = std::make_unique<io::Service>(eo, fds, [&](const std::string& line) { engine = line; });
     io_description_ = fmt::format(
         "{}; {}", engine,
         direct_ ? "direct I/O (O_DIRECT) on" + (direct.why.empty() ? "" : ": " + direct.why)
@@ -847,6 +843,7 @@ class ServerImpl final : public ShardServer {
 
   std::shared_ptr<const Dataset> dataset_;
   ServerOptions options_;
+  ServerFaults faults_;
   Mac token_;  // HMAC-SHA256 under the token (empty with no_token)
   bool direct_ = false;
   bool files_ = false;  // a files tree: each sample's file is opened for its read
@@ -894,9 +891,15 @@ class ServerImpl final : public ShardServer {
 
 }  // namespace
 
-void set_reply_fault(ReplyFault fault) {
-  std::lock_guard lock(g_fault_mu);
-  g_fault = std::move(fault);
+std::unique_ptr<ShardServer> start_server(std::shared_ptr<const Dataset> dataset,
+                                          const ServerOptions& options, ServerFaults faults) {
+  if (options.token.empty() && !options.no_token)
+    throw Error(ErrorCode::kConfig,
+                "shard server: no token: give the cluster's shared token, or run without one "
+                "explicitly (--no-token, distributed.no_token: true) on a trusted host only");
+  if (!options.token.empty() && options.no_token)
+    throw Error(ErrorCode::kConfig, "shard server: a token and no_token both given; pick one");
+  return std::make_unique<ServerImpl>(std::move(dataset), options, std::move(faults));
 }
 
 }  // namespace sluice::net
@@ -905,13 +908,7 @@ namespace sluice {
 
 std::unique_ptr<ShardServer> ShardServer::start(std::shared_ptr<const Dataset> dataset,
                                                 const ServerOptions& options) {
-  if (options.token.empty() && !options.no_token)
-    throw Error(ErrorCode::kConfig,
-                "shard server: no token: give the cluster's shared token, or run without one "
-                "explicitly (--no-token, distributed.no_token: true) on a trusted host only");
-  if (!options.token.empty() && options.no_token)
-    throw Error(ErrorCode::kConfig, "shard server: a token and no_token both given; pick one");
-  return std::make_unique<net::ServerImpl>(std::move(dataset), options);
+  return net::start_server(std::move(dataset), options, {});
 }
 
 }  // namespace sluice

@@ -126,12 +126,4 @@ std::optional<RecordHeader> parse_record_header(std::span<const std::byte> heade
 
 std::string to_string(ReplyStatus status);
 
-/// Test seam (fault injection at the transport): every shard server in the process passes each
-/// reply through `fault` before sending it: it may change the header or the data (a peer that
-/// sends garbage) or set `delay` (a slow peer; the server's reader thread sleeps that long).
-/// `server` is the server's address. An empty function restores normal.
-using ReplyFault = std::function<void(const std::string& server, ReplyHeader& header,
-                                      std::span<std::byte> data, std::chrono::milliseconds& delay)>;
-void set_reply_fault(ReplyFault fault);
-
 }  // namespace sluice::net

@@ -22,6 +22,7 @@
 #include "io/service.h"
 #include "memory/cuda.h"
 #include "pipeline/buffer_pool.h"
+#include "pipeline/open.h"
 #include "pipeline/peers.h"
 #include "read/direct.h"
 #include "read/record_reader.h"
@@ -155,8 +156,9 @@ struct WorkerScratch {
 
 class LoaderImpl final : public Loader {
  public:
-  explicit LoaderImpl(const LoaderOptions& options)
+  LoaderImpl(const LoaderOptions& options, std::shared_ptr<const io::Faults> faults)
       : options_(resolved(options)),
+        faults_(std::move(faults)),
         dataset_(open_dataset(options_)),
         fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
@@ -392,7 +394,7 @@ class LoaderImpl final : public Loader {
     if (warm_ && !warm_thread_.joinable())
       warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
     if (direct_ && !service_)
-      service_ = std::make_unique<io::Service>(config::engine_options(options_.io), fds_,
+      service_ = std::make_unique<io::Service>(engine_options(), fds_,
                                                [&](const std::string& line) { note_engine(line); });
     stop_ = false;
     cancel_ = false;
@@ -443,12 +445,18 @@ class LoaderImpl final : public Loader {
     }
   }
 
+  io::EngineOptions engine_options() const {
+    io::EngineOptions o = config::engine_options(options_.io);
+    o.faults = faults_;
+    return o;
+  }
+
   void work(uint32_t worker) {
     std::unique_ptr<io::Engine> engine;
     const uint32_t threads = options_.io.threads;
     try {
       if (!service_)
-        engine = io::make_engine(config::engine_options(options_.io), fds_,
+        engine = io::make_engine(engine_options(), fds_,
                                  [&](const std::string& line) { note_engine(line); });
     } catch (...) {
       publish(worker, {nullptr, std::current_exception()});
@@ -688,6 +696,7 @@ class LoaderImpl final : public Loader {
   }
 
   LoaderOptions options_;
+  std::shared_ptr<const io::Faults> faults_;  // tests only
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
   Sampler sampler_;
@@ -735,8 +744,13 @@ class LoaderImpl final : public Loader {
 }  // namespace
 }  // namespace pipeline
 
+std::unique_ptr<Loader> pipeline::open_loader(const LoaderOptions& options,
+                                              std::shared_ptr<const io::Faults> faults) {
+  return std::make_unique<pipeline::LoaderImpl>(options, std::move(faults));
+}
+
 std::unique_ptr<Loader> Loader::open(const LoaderOptions& options) {
-  return std::make_unique<pipeline::LoaderImpl>(options);
+  return pipeline::open_loader(options, nullptr);
 }
 
 }  // namespace sluice

@@ -193,18 +193,19 @@ TEST_P(EngineTest, AReadLaterThanTheGraceIsReportedInFlight) {
 }
 
 // The IO service: one engine on its own thread, shared by several callers. Faults go in
-// through the engine wrapper, which is how the service (like the loader) makes its engine.
+// through the engine wrapper of the service's own options (io::Faults), which is how the
+// service (like the loader) makes its engine.
 class ServiceTest : public EngineTest {
  protected:
-  void TearDown() override { io::set_engine_wrapper({}); }
-
   std::unique_ptr<io::Service> service(std::function<Fault(const io::Request&)> decide = {}) {
-    if (decide)
-      io::set_engine_wrapper(
-          [decide](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
-            return std::make_unique<FaultEngine>(std::move(e), decide);
-          });
     io::EngineOptions o;
+    if (decide) {
+      auto faults = std::make_shared<io::Faults>();
+      faults->wrap_engine = [decide](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+        return std::make_unique<FaultEngine>(std::move(e), decide);
+      };
+      o.faults = faults;
+    }
     o.kind = GetParam();
     o.queue_depth = 32;
     return std::make_unique<io::Service>(o, fds_, nullptr);
@@ -316,8 +317,10 @@ INSTANTIATE_TEST_SUITE_P(Engines, EngineTest,
 TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
   io::EngineOptions o;
   std::vector<int> fds;
+  auto faults = std::make_shared<io::Faults>();
   for (int err : {-EPERM, -ENOSYS, -ENOMEM}) {
-    io::set_uring_setup_fault(err);
+    faults->uring_setup = err;
+    o.faults = faults;
     std::string choice;
     auto e = io::make_engine(o, fds, [&](const std::string& s) { choice = s; });
     EXPECT_NE(e->describe().find("pread thread pool"), std::string::npos);
@@ -332,22 +335,25 @@ TEST(EngineChoice, AutoFallsBackWhenIoUringIsBlocked) {
     }
     o.kind = io::EngineKind::kAuto;
   }
-  io::set_uring_setup_fault(0);
+  o.faults = nullptr;
   std::string choice;
   auto e = io::make_engine(o, fds, [&](const std::string& s) { choice = s; });
   EXPECT_NE(choice.find("io_uring"), std::string::npos);
 }
 
 TEST(EngineChoice, MemlockTooLowForBuffersStillReads) {
-  io::set_register_buffers_fault(-ENOMEM);
+  auto faults = std::make_shared<io::Faults>();
+  faults->register_buffers = -ENOMEM;
   io::EngineOptions o;
   o.kind = io::EngineKind::kUring;
+  o.faults = faults;
   std::vector<int> fds;
   auto e = io::make_engine(o, fds, {});
   memory::AlignedBuffer b;
   b.reserve(1 << 16);
   EXPECT_FALSE(e->register_buffer({b.data(), b.capacity()}));
-  io::set_register_buffers_fault(0);
+  o.faults = nullptr;  // an engine without the fault, on the same buffer
+  e = io::make_engine(o, fds, {});
   EXPECT_TRUE(e->register_buffer({b.data(), b.capacity()}));
 }
 

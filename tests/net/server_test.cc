@@ -5,6 +5,7 @@
 
 #include "io/fault_engine.h"
 #include "net/client.h"
+#include "net/server.h"
 #include "net/wire.h"
 #include "test_util.h"
 
@@ -69,9 +70,17 @@ class ServerTest : public ::testing::Test {
     restart(testing::direct_where_possible(dir()));
   }
 
-  void TearDown() override {
-    io::set_engine_wrapper({});
-    net::set_reply_fault({});
+  // Test seams of this test's server (net::ServerFaults): the engine wrapper takes effect at
+  // the next restart(); the reply fault at once.
+  void set_engine_wrapper(
+      std::function<std::unique_ptr<io::Engine>(std::unique_ptr<io::Engine>)> f) {
+    auto faults = std::make_shared<io::Faults>();
+    faults->wrap_engine = std::move(f);
+    io_faults_ = faults;
+  }
+  void set_reply_fault(net::ReplyFault f) {
+    std::lock_guard lock(fault_mu_);
+    reply_fault_ = std::move(f);
   }
 
   void restart(DirectIo direct) {
@@ -79,8 +88,19 @@ class ServerTest : public ::testing::Test {
     ServerOptions o;
     o.token = "secret";
     o.io.direct = direct;
-    server_ = ShardServer::start(dataset_, o);
+    net::ServerFaults faults;
+    faults.io = io_faults_;
+    faults.reply = [this](net::ReplyHeader& h, std::span<std::byte> d,
+                          std::chrono::milliseconds& delay) {
+      std::lock_guard lock(fault_mu_);
+      if (reply_fault_) reply_fault_(h, d, delay);
+    };
+    server_ = net::start_server(dataset_, o, std::move(faults));
   }
+
+  std::shared_ptr<const io::Faults> io_faults_;
+  std::mutex fault_mu_;
+  net::ReplyFault reply_fault_;
 
   fs::path dir() const { return tmp_ / "ds"; }
 
@@ -202,13 +222,14 @@ TEST_F(ServerTest, LargeRecordsComeApartIntoTheirOwnDestinations) {
 // A reply whose table disagrees with the records sent apart is damage, reported at once (not
 // a wait for records that never come).
 TEST_F(ServerTest, ATableThatDisagreesWithTheRecordsSentApartIsCorruption) {
-  net::set_reply_fault([](const std::string&, net::ReplyHeader& h, std::span<std::byte>,
-                          std::chrono::milliseconds&) { h.separate += 1; });
+  set_reply_fault([](net::ReplyHeader& h, std::span<std::byte>, std::chrono::milliseconds&) {
+    h.separate += 1;
+  });
   auto c = PeerClient::connect(server_->address(), {"secret", 20000, true, 1u << 10});
   const std::vector<uint64_t> all = every_sample(1);
   auto t0 = std::chrono::steady_clock::now();
   std::string what = message_of([&] { read_and_check(*c, all, 50); });
-  net::set_reply_fault({});
+  set_reply_fault({});
   EXPECT_NE(what.find("malformed reply"), std::string::npos) << what;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));  // not the timeout
   read_and_check(*client(), {1, 2, 3}, 3);                                     // the server goes on
@@ -216,7 +237,7 @@ TEST_F(ServerTest, ATableThatDisagreesWithTheRecordsSentApartIsCorruption) {
 
 TEST_F(ServerTest, AReadErrorOnTheServerNamesItsFileAndSample) {
   std::atomic<int> submits{0};
-  io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+  set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
     return std::make_unique<testing::FaultEngine>(std::move(e), [&](const io::Request&) {
       return ++submits == 3 ? testing::Fault::kError : testing::Fault::kNone;
     });

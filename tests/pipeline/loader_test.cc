@@ -5,6 +5,7 @@
 
 #include "../io/fault_engine.h"
 #include "io/engine.h"
+#include "pipeline/open.h"
 #include "test_util.h"
 
 #include <dirent.h>
@@ -27,10 +28,23 @@ using testing::FaultEngine;
 class LoaderTest : public ::testing::Test {
  protected:
   void SetUp() override { written_ = testing::write_dataset(dir(), kSamples, 9000, 48 << 10); }
-  void TearDown() override {
-    io::set_engine_wrapper({});
-    io::set_uring_setup_fault(0);
+
+  // This test's seams (io::Faults), given to the loaders it opens with open() from then on.
+  void set_engine_wrapper(
+      std::function<std::unique_ptr<io::Engine>(std::unique_ptr<io::Engine>)> f) {
+    auto faults = std::make_shared<io::Faults>(faults_ ? *faults_ : io::Faults{});
+    faults->wrap_engine = std::move(f);
+    faults_ = faults;
   }
+  void set_uring_setup_fault(int error) {
+    auto faults = std::make_shared<io::Faults>(faults_ ? *faults_ : io::Faults{});
+    faults->uring_setup = error;
+    faults_ = faults;
+  }
+  std::unique_ptr<Loader> open(const LoaderOptions& o) const {
+    return pipeline::open_loader(o, faults_);
+  }
+  std::shared_ptr<const io::Faults> faults_;
 
   fs::path dir() const { return tmp_ / "ds"; }
 
@@ -209,12 +223,12 @@ TEST_F(LoaderTest, ElasticResumeOnAnotherWorldSize) {
 
 TEST_F(LoaderTest, EioAtTheEngineSeamNamesShardOffsetAndSample) {
   std::atomic<int> submits{0};
-  io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+  set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
     return std::make_unique<FaultEngine>(std::move(e), [&](const io::Request&) {
       return ++submits == 40 ? Fault::kError : Fault::kNone;
     });
   });
-  auto loader = Loader::open(options());
+  auto loader = open(options());
   try {
     while (loader->next()) {
     }
@@ -228,7 +242,7 @@ TEST_F(LoaderTest, EioAtTheEngineSeamNamesShardOffsetAndSample) {
     EXPECT_NE(what.find("EIO"), std::string::npos) << what;
   }
   EXPECT_THROW(loader->next(), Error);  // stays failed until restarted
-  io::set_engine_wrapper({});
+  set_engine_wrapper({});
   loader->set_epoch(0);
   expect_exactly_once(epoch(*loader), kSamples);
 }
@@ -241,7 +255,7 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
   for (int trial = 0; trial < 6; ++trial) {
     const int fail_at = 1 + static_cast<int>(rng() % 120);
     std::atomic<int> submits{0};
-    io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
       return std::make_unique<FaultEngine>(std::move(e), [&](const io::Request&) {
         int n = ++submits;
         return n == fail_at ? Fault::kError : n % 3 == 0 ? Fault::kShort : Fault::kNone;
@@ -249,7 +263,7 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
     });
     auto o = options();
     o.io.threads = 1 + trial % 3;
-    auto loader = Loader::open(o);
+    auto loader = open(o);
     std::vector<uint64_t> seen;
     try {
       while (auto b = loader->next()) {
@@ -262,8 +276,8 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
       EXPECT_NE(std::string(e.what()).find("(sample "), std::string::npos) << e.what();
     }
     SamplerState state = loader->state();
-    io::set_engine_wrapper({});
-    loader = Loader::open(o);
+    set_engine_wrapper({});
+    loader = open(o);
     loader->load_state(state);
     auto rest = epoch(*loader);
     seen.insert(seen.end(), rest.begin(), rest.end());
@@ -278,7 +292,7 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
 TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
   for (DirectIo direct : {testing::direct_where_possible(dir()), DirectIo::kOff}) {
     std::atomic<int> submits{0};
-    io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
       return std::make_unique<FaultEngine>(
           std::move(e),
           [&](const io::Request&) { return ++submits == 5 ? Fault::kLate : Fault::kNone; }, -EIO,
@@ -289,7 +303,7 @@ TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
     o.io.direct = direct;
     o.io.threads = 2;
     o.max_batches_held = 64;
-    auto loader = Loader::open(o);
+    auto loader = open(o);
     try {
       while (auto b = loader->next()) check_batch(*b);
       ADD_FAILURE() << "no timeout";
@@ -307,13 +321,13 @@ TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
     }
     expect_exactly_once(seen, kSamples);
     loader.reset();
-    io::set_engine_wrapper({});
+    set_engine_wrapper({});
   }
 }
 
 TEST_F(LoaderTest, ShortReadsAndEagainAreInvisible) {
   std::atomic<int> submits{0};
-  io::set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+  set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
     return std::make_unique<FaultEngine>(std::move(e), [&](const io::Request&) {
       int n = ++submits;
       return n % 2 ? Fault::kShort : n % 7 == 0 ? Fault::kAgain : Fault::kNone;
@@ -323,13 +337,13 @@ TEST_F(LoaderTest, ShortReadsAndEagainAreInvisible) {
     auto o = options();
     o.io.engine = engine;
     o.io.threads = 2;
-    auto loader = Loader::open(o);
+    auto loader = open(o);
     expect_exactly_once(epoch(*loader), kSamples);
   }
 }
 
 TEST_F(LoaderTest, AHungReadTimesOutWithAnError) {
-  io::set_engine_wrapper([](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+  set_engine_wrapper([](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
     return std::make_unique<FaultEngine>(std::move(e), [](const io::Request& r) {
       // Op 2 of every batch's reads (the tag's high half names the caller's slot in the
       // shared IO queue, which depends on thread timing).
@@ -338,7 +352,7 @@ TEST_F(LoaderTest, AHungReadTimesOutWithAnError) {
   });
   auto o = options();
   o.io.timeout_ms = 300;
-  auto loader = Loader::open(o);
+  auto loader = open(o);
   auto t0 = std::chrono::steady_clock::now();
   try {
     loader->next();
@@ -360,7 +374,7 @@ TEST_F(LoaderTest, CorruptSampleIsNamed) {
   }
   auto o = options();
   o.io.direct = DirectIo::kOff;  // the write above went through the page cache
-  auto loader = Loader::open(o);
+  auto loader = open(o);
   try {
     while (loader->next()) {
     }
@@ -373,14 +387,14 @@ TEST_F(LoaderTest, CorruptSampleIsNamed) {
 }
 
 TEST_F(LoaderTest, FallsBackWhenIoUringIsDisabled) {
-  io::set_uring_setup_fault(-EPERM);
-  auto loader = Loader::open(options());
+  set_uring_setup_fault(-EPERM);
+  auto loader = open(options());
   expect_exactly_once(epoch(*loader), kSamples);
   EXPECT_NE(loader->stats().engine.find("pread thread pool"), std::string::npos)
       << loader->stats().engine;
   auto o = options();
   o.io.engine = IoEngineKind::kUring;
-  auto strict = Loader::open(o);
+  auto strict = open(o);
   EXPECT_THROW(strict->next(), Error);
 }
 

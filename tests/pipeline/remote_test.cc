@@ -5,7 +5,7 @@
 #include <sluice/loader.h>
 #include <sluice/server.h>
 
-#include "net/wire.h"
+#include "net/server.h"
 #include "test_util.h"
 
 #include <fmt/format.h>
@@ -36,20 +36,21 @@ class RemoteLoaderTest : public ::testing::Test {
     for (size_t k = 1; k < num_shards_; k += 2) odd_.push_back(static_cast<uint32_t>(k));
     ServerOptions so;
     so.token = "t0ken";
-    for (int i = 0; i < 2; ++i) servers_.push_back(ShardServer::start(ds, so));
+    for (size_t i = 0; i < 2; ++i) {
+      net::ServerFaults faults;
+      faults.reply = [this, i](net::ReplyHeader& h, std::span<std::byte> d,
+                               std::chrono::milliseconds& delay) {
+        std::lock_guard lock(fault_mu_);
+        if (reply_faults_[i]) reply_faults_[i](h, d, delay);
+      };
+      servers_.push_back(net::start_server(ds, so, std::move(faults)));
+    }
   }
 
-  void TearDown() override { net::set_reply_fault({}); }
-
-  // Faults for the replies of server `which` only (every server in the process shares the seam).
-  void fault_on(
-      size_t which,
-      std::function<void(net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds&)> f) {
-    net::set_reply_fault([address = servers_[which]->address(), f](
-                             const std::string& server, net::ReplyHeader& h,
-                             std::span<std::byte> data, std::chrono::milliseconds& delay) {
-      if (server == address) f(h, data, delay);
-    });
+  // Faults for the replies of server `which` (its own seam: net::ServerFaults).
+  void fault_on(size_t which, net::ReplyFault f) {
+    std::lock_guard lock(fault_mu_);
+    reply_faults_[which] = std::move(f);
   }
 
   fs::path full() const { return tmp_ / "full"; }
@@ -99,7 +100,9 @@ class RemoteLoaderTest : public ::testing::Test {
   std::vector<std::vector<std::byte>> written_;
   size_t num_shards_ = 0;
   std::vector<uint32_t> odd_;
-  std::vector<std::unique_ptr<ShardServer>> servers_;
+  std::mutex fault_mu_;
+  net::ReplyFault reply_faults_[2];
+  std::vector<std::unique_ptr<ShardServer>> servers_;  // last: they call reply_faults_
 };
 
 TEST_F(RemoteLoaderTest, LocalAndRemoteSamplesMakeOneEpochExactlyOnce) {
