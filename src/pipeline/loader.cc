@@ -151,7 +151,8 @@ struct WorkerScratch {
   // Remote samples (shards not on this node), and this thread's reads of them.
   std::vector<uint8_t> remote;  // per sample: read from a peer
   std::vector<RemoteSample> remote_samples;
-  std::unique_ptr<PeerReads> peer_reads;  // made with the first remote sample
+  uint32_t worker = 0;              // which loader thread
+  PeerReads* peer_reads = nullptr;  // the thread's (LoaderImpl::peer_reads_), once needed
 };
 
 class LoaderImpl final : public Loader {
@@ -354,6 +355,7 @@ class LoaderImpl final : public Loader {
   void plan_peers() {
     token_ = options_.distributed.resolved_token();
     peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify);
+    peer_reads_.resize(options_.io.threads);
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
@@ -463,6 +465,7 @@ class LoaderImpl final : public Loader {
       return;
     }
     WorkerScratch scratch;
+    scratch.worker = worker;
     scratch.plan.emplace(*dataset_, direct_);
     std::unique_ptr<memory::Stream> stream;  // device: cuda:N, this thread's copies
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
@@ -546,8 +549,12 @@ class LoaderImpl final : public Loader {
       }
     } abandon{nullptr};
     if (any_remote) {
-      if (!s.peer_reads) s.peer_reads = std::make_unique<PeerReads>(*peers_);
-      abandon.reads = s.peer_reads.get();
+      if (!s.peer_reads) {
+        auto& reads = peer_reads_[s.worker];
+        if (!reads) reads = std::make_unique<PeerReads>(*peers_);
+        s.peer_reads = reads.get();
+      }
+      abandon.reads = s.peer_reads;
       std::byte* slots = nullptr;
       if (one_field_bytes_ > 0) {
         out.data.reserve(n * one_field_bytes_);  // the layout below: field 0 at offset 0
@@ -713,6 +720,9 @@ class LoaderImpl final : public Loader {
   std::shared_ptr<BufferPool> pool_;
   std::string token_;               // the cluster's shared token
   std::unique_ptr<PeerSet> peers_;  // distributed.peers: who serves the shards not on this node
+  // Per loader thread number: its connections, kept across epochs (threads are restarted for
+  // each; only one thread of a number runs at a time).
+  std::vector<std::unique_ptr<PeerReads>> peer_reads_;
   std::unique_ptr<ShardServer> server_;  // distributed.listen: this node's shards for others
 
   // Consumer-side state (the consumer thread only).

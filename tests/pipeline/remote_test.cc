@@ -108,7 +108,10 @@ class RemoteLoaderTest : public ::testing::Test {
 TEST_F(RemoteLoaderTest, LocalAndRemoteSamplesMakeOneEpochExactlyOnce) {
   auto loader = Loader::open(options({0}));
   expect_exactly_once(epoch(*loader));
+  const uint64_t connections = servers_[0]->stats().connections;
+  EXPECT_LE(connections, 2u);           // one per loader thread, at most
   expect_exactly_once(epoch(*loader));  // and the next epoch, on the same connections
+  EXPECT_EQ(servers_[0]->stats().connections, connections);
   EXPECT_GT(servers_[0]->stats().requests, 0u);
 }
 
