@@ -77,11 +77,11 @@ uint32_t record_checksum(const void* data, size_t size, uint64_t index) {
   return static_cast<uint32_t>(XXH3_64bits_withSeed(data, size, index));
 }
 
-std::string check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored) {
+Status check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored) {
   const uint32_t computed = record_checksum(record.data(), record.size(), index);
   if (computed == stored) return {};
-  return fmt::format("sample {}: checksum mismatch (stored {:08x}, computed {:08x})", index, stored,
-                     computed);
+  return failure(fmt::format("sample {}: checksum mismatch (stored {:08x}, computed {:08x})", index,
+                             stored, computed));
 }
 
 std::string shard_name(uint32_t shard_id) {
@@ -297,18 +297,18 @@ RecordLayout::RecordLayout(const std::vector<FieldSpec>& fields) : fields_(field
   }
 }
 
-std::string RecordLayout::check_lengths(std::span<const uint64_t> lengths) const {
+Status RecordLayout::check_lengths(std::span<const uint64_t> lengths) const {
   if (lengths.size() != fields_.size())
-    return fmt::format("expected {} fields, got {}", fields_.size(), lengths.size());
+    return failure(fmt::format("expected {} fields, got {}", fields_.size(), lengths.size()));
   for (size_t i = 0; i < fields_.size(); ++i) {
     const auto& f = fields_[i];
     if (f.fixed_size() && lengths[i] != f.fixed_bytes())
-      return fmt::format("field \"{}\": {} bytes, its shape needs {}", f.name, lengths[i],
-                         f.fixed_bytes());
+      return failure(fmt::format("field \"{}\": {} bytes, its shape needs {}", f.name, lengths[i],
+                                 f.fixed_bytes()));
     if (!f.fixed_size() && lengths[i] % dtype_size(f.dtype) != 0)
-      return fmt::format("field \"{}\": {} bytes is not a whole number of {} elements", f.name,
-                         lengths[i], dtype_name(f.dtype));
-    if (lengths[i] > UINT32_MAX) return fmt::format("field \"{}\": over 4 GiB", f.name);
+      return failure(fmt::format("field \"{}\": {} bytes is not a whole number of {} elements",
+                                 f.name, lengths[i], dtype_name(f.dtype)));
+    if (lengths[i] > UINT32_MAX) return failure(fmt::format("field \"{}\": over 4 GiB", f.name));
   }
   return {};
 }
@@ -319,14 +319,16 @@ uint64_t RecordLayout::record_bytes(std::span<const uint64_t> lengths) const {
   return n;
 }
 
-std::string RecordLayout::split(std::span<const std::byte> record,
-                                std::vector<std::span<const std::byte>>& out) const {
+Status RecordLayout::split(std::span<const std::byte> record,
+                           std::vector<std::span<const std::byte>>& out) const {
   out.clear();
   uint64_t overhead = fixed_bytes_ + trailer_bytes();
   if (record.size() < overhead)
-    return fmt::format("record is {} bytes, its fixed fields need {}", record.size(), overhead);
+    return failure(
+        fmt::format("record is {} bytes, its fixed fields need {}", record.size(), overhead));
   if (num_variable_ == 0 && record.size() != overhead)
-    return fmt::format("record is {} bytes, its fields need exactly {}", record.size(), overhead);
+    return failure(
+        fmt::format("record is {} bytes, its fields need exactly {}", record.size(), overhead));
   uint64_t variable_left = record.size() - overhead;
   const std::byte* trailer = record.data() + record.size() - trailer_bytes();
   size_t var_seen = 0;
@@ -339,15 +341,16 @@ std::string RecordLayout::split(std::span<const std::byte> record,
       uint32_t stored;
       std::memcpy(&stored, trailer + 4 * (var_seen - 1), 4);
       if (stored > variable_left)
-        return fmt::format("field \"{}\": stored length {} exceeds the record", f.name, stored);
+        return failure(
+            fmt::format("field \"{}\": stored length {} exceeds the record", f.name, stored));
       len = stored;
       variable_left -= len;
     } else {
       len = variable_left;
     }
     if (!f.fixed_size() && len % dtype_size(f.dtype) != 0)
-      return fmt::format("field \"{}\": {} bytes is not a whole number of {} elements", f.name, len,
-                         dtype_name(f.dtype));
+      return failure(fmt::format("field \"{}\": {} bytes is not a whole number of {} elements",
+                                 f.name, len, dtype_name(f.dtype)));
     out.push_back(record.subspan(pos, len));
     pos += len;
   }

@@ -3,6 +3,8 @@
 // The on-disk byte layout of a packed dataset (docs/format.md is the prose version).
 // All integers are little-endian; sluice builds only on little-endian hosts.
 
+#include "common/result.h"
+
 #include <sluice/dataset.h>
 
 #include <bit>
@@ -94,9 +96,9 @@ uint64_t checksum64(const void* data, size_t size, uint64_t seed = 0);
 /// The per-sample checksum: low 32 bits of XXH3-64 seeded with the sample's global index, so a
 /// record that landed under another index fails too.
 uint32_t record_checksum(const void* data, size_t size, uint64_t index);
-/// "" when `record` matches `stored`, else the one wording of a mismatch every reader uses:
+/// Ok when `record` matches `stored`, else the one wording of a mismatch every reader uses:
 /// "sample I: checksum mismatch (stored S, computed C)" (callers put the file or peer first).
-std::string check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored);
+Status check_record(std::span<const std::byte> record, uint64_t index, uint32_t stored);
 
 std::string shard_name(uint32_t shard_id);
 
@@ -120,11 +122,11 @@ class RecordLayout {
   uint64_t trailer_bytes() const { return num_variable_ > 1 ? 4 * (num_variable_ - 1) : 0; }
   /// Record size for these field lengths (which must fit the schema; see check_lengths).
   uint64_t record_bytes(std::span<const uint64_t> lengths) const;
-  /// Empty when `lengths` fit the schema, else the reason naming the field.
-  std::string check_lengths(std::span<const uint64_t> lengths) const;
-  /// Splits a record; empty string on success, else the reason.
-  std::string split(std::span<const std::byte> record,
-                    std::vector<std::span<const std::byte>>& out) const;
+  /// Ok when `lengths` fit the schema, else the reason naming the field.
+  Status check_lengths(std::span<const uint64_t> lengths) const;
+  /// Splits a record; ok, else the reason.
+  Status split(std::span<const std::byte> record,
+               std::vector<std::span<const std::byte>>& out) const;
 
  private:
   std::vector<FieldSpec> fields_;

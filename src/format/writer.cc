@@ -73,8 +73,8 @@ class Writer final : public DatasetWriter {
     if (finished_) fail(ErrorCode::kInvalidArgument, "{}: add() after finish()", dest_.string());
     lengths_.resize(fields.size());
     for (size_t i = 0; i < fields.size(); ++i) lengths_[i] = fields[i].size();
-    if (auto why = layout_.check_lengths(lengths_); !why.empty())
-      fail(ErrorCode::kInvalidArgument, "sample {}: {}", num_samples_, why);
+    if (auto checked = layout_.check_lengths(lengths_); !checked)
+      fail(ErrorCode::kInvalidArgument, "sample {}: {}", num_samples_, checked.error());
     uint64_t size = layout_.record_bytes(lengths_);
     if (size > UINT32_MAX)
       fail(ErrorCode::kInvalidArgument, "sample {}: record of {} bytes exceeds 4 GiB", num_samples_,

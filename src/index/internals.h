@@ -6,6 +6,8 @@
 
 #include <sluice/dataset.h>
 
+#include "common/result.h"
+
 #include <span>
 #include <string>
 #include <string_view>
@@ -41,10 +43,12 @@ inline int shard_fd(const Dataset& d, uint32_t shard) {
 inline uint32_t shard_of(const Dataset& d, uint64_t index) {
   return detail::DatasetInternals::shard_of(d, index);
 }
-/// Splits a record into its fields in reused storage; "" or why it does not split.
-inline std::string split_record(const Dataset& d, uint64_t index, std::span<const std::byte> record,
-                                std::vector<std::span<const std::byte>>& fields) {
-  return detail::DatasetInternals::split_record(d, index, record, fields);
+/// Splits a record into its fields in reused storage; ok, or why it does not split.
+inline Status split_record(const Dataset& d, uint64_t index, std::span<const std::byte> record,
+                           std::vector<std::span<const std::byte>>& fields) {
+  std::string why = detail::DatasetInternals::split_record(d, index, record, fields);
+  if (!why.empty()) return failure(std::move(why));
+  return {};
 }
 /// A files tree's sample `index`: its file relative to the root; empty for other formats.
 inline std::string_view sample_file(const Dataset& d, uint64_t index) {

@@ -34,7 +34,7 @@ bool AlignedBuffer::reserve(size_t bytes) {
   }
   // The loader probed for a device before asking for pinning; a refusal here (memlock) leaves
   // ordinary memory, which works the same, only with slower copies to the device.
-  bool pinned = pin_ && pin(p, size, nullptr);
+  bool pinned = pin_ && pin(p, size).ok();
   data_ = std::unique_ptr<std::byte, FreeAligned>(static_cast<std::byte*>(p), FreeAligned{pinned});
   capacity_ = size;
   return true;

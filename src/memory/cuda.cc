@@ -19,31 +19,29 @@ void use(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
 
 }  // namespace
 
-int cuda_devices(std::string* why) {
+Result<int> cuda_devices() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
-    if (why)
-      *why = e == cudaErrorInsufficientDriver
-                 ? "no CUDA device (no NVIDIA driver, or one older than this build's CUDA runtime)"
-             : e == cudaErrorNoDevice ? "no CUDA device"
-                                      : std::string("no CUDA device: ") + cudaGetErrorString(e);
     cudaGetLastError();  // clear it, so it does not show up in a later call
-    return 0;
+    return failure(
+        e == cudaErrorInsufficientDriver
+            ? "no CUDA device (no NVIDIA driver, or one older than this build's CUDA runtime)"
+        : e == cudaErrorNoDevice ? "no CUDA device"
+                                 : std::string("no CUDA device: ") + cudaGetErrorString(e));
   }
-  if (n == 0 && why) *why = "no CUDA device";
+  if (n == 0) return failure("no CUDA device");
   return n;
 }
 
-bool pin(void* p, size_t n, std::string* why) {
-  if (cuda_devices(why) == 0) return false;
+Status pin(void* p, size_t n) {
+  if (auto devices = cuda_devices(); !devices) return failure(devices.error());
   cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterDefault);
   if (e != cudaSuccess) {
-    if (why) *why = std::string("cudaHostRegister: ") + cudaGetErrorString(e);
     cudaGetLastError();
-    return false;
+    return failure(std::string("cudaHostRegister: ") + cudaGetErrorString(e));
   }
-  return true;
+  return {};
 }
 
 void unpin(void* p) { cudaHostUnregister(p); }

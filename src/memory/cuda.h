@@ -7,17 +7,19 @@
 // CUDA call and its error string otherwise.
 
 #include <cstddef>
+#include "common/result.h"
+
 #include <string>
 
 namespace sluice::memory {
 
-/// How many CUDA devices this process can use; 0 with `why` set when none (no CUDA in this
+/// How many CUDA devices this process can use (at least one), or why none (no CUDA in this
 /// build, no driver, no GPU).
-int cuda_devices(std::string* why);
+Result<int> cuda_devices();
 
-/// Page-locks [p, p + n) for fast, asynchronous copies (cudaHostRegister). False with `why` when
-/// it cannot (no CUDA, no device, memlock).
-bool pin(void* p, size_t n, std::string* why);
+/// Page-locks [p, p + n) for fast, asynchronous copies (cudaHostRegister), or says why it
+/// cannot (no CUDA, no device, memlock).
+Status pin(void* p, size_t n);
 void unpin(void* p);
 
 /// Copies device memory back to the host and waits for it (for checks and tests).

@@ -13,11 +13,8 @@ namespace {
 }
 }  // namespace
 
-int cuda_devices(std::string* why) {
-  if (why) *why = "this build of sluice has no CUDA";
-  return 0;
-}
-bool pin(void*, size_t, std::string* why) { return cuda_devices(why) > 0; }
+Result<int> cuda_devices() { return failure("this build of sluice has no CUDA"); }
+Status pin(void*, size_t) { return failure(cuda_devices().error()); }
 void unpin(void*) {}
 void copy_to_host(void*, const void*, size_t, int) { no_cuda(); }
 size_t device_memory_used(int) { no_cuda(); }

@@ -350,13 +350,12 @@ class ClientImpl final : public PeerClient {
   void check_records(Pending& p) {
     ReadRequest& r = *p.request;
     std::span<const std::byte> data = p.dest;
-    std::string error;
-    auto table = parse_records(p.reply, data, &error);
+    auto table = parse_records(p.reply, data);
     if (!table || table->size() != r.indices.size()) {
       p.corrupt = fmt::format(
           "malformed reply: {}",
           table ? fmt::format("{} records for {} samples", table->size(), r.indices.size())
-                : error);
+                : table.error());
       return;
     }
     r.records = std::move(*table);
@@ -385,9 +384,9 @@ class ClientImpl final : public PeerClient {
     if (!options_.verify || !p.corrupt.empty()) return;
     ReadRequest& r = *p.request;
     const RecordInfo& info = r.records[i];
-    std::string why =
+    auto checked =
         format::check_record({r.record_data[i].data(), info.size}, r.indices[i], info.checksum);
-    if (!why.empty()) p.corrupt = why + ": damaged on the peer's disk or in transit";
+    if (!checked) p.corrupt = checked.error() + ": damaged on the peer's disk or in transit";
   }
 
   void corrupt_record(Pending& p, size_t i, std::string_view why) {
@@ -418,10 +417,9 @@ class ClientImpl final : public PeerClient {
   void handle_reply(std::span<const std::byte> header, void* data, size_t length,
                     const ucp_am_recv_param_t* param) {
     if (!note_reply_ep(param)) return;  // first: a malformed reply still comes on an endpoint
-    std::string error;
-    auto h = parse_reply(header, &error);
+    auto h = parse_reply(header);
     if (!h) {
-      failure_ = "malformed reply: " + error;
+      failure_ = "malformed reply: " + h.error();
       failed_ = true;
       return;
     }
@@ -462,10 +460,9 @@ class ClientImpl final : public PeerClient {
   void handle_record(std::span<const std::byte> header, void* data, size_t length,
                      const ucp_am_recv_param_t* param) {
     if (!note_reply_ep(param)) return;
-    std::string error;
-    auto h = parse_record_header(header, length, &error);
+    auto h = parse_record_header(header, length);
     if (!h) {
-      failure_ = "malformed record message: " + error;
+      failure_ = "malformed record message: " + h.error();
       failed_ = true;
       return;
     }

@@ -63,48 +63,39 @@ HelloParse parse_client_hello(std::span<const std::byte> received) {
   return r;
 }
 
-std::optional<ServerHello> parse_server_hello(std::span<const std::byte> bytes,
-                                              std::string* error) {
+Result<ServerHello> parse_server_hello(std::span<const std::byte> bytes) {
   if (bytes.size() != sizeof(ServerHello)) {
-    *error = fmt::format("server hello of {} bytes", bytes.size());
-    return std::nullopt;
+    return failure(fmt::format("server hello of {} bytes", bytes.size()));
   }
   auto h = load<ServerHello>(bytes);
   if (h.magic != kServerHelloMagic) {
-    *error = fmt::format("not a sluice shard server (hello magic {:#010x})", h.magic);
-    return std::nullopt;
+    return failure(fmt::format("not a sluice shard server (hello magic {:#010x})", h.magic));
   }
   if (h.version != kHandshakeVersion) {
-    *error = fmt::format("the server speaks handshake version {}, this client {}", h.version,
-                         kHandshakeVersion);
-    return std::nullopt;
+    return failure(fmt::format("the server speaks handshake version {}, this client {}", h.version,
+                               kHandshakeVersion));
   }
   if ((h.flags & ~kServerOpen) != 0) {
-    *error = fmt::format("server hello flags {:#x} unknown", h.flags);
-    return std::nullopt;
+    return failure(fmt::format("server hello flags {:#x} unknown", h.flags));
   }
   return h;
 }
 
-std::optional<Accept> parse_accept(std::span<const std::byte> bytes, std::string* error) {
+Result<Accept> parse_accept(std::span<const std::byte> bytes) {
   if (bytes.size() != sizeof(Accept)) {
-    *error = fmt::format("server answer of {} bytes", bytes.size());
-    return std::nullopt;
+    return failure(fmt::format("server answer of {} bytes", bytes.size()));
   }
   auto a = load<Accept>(bytes);
   if (a.magic != kAcceptMagic || a.version != kHandshakeVersion) {
-    *error = fmt::format("answer magic {:#010x} version {}: not a sluice shard server", a.magic,
-                         a.version);
-    return std::nullopt;
+    return failure(fmt::format("answer magic {:#010x} version {}: not a sluice shard server",
+                               a.magic, a.version));
   }
   if (a.status > AcceptStatus::kRefused) {
-    *error = fmt::format("answer status {} unknown", static_cast<unsigned>(a.status));
-    return std::nullopt;
+    return failure(fmt::format("answer status {} unknown", static_cast<unsigned>(a.status)));
   }
   const uint32_t limit = a.status == AcceptStatus::kOk ? kMaxWorkerAddress : kMaxRefusalText;
   if ((a.status == AcceptStatus::kOk && a.data_bytes == 0) || a.data_bytes > limit) {
-    *error = fmt::format("answer of {} bytes (at most {})", a.data_bytes, limit);
-    return std::nullopt;
+    return failure(fmt::format("answer of {} bytes (at most {})", a.data_bytes, limit));
   }
   return a;
 }
@@ -132,8 +123,8 @@ Session client_handshake(detail::UniqueFd control, const std::string& token,
   const int fd = control.get();
   ServerHello sh;
   read_exact(fd, std::as_writable_bytes(std::span(&sh, 1)), deadline, "handshake: server hello");
-  std::string error;
-  if (!parse_server_hello(bytes_of_value(sh), &error)) fail(ErrorCode::kIo, "handshake: {}", error);
+  if (auto checked = parse_server_hello(bytes_of_value(sh)); !checked)
+    fail(ErrorCode::kIo, "handshake: {}", checked.error());
   const bool open = sh.flags & kServerOpen;
   if (open && !token.empty())
     fail(ErrorCode::kConfig,
@@ -150,7 +141,8 @@ Session client_handshake(detail::UniqueFd control, const std::string& token,
   write_all(fd, out, deadline, "handshake: client hello");
   Accept a;
   read_exact(fd, std::as_writable_bytes(std::span(&a, 1)), deadline, "handshake: server answer");
-  if (!parse_accept(bytes_of_value(a), &error)) fail(ErrorCode::kIo, "handshake: {}", error);
+  if (auto checked = parse_accept(bytes_of_value(a)); !checked)
+    fail(ErrorCode::kIo, "handshake: {}", checked.error());
   std::vector<std::byte> data(a.data_bytes);
   read_exact(fd, data, deadline, "handshake: server answer");
   if (a.status != AcceptStatus::kOk) {

@@ -23,12 +23,12 @@
 //
 // All fields little-endian. parse_* check every byte before anything trusts it.
 
+#include "common/result.h"
 #include "net/crypto.h"
 #include "net/tcp.h"
 
 #include <cstddef>
 #include <cstdint>
-#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -94,8 +94,8 @@ struct HelloParse {
 HelloParse parse_client_hello(std::span<const std::byte> received);
 
 /// Checks a ServerHello / an Accept header from a server; returns it or sets `error`.
-std::optional<ServerHello> parse_server_hello(std::span<const std::byte> bytes, std::string* error);
-std::optional<Accept> parse_accept(std::span<const std::byte> bytes, std::string* error);
+Result<ServerHello> parse_server_hello(std::span<const std::byte> bytes);
+Result<Accept> parse_accept(std::span<const std::byte> bytes);
 
 /// The proofs and the session key (see the top of this file). `token` is the HMAC key.
 Digest client_proof(const Mac& token, const Nonce& server, const Nonce& client,

@@ -500,9 +500,8 @@ class ServerImpl final : public ShardServer {
     if (c.unsent_errors >= kMaxUnsentErrors)
       return close_conn(
           c, fmt::format("does not take its replies ({} error replies unsent)", c.unsent_errors));
-    std::string error;
-    auto req = parse_request(header, length, options_.max_request_samples, &error);
-    if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, error);
+    auto req = parse_request(header, length, options_.max_request_samples);
+    if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, req.error());
     Job job{c.id, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count)};
     std::memcpy(job.indices.data(), data, length);
     const uint64_t n = dataset_->num_samples();

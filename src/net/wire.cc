@@ -15,61 +15,53 @@ RequestMac request_mac(const Mac& session, std::span<const std::byte> header,
   return m;
 }
 
-std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
-                                           uint32_t max_count, std::string* error) {
+Result<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
+                                    uint32_t max_count) {
   RequestHeader h;
   if (header.size() != sizeof h) {
-    *error = fmt::format("request header is {} bytes, expected {}", header.size(), sizeof h);
-    return std::nullopt;
+    return failure(fmt::format("request header is {} bytes, expected {}", header.size(), sizeof h));
   }
   std::memcpy(&h, header.data(), sizeof h);
   if (h.magic != kRequestMagic) {
-    *error = fmt::format("request magic {:#x}, expected {:#x}", h.magic, kRequestMagic);
-    return std::nullopt;
+    return failure(fmt::format("request magic {:#x}, expected {:#x}", h.magic, kRequestMagic));
   }
   if (h.version != kWireVersion) {
-    *error = fmt::format("request version {}, this server speaks {}", h.version, kWireVersion);
-    return std::nullopt;
+    return failure(
+        fmt::format("request version {}, this server speaks {}", h.version, kWireVersion));
   }
   if (h.count == 0 || h.count > max_count) {
-    *error = fmt::format("request for {} samples (1 to {} allowed)", h.count, max_count);
-    return std::nullopt;
+    return failure(fmt::format("request for {} samples (1 to {} allowed)", h.count, max_count));
   }
   if (data_bytes != uint64_t{h.count} * sizeof(uint64_t)) {
-    *error = fmt::format("request names {} samples but carries {} bytes of indices", h.count,
-                         data_bytes);
-    return std::nullopt;
+    return failure(fmt::format("request names {} samples but carries {} bytes of indices", h.count,
+                               data_bytes));
   }
   return h;
 }
 
-std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error) {
+Result<ReplyHeader> parse_reply(std::span<const std::byte> header) {
   ReplyHeader h;
   if (header.size() != sizeof h) {
-    *error = fmt::format("reply header is {} bytes, expected {}", header.size(), sizeof h);
-    return std::nullopt;
+    return failure(fmt::format("reply header is {} bytes, expected {}", header.size(), sizeof h));
   }
   std::memcpy(&h, header.data(), sizeof h);
   if (h.magic != kReplyMagic || h.version != kWireVersion) {
-    *error = fmt::format("reply magic {:#x} version {}: not a sluice shard server of version {}",
-                         h.magic, h.version, kWireVersion);
-    return std::nullopt;
+    return failure(
+        fmt::format("reply magic {:#x} version {}: not a sluice shard server of version {}",
+                    h.magic, h.version, kWireVersion));
   }
   if (h.status > ReplyStatus::kBusy) {
-    *error = fmt::format("reply status {} unknown", static_cast<unsigned>(h.status));
-    return std::nullopt;
+    return failure(fmt::format("reply status {} unknown", static_cast<unsigned>(h.status)));
   }
   return h;
 }
 
-std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
-                                                     std::span<const std::byte> data,
-                                                     std::string* error) {
+Result<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
+                                              std::span<const std::byte> data) {
   const uint64_t table = uint64_t{reply.count} * sizeof(RecordInfo);
   if (data.size() != reply.data_bytes || data.size() < table) {
-    *error = fmt::format("reply of {} records carries {} bytes (header says {})", reply.count,
-                         data.size(), reply.data_bytes);
-    return std::nullopt;
+    return failure(fmt::format("reply of {} records carries {} bytes (header says {})", reply.count,
+                               data.size(), reply.data_bytes));
   }
   std::vector<RecordInfo> infos(reply.count);
   if (table > 0)  // memcpy from or to null is undefined even for 0 bytes (found by fuzz_wire)
@@ -84,36 +76,31 @@ std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
       continue;
     }
     if (r.offset < at || r.offset > records_end || r.size > records_end - r.offset) {
-      *error = fmt::format("record {} at [{}+{}] overlaps its predecessor or the table at {}", i,
-                           r.offset, r.size, records_end);
-      return std::nullopt;
+      return failure(fmt::format("record {} at [{}+{}] overlaps its predecessor or the table at {}",
+                                 i, r.offset, r.size, records_end));
     }
     at = r.offset + r.size;
   }
   if (separate != reply.separate) {
-    *error = fmt::format("reply says {} records come separately, its table {}", reply.separate,
-                         separate);
-    return std::nullopt;
+    return failure(fmt::format("reply says {} records come separately, its table {}",
+                               reply.separate, separate));
   }
   return infos;
 }
 
-std::optional<RecordHeader> parse_record_header(std::span<const std::byte> header,
-                                                size_t data_bytes, std::string* error) {
+Result<RecordHeader> parse_record_header(std::span<const std::byte> header, size_t data_bytes) {
   RecordHeader h;
   if (header.size() != sizeof h) {
-    *error = fmt::format("record header is {} bytes, expected {}", header.size(), sizeof h);
-    return std::nullopt;
+    return failure(fmt::format("record header is {} bytes, expected {}", header.size(), sizeof h));
   }
   std::memcpy(&h, header.data(), sizeof h);
   if (h.magic != kRecordMagic || h.version != kWireVersion) {
-    *error = fmt::format("record magic {:#x} version {}: not a sluice shard server of version {}",
-                         h.magic, h.version, kWireVersion);
-    return std::nullopt;
+    return failure(
+        fmt::format("record magic {:#x} version {}: not a sluice shard server of version {}",
+                    h.magic, h.version, kWireVersion));
   }
   if (data_bytes != h.size) {
-    *error = fmt::format("record message says {} bytes, carries {}", h.size, data_bytes);
-    return std::nullopt;
+    return failure(fmt::format("record message says {} bytes, carries {}", h.size, data_bytes));
   }
   return h;
 }

@@ -18,14 +18,12 @@
 // All fields are little-endian (the only byte order sluice runs on). Every field of a message
 // from a peer is checked before use: parse_* return an error text instead of trusting it.
 
+#include "common/result.h"
 #include "net/crypto.h"
 
 #include <array>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <functional>
-#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -109,20 +107,18 @@ struct RecordHeader {
 static_assert(sizeof(RecordHeader) == 24);
 
 /// Checks a request's header and data length; returns the header, or sets `error`.
-std::optional<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
-                                           uint32_t max_count, std::string* error);
+Result<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,
+                                    uint32_t max_count);
 /// Checks a reply's header; returns it, or sets `error`.
-std::optional<ReplyHeader> parse_reply(std::span<const std::byte> header, std::string* error);
+Result<ReplyHeader> parse_reply(std::span<const std::byte> header);
 /// Checks the records table at the end of a successful reply's data against its header: the
 /// records lie in order, without overlap, before the table, except the header's `separate`
 /// ones (offset kSeparate). Returns the table, or sets `error`.
-std::optional<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
-                                                     std::span<const std::byte> data,
-                                                     std::string* error);
+Result<std::vector<RecordInfo>> parse_records(const ReplyHeader& reply,
+                                              std::span<const std::byte> data);
 
 /// Checks a kRecordAm header and its data length; returns it, or sets `error`.
-std::optional<RecordHeader> parse_record_header(std::span<const std::byte> header,
-                                                size_t data_bytes, std::string* error);
+Result<RecordHeader> parse_record_header(std::span<const std::byte> header, size_t data_bytes);
 
 std::string to_string(ReplyStatus status);
 

@@ -315,17 +315,17 @@ class LoaderImpl final : public Loader {
   // for pinned when there is a device to pin for; pinned without one falls back, saying so.
   static bool probe_device(const DeviceOptions& d) {
     if (d.kind == DeviceKind::kCpu) return false;
-    std::string why;
-    int devices = memory::cuda_devices(&why);
+    auto found = memory::cuda_devices();
+    const int devices = found ? *found : 0;
     if (d.kind == DeviceKind::kCuda) {
-      if (devices == 0) fail(ErrorCode::kUnsupported, "device: cuda:{}: {}", d.index, why);
+      if (!found) fail(ErrorCode::kUnsupported, "device: cuda:{}: {}", d.index, found.error());
       if (d.index >= devices)
         fail(ErrorCode::kConfig, "device: cuda:{}: this machine has {} CUDA device{}", d.index,
              devices, devices == 1 ? "" : "s");
       return true;
     }
     if (devices == 0) {
-      log_line("device: pinned: " + why + "; batches stay in ordinary (pageable) memory");
+      log_line("device: pinned: " + found.error() + "; batches stay in ordinary (pageable) memory");
       return false;
     }
     return true;
@@ -599,9 +599,10 @@ class LoaderImpl final : public Loader {
         record = {s.staging.data() + s.record_at[i], x.size};
         if (options_.io.verify) read::check_record(*dataset_, index, x, record);
       }
-      if (auto why = index::split_record(*dataset_, index, record, parts); !why.empty())
+      if (auto split = index::split_record(*dataset_, index, record, parts); !split)
         fail(ErrorCode::kCorruption, "{}: sample {}: {}",
-             dataset_->shards()[index::shard_of(*dataset_, index)].path.string(), index, why);
+             dataset_->shards()[index::shard_of(*dataset_, index)].path.string(), index,
+             split.error());
       std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
     }
     out.field_offset.resize(nf);

@@ -119,8 +119,9 @@ void ReadPlan::fail(const io::ReadFailure& f, uint32_t timeout_ms) const {
 void check_record(const Dataset& dataset, uint64_t index, const SampleExtent& x,
                   std::span<const std::byte> record) {
   if (!dataset.packed()) return;  // read in place: no checksums to check
-  if (auto why = format::check_record(record, index, x.checksum); !why.empty())
-    fail(ErrorCode::kCorruption, "{}: {}", dataset.shards()[x.shard].path.string(), why);
+  if (auto checked = format::check_record(record, index, x.checksum); !checked)
+    fail(ErrorCode::kCorruption, "{}: {}", dataset.shards()[x.shard].path.string(),
+         checked.error());
 }
 
 }  // namespace sluice::read

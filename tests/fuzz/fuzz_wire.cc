@@ -11,15 +11,14 @@ using namespace sluice;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto in = fuzz::bytes(data, size);
-  std::string error;
   const size_t header = std::min<size_t>(size, sizeof(net::RequestHeader));
   fuzz::expect_only_errors(
-      [&] { net::parse_request(in.first(header), size - header, 4096, &error); });
+      [&] { (void)net::parse_request(in.first(header), size - header, 4096); });
   const size_t reply_header = std::min<size_t>(size, sizeof(net::ReplyHeader));
   fuzz::expect_only_errors([&] {
-    if (auto reply = net::parse_reply(in.first(reply_header), &error)) {
+    if (auto reply = net::parse_reply(in.first(reply_header))) {
       reply->data_bytes = size - reply_header;
-      if (auto records = net::parse_records(*reply, in.subspan(reply_header), &error)) {
+      if (auto records = net::parse_records(*reply, in.subspan(reply_header))) {
         // Every record lies inside the data, after its predecessor: what the client hashes and
         // the loader copies stays inside the reply.
         uint64_t end = 0;
@@ -33,7 +32,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   });
   const size_t record_header = std::min<size_t>(size, sizeof(net::RecordHeader));
   fuzz::expect_only_errors([&] {
-    if (auto h = net::parse_record_header(in.first(record_header), size - record_header, &error))
+    if (auto h = net::parse_record_header(in.first(record_header), size - record_header))
       if (h->size != size - record_header) __builtin_trap();  // the size it says is what came
   });
   return 0;

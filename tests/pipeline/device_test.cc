@@ -17,7 +17,9 @@ class DeviceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     written_ = testing::write_dataset(tmp_ / "ds", kSamples, 5000, 32 << 10);
-    devices_ = memory::cuda_devices(&why_);
+    auto found = memory::cuda_devices();
+    devices_ = found ? *found : 0;
+    if (!found) why_ = found.error();
   }
 
   LoaderOptions options(DeviceKind kind) const {
