@@ -21,6 +21,7 @@
 #include "io/engine.h"
 #include "io/service.h"
 #include "memory/cuda.h"
+#include "pipeline/batch_builder.h"
 #include "pipeline/buffer_pool.h"
 #include "pipeline/open.h"
 #include "pipeline/peers.h"
@@ -132,27 +133,6 @@ class BatchImpl final : public Batch {
 struct StepResult {
   std::unique_ptr<BatchStorage> storage;
   std::exception_ptr error;
-};
-
-// What one loader thread keeps between batches: nothing here is allocated per sample.
-struct WorkerScratch {
-  AlignedBuffer staging;
-  // A read of this batch was given up on while still in flight (io::ReadFailure::in_flight):
-  // the batch's storage, this staging buffer and the engine may still be written into, so
-  // they are leaked, never reused.
-  bool reads_in_flight = false;
-  std::vector<SampleRef> refs;
-  std::vector<SampleExtent> extents;
-  std::vector<uint32_t> order;                          // samples sorted by (shard, offset)
-  std::optional<read::ReadPlan> plan;                   // this batch's local reads
-  std::vector<uint64_t> record_at;                      // where each local record is in staging
-  std::vector<std::span<const std::byte>> field_spans;  // n * num_fields
-  std::vector<std::span<const std::byte>> parts;        // one record's fields
-  // Remote samples (shards not on this node), and this thread's reads of them.
-  std::vector<uint8_t> remote;  // per sample: read from a peer
-  std::vector<RemoteSample> remote_samples;
-  uint32_t worker = 0;              // which loader thread
-  PeerReads* peer_reads = nullptr;  // the thread's (LoaderImpl::peer_reads_), once needed
 };
 
 class LoaderImpl final : public Loader {
@@ -355,7 +335,7 @@ class LoaderImpl final : public Loader {
   void plan_peers() {
     token_ = options_.distributed.resolved_token();
     peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify);
-    peer_reads_.resize(options_.io.threads);
+    builders_.resize(options_.io.threads);
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
@@ -374,14 +354,18 @@ class LoaderImpl final : public Loader {
     else
       for (uint32_t i = 0; i < shards.size(); ++i)
         fds_.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
-    io_alignment_ = direct_ ? dataset_->alignment() : 1;
+    const uint64_t io_alignment = direct_ ? dataset_->alignment() : 1;
     const auto& fields = dataset_->fields();
     bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
-    one_field_bytes_ = dataset_->packed() && fields.size() == 1 && fields[0].fixed_size()
-                           ? fields[0].fixed_bytes()
-                           : 0;
-    direct_to_batch_ = all_local && one_field_bytes_ > 0 && one_field_bytes_ % io_alignment_ == 0 &&
-                       one_field_bytes_ <= UINT32_MAX;
+    BuildOptions& b = build_options_;
+    b.verify = options_.io.verify;
+    b.timeout_ms = options_.io.timeout_ms;
+    b.direct = direct_;
+    b.one_field_bytes = dataset_->packed() && fields.size() == 1 && fields[0].fixed_size()
+                            ? fields[0].fixed_bytes()
+                            : 0;
+    b.direct_to_batch = all_local && b.one_field_bytes > 0 &&
+                        b.one_field_bytes % io_alignment == 0 && b.one_field_bytes <= UINT32_MAX;
     if (options_.io.direct == DirectIo::kAuto)
       log_line((direct_ ? "direct I/O (O_DIRECT) on: "
                         : "direct I/O off, reading through the page cache: ") +
@@ -464,9 +448,11 @@ class LoaderImpl final : public Loader {
       publish(worker, {nullptr, std::current_exception()});
       return;
     }
-    WorkerScratch scratch;
-    scratch.worker = worker;
-    scratch.plan.emplace(*dataset_, direct_);
+    auto& builder = builders_[worker];
+    if (!builder)
+      builder = std::make_unique<BatchBuilder>(dataset_, build_options_, *peers_, service_.get(),
+                                               &cancel_);
+    std::vector<SampleRef> refs;
     std::unique_ptr<memory::Stream> stream;  // device: cuda:N, this thread's copies
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
       {
@@ -481,16 +467,18 @@ class LoaderImpl final : public Loader {
           storage->device->copied->synchronize();  // the last copy out of these host bytes
           storage->device->copy_pending = false;
         }
-        build(step, engine.get(), scratch, *storage);
+        plan_.batch(step, refs);
+        finish_metadata(step, refs, *storage);
+        builder->build(refs, engine.get(), *storage);
         if (options_.device.kind == DeviceKind::kCuda) {
           if (!stream) stream = std::make_unique<memory::Stream>(options_.device.index);
           copy_to_device(*storage, *stream);
         }
         publish(step, {std::move(storage), nullptr});
       } catch (...) {
-        if (scratch.reads_in_flight) {
+        if (builder->reads_in_flight()) {
           detail::keep_forever(storage.release());
-          scratch.staging.leak();
+          builder->leak_staging();
           detail::keep_forever(engine.release());
         } else {
           pool_->release(std::move(storage));
@@ -521,153 +509,16 @@ class LoaderImpl final : public Loader {
     }
   }
 
-  void build(uint64_t step, io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
-    plan_.batch(step, s.refs);
-    const size_t n = s.refs.size();
-    s.extents.resize(n);
-    s.order.clear();
-    s.remote.assign(n, 0);
-    bool any_remote = false;
-    for (size_t i = 0; i < n; ++i) {
-      uint64_t index = s.refs[i].index;
-      if (peers_->remote(index)) {
-        s.remote[i] = 1;
-        any_remote = true;
-        continue;
-      }
-      s.extents[i] = dataset_->extent(index);
-      s.order.push_back(static_cast<uint32_t>(i));
-    }
-    finish_metadata(step, s, out);
-    if (direct_to_batch_) return read_into_batch(engine, s, out);
-    // Remote requests go out first and their replies are collected after the local reads, so
-    // peers read and send while this thread reads its own shards.
-    struct AbandonOnError {  // a batch that fails midway drops connections with replies due
-      PeerReads* reads;
-      ~AbandonOnError() {
-        if (reads) reads->abandon();
-      }
-    } abandon{nullptr};
-    if (any_remote) {
-      if (!s.peer_reads) {
-        auto& reads = peer_reads_[s.worker];
-        if (!reads) reads = std::make_unique<PeerReads>(*peers_);
-        s.peer_reads = reads.get();
-      }
-      abandon.reads = s.peer_reads;
-      std::byte* slots = nullptr;
-      if (one_field_bytes_ > 0) {
-        out.data.reserve(n * one_field_bytes_);  // the layout below: field 0 at offset 0
-        slots = out.data.data();
-      }
-      s.remote_samples.clear();
-      for (size_t i = 0; i < n; ++i)
-        if (s.remote[i]) s.remote_samples.push_back({i, s.refs[i].index});
-      s.peer_reads->start(s.remote_samples, n, slots, one_field_bytes_);
-    }
-    std::sort(s.order.begin(), s.order.end(), [&](uint32_t a, uint32_t b) {
-      const auto &x = s.extents[a], &y = s.extents[b];
-      return x.shard != y.shard ? x.shard < y.shard : x.offset < y.offset;
-    });
-    // Coalesce the aligned covers of neighbouring samples into single reads.
-    read::ReadPlan& plan = *s.plan;
-    plan.clear();
-    s.record_at.assign(n, 0);
-    for (uint32_t i : s.order) s.record_at[i] = plan.add(s.refs[i].index, s.extents[i], true);
-    // A new staging buffer is registered with the engine (fixed-buffer reads) when it can be.
-    if (s.staging.reserve(plan.bytes()) && engine)
-      engine->register_buffer({s.staging.data(), s.staging.capacity()});
-    plan.bind(s.staging.data());
-
-    auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    if (!plan.empty()) read_local(engine, s, deadline);
-    plan.close_files();
-    if (any_remote) s.peer_reads->finish();  // failed peers' samples go to their replicas
-
-    // Check and split every record, then lay the batch out field by field.
-    const size_t nf = fields_->size();
-    s.field_spans.resize(n * nf);
-    auto& parts = s.parts;
-    for (size_t i = 0; i < n; ++i) {
-      uint64_t index = s.refs[i].index;
-      std::span<const std::byte> record;
-      if (s.remote[i]) {
-        record = s.peer_reads->record(i);  // checked against its checksum by the client
-      } else {
-        const SampleExtent& x = s.extents[i];
-        record = {s.staging.data() + s.record_at[i], x.size};
-        if (options_.io.verify) read::check_record(*dataset_, index, x, record);
-      }
-      if (auto split = index::split_record(*dataset_, index, record, parts); !split)
-        fail(ErrorCode::kCorruption, "{}: sample {}: {}",
-             dataset_->shards()[index::shard_of(*dataset_, index)].path.string(), index,
-             split.error());
-      std::copy(parts.begin(), parts.end(), s.field_spans.begin() + static_cast<ptrdiff_t>(i * nf));
-    }
-    out.field_offset.resize(nf);
-    out.field_bytes.resize(nf);
-    out.offsets.resize(nf);
-    size_t total = 0;
-    for (size_t f = 0; f < nf; ++f) {
-      size_t bytes = 0;
-      for (size_t i = 0; i < n; ++i) bytes += s.field_spans[i * nf + f].size();
-      total = (total + 63) / 64 * 64;
-      out.field_offset[f] = total;
-      out.field_bytes[f] = bytes;
-      total += bytes;
-    }
-    out.data.reserve(total);
-    for (size_t f = 0; f < nf; ++f) {
-      std::byte* dst = out.data.data() + out.field_offset[f];
-      bool variable = !(*fields_)[f].fixed_size();
-      auto& offsets = out.offsets[f];
-      offsets.clear();
-      if (variable) offsets.push_back(0);
-      for (size_t i = 0; i < n; ++i) {
-        auto src = s.field_spans[i * nf + f];
-        // A remote record that landed in its slot (see PeerReads::start) is already there.
-        if (!src.empty() && src.data() != dst) std::memcpy(dst, src.data(), src.size());
-        dst += src.size();
-        if (variable) offsets.push_back(offsets.back() + src.size());
-      }
-    }
-  }
-
-  void finish_metadata(uint64_t step, const WorkerScratch& s, BatchStorage& out) {
-    const size_t n = s.refs.size();
+  void finish_metadata(uint64_t step, std::span<const SampleRef> refs, BatchStorage& out) {
+    const size_t n = refs.size();
     out.indices.resize(n);
     out.padding.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      out.indices[i] = s.refs[i].index;
-      out.padding[i] = s.refs[i].padding;
+      out.indices[i] = refs[i].index;
+      out.padding[i] = refs[i].padding;
     }
     out.epoch = plan_.state_after(0).epoch;
     out.step = step;
-  }
-
-  // The zero-copy path, for datasets whose record is one fixed-size field of whole aligned
-  // blocks (the common "tensor per sample" case): each record is read straight into its slot
-  // of the batch buffer, so there is no staging buffer and no copy. Reads of samples that are
-  // neighbours both on disk and in the batch are merged.
-  void read_into_batch(io::Engine* engine, WorkerScratch& s, BatchStorage& out) {
-    const size_t n = s.refs.size();
-    const uint64_t each = one_field_bytes_;
-    out.field_offset.assign(1, 0);
-    out.field_bytes.assign(1, n * each);
-    out.offsets.assign(1, {});
-    out.data.reserve(n * each);
-    read::ReadPlan& plan = *s.plan;
-    plan.clear();
-    for (size_t i = 0; i < n; ++i)
-      plan.add_to(s.refs[i].index, s.extents[i], out.data.data() + i * each);
-    auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io.timeout_ms);
-    read_local(engine, s, deadline);
-    if (!options_.io.verify) return;
-    for (size_t i = 0; i < n; ++i)
-      read::check_record(*dataset_, s.refs[i].index, s.extents[i],
-                         {out.data.data() + i * each, each});
   }
 
   // Queues the batch's copy to the device on this thread's stream; the consumer's stream waits
@@ -692,17 +543,6 @@ class LoaderImpl final : public Loader {
     d.copy_pending = true;
   }
 
-  // Reads the plan's ops with this thread's engine, or through the loader's IO service when it has
-  // one.
-  void read_local(io::Engine* engine, WorkerScratch& s,
-                  std::chrono::steady_clock::time_point deadline) {
-    auto& ops = s.plan->ops();
-    io::ReadFailure failure = service_ ? service_->read_all(ops, deadline, &cancel_)
-                                       : io::read_all(*engine, ops, deadline, &cancel_);
-    s.reads_in_flight = failure.in_flight;
-    if (failure.error != 0) s.plan->fail(failure, options_.io.timeout_ms);
-  }
-
   LoaderOptions options_;
   std::shared_ptr<const io::Faults> faults_;  // tests only
   std::shared_ptr<Dataset> dataset_;
@@ -712,18 +552,15 @@ class LoaderImpl final : public Loader {
   std::vector<detail::UniqueFd> direct_fds_;
   std::vector<int> fds_;
   bool direct_ = false;
-  uint64_t io_alignment_ = 1;
-  bool direct_to_batch_ = false;  // see read_into_batch
-  // A packed dataset of one fixed-size field: its record size (a record is that field); else 0.
-  uint64_t one_field_bytes_ = 0;
-  bool pin_ = false;    // batch buffers page-locked (device: pinned / cuda:N)
-  bool files_ = false;  // dataset.format files: one file per sample, opened per batch
+  BuildOptions build_options_;  // what every thread's BatchBuilder is given
+  bool pin_ = false;            // batch buffers page-locked (device: pinned / cuda:N)
+  bool files_ = false;          // dataset.format files: one file per sample, opened per batch
   std::shared_ptr<BufferPool> pool_;
   std::string token_;               // the cluster's shared token
   std::unique_ptr<PeerSet> peers_;  // distributed.peers: who serves the shards not on this node
-  // Per loader thread number: its connections, kept across epochs (threads are restarted for
-  // each; only one thread of a number runs at a time).
-  std::vector<std::unique_ptr<PeerReads>> peer_reads_;
+  // Per loader thread number: its batch building (staging buffer, peer connections), kept
+  // across epochs (threads are restarted for each; one thread of a number runs at a time).
+  std::vector<std::unique_ptr<BatchBuilder>> builders_;
   std::unique_ptr<ShardServer> server_;  // distributed.listen: this node's shards for others
 
   // Consumer-side state (the consumer thread only).
