@@ -136,9 +136,14 @@ class ServerImpl final : public ShardServer {
     for (uint32_t i = 0; i < std::max(1u, options_.read_threads); ++i)
       readers_.emplace_back([this] { read_loop(); });
     progress_thread_ = std::thread([this] { progress_loop(); });
+    // The data fits in memory (io.direct: auto chose the page cache): read it in before clients
+    // ask, so that their first epoch does not pay a random disk read per sample.
+    if (warm_) warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
   }
 
   ~ServerImpl() override {
+    warm_stop_ = true;
+    if (warm_thread_.joinable()) warm_thread_.join();
     {
       std::lock_guard lock(mu_);
       stop_ = true;
@@ -807,6 +812,8 @@ class ServerImpl final : public ShardServer {
         open_direct(*dataset_, options_.io.direct, "server io.direct", memory_room());
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
+    warm_ = direct.warm;
+    if (warm_) direct.why += "; warming it in the background";
     files_ = dataset_->format() == DatasetFormat::kFiles;
     std::vector<int> fds;
     if (files_)
@@ -885,6 +892,9 @@ class ServerImpl final : public ShardServer {
   bool stop_ = false;
 
   std::vector<std::thread> readers_;
+  bool warm_ = false;
+  std::atomic<bool> warm_stop_{false};
+  std::thread warm_thread_;  // warm_page_cache, when io.direct: auto chose the page cache
   std::thread progress_thread_;
 };
 

@@ -161,6 +161,17 @@ TEST_F(ServerTest, EveryByteEqualsTheLocalReadThroughThePageCacheAndWithODirect)
   }
 }
 
+// io.direct: auto on data that fits in memory: the page cache, read in by a background warmer
+// while the server answers (and stopped with it).
+TEST_F(ServerTest, AutoOnDataThatFitsWarmsThePageCacheWhileServing) {
+  restart(DirectIo::kAuto);
+  const std::string io = server_->io_description();
+  EXPECT_NE(io.find("reading through the page cache"), std::string::npos) << io;
+  EXPECT_NE(io.find("warming it in the background"), std::string::npos) << io;
+  read_and_check(*client(), every_sample(3), 16);
+  server_.reset();  // joins the warmer
+}
+
 // Neighbours requested backwards and samples requested twice (padding repeats a sample) come
 // back equal: the reply lays records out in request order, whatever shares a disk block.
 TEST_F(ServerTest, NeighboursBackwardsAndRepeatedSamplesComeBackEqual) {
