@@ -13,6 +13,7 @@
 #include <cstring>
 #include <optional>
 #include <unordered_map>
+#include <utility>
 
 namespace sluice::net {
 namespace {
@@ -71,7 +72,10 @@ struct Pending {
 struct ClientWorker::Impl {
   Impl();
   ~Impl();
-  Worker worker;
+  std::mutex mu;  // held for every use of `worker` and of what follows, by every client
+  Worker worker{UCS_THREAD_MODE_SERIALIZED};
+  int waiting = 0;      // threads in ClientImpl::wait_step
+  uint64_t events = 0;  // messages and receives handled, so far
   uint64_t next_id = 0;
   std::unordered_map<uint64_t, Pending*> by_id;
   // The request a message answers, as far as its header says (read before any other check, so
@@ -107,6 +111,7 @@ class ClientImpl final : public PeerClient {
              std::shared_ptr<ClientWorker> shared)
       : shared_(shared ? std::move(shared) : std::make_shared<ClientWorker>()),
         worker_(shared_->impl().worker),
+        mu_(shared_->impl().mu),
         by_id_(shared_->impl().by_id),
         address_(address),
         options_(options) {
@@ -123,6 +128,7 @@ class ClientImpl final : public PeerClient {
         throw Error(ErrorCode::kConfig, fmt::format("peer {}: {}", address_, e.what()));
       fail(ErrorCode::kIo, "peer {}: cannot connect: {}", address_, e.what());
     }
+    Lock lock(mu_);
     control_ = std::move(session.control);
     conn_ = session.conn;
     session_ = std::make_unique<Mac>(session.key);
@@ -130,36 +136,46 @@ class ClientImpl final : public PeerClient {
         worker_.connect(session.server_address, &ClientImpl::on_ep_error, this, "peer " + address_);
     // The connection is set up lazily; a flush completes once it is (or fails when it cannot).
     ucp_request_param_t fp{};
-    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), until);
+    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), until, &lock);
     if (st != UCS_OK || failed_) {
       std::string why = failed_ ? failure_ : std::string(ucs_status_string(st));
       if (st == UCS_ERR_TIMED_OUT) why = fmt::format("no answer within {} ms", options_.timeout_ms);
-      close(true);
+      close(true, lock);
       fail(ErrorCode::kIo, "peer {}: cannot connect: {}", address_, why);
     }
   }
 
-  // Requests started and never finished (the caller gave up on its batch) leave the shared
-  // worker's table first: their replies, if any come, find no request.
   ~ClientImpl() override {
-    if (!started_.empty()) {
-      for (auto& p : started_) by_id_.erase(p->id);
-      abandon(started_);
-    }
-    close(false);
+    Lock lock(mu_);
+    close(false, lock);
   }
 
   const std::string& address() const override { return address_; }
 
   void read(std::span<ReadRequest> requests) override {
-    start(requests);
-    finish();
+    auto call = start(requests);
+    finish(*call);
   }
 
-  void start(std::span<ReadRequest> requests) override {
+  // One start()'s requests. Dropped unfinished (the caller gave up on its batch), they leave
+  // the worker's table, and their receives under way are let land (or the connection closed)
+  // before the caller's memory can go.
+  struct CallImpl final : Call {
+    ClientImpl* client = nullptr;
+    std::vector<std::unique_ptr<Pending>> pendings;
+    bool finished = false;
+    ~CallImpl() override {
+      if (!finished) client->drop(pendings);
+    }
+  };
+
+  std::unique_ptr<Call> start(std::span<ReadRequest> requests) override {
+    Lock lock(mu_);
     usable();
-    SLUICE_CHECK(started_.empty());  // start() twice without finish()
-    started_.reserve(requests.size());
+    auto call = std::make_unique<CallImpl>();
+    call->client = this;
+    auto& started = call->pendings;
+    started.reserve(requests.size());
     for (ReadRequest& r : requests) {
       auto p = std::make_unique<Pending>();
       p->request = &r;
@@ -170,15 +186,19 @@ class ClientImpl final : public PeerClient {
       r.record_data.assign(r.indices.size(), {});
       r.owned.clear();
       p->raw_data = std::as_bytes(std::span<const uint64_t>(r.indices));
-      started_.push_back(std::move(p));
+      started.push_back(std::move(p));
     }
-    send_all(started_);
+    send_all(started);
+    return call;
   }
 
-  void finish() override {
-    std::vector<std::unique_ptr<Pending>> pendings;
-    pendings.swap(started_);
-    wait_all(pendings);
+  void finish(Call& c) override {
+    auto& call = static_cast<CallImpl&>(c);
+    SLUICE_CHECK(call.client == this && !call.finished);
+    call.finished = true;  // whatever wait_all does, nothing of it is in flight afterwards
+    Lock lock(mu_);
+    auto& pendings = call.pendings;
+    wait_all(pendings, lock);
     for (size_t k = 0; k < pendings.size(); ++k) {
       Pending& p = *pendings[k];
       if (p.reply.status != ReplyStatus::kOk)
@@ -190,6 +210,7 @@ class ClientImpl final : public PeerClient {
   std::pair<ReplyStatus, std::string> send_raw(std::span<const std::byte> header,
                                                std::span<const std::byte> data,
                                                bool sign) override {
+    Lock lock(mu_);
     usable();
     std::vector<std::unique_ptr<Pending>> pendings;
     auto p = std::make_unique<Pending>();
@@ -198,11 +219,39 @@ class ClientImpl final : public PeerClient {
     p->raw_data = data;
     pendings.push_back(std::move(p));
     send_all(pendings, /*raw=*/true);
-    wait_all(pendings);
+    wait_all(pendings, lock);
     return {pendings[0]->reply.status, pendings[0]->message};
   }
 
  private:
+  using Lock = std::unique_lock<std::mutex>;
+
+  // One wait of at most 10 ms for the worker's events, the lock released meanwhile. Messages
+  // this thread handles may be other threads' replies (the worker is shared): it wakes them.
+  // Returns whether the control connection is readable.
+  bool wait_step(Lock& lock, std::chrono::milliseconds most = std::chrono::milliseconds(10)) {
+    auto& w = shared_->impl();
+    const uint64_t before = w.events;
+    ++w.waiting;
+    const bool control = worker_.wait(most, control_ ? control_.get() : -1, &lock);
+    --w.waiting;
+    if (w.events != before && w.waiting > 0) worker_.signal();
+    return control;
+  }
+
+  // A call dropped unfinished (under no lock): see CallImpl.
+  void drop(std::vector<std::unique_ptr<Pending>>& pendings) {
+    Lock lock(mu_);
+    for (auto& p : pendings)
+      if (p) by_id_.erase(p->id);
+    const auto until = deadline();
+    while (!failed_ && receiving(pendings) && Clock::now() < until) wait_step(lock);
+    if (receiving(pendings)) {
+      broken_ = true;
+      abandon(pendings, lock);
+    }
+  }
+
   Clock::time_point deadline() const {
     return Clock::now() + std::chrono::milliseconds(options_.timeout_ms);
   }
@@ -234,6 +283,11 @@ class ClientImpl final : public PeerClient {
   // Sends one request, naming this connection and signed with its session key (a raw request
   // too, as far as it has room for both). Returns false when the send fails.
   bool send(Pending& p) {
+    if (closing_) {
+      failed_ = true;
+      if (failure_.empty()) failure_ = "connection closed";
+      return false;
+    }
     std::span<std::byte> header = std::as_writable_bytes(std::span(&p.header, 1));
     if (p.raw) header = p.raw_header;
     if (header.size() >= kRequestAuthBytes) {
@@ -258,7 +312,7 @@ class ClientImpl final : public PeerClient {
   // Progresses until every reply is in, the peer fails, or the timeout passes. When the peer
   // fails or times out, the connection is abandoned before the error is thrown; a damaged reply
   // first lets the receives under way finish (below).
-  void wait_all(std::vector<std::unique_ptr<Pending>>& pendings) {
+  void wait_all(std::vector<std::unique_ptr<Pending>>& pendings, Lock& lock) {
     const auto until = deadline();
     auto all_done = [&] {
       for (auto& p : pendings)
@@ -267,7 +321,7 @@ class ClientImpl final : public PeerClient {
     };
     while (!failed_ && !all_done() && Clock::now() < until) {
       resend_due(pendings);
-      if (worker_.wait(std::chrono::milliseconds(10), control_.get())) control_event();
+      if (wait_step(lock)) control_event();
     }
     for (auto& p : pendings) by_id_.erase(p->id);
     if (failed_ || !all_done()) {
@@ -277,7 +331,7 @@ class ClientImpl final : public PeerClient {
                             ? failure_
                             : fmt::format("no reply within {} ms ({} of {} requests outstanding)",
                                           options_.timeout_ms, outstanding, pendings.size());
-      abandon(pendings);
+      abandon(pendings, lock);
       failure_ = why;
       broken_ = true;
       fail(ErrorCode::kIo, "peer {}: {}", address_, why);
@@ -288,12 +342,11 @@ class ClientImpl final : public PeerClient {
     // server inside UCX's TCP transport (1.13: tcp_ep.c PUT_TX_WAITING_ACK assertion).
     for (auto& p : pendings)
       if (!p->corrupt.empty() || p->transport_failed) {
-        while (!failed_ && receiving(pendings) && Clock::now() < until)
-          worker_.wait(std::chrono::milliseconds(10));
+        while (!failed_ && receiving(pendings) && Clock::now() < until) wait_step(lock);
         broken_ = true;
         failure_ = p->corrupt.empty() ? p->message : p->corrupt;
         const bool transport = p->corrupt.empty();
-        if (receiving(pendings)) abandon(pendings);  // may release p
+        if (receiving(pendings)) abandon(pendings, lock);  // may release p
         throw Error(transport ? ErrorCode::kIo : ErrorCode::kCorruption,
                     fmt::format("peer {}: {}", address_, failure_));
       }
@@ -312,6 +365,7 @@ class ClientImpl final : public PeerClient {
   // The handshake's TCP connection is readable: the server closed it (it dropped this client),
   // or sent bytes it never sends. Either way the session is over.
   void control_event() {
+    if (!control_) return;
     std::byte b;
     ssize_t n = ::recv(control_.get(), &b, 1, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
@@ -322,24 +376,31 @@ class ClientImpl final : public PeerClient {
 
   static bool receiving(const std::vector<std::unique_ptr<Pending>>& pendings) {
     for (auto& p : pendings)
-      for (auto& rc : p->receives)
-        if (rc->request) return true;
+      if (p)
+        for (auto& rc : p->receives)
+          if (rc->request) return true;
     return false;
   }
 
   // Cancels the receives under way and force-closes the connection, so that no late bytes land
-  // in the callers' memory.
-  void abandon(std::vector<std::unique_ptr<Pending>>& pendings) {
+  // in the callers' memory. Other calls on this connection fail with it.
+  void abandon(std::vector<std::unique_ptr<Pending>>& pendings, Lock& lock) {
     for (auto& p : pendings)
-      for (auto& rc : p->receives)
-        if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+      if (p)
+        for (auto& rc : p->receives)
+          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
     // The cancelled receives' callbacks name their Receive: let them run before it goes (the
     // worker outlives this client now). Ones UCX never completes keep their Receive forever.
     const auto until = Clock::now() + std::chrono::seconds(1);
-    while (receiving(pendings) && Clock::now() < until) worker_.wait(std::chrono::milliseconds(1));
+    while (receiving(pendings) && Clock::now() < until)
+      wait_step(lock, std::chrono::milliseconds(1));
     if (receiving(pendings))
       for (auto& p : pendings) detail::keep_forever(p.release());
-    close(true);
+    if (!failed_) {
+      failed_ = true;
+      failure_ = "connection abandoned";
+    }
+    close(true, lock);
   }
 
   // The reply's data is in: checks its record table, then (unless verify is off) every record
@@ -398,6 +459,7 @@ class ClientImpl final : public PeerClient {
   static ucs_status_t on_reply(void* arg, const void* header, size_t header_length, void* data,
                                size_t length, const ucp_am_recv_param_t* param) {
     auto* w = static_cast<ClientWorker::Impl*>(arg);
+    ++w->events;
     if (Pending* p = w->pending_of(header, header_length, offsetof(ReplyHeader, request_id)))
       p->client->handle_reply(std::span(static_cast<const std::byte*>(header), header_length), data,
                               length, param);
@@ -407,6 +469,7 @@ class ClientImpl final : public PeerClient {
   static ucs_status_t on_record(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
     auto* w = static_cast<ClientWorker::Impl*>(arg);
+    ++w->events;
     if (Pending* p = w->pending_of(header, header_length, offsetof(RecordHeader, request_id)))
       p->client->handle_record(std::span(static_cast<const std::byte*>(header), header_length),
                                data, length, param);
@@ -490,6 +553,7 @@ class ClientImpl final : public PeerClient {
   // must close it too. Returns false for a message on another endpoint: on a shared worker,
   // another peer's message that names one of this client's requests, which is not taken.
   bool note_reply_ep(const ucp_am_recv_param_t* param) {
+    if (closing_) return false;  // closed, or being closed: nothing more is taken
     if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return true;
     if (!reply_ep_) reply_ep_ = param->reply_ep;
     return param->reply_ep == reply_ep_ || param->reply_ep == ep_;
@@ -538,6 +602,7 @@ class ClientImpl final : public PeerClient {
   static void on_received(void* request, ucs_status_t status, size_t, void* user_data) {
     auto* rc = static_cast<Receive*>(user_data);
     Pending& p = *rc->pending;
+    ++p.client->shared_->impl().events;
     rc->request = nullptr;
     ucp_request_free(request);
     if (status != UCS_OK) {
@@ -554,24 +619,30 @@ class ClientImpl final : public PeerClient {
     self->failure_ = fmt::format("connection lost: {}", ucs_status_string(status));
   }
 
-  void close(bool force) {
+  // Closes both endpoints, once: the lock is released while it waits, and another thread of
+  // this client may come here too meanwhile (it finds them taken).
+  void close(bool force, Lock& lock) {
+    closing_ = true;
     if (reply_ep_ == ep_) reply_ep_ = nullptr;  // UCX matched the two endpoints into one
-    for (ucp_ep_h* ep : {&reply_ep_, &ep_}) {
-      if (!*ep) continue;
+    for (ucp_ep_h* slot : {&reply_ep_, &ep_}) {
+      ucp_ep_h taken = std::exchange(*slot, nullptr);
+      if (!taken) continue;
+      ucp_ep_h* ep = &taken;
       ucp_request_param_t p{};
       // UCX 1.13 aborts (an assertion in ucp_request_send_state_ff) when it purges an endpoint
       // with a wireup message still queued, e.g. this worker's answer to the server's own
       // endpoint: a force close flushes first, for a bounded time (a dead peer never answers).
-      if (force) wait_request(worker_, ucp_ep_flush_nbx(*ep, &p), Clock::now() + kFlushBeforeForce);
+      if (force)
+        wait_request(worker_, ucp_ep_flush_nbx(*ep, &p), Clock::now() + kFlushBeforeForce, &lock);
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
       auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
-      ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(*ep, &p), until);
+      ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(*ep, &p), until, &lock);
       if (st == UCS_ERR_TIMED_OUT && !force) {
         p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-        wait_request(worker_, ucp_ep_close_nbx(*ep, &p), Clock::now() + std::chrono::seconds(1));
+        wait_request(worker_, ucp_ep_close_nbx(*ep, &p), Clock::now() + std::chrono::seconds(1),
+                     &lock);
       }
-      *ep = nullptr;
     }
     worker_.progress();
     control_.reset();  // tells the server this session is over
@@ -581,6 +652,7 @@ class ClientImpl final : public PeerClient {
 
   std::shared_ptr<ClientWorker> shared_;  // first: the worker outlives this client's endpoints
   Worker& worker_;
+  std::mutex& mu_;                                 // the shared worker's lock
   std::unordered_map<uint64_t, Pending*>& by_id_;  // the shared worker's, every client's requests
   std::string address_;
   ClientOptions options_;
@@ -590,9 +662,9 @@ class ClientImpl final : public PeerClient {
   ucp_ep_h ep_ = nullptr;
   ucp_ep_h reply_ep_ = nullptr;  // this worker's end of the server's endpoint (see note_reply_ep)
   std::vector<std::byte> raw_header_;
-  std::vector<std::unique_ptr<Pending>> started_;  // between start() and finish()
-  bool failed_ = false;  // the connection failed (error handler, malformed reply)
-  bool broken_ = false;  // a read failed: this client is done
+  bool closing_ = false;  // close() began: the endpoints are taken
+  bool failed_ = false;   // the connection failed (error handler, malformed reply)
+  bool broken_ = false;   // a read failed: this client is done
   std::string failure_;
 };
 

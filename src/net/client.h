@@ -43,9 +43,11 @@ struct ReadRequest {
 };
 
 /// A UCX context and worker that several clients share, each with its endpoint on it: one per
-/// loader thread serves every peer, so n peers cost n endpoints, not n contexts and workers.
-/// Replies are routed to their client by request id, and a client takes them only from its
-/// own server's endpoint. Not thread-safe: its clients are used by one thread at a time.
+/// loader serves every peer for all its threads, so n peers cost n endpoints, not a context
+/// and worker each (per thread). Replies are routed to their client by request id, and a client
+/// takes them only from its own server's endpoint. Thread-safe: every use of the worker is
+/// under its lock, released while a thread sleeps; a thread that handles another's reply
+/// wakes it.
 class ClientWorker {
  public:
   ClientWorker();
@@ -76,12 +78,21 @@ class PeerClient {
   /// answer in time (the client is unusable afterwards), kInvalidArgument / kNotFound /
   /// kCorruption for the server's refusals and for damaged bytes.
   virtual void read(std::span<ReadRequest> requests) = 0;
+  /// The requests of one start(). Dropped before finish(), it waits for the receives under way
+  /// into the caller's memory (or closes the connection) before it goes. It must not outlive
+  /// its client.
+  class Call {
+   public:
+    virtual ~Call() = default;
+  };
   /// read() in two halves, so that one thread keeps requests in flight to several peers (and
   /// reads local samples) meanwhile: start() sends, finish() waits, checks and throws as read()
-  /// does. `requests` must stay alive until finish() returns. Replies that arrive before
-  /// finish() wait in the transport; the timeout counts from finish().
-  virtual void start(std::span<ReadRequest> requests) = 0;
-  virtual void finish() = 0;
+  /// does. `requests` must stay alive until finish() returns (or the call goes). Replies that
+  /// arrive before finish() wait in the transport (or land, when another thread progresses the
+  /// shared worker); the timeout counts from finish(). Thread-safe: several threads may have
+  /// calls in flight on one client. A failure of one (a timeout, a dead peer) fails the others.
+  virtual std::unique_ptr<Call> start(std::span<ReadRequest> requests) = 0;
+  virtual void finish(Call& call) = 0;
 
   /// Test seam: sends a raw request (any header and data bytes; where there is room, its first
   /// kRequestAuthBytes become this connection's id and the request's MAC, or a zero MAC without

@@ -18,7 +18,7 @@ void check(ucs_status_t status, const std::string& what) {
     fail(ErrorCode::kIo, "{}: {}", what, ucs_status_string(status));
 }
 
-Worker::Worker() {
+Worker::Worker(ucs_thread_mode_t mode) {
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
@@ -29,7 +29,7 @@ Worker::Worker() {
   check(st, "UCX init");
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  wp.thread_mode = mode;
   st = ucp_worker_create(context_, &wp, &worker_);
   if (st != UCS_OK) {
     ucp_cleanup(context_);
@@ -54,10 +54,12 @@ bool Worker::progress() {
   return any;
 }
 
-bool Worker::wait(std::chrono::milliseconds timeout, int also) {
+bool Worker::wait(std::chrono::milliseconds timeout, int also, std::unique_lock<std::mutex>* lock) {
   pollfd p[2] = {{efd_, POLLIN, 0}, {also, POLLIN, 0}};
   if (progress() || !arm()) timeout = std::chrono::milliseconds(0);  // events came meanwhile
+  if (lock) lock->unlock();
   ::poll(p, also >= 0 ? 2 : 1, static_cast<int>(timeout.count()));
+  if (lock) lock->lock();
   return also >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) != 0;
 }
 
@@ -111,7 +113,8 @@ void Worker::set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg,
 }
 
 ucs_status_t wait_request(Worker& worker, ucs_status_ptr_t request,
-                          std::chrono::steady_clock::time_point deadline) {
+                          std::chrono::steady_clock::time_point deadline,
+                          std::unique_lock<std::mutex>* lock) {
   if (request == nullptr) return UCS_OK;
   if (UCS_PTR_IS_ERR(request)) return UCS_PTR_STATUS(request);
   ucs_status_t st;
@@ -124,7 +127,7 @@ ucs_status_t wait_request(Worker& worker, ucs_status_ptr_t request,
       ucp_request_free(request);
       return UCS_ERR_TIMED_OUT;
     }
-    worker.wait(std::chrono::milliseconds(10));
+    worker.wait(std::chrono::milliseconds(10), -1, lock);
   }
   ucp_request_free(request);
   return st;

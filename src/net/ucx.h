@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -20,11 +21,12 @@ namespace sluice::net {
 /// Throws Error(kIo) "WHAT: UCX status text" when `status` is an error.
 void check(ucs_status_t status, const std::string& what);
 
-/// A UCX context and one worker on it, single-threaded (one thread progresses it), with
-/// active messages and event-fd wake-up. Move-only; the destructor tears both down.
+/// A UCX context and one worker on it, with active messages and event-fd wake-up. Single
+/// (one thread uses it), or serialized (several threads, one at a time: the caller's lock).
+/// Move-only; the destructor tears both down.
 class Worker {
  public:
-  Worker();
+  explicit Worker(ucs_thread_mode_t mode = UCS_THREAD_MODE_SINGLE);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -34,8 +36,10 @@ class Worker {
   bool progress();
   /// Sleeps until UCX has an event, `also` (a descriptor, -1: none) is readable or `timeout`
   /// passes (after arming the worker), unless events are already pending. Wakes early when
-  /// another thread calls signal(). Returns whether `also` is readable.
-  bool wait(std::chrono::milliseconds timeout, int also = -1);
+  /// another thread calls signal(). Returns whether `also` is readable. A serialized worker's
+  /// caller passes its lock, which is released while it sleeps.
+  bool wait(std::chrono::milliseconds timeout, int also = -1,
+            std::unique_lock<std::mutex>* lock = nullptr);
   /// Arms the worker's event fd for a wait of the caller's own (epoll); returns false when
   /// events are pending instead (progress first).
   bool arm();
@@ -61,6 +65,7 @@ class Worker {
 /// Waits for a UCX request (or immediate result) by progressing `worker`, at most until
 /// `deadline`; returns its status (UCS_ERR_TIMED_OUT, after cancelling it, on time out).
 ucs_status_t wait_request(Worker& worker, ucs_status_ptr_t request,
-                          std::chrono::steady_clock::time_point deadline);
+                          std::chrono::steady_clock::time_point deadline,
+                          std::unique_lock<std::mutex>* lock = nullptr);
 
 }  // namespace sluice::net

@@ -32,6 +32,23 @@ PeerSet::PeerSet(std::shared_ptr<const Dataset> dataset, const DistributedOption
            "{}: shard {} is not on this node and no peer in distributed.peers serves it",
            shards[k].path.string(), k);
   failure_.assign(options_.peers.size(), {});
+  worker_ = std::make_shared<net::ClientWorker>();
+  for (size_t p = 0; p < options_.peers.size(); ++p)
+    connections_.push_back(std::make_unique<Connection>());
+}
+
+std::shared_ptr<net::PeerClient> PeerSet::client(size_t peer) {
+  Connection& c = *connections_[peer];
+  std::lock_guard lock(c.mu);
+  if (!c.client)
+    c.client = net::PeerClient::connect(options_.peers[peer].address, client_options(), worker_);
+  return c.client;
+}
+
+void PeerSet::drop(size_t peer, const std::shared_ptr<net::PeerClient>& client) {
+  Connection& c = *connections_[peer];
+  std::lock_guard lock(c.mu);
+  if (c.client == client) c.client.reset();
 }
 
 bool PeerSet::remote(uint64_t index) const {
@@ -62,14 +79,17 @@ bool PeerSet::dead(size_t peer) const {
   return !failure_[peer].empty();
 }
 
+// Requests sent to one peer and not yet finished. In this order: the call goes first (it may
+// wait for receives into the requests' destinations), and before its client.
 struct PeerReads::Call {
   size_t peer = 0;
   std::vector<RemoteSample> samples;
   std::vector<net::ReadRequest> requests;
+  std::shared_ptr<net::PeerClient> client;
+  std::unique_ptr<net::PeerClient::Call> call;
 };
 
-PeerReads::PeerReads(PeerSet& peers)
-    : peers_(peers), worker_(std::make_shared<net::ClientWorker>()) {}
+PeerReads::PeerReads(PeerSet& peers) : peers_(peers) {}
 
 PeerReads::~PeerReads() { abandon(); }
 
@@ -89,10 +109,7 @@ void PeerReads::finish() {
     for (auto left = send(todo); !left.empty();) left = send(left);
 }
 
-void PeerReads::abandon() {
-  for (auto& c : calls_) clients_.erase(c.peer);
-  calls_.clear();
-}
+void PeerReads::abandon() { calls_.clear(); }  // each call waits for its receives under way
 
 // Sends each sample to the first live peer that serves its shard, in requests of at most
 // kPerRequest samples and about kRequestBytes (estimated from the manifest's shard sizes: a
@@ -125,7 +142,7 @@ std::vector<RemoteSample> PeerReads::send(std::span<const RemoteSample> samples)
   if (reply_buffers_.size() < needed) reply_buffers_.resize(needed);
   std::vector<RemoteSample> left;
   for (auto& [peer, list] : by_peer) {
-    Call c{peer, std::move(list), {}};
+    Call c{peer, std::move(list), {}, nullptr, nullptr};
     const auto& r = ranges[peer];
     c.requests.resize(r.size());
     for (size_t k = 0; k < r.size(); ++k) {
@@ -187,20 +204,20 @@ std::vector<RemoteSample> PeerReads::collect() {
 // Starts (connecting first when needed) or finishes `c`. False when the peer failed: it is
 // then marked dead and its connection dropped. Throws for what a replica would not fix.
 bool PeerReads::call(Call& c, bool start) {
-  const PeerOptions& p = peers_.peer(c.peer);
   try {
-    auto& client = clients_[c.peer];
     if (start) {
-      if (!client) client = net::PeerClient::connect(p.address, peers_.client_options(), worker_);
-      client->start(c.requests);
+      c.client = peers_.client(c.peer);
+      c.call = c.client->start(c.requests);
     } else {
-      client->finish();
+      c.client->finish(*c.call);
+      c.call.reset();
     }
     return true;
   } catch (const Error& e) {
     // A peer that is gone, stops answering or sends bytes that fail their checks (garbage,
     // damage on its disk or in transit) is dropped for its replicas.
-    clients_.erase(c.peer);
+    c.call.reset();
+    if (c.client) peers_.drop(c.peer, c.client);
     if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) throw;
     peers_.mark_dead(c.peer, e.what());
     return false;

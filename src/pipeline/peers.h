@@ -1,9 +1,10 @@
 #pragma once
 
 // Remote reads: the samples of shards that are not on this node, from the peers that serve
-// them (distributed.peers), with failover to the next replica. A PeerSet is the loader's
-// (which peer serves which shard, which peers are dead and why); each loader thread reads
-// through a PeerReads of its own: one UCX worker for all its peers, an endpoint per peer.
+// them (distributed.peers), with failover to the next replica. A PeerSet is the loader's:
+// which peer serves which shard, which peers are dead and why, and one connection per peer
+// (an endpoint on one UCX worker) that every loader thread uses. Each thread reads through a
+// PeerReads of its own, which holds its batch's calls.
 
 #include "net/client.h"
 
@@ -17,7 +18,6 @@
 #include <mutex>
 #include <span>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace sluice::pipeline {
@@ -31,6 +31,11 @@ class PeerSet {
 
   /// Whether sample `index` is read from a peer (its shard is not on this node).
   bool remote(uint64_t index) const;
+  /// The connection to `peer`, made on first use (one thread connects, others needing it wait).
+  /// Throws what connecting throws.
+  std::shared_ptr<net::PeerClient> client(size_t peer);
+  /// Forgets `client` as `peer`'s connection (it failed); calls still on it finish or fail.
+  void drop(size_t peer, const std::shared_ptr<net::PeerClient>& client);
   /// The first live peer that serves `shard`; throws Error(kIo) naming the shard, the sample
   /// and why each of its peers died when none is left.
   size_t choose(uint32_t shard, uint64_t index) const;
@@ -50,7 +55,13 @@ class PeerSet {
   bool verify_;
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order
   mutable std::mutex mu_;
-  std::vector<std::string> failure_;  // per peer: why it is dead ("" = alive)
+  std::vector<std::string> failure_;           // per peer: why it is dead ("" = alive)
+  std::shared_ptr<net::ClientWorker> worker_;  // every connection's, made before them
+  struct Connection {
+    std::mutex mu;  // held while connecting
+    std::shared_ptr<net::PeerClient> client;
+  };
+  std::vector<std::unique_ptr<Connection>> connections_;  // per peer
 };
 
 /// A sample to read from a peer: where it goes in the batch, and which it is.
@@ -59,8 +70,8 @@ struct RemoteSample {
   uint64_t index = 0;
 };
 
-/// One thread's remote reads (not thread-safe): its connections, on one UCX worker, and the
-/// calls of the batch under way.
+/// One thread's remote reads (not thread-safe): the calls of its batch under way, on the
+/// PeerSet's shared connections.
 class PeerReads {
  public:
   explicit PeerReads(PeerSet& peers);
@@ -95,8 +106,6 @@ class PeerReads {
   static constexpr uint64_t kRequestBytes = 64 << 20;
 
   PeerSet& peers_;
-  std::shared_ptr<net::ClientWorker> worker_;  // every connection's, declared before them
-  std::unordered_map<size_t, std::unique_ptr<net::PeerClient>> clients_;  // by peer number
   std::vector<Call> calls_;
   std::vector<std::span<const std::byte>> record_;  // per batch position
   // One per request this batch; a deque, so that growing it (a failover while other requests are

@@ -13,6 +13,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <numeric>
 #include <random>
 
@@ -111,6 +113,45 @@ TEST_F(PeersTest, EverySampleLandsInItsBatchPositionFromSeveralPeers) {
   }
   EXPECT_GT(servers_[0]->stats().requests, 0u);
   EXPECT_GT(servers_[1]->stats().requests, 0u);
+}
+
+// Threads share the set's connections: one per peer, however many threads read at once.
+TEST_F(PeersTest, ThreadsReadingAtOnceShareOneConnectionPerPeer) {
+  PeerSet set(here_, peers({servers_[0]->address()}), "t0ken", true);
+  auto samples = remote_samples();
+  std::vector<std::thread> threads;
+  std::atomic<int> rounds{0};
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      PeerReads reads(set);
+      for (int round = 0; round < 5; ++round) {
+        reads.start(samples, samples.size());
+        reads.finish();
+        expect_records(reads, samples);
+        ++rounds;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(rounds.load(), 20);
+  EXPECT_EQ(servers_[0]->stats().connections, 1u);
+  EXPECT_GE(servers_[0]->stats().requests, 20u);
+}
+
+// A batch given up on midway (its calls dropped unfinished) leaves the shared connection
+// working for the next batch and for other threads.
+TEST_F(PeersTest, ABatchGivenUpOnLeavesTheConnectionWorking) {
+  PeerSet set(here_, peers({servers_[0]->address()}), "t0ken", true);
+  auto samples = remote_samples();
+  PeerReads reads(set);
+  for (int round = 0; round < 3; ++round) {
+    reads.start(samples, samples.size());
+    reads.abandon();
+  }
+  reads.start(samples, samples.size());
+  reads.finish();
+  expect_records(reads, samples);
+  EXPECT_FALSE(set.dead(0));
+  EXPECT_EQ(servers_[0]->stats().connections, 1u);
 }
 
 TEST_F(PeersTest, ADeadPeerFailsOverAndStaysDeadForEveryThread) {
