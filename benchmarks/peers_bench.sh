@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What a peer costs a loader: peak file descriptors and resident memory of `sluice bench` reading a
 # dataset whose shards are all on NPEERS `sluice serve` processes on loopback (shard k on peer
-# k mod NPEERS), against the same loader reading it all locally. Each SLUICE binary given is
-# measured in turn (A/B: an old build against a new one), ROUNDS times, alternating.
+# k mod NPEERS), against the same loader reading them from NPEERS/8 of those peers: the
+# difference over the extra peers is the cost of one. (The same loader reading every shard
+# locally is shown too.) Each SLUICE binary given is measured in turn (A/B: an old build against
+# a new one), ROUNDS times, alternating.
 #   benchmarks/peers_bench.sh WORKDIR NPEERS ROUNDS SLUICE [SLUICE...]
 # Prints one line per run: binary, threads, fds, RSS (MiB), the per-peer figures, and the
 # samples/s of the remote run (a cost per peer bought with speed would show there).
@@ -38,7 +40,8 @@ for ((p = 0; p < NPEERS; p++)); do
     "$WORK/serve.$p.json")")
 done
 
-config() {  # config FILE THREADS [remote]
+FEW=$((NPEERS / 8 > 0 ? NPEERS / 8 : 1))
+config() {  # config FILE THREADS [remote [N]]: N (default NPEERS) peers
   {
     echo "dataset: {path: $WORK/$([[ ${3:-} == remote ]] && echo none || echo full)}"
     echo "batch_size: 64"
@@ -46,9 +49,10 @@ config() {  # config FILE THREADS [remote]
     if [[ ${3:-} == remote ]]; then
       echo "distributed:"
       echo "  peers:"
-      for ((p = 0; p < NPEERS; p++)); do
+      local n=${4:-$NPEERS}
+      for ((p = 0; p < n; p++)); do
         s=""
-        for ((k = p; k < shards; k += NPEERS)); do s+="${s:+, }$k"; done
+        for ((k = p; k < shards; k += n)); do s+="${s:+, }$k"; done
         echo "    - {address: \"${addrs[$p]}\", shards: [$s]}"
       done
     fi
@@ -72,17 +76,20 @@ measure() {  # measure BINARY CONFIG: "peak_fds peak_rss_kib samples/s" of a 5 s
 for threads in 2 4; do
   config "$WORK/local.$threads.yaml" "$threads"
   config "$WORK/remote.$threads.yaml" "$threads" remote
+  config "$WORK/few.$threads.yaml" "$threads" remote "$FEW"
 done
 for ((r = 1; r <= ROUNDS; r++)); do
   for bin in "${BINS[@]}"; do
     for threads in 2 4; do
       read -r lf lr _ <<< "$(measure "$bin" "$WORK/local.$threads.yaml")"
+      read -r ff fr _ <<< "$(measure "$bin" "$WORK/few.$threads.yaml")"
       read -r rf rr rs <<< "$(measure "$bin" "$WORK/remote.$threads.yaml")"
-      python3 - "$bin" "$threads" "$NPEERS" "$lf" "$lr" "$rf" "$rr" "$rs" <<'EOF'
+      python3 - "$bin" "$threads" "$FEW" "$NPEERS" "$lf" "$lr" "$ff" "$fr" "$rf" "$rr" "$rs" <<'EOF'
 import sys
-b, t, n, lf, lr, rf, rr, rs = sys.argv[1], *map(int, sys.argv[2:])
-print(f"{b} threads={t} local: {lf} fds {lr/1024:.0f} MiB; {n} peers: {rf} fds {rr/1024:.0f} MiB,"
-      f" {rs} samples/s; per peer: {(rf-lf)/n:.1f} fds {(rr-lr)/n/1024:.2f} MiB")
+b, t, k, n, lf, lr, ff, fr, rf, rr, rs = sys.argv[1], *map(int, sys.argv[2:])
+print(f"{b} threads={t} local: {lf} fds {lr/1024:.0f} MiB; {k} peers: {ff} fds {fr/1024:.0f} MiB;"
+      f" {n} peers: {rf} fds {rr/1024:.0f} MiB, {rs} samples/s;"
+      f" per peer: {(rf-ff)/(n-k):.1f} fds {(rr-fr)/(n-k)/1024:.2f} MiB")
 EOF
     done
   done

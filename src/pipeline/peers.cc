@@ -32,7 +32,6 @@ PeerSet::PeerSet(std::shared_ptr<const Dataset> dataset, const DistributedOption
            "{}: shard {} is not on this node and no peer in distributed.peers serves it",
            shards[k].path.string(), k);
   failure_.assign(options_.peers.size(), {});
-  worker_ = std::make_shared<net::ClientWorker>();
   for (size_t p = 0; p < options_.peers.size(); ++p)
     connections_.push_back(std::make_unique<Connection>());
 }
@@ -40,8 +39,15 @@ PeerSet::PeerSet(std::shared_ptr<const Dataset> dataset, const DistributedOption
 std::shared_ptr<net::PeerClient> PeerSet::client(size_t peer) {
   Connection& c = *connections_[peer];
   std::lock_guard lock(c.mu);
-  if (!c.client)
-    c.client = net::PeerClient::connect(options_.peers[peer].address, client_options(), worker_);
+  if (!c.client) {
+    std::shared_ptr<net::ClientWorker> worker;
+    {
+      std::lock_guard set_lock(mu_);  // made with the first connection: none without peers
+      if (!worker_) worker_ = std::make_shared<net::ClientWorker>();
+      worker = worker_;
+    }
+    c.client = net::PeerClient::connect(options_.peers[peer].address, client_options(), worker);
+  }
   return c.client;
 }
 

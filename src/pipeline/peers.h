@@ -56,7 +56,7 @@ class PeerSet {
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order
   mutable std::mutex mu_;
   std::vector<std::string> failure_;           // per peer: why it is dead ("" = alive)
-  std::shared_ptr<net::ClientWorker> worker_;  // every connection's, made before them
+  std::shared_ptr<net::ClientWorker> worker_;  // every connection's, made with the first
   struct Connection {
     std::mutex mu;  // held while connecting
     std::shared_ptr<net::PeerClient> client;
