@@ -45,10 +45,10 @@ class PeerSet {
   bool dead(size_t peer) const;
 
   const Dataset& dataset() const { return *dataset_; }
-  const PeerOptions& peer(size_t p) const { return options_.peers[p]; }
-  net::ClientOptions client_options() const { return {token_, options_.peer_timeout_ms, verify_}; }
 
  private:
+  net::ClientOptions client_options() const { return {token_, options_.peer_timeout_ms, verify_}; }
+
   std::shared_ptr<const Dataset> dataset_;
   DistributedOptions options_;
   std::string token_;
