@@ -70,6 +70,13 @@ struct LoaderStats {
   bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
   bool pinned = false;        // batch buffers are page-locked (device: pinned / cuda:N)
   uint64_t batches_held = 0;  // delivered batches still alive (their buffers not yet back)
+  // With a cache (an s3:// dataset or cache.dir): bytes fetched from the source (gaps between
+  // coalesced samples included), and samples of delivered batches that were in the cache when
+  // their batch was built, or had to be waited for.
+  uint64_t source_bytes = 0;
+  uint64_t source_requests = 0;
+  uint64_t cache_hits = 0;
+  uint64_t cache_misses = 0;
 };
 
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO

@@ -22,6 +22,32 @@ struct DatasetOptions {
   uint64_t seq_len = 0;      // tokens: tokens per sample (window length); required
   uint64_t stride = 0;       // tokens: tokens between window starts; 0 means seq_len
   uint32_t token_bytes = 2;  // tokens: 2 (uint16, as nanoGPT writes) or 4 (uint32)
+  // An s3://BUCKET/PREFIX path: where and as whom. Empty values come from the environment as
+  // AWS tools read it (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+  // AWS_SESSION_TOKEN).
+  struct S3 {
+    std::string endpoint, region, access_key_id, secret_access_key, session_token;
+  } s3;
+};
+
+/// Which sample a full cache drops (config `cache.policy`).
+enum class CachePolicy {
+  kClairvoyant,  // the one needed furthest in the future (Belady), from the sampler's order
+  kLru,          // the least recently used, for comparison
+};
+
+/// A node cache in front of a dataset that is not on this node (an s3:// path, or any path when
+/// `dir` is set: a slow shared file system). Config `cache`.
+struct CacheOptions {
+  std::filesystem::path dir;  // node-local directory; empty: memory only (for s3:// paths)
+  uint64_t capacity = 0;      // bytes of samples kept under dir; 0: half the free space there
+  uint64_t memory = 0;        // without dir: bytes kept in memory; 0: a quarter of free memory
+  CachePolicy policy = CachePolicy::kClairvoyant;
+  // A fetch reads the aligned block of this many bytes around a missing sample (one ranged
+  // read), and keeps the block's other samples where the policy would keep them: fewer
+  // requests for more bytes. 0: each sample's record alone (no byte fetched that is not asked).
+  uint64_t fetch_size = 1ull << 20;
+  bool operator==(const CacheOptions&) const = default;
 };
 
 enum class IoEngineKind { kAuto, kUring, kThreads };
@@ -92,6 +118,7 @@ struct SLUICE_EXPORT LoaderOptions {
   IoOptions io;
   DeviceOptions device;
   DistributedOptions distributed;
+  CacheOptions cache;
 
   /// Parses a YAML config file. Throws Error(kConfig) naming file, line and key for unknown
   /// keys, wrong types and bad values; Error(kNotFound) when the file does not exist.
@@ -123,5 +150,6 @@ struct SLUICE_EXPORT LoaderOptions {
 
 SLUICE_EXPORT std::string_view to_string(ShuffleMode mode);
 SLUICE_EXPORT std::string_view to_string(DatasetFormat format);
+SLUICE_EXPORT std::string_view to_string(CachePolicy policy);
 
 }  // namespace sluice

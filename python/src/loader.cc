@@ -100,6 +100,13 @@ class PyLoader {
     d["direct_io"] = s.direct_io;
     d["pinned"] = s.pinned;
     d["batches_held"] = s.batches_held;
+    if (!get().options().cache.dir.empty() ||
+        get().options().dataset.path.string().starts_with("s3://")) {
+      d["source_bytes"] = s.source_bytes;
+      d["source_requests"] = s.source_requests;
+      d["cache_hits"] = s.cache_hits;
+      d["cache_misses"] = s.cache_misses;
+    }
     return d;
   }
 

@@ -61,19 +61,26 @@ int run_bench(const BenchArgs& args) {
   double sps = static_cast<double>(stats.samples) / seconds,
          bps = static_cast<double>(stats.bytes) / seconds;
   double wait = seconds > 0 ? stats.wait_seconds / seconds : 0;
+  const bool cached = stats.source_bytes + stats.cache_hits + stats.cache_misses > 0;
   if (args.json) {
-    std::cout << nlohmann::json{{"samples_per_s", sps},
-                                {"bytes_per_s", bps},
-                                {"batches", stats.batches},
-                                {"wait_fraction", wait},
-                                {"samples", stats.samples},
-                                {"bytes", stats.bytes},
-                                {"seconds", seconds},
-                                {"engine", stats.engine},
-                                {"direct_io", stats.direct_io},
-                                {"interrupted", g_interrupted.load()},
-                                {"touch", checksum}}
-              << "\n";
+    nlohmann::json out{{"samples_per_s", sps},
+                       {"bytes_per_s", bps},
+                       {"batches", stats.batches},
+                       {"wait_fraction", wait},
+                       {"samples", stats.samples},
+                       {"bytes", stats.bytes},
+                       {"seconds", seconds},
+                       {"engine", stats.engine},
+                       {"direct_io", stats.direct_io},
+                       {"interrupted", g_interrupted.load()},
+                       {"touch", checksum}};
+    if (cached) {
+      out["source_bytes"] = stats.source_bytes;
+      out["source_requests"] = stats.source_requests;
+      out["cache_hits"] = stats.cache_hits;
+      out["cache_misses"] = stats.cache_misses;
+    }
+    std::cout << out << "\n";
   } else {
     fmt::print("{} batches, {} samples, {} bytes in {:.2f} s{}\n", stats.batches, stats.samples,
                stats.bytes, seconds, g_interrupted ? " (interrupted)" : "");
@@ -81,6 +88,9 @@ int run_bench(const BenchArgs& args) {
                sps, bps, bps / (1 << 20), wait);
     fmt::print("engine        {}{}\n", stats.engine,
                stats.direct_io ? ", O_DIRECT" : ", page cache");
+    if (cached)
+      fmt::print("source        {} bytes in {} requests; cache hits {}, misses {}\n",
+                 stats.source_bytes, stats.source_requests, stats.cache_hits, stats.cache_misses);
   }
   return g_interrupted ? 130 : 0;
 }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -75,6 +76,27 @@ bool parse_bool(const Context& ctx, const YAML::Node& node, std::string_view key
   return value;
 }
 
+// A byte count: an integer, or with a K, M, G or T suffix (powers of 1024; "200G", "4.5T").
+uint64_t parse_bytes(const Context& ctx, const YAML::Node& node, std::string_view key) {
+  std::string s = scalar(ctx, node, key, "a size in bytes (e.g. 200G)");
+  double value = 0;
+  const char* end = s.data() + s.size();
+  auto [at, ec] = std::from_chars(s.data(), end, value);
+  uint64_t unit = 1;
+  if (at + 1 == end || (at + 2 == end && (at[1] == 'B' || at[1] == 'b'))) {
+    constexpr std::string_view kUnits = "KMGT";  // 2^10, 2^20, 2^30, 2^40
+    size_t k = kUnits.find(static_cast<char>(std::toupper(static_cast<unsigned char>(*at))));
+    unit = k == std::string_view::npos ? 0 : 1ull << (10 * (k + 1));
+    at = end;
+  }
+  if (ec != std::errc() || at != end || unit == 0 || value < 0 ||
+      value * static_cast<double>(unit) > 1e18)
+    config_error(
+        ctx, node, key,
+        fmt::format("expected a size in bytes, optionally with K, M, G or T, got \"{}\"", s));
+  return static_cast<uint64_t>(value * static_cast<double>(unit));
+}
+
 // Each enum's config spellings, in one table that both parsing and printing use.
 template <typename E>
 using Names = std::span<const std::pair<std::string_view, E>>;
@@ -91,6 +113,8 @@ constexpr std::pair<std::string_view, IoEngineKind> kEngineNames[] = {
     {"auto", IoEngineKind::kAuto},
     {"uring", IoEngineKind::kUring},
     {"threads", IoEngineKind::kThreads}};
+constexpr std::pair<std::string_view, CachePolicy> kPolicyNames[] = {
+    {"clairvoyant", CachePolicy::kClairvoyant}, {"lru", CachePolicy::kLru}};
 constexpr std::pair<std::string_view, uint32_t> kTokenDtypeNames[] = {{"uint16", 2u},
                                                                       {"uint32", 4u}};
 
@@ -187,6 +211,34 @@ std::vector<PeerOptions> parse_peers(const Context& ctx, const YAML::Node& node)
 
 using Setter = std::function<void(LoaderOptions&, const YAML::Node&, const Context&)>;
 
+const std::vector<std::pair<std::string_view, Setter>>& cache_setters() {
+  static const std::vector<std::pair<std::string_view, Setter>> table = {
+      {"cache.dir",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         fs::path p(scalar(c, n, "cache.dir", "a path"));
+         bool keep = p.is_absolute() || c.base_dir.empty();
+         o.cache.dir = keep ? p : (c.base_dir / p).lexically_normal();
+       }},
+      {"cache.capacity",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.cache.capacity = parse_bytes(c, n, "cache.capacity");
+       }},
+      {"cache.memory",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.cache.memory = parse_bytes(c, n, "cache.memory");
+       }},
+      {"cache.fetch_size",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.cache.fetch_size = parse_bytes(c, n, "cache.fetch_size");
+       }},
+      {"cache.policy",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.cache.policy = parse_enum<CachePolicy>(c, n, "cache.policy", kPolicyNames);
+       }},
+  };
+  return table;
+}
+
 const std::vector<std::pair<std::string_view, Setter>>& setters() {
   static const std::vector<std::pair<std::string_view, Setter>> table = {
       {"dataset.path",
@@ -194,8 +246,8 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
          std::string s = scalar(c, n, "dataset.path", "a path");
          if (s.empty()) config_error(c, n, "dataset.path", "must not be empty");
          fs::path p(s);
-         o.dataset.path =
-             p.is_absolute() || c.base_dir.empty() ? p : (c.base_dir / p).lexically_normal();
+         bool keep = p.is_absolute() || c.base_dir.empty() || s.starts_with("s3://");
+         o.dataset.path = keep ? p : (c.base_dir / p).lexically_normal();
        }},
       {"dataset.format",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -232,6 +284,28 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
       {"shuffle.buffer_size",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.shuffle.buffer_size = parse_uint(c, n, "shuffle.buffer_size", 1);
+       }},
+      {"dataset.s3.endpoint",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.s3.endpoint = scalar(c, n, "dataset.s3.endpoint", "a URL");
+       }},
+      {"dataset.s3.region",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.s3.region = scalar(c, n, "dataset.s3.region", "a region name");
+       }},
+      {"dataset.s3.access_key_id",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         o.dataset.s3.access_key_id = scalar(c, n, "dataset.s3.access_key_id", "a string");
+       }},
+      {"dataset.s3.secret_access_key",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         auto& secret = o.dataset.s3.secret_access_key;
+         secret = scalar(c, n, "dataset.s3.secret_access_key", "a string");
+       }},
+      {"dataset.s3.session_token",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         auto& token = o.dataset.s3.session_token;
+         token = scalar(c, n, "dataset.s3.session_token", "a string");
        }},
       {"prefetch",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -305,7 +379,13 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
          o.distributed.world_size = parse_rank(c, n, "distributed.world_size", 1);
        }},
   };
-  return table;
+  // The node cache's keys (cache.*), in a table of their own.
+  static const auto all = [] {
+    auto t = table;
+    t.insert(t.end(), cache_setters().begin(), cache_setters().end());
+    return t;
+  }();
+  return all;
 }
 
 const Setter* find_setter(std::string_view key) {
@@ -562,6 +642,10 @@ std::string_view to_string(DatasetFormat format) {
   return name_of<DatasetFormat>(kFormatNames, format);
 }
 
+std::string_view to_string(CachePolicy policy) {
+  return name_of<CachePolicy>(kPolicyNames, policy);
+}
+
 std::string LoaderOptions::to_yaml() const {
   const std::string engine(name_of<IoEngineKind>(kEngineNames, io.engine));
   auto direct = io.direct == DirectIo::kAuto ? "auto"
@@ -581,6 +665,15 @@ std::string LoaderOptions::to_yaml() const {
         << YAML::Value << (dataset.stride ? dataset.stride : dataset.seq_len) << YAML::Key
         << "dtype" << YAML::Value
         << std::string(name_of<uint32_t>(kTokenDtypeNames, dataset.token_bytes));
+  // Credentials are secrets: never echoed; where to find the store is not.
+  if (!dataset.s3.endpoint.empty() || !dataset.s3.region.empty()) {
+    out << YAML::Key << "s3" << YAML::Value << YAML::Flow << YAML::BeginMap;
+    if (!dataset.s3.endpoint.empty())
+      out << YAML::Key << "endpoint" << YAML::Value << dataset.s3.endpoint;
+    if (!dataset.s3.region.empty())
+      out << YAML::Key << "region" << YAML::Value << dataset.s3.region;
+    out << YAML::EndMap;
+  }
   out << YAML::EndMap;
   out << YAML::Key << "batch_size" << YAML::Value << batch_size;
   out << YAML::Key << "drop_last" << YAML::Value << drop_last;
@@ -598,6 +691,14 @@ std::string LoaderOptions::to_yaml() const {
       << "timeout_ms" << YAML::Value << io.timeout_ms << YAML::Key << "verify" << YAML::Value
       << io.verify << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << dev;
+  if (!cache.dir.empty() || cache != CacheOptions{}) {
+    out << YAML::Key << "cache" << YAML::Value << YAML::Flow << YAML::BeginMap;
+    if (!cache.dir.empty()) out << YAML::Key << "dir" << YAML::Value << cache.dir.string();
+    out << YAML::Key << "capacity" << YAML::Value << cache.capacity << YAML::Key << "memory"
+        << YAML::Value << cache.memory << YAML::Key << "policy" << YAML::Value
+        << std::string(to_string(cache.policy)) << YAML::Key << "fetch_size" << YAML::Value
+        << cache.fetch_size << YAML::EndMap;
+  }
   out << YAML::Key << "distributed" << YAML::Value << YAML::BeginMap << YAML::Key << "rank"
       << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value
       << opt(distributed.world_size);

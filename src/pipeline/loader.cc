@@ -11,6 +11,8 @@
 #include <sluice/loader.h>
 #include <sluice/server.h>
 
+#include "cache/mirror.h"
+#include "cache/sample_cache.h"
 #include "common/errors.h"
 #include "common/file.h"
 #include "common/keep.h"
@@ -27,6 +29,7 @@
 #include "pipeline/peers.h"
 #include "read/direct.h"
 #include "read/record_reader.h"
+#include "source/source.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -140,7 +143,7 @@ class LoaderImpl final : public Loader {
   LoaderImpl(const LoaderOptions& options, std::shared_ptr<const io::Faults> faults)
       : options_(resolved(options)),
         faults_(std::move(faults)),
-        dataset_(open_dataset(options_)),
+        dataset_(open_dataset(options_, source_, mirror_)),
         fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
@@ -151,6 +154,7 @@ class LoaderImpl final : public Loader {
     open_files();
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
+    if (source_) open_cache();
     if (!options.distributed.listen.empty()) {
       ServerOptions so;
       so.listen = options.distributed.listen;
@@ -249,6 +253,13 @@ class LoaderImpl final : public Loader {
     s.direct_io = direct_;
     s.pinned = pin_;
     s.batches_held = pool_->held();
+    if (cache_) {
+      cache::CacheStats c = cache_->stats();
+      s.source_bytes = c.source_bytes;
+      s.source_requests = c.source_requests;
+      s.cache_hits = c.hits;
+      s.cache_misses = c.misses;
+    }
     return s;
   }
 
@@ -323,11 +334,74 @@ class LoaderImpl final : public Loader {
     return o;
   }
 
-  static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o) {
+  // A dataset not on this node (s3://, or any path with cache.dir) is opened on its mirror,
+  // a local stand-in that the cache fills (cache/mirror.h); `source` and `mirror` are kept for
+  // open_cache().
+  static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o,
+                                               std::unique_ptr<source::Source>& source,
+                                               cache::Mirror& mirror) {
     if (o.dataset.path.empty()) fail(ErrorCode::kConfig, "dataset.path: missing");
     DatasetOpenOptions open;
     open.allow_absent_shards = !o.distributed.peers.empty();
-    return Dataset::open_source(o.dataset, open);
+    const std::string path = o.dataset.path.string();
+    if (!source::is_remote(path) && o.cache.dir.empty())
+      return Dataset::open_source(o.dataset, open);
+    if (!o.distributed.peers.empty() || !o.distributed.listen.empty())
+      fail(ErrorCode::kConfig,
+           "{}: a cached dataset (s3:// or cache.dir) cannot also use distributed.peers or "
+           "distributed.listen",
+           path);
+    source::SourceOptions so;
+    so.endpoint = o.dataset.s3.endpoint;
+    so.region = o.dataset.s3.region;
+    so.access_key_id = o.dataset.s3.access_key_id;
+    so.secret_access_key = o.dataset.s3.secret_access_key;
+    so.session_token = o.dataset.s3.session_token;
+    so.timeout_ms = o.io.timeout_ms;
+    source = source::open_source(path, so);
+    mirror = cache::open_mirror(*source, o.cache, o.dataset);
+    DatasetOptions d = o.dataset;
+    d.path = mirror.path;
+    try {
+      return Dataset::open_source(d, open);
+    } catch (const Error& e) {  // name the source, not the mirror
+      std::string what = e.what();
+      for (size_t at; (at = what.find(mirror.path.string())) != std::string::npos;)
+        what.replace(at, mirror.path.string().size(), path);
+      cache::remove_mirror(mirror);
+      throw Error(e.code(), what, e.sys_errno());
+    }
+  }
+
+  void open_cache() {
+    const CacheOptions& c = options_.cache;
+    uint64_t capacity = c.dir.empty() ? c.memory : c.capacity;
+    std::string why;
+    if (capacity == 0 && c.dir.empty()) {
+      capacity = std::max<uint64_t>(memory_room().bytes / 4, 64 << 20);
+      why = " (a quarter of the free memory)";
+    } else if (capacity == 0) {
+      capacity = std::max<uint64_t>(mirror_.room / 2, 64 << 20);
+      why = " (half the free space there)";
+    }
+    const std::string where =
+        c.dir.empty() ? "in memory (" + mirror_.dir.string() + ")" : mirror_.dir.string();
+    cache_ = std::make_unique<cache::SampleCache>(dataset_, std::move(source_), std::move(mirror_),
+                                                  c.policy, capacity, c.fetch_size,
+                                                  options_.io.timeout_ms);
+    log_line(fmt::format("cache: {} MB{} {}, policy {}, fetch_size {}", capacity >> 20, why, where,
+                         to_string(c.policy), c.fetch_size));
+    if (!c.dir.empty() && c.memory)
+      log_line(
+          "cache.memory: with cache.dir the page cache is the memory tier; cache.memory "
+          "applies to a memory-only cache");
+    set_future();
+  }
+
+  // The cache's view of what comes: this plan, then the next epoch from its start.
+  void set_future() {
+    if (!cache_) return;
+    cache_->set_future(plan_, sampler_.plan({plan_.state_after(0).epoch + 1, 0}, rank_, world_));
   }
 
   // Which peers serve each shard that is not on this node (replicas in config order); every
@@ -346,7 +420,7 @@ class LoaderImpl final : public Loader {
     files_ = dataset_->format() == DatasetFormat::kFiles;
     DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
     direct_ = direct.on;
-    warm_ = direct.warm;
+    warm_ = direct.warm && !source_;  // a mirror's holes are not worth reading ahead
     if (warm_) direct.why += "; warming it in the background";
     direct_fds_ = std::move(direct.fds);
     if (files_)  // the tree's root; reads use each op's own descriptor
@@ -396,6 +470,7 @@ class LoaderImpl final : public Loader {
     }
     cancel_ = true;
     cv_.notify_all();
+    if (cache_) cache_->wake();
     for (auto& t : threads_) t.join();
     threads_.clear();
     running_ = false;
@@ -409,6 +484,7 @@ class LoaderImpl final : public Loader {
     RankPlan plan = sampler_.plan(state, rank_, world_);  // validates before anything stops
     stop_threads();
     plan_ = plan;
+    set_future();
     delivered_ = 0;
     wait_since_.reset();
     epoch_done_ = false;
@@ -469,7 +545,18 @@ class LoaderImpl final : public Loader {
         }
         plan_.batch(step, refs);
         finish_metadata(step, refs, *storage);
-        builder->build(refs, engine.get(), *storage);
+        if (cache_) {
+          cache_->acquire(step, refs, &cancel_);
+          struct Release {
+            cache::SampleCache* cache;
+            uint64_t step;
+            std::span<const SampleRef> refs;
+            ~Release() { cache->release(step, refs); }
+          } release{cache_.get(), step, refs};
+          builder->build(refs, engine.get(), *storage);
+        } else {
+          builder->build(refs, engine.get(), *storage);
+        }
         if (options_.device.kind == DeviceKind::kCuda) {
           if (!stream) stream = std::make_unique<memory::Stream>(options_.device.index);
           copy_to_device(*storage, *stream);
@@ -545,6 +632,8 @@ class LoaderImpl final : public Loader {
 
   LoaderOptions options_;
   std::shared_ptr<const io::Faults> faults_;  // tests only
+  std::unique_ptr<source::Source> source_;    // a cached dataset's source, until open_cache()
+  cache::Mirror mirror_;                      // ... and its mirror
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
   Sampler sampler_;
@@ -561,7 +650,8 @@ class LoaderImpl final : public Loader {
   // Per loader thread number: its batch building (staging buffer, peer connections), kept
   // across epochs (threads are restarted for each; one thread of a number runs at a time).
   std::vector<std::unique_ptr<BatchBuilder>> builders_;
-  std::unique_ptr<ShardServer> server_;  // distributed.listen: this node's shards for others
+  std::unique_ptr<ShardServer> server_;        // distributed.listen: this node's shards for others
+  std::unique_ptr<cache::SampleCache> cache_;  // s3:// or cache.dir: the node cache
 
   // Consumer-side state (the consumer thread only).
   RankPlan plan_;

@@ -110,6 +110,36 @@ TEST(Config, ErrorsNameFileLineAndKey) {
   EXPECT_NE(config_error("batch_size: [1\n").find("train.yaml:"), std::string::npos);
 }
 
+TEST(Config, ObjectStoreAndCacheKeys) {
+  auto o = LoaderOptions::from_yaml_string(R"(
+dataset: {path: "s3://bucket/train", s3: {endpoint: "http://127.0.0.1:9000", region: eu-west-1}}
+cache: {dir: nvme/cache, capacity: 200G, memory: 1.5G, policy: lru, fetch_size: 4M}
+)",
+                                           "train.yaml", "/base");
+  EXPECT_EQ(o.dataset.path, "s3://bucket/train");  // not made relative to the config's directory
+  EXPECT_EQ(o.dataset.s3.endpoint, "http://127.0.0.1:9000");
+  EXPECT_EQ(o.dataset.s3.region, "eu-west-1");
+  EXPECT_EQ(o.cache.dir, "/base/nvme/cache");
+  EXPECT_EQ(o.cache.capacity, 200ull << 30);
+  EXPECT_EQ(o.cache.memory, 3ull << 29);
+  EXPECT_EQ(o.cache.policy, CachePolicy::kLru);
+  EXPECT_EQ(o.cache.fetch_size, 4ull << 20);
+  EXPECT_EQ(CacheOptions{}.policy, CachePolicy::kClairvoyant);
+  // Printed and parsed back: the same options, and never a secret.
+  o.dataset.s3.secret_access_key = "hunter2";
+  std::string yaml = o.to_yaml();
+  EXPECT_EQ(yaml.find("hunter2"), std::string::npos) << yaml;
+  auto back = LoaderOptions::from_yaml_string(yaml, "printed");
+  EXPECT_EQ(back.cache, o.cache);
+  EXPECT_EQ(back.dataset.s3.endpoint, o.dataset.s3.endpoint);
+  EXPECT_EQ(config_error("cache: {capacity: 20X}\n"),
+            "train.yaml:1: cache.capacity: expected a size in bytes, optionally with K, M, G or T, "
+            "got \"20X\"");
+  EXPECT_EQ(config_error("cache: {policy: mru}\n"),
+            "train.yaml:1: cache.policy: unknown value \"mru\" (expected clairvoyant, lru)");
+  EXPECT_EQ(config_error("dataset: {s3: {key: x}}\n"), "train.yaml:1: dataset.s3.key: unknown key");
+}
+
 TEST(Config, FileErrors) {
   testing::TempDir tmp;
   try {

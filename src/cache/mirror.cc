@@ -1,0 +1,208 @@
+#include "cache/mirror.h"
+
+#include "common/errors.h"
+#include "common/log.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+
+namespace sluice::cache {
+
+namespace fs = std::filesystem;
+using detail::fail;
+
+namespace {
+
+constexpr uint64_t kShardHeader = 4096;  // a packed shard's header block
+constexpr uint64_t kNpyHead = 64 << 10;  // enough for any .npy header sluice reads
+constexpr size_t kMaxSlots = 256;
+
+uint64_t free_bytes(const fs::path& dir) {
+  struct statvfs st {};
+  if (statvfs(dir.c_str(), &st) != 0) return 0;
+  return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+}
+
+// Takes the first slot directory under `root` that no other process holds.
+Mirror claim_slot(const fs::path& root) {
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) fail(ErrorCode::kIo, "cache.dir: cannot create {}: {}", root.string(), ec.message());
+  for (size_t i = 0; i < kMaxSlots; ++i) {
+    fs::path slot = root / fmt::format("slot-{}", i);
+    auto fd = detail::open_file(root / fmt::format("slot-{}.lock", i), O_RDWR | O_CREAT);
+    if (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;
+    fs::create_directories(slot, ec);
+    if (ec) fail(ErrorCode::kIo, "cache.dir: cannot create {}: {}", slot.string(), ec.message());
+    Mirror m;
+    m.dir = slot;
+    m.lock = std::move(fd);
+    m.reused = fs::exists(slot / "journal");
+    return m;
+  }
+  fail(ErrorCode::kIo, "cache.dir: all {} slots under {} are held by other processes", kMaxSlots,
+       root.string());
+}
+
+// Where a source object lands in the mirror, refusing keys that would leave it.
+fs::path object_path(const fs::path& dir, const std::string& key, const std::string& url) {
+  fs::path rel = fs::path(key).lexically_normal();
+  if (key.empty() || rel.is_absolute() || *rel.begin() == "..")
+    fail(ErrorCode::kUnsupported, "{}: object key \"{}\" cannot be mirrored", url, key);
+  return dir / "data" / rel;
+}
+
+// The metadata regions of one object: what Dataset::open reads before any sample.
+struct Region {
+  uint32_t object;
+  uint64_t offset, length;
+};
+
+}  // namespace
+
+Mirror open_mirror(source::Source& source, const CacheOptions& options,
+                   const DatasetOptions& dataset) {
+  const auto& objects = source.objects();
+  const std::string& url = source.url();
+  Mirror m;
+  if (options.dir.empty()) {
+    fs::path base = fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
+    std::string tmpl = (base / "sluice-cache-XXXXXX").string();
+    if (!mkdtemp(tmpl.data()))
+      detail::fail_errno(errno, "make a memory cache under " + base.string());
+    m.dir = tmpl;
+    m.temporary = true;
+  } else {
+    // One directory per source: the URL's hash names it, the URL itself is written inside.
+    fs::path root = options.dir / fmt::format("{:016x}", std::hash<std::string>{}(url));
+    m = claim_slot(root);
+    auto fd = detail::open_file(root / "source", O_WRONLY | O_CREAT | O_TRUNC);
+    std::string line = url + "\n";
+    detail::write_full(fd.get(), std::as_bytes(std::span(line)), (root / "source").string());
+  }
+  m.room = free_bytes(m.dir);
+
+  // One object whose key is the whole prefix (s3://b/train.bin): the dataset is that file.
+  bool single = objects.size() == 1 && objects[0].key.empty();
+  std::vector<fs::path> paths;
+  for (const auto& o : objects)
+    paths.push_back(single ? m.dir / "data" / fs::path(url).filename()
+                           : object_path(m.dir, o.key, url));
+  m.path = single ? paths[0] : m.dir / "data";
+
+  const bool packed = source.find("manifest.sluice").has_value();
+  for (const auto& o : objects) {
+    std::string name = fs::path(o.key).filename().string();
+    if (!packed && (name.ends_with(".tar") || dataset.format == DatasetFormat::kTar))
+      fail(ErrorCode::kUnsupported,
+           "{}: WebDataset tar shards are not read through the cache yet; pack them with `sluice "
+           "pack` and upload the packed directory",
+           url);
+  }
+
+  // The metadata: packed shards' header blocks first (they say where each index is).
+  std::vector<Region> regions;
+  std::vector<uint32_t> shards;
+  for (uint32_t i = 0; i < objects.size(); ++i) {
+    const auto& o = objects[i];
+    std::string name = fs::path(o.key).filename().string();
+    if (packed && name == "manifest.sluice") {
+      regions.push_back({i, 0, o.size});
+    } else if (packed && name.ends_with(".sluice")) {
+      if (o.size < kShardHeader)
+        fail(ErrorCode::kCorruption, "{}/{}: {} bytes, shorter than a shard header", url, o.key,
+             o.size);
+      shards.push_back(i);
+      regions.push_back({i, 0, kShardHeader});
+    } else if (name.ends_with(".npy")) {
+      regions.push_back({i, 0, std::min(o.size, kNpyHead)});
+    }
+  }
+  auto fetch = [&](const std::vector<Region>& want) {
+    std::vector<std::vector<std::byte>> bytes(want.size());
+    std::vector<source::Range> ranges;
+    for (size_t k = 0; k < want.size(); ++k) {
+      bytes[k].resize(want[k].length);
+      if (want[k].length)
+        ranges.push_back({want[k].object, want[k].offset, want[k].length, bytes[k].data()});
+    }
+    source.read(ranges);
+    return bytes;
+  };
+  auto got = fetch(regions);
+  std::vector<Region> indexes;
+  for (size_t k = 0; k < regions.size(); ++k) {
+    const auto& o = objects[regions[k].object];
+    if (!packed || o.key.ends_with("manifest.sluice")) continue;
+    uint64_t index_offset = 0;
+    std::memcpy(&index_offset, got[k].data() + 64, 8);
+    if (index_offset < kShardHeader || index_offset > o.size)
+      fail(ErrorCode::kCorruption, "{}/{}: index offset {} outside the object ({} bytes)", url,
+           o.key, index_offset, o.size);
+    indexes.push_back({regions[k].object, index_offset, o.size - index_offset});
+  }
+  auto got_index = fetch(indexes);
+  for (size_t k = 0; k < indexes.size(); ++k) {
+    regions.push_back(indexes[k]);
+    got.push_back(std::move(got_index[k]));
+  }
+
+  // Lay the files out; an object whose size or metadata differs from what the slot held loses
+  // its cached bytes (it changed at the source), and the slot's journal goes with it.
+  std::vector<detail::UniqueFd> fds(objects.size());
+  bool same = m.reused;
+  for (uint32_t i = 0; i < objects.size(); ++i) {
+    std::error_code ec;
+    fs::create_directories(paths[i].parent_path(), ec);
+    fds[i] = detail::open_file(paths[i], O_RDWR | O_CREAT);
+    uint64_t had = detail::file_size(fds[i].get(), paths[i].string());
+    if (had != objects[i].size) {
+      same = false;
+      if (ftruncate(fds[i].get(), 0) != 0 ||
+          ftruncate(fds[i].get(), static_cast<off_t>(objects[i].size)) != 0)
+        detail::fail_errno(errno, "size " + paths[i].string());
+    }
+  }
+  for (size_t k = 0; k < regions.size(); ++k) {
+    const Region& r = regions[k];
+    int fd = fds[r.object].get();
+    if (same) {
+      std::vector<std::byte> old(r.length);
+      size_t n = detail::pread_full(fd, old, r.offset, paths[r.object].string());
+      same = n == r.length && old == got[k];
+    }
+    detail::write_full(fd, got[k], paths[r.object].string(), static_cast<int64_t>(r.offset));
+  }
+  if (m.reused && !same) {
+    detail::log_line(
+        fmt::format("cache: {} changed at the source since {} was filled; starting it over", url,
+                    m.dir.string()));
+    for (uint32_t i = 0; i < objects.size(); ++i) {
+      // Drop every cached sample: keep only the metadata just written.
+      uint64_t size = objects[i].size;
+      if (ftruncate(fds[i].get(), 0) != 0 || ftruncate(fds[i].get(), static_cast<off_t>(size)) != 0)
+        detail::fail_errno(errno, "size " + paths[i].string());
+    }
+    for (size_t k = 0; k < regions.size(); ++k)
+      detail::write_full(fds[regions[k].object].get(), got[k], paths[regions[k].object].string(),
+                         static_cast<int64_t>(regions[k].offset));
+    fs::remove(m.dir / "journal");
+  }
+  m.reused = m.reused && same;
+  return m;
+}
+
+void remove_mirror(const Mirror& mirror) {
+  if (!mirror.temporary) return;
+  std::error_code ec;
+  fs::remove_all(mirror.dir, ec);
+}
+
+}  // namespace sluice::cache

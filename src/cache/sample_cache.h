@@ -1,0 +1,137 @@
+#pragma once
+
+// The node cache of a dataset read from a source (an object store, a slow shared file system).
+//
+// Samples live in the mirror (cache/mirror.h) at their own offsets, so a batch reads cached
+// samples exactly as it reads a local dataset. One fetch thread walks the rank's future order
+// (the rest of this epoch, then the next: the sampler knows both) from the oldest batch not yet
+// built, and fetches what is missing, many coalesced ranged reads at a time. When the cache is
+// full it drops the cached sample needed furthest in the future (policy clairvoyant, Belady's
+// rule), and stops prefetching where everything cached is needed sooner than what comes next;
+// policy lru drops the least recently used instead. Every fetched sample is checked before it
+// is marked present: against its stored checksum (packed datasets), else the checksum computed
+// now is kept, and a cached sample found again after a restart is checked again before use.
+
+#include <sluice/dataset.h>
+#include <sluice/options.h>
+#include <sluice/sampler.h>
+
+#include "cache/mirror.h"
+#include "source/source.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace sluice::cache {
+
+struct CacheStats {
+  uint64_t source_bytes = 0;     // fetched from the source, coalescing gaps included
+  uint64_t source_requests = 0;  // ranged reads sent (retries included)
+  uint64_t hits = 0;             // samples of built batches present when asked for
+  uint64_t misses = 0;           // ... waited for
+  uint64_t evictions = 0;
+  uint64_t cached_bytes = 0;
+};
+
+class SampleCache {
+ public:
+  /// `dataset` is opened on mirror.dir; `capacity` bytes of samples are kept. Starts the fetch
+  /// thread, which waits for set_future().
+  SampleCache(std::shared_ptr<const Dataset> dataset, std::unique_ptr<source::Source> source,
+              Mirror mirror, CachePolicy policy, uint64_t capacity, uint64_t fetch_size,
+              uint32_t timeout_ms);
+  /// Stops fetching and writes the journal (what is cached, for the next run).
+  ~SampleCache();
+  SampleCache(const SampleCache&) = delete;
+  SampleCache& operator=(const SampleCache&) = delete;
+
+  /// The rank's order from now on: `current`'s batches, then `next`'s (the following epoch).
+  /// Call with no batch being built (the loader's threads stopped).
+  void set_future(const RankPlan& current, const RankPlan& next);
+
+  /// Blocks until every sample of batch `step` of the current plan is in the mirror, and keeps
+  /// them there until release(step). Throws the fetch's error (naming object and sample), or
+  /// kIo when the source has not delivered within the timeout.
+  /// Also returns (throwing) when `*cancel` is set and wake() called.
+  void acquire(uint64_t step, std::span<const SampleRef> refs, const std::atomic<bool>* cancel);
+  /// Wakes the batches waiting in acquire() to look at their cancel flag.
+  void wake();
+  void release(uint64_t step, std::span<const SampleRef> refs);
+
+  CacheStats stats() const;
+  uint64_t capacity() const { return capacity_; }
+
+ private:
+  enum State : uint8_t { kAbsent, kFetching, kPresent, kUnchecked };
+  static constexpr uint32_t kNever = UINT32_MAX;
+
+  void fetch_loop();
+  // Picks the next samples to fetch (under mu_); empty when there is nothing to do now.
+  std::vector<uint64_t> plan_fetch(std::unique_lock<std::mutex>& lock);
+  // Makes room for `bytes` (under mu_); `force`: for a batch waiting now, whatever the policy.
+  bool make_room(uint64_t bytes, uint64_t key, bool force);
+  void evict(uint64_t sample);
+  void fetch(const std::vector<uint64_t>& picked);
+  std::pair<uint64_t, uint64_t> block_of(uint64_t sample, const SampleExtent& x) const;
+  // Reads a restored sample back from the mirror and checks it; false when it is not intact.
+  bool check_cached(uint64_t sample);
+  uint64_t priority(uint64_t sample) const;  // larger: dropped first
+  void push(uint64_t sample);
+  void load_journal();
+  void save_journal();
+  uint32_t object_of(uint64_t sample) const;
+  std::string name(uint64_t sample, uint64_t offset, uint64_t length) const;
+  int fd_of(uint64_t sample) const;
+
+  std::shared_ptr<const Dataset> dataset_;
+  std::unique_ptr<source::Source> source_;
+  Mirror mirror_;
+  CachePolicy policy_;
+  uint64_t capacity_;
+  uint64_t fetch_size_;  // bytes of the aligned block a fetch reads around a sample; 0: the record
+  std::chrono::milliseconds timeout_;
+  bool packed_;
+  std::vector<int> object_fds_;         // per source object, the mirror's file (read-write)
+  std::vector<uint32_t> shard_object_;  // per shard, its source object
+  std::vector<detail::UniqueFd> owned_fds_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;       // a sample became present, or an error
+  std::condition_variable work_cv_;  // something for the fetch thread
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::vector<State> state_;         // per sample
+  std::vector<uint32_t> checksum_;   // per sample: what it must hash to (in-place formats)
+  std::vector<uint32_t> next_;       // per sample: its next position in the future, or kNever
+  std::vector<uint64_t> last_used_;  // per sample (lru): tick of its last use
+  std::unordered_map<uint64_t, uint32_t> pinned_;  // samples of batches being built
+  std::vector<uint64_t> order_;                    // the future: positions -> samples
+  std::vector<uint32_t> succ_;        // position -> the same sample's next position, or kNever
+  std::vector<uint64_t> step_start_;  // current plan: batch -> its first position
+  std::vector<uint8_t> released_;     // current plan: batch built
+  uint64_t first_unbuilt_ = 0;        // the oldest batch not yet built
+  uint64_t now_ = 0;                  // ... its first position
+  uint64_t cursor_ = 0;               // where the fetch walk stands
+  uint64_t window_ = 0;               // positions the walk may run ahead of now_
+  std::vector<uint64_t> demand_;      // samples a batch waits for, fetched first
+  uint64_t tick_ = 0;
+  uint64_t used_ = 0, in_flight_ = 0;
+  // Eviction candidates: (priority, sample), max first; stale entries are skipped.
+  std::vector<std::pair<uint64_t, uint64_t>> heap_;
+  CacheStats stats_;
+  uint64_t base_bytes_ = 0, base_requests_ = 0;
+  bool degraded_ = false;
+  std::chrono::steady_clock::time_point saved_at_;
+  std::thread thread_;
+};
+
+}  // namespace sluice::cache

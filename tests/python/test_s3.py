@@ -1,0 +1,166 @@
+"""Datasets in an object store: sluice reads s3:// paths from moto's S3-compatible server on
+loopback (started here, stopped after), uploaded with boto3 as users upload them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sluice
+
+from conftest import FIELDS, N, config, sample_fields
+
+boto3 = pytest.importorskip("boto3")
+MOTO = Path(sys.executable).parent / "moto_server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A moto server on loopback and the AWS_* environment that points at it."""
+    if not MOTO.exists():
+        pytest.skip(f"{MOTO} not found (scripts/python-env.sh installs moto[server])")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}")
+            time.sleep(0.2)
+    yield client
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def upload(client, directory: Path, bucket: str, prefix: str) -> None:
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(directory)}")
+
+
+def check_epoch(loader: sluice.Loader) -> list[int]:
+    seen = []
+    for batch in loader:
+        data, offsets = batch["data"], batch["data_offsets"]
+        for j, i in enumerate(batch["index"].tolist()):
+            want = sample_fields(i)
+            got = data[offsets[j]:offsets[j + 1]].numpy()
+            assert np.array_equal(got, want["data"]), f"sample {i}"
+            assert int(batch["label"][j]) == i % 10
+            seen.append(i)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, mixed: Path) -> str:
+    upload(s3, mixed, "train", "mixed")
+    return "s3://train/mixed"
+
+
+@pytest.mark.parametrize("policy", ["clairvoyant", "lru"])
+def test_every_sample_once_through_a_cache_half_the_dataset(bucket: str, tmp_path: Path,
+                                                            policy: str) -> None:
+    cfg = config(bucket, drop_last=False,
+                 cache={"dir": str(tmp_path / "cache"), "capacity": "1M", "policy": policy})
+    loader = sluice.Loader(cfg)
+    for _ in range(2):
+        seen = check_epoch(loader)
+        assert sorted(set(seen)) == list(range(N))
+    stats = loader.stats()
+    assert stats["cache_hits"] + stats["cache_misses"] >= 2 * N
+    assert stats["source_bytes"] > 0 and stats["source_requests"] > 0
+
+
+def test_without_a_cache_section_the_cache_is_in_memory(bucket: str) -> None:
+    loader = sluice.Loader(config(bucket, drop_last=False))
+    assert sorted(check_epoch(loader)) == list(range(N))
+    assert loader.stats()["source_bytes"] > 0
+
+
+def test_a_restart_reuses_the_cache_directory(bucket: str, tmp_path: Path) -> None:
+    cfg = config(bucket, drop_last=False, cache={"dir": str(tmp_path / "cache"), "capacity": "64M"})
+    first = sluice.Loader(cfg)
+    check_epoch(first)
+    fetched = first.stats()["source_bytes"]
+    del first
+    again = sluice.Loader(cfg)
+    assert sorted(check_epoch(again)) == list(range(N))
+    assert again.stats()["source_bytes"] == 0, "the first run's samples were fetched again"
+    assert fetched > 0
+
+
+def test_missing_bucket_and_prefix_are_errors_naming_them(s3, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="s3://no-such-bucket"):
+        sluice.Loader(config("s3://no-such-bucket/ds"))
+    s3.create_bucket(Bucket="empty")
+    with pytest.raises(FileNotFoundError, match="s3://empty/nothing"):
+        sluice.Loader(config("s3://empty/nothing"))
+
+
+def test_an_object_changed_under_a_running_loader_names_object_and_sample(
+        s3, mixed: Path, tmp_path: Path) -> None:
+    upload(s3, mixed, "changing", "ds")
+    loader = sluice.Loader(config("s3://changing/ds", cache={"dir": str(tmp_path / "c"),
+                                                             "capacity": "64K"}))
+    # Same size, other bytes: only the samples' checksums can tell.
+    shard = sorted(p for p in mixed.iterdir() if p.name.startswith("shard-"))[0]
+    body = bytearray(shard.read_bytes())
+    body[4096:4096 + 64] = bytes(64)
+    s3.put_object(Bucket="changing", Key=f"ds/{shard.name}", Body=bytes(body))
+    with pytest.raises(sluice.CorruptionError,
+                       match=rf"s3://changing/ds/{shard.name} \[4096\+\d+\] \(sample 0\).*checksum"):
+        for _ in range(2):
+            for _ in loader:
+                pass
+
+
+def test_tokens_file_in_a_bucket(s3, tmp_path: Path) -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)
+    (tmp_path / "t").mkdir()
+    tokens.tofile(tmp_path / "t" / "train.bin")
+    upload(s3, tmp_path / "t", "tok", "set")
+    cfg = config("s3://tok/set/train.bin", drop_last=False)
+    cfg["dataset"].update({"format": "tokens", "seq_len": 100})
+    seen = {}
+    for batch in sluice.Loader(cfg):
+        for j, i in enumerate(batch["index"].tolist()):
+            seen[i] = batch["tokens"][j].numpy()
+    assert len(seen) == 100
+    for i, row in seen.items():
+        assert np.array_equal(row, tokens[i * 100:(i + 1) * 100])
