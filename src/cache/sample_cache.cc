@@ -528,11 +528,24 @@ void SampleCache::fetch_loop() {
     if (stop_) break;
     if (!has_work()) continue;
     seen_now = now_;
-    auto samples = plan_fetch(lock);
+    std::vector<uint64_t> samples;
+    try {  // a bad index entry (an extent outside its shard) stops the cache, not the process
+      samples = plan_fetch(lock);
+    } catch (...) {
+      if (!error_) error_ = std::current_exception();
+      cv_.notify_all();
+      continue;
+    }
     blocked = samples.empty() || cursor_ < std::min<uint64_t>(order_.size(), now_ + window_);
     if (samples.empty()) continue;
     lock.unlock();
-    fetch(samples);
+    try {
+      fetch(samples);
+    } catch (...) {
+      std::lock_guard relock(mu_);
+      if (!error_) error_ = std::current_exception();
+      cv_.notify_all();
+    }
     if (!mirror_.temporary && std::chrono::steady_clock::now() - saved_at_ > kJournalEvery) {
       try {
         save_journal();
