@@ -208,7 +208,7 @@ std::pair<uint64_t, uint64_t> SampleCache::block_of(uint64_t sample, const Sampl
   return {begin, end};
 }
 
-std::vector<uint64_t> SampleCache::plan_fetch(std::unique_lock<std::mutex>&) {
+std::vector<uint64_t> SampleCache::plan_fetch() {
   std::vector<uint64_t> out;
   uint64_t bytes = 0;
   std::vector<std::pair<uint32_t, uint64_t>> blocks;  // this round's, to count each once
@@ -250,12 +250,14 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
   struct Block {
     uint32_t object;
     uint64_t begin, end;
+    uint32_t shard;   // the dataset's shard in the object (not used for a files tree)
     uint64_t at = 0;  // where its bytes land in `buffer`
   };
   std::vector<Block> blocks;
   for (uint64_t s : picked) {
     auto [begin, end] = block_of(s, dataset_->extent(s));
-    blocks.push_back({object_of(s), begin, end});
+    const bool files = dataset_->format() == DatasetFormat::kFiles;
+    blocks.push_back({object_of(s), begin, end, files ? 0 : index::shard_of(*dataset_, s)});
   }
   std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) {
     return a.object != b.object ? a.object < b.object : a.begin < b.begin;
@@ -319,10 +321,7 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
     if (!error && fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles) {
       for (const Block& b : merged) {
         // The samples of this object whose records lie wholly inside the block.
-        uint64_t probe = picked[0];
-        for (uint64_t s : picked)
-          if (object_of(s) == b.object) probe = s;
-        const ShardInfo& shard = dataset_->shards()[index::shard_of(*dataset_, probe)];
+        const ShardInfo& shard = dataset_->shards()[b.shard];
         uint64_t lo = shard.first_sample, hi = shard.first_sample + shard.num_samples;
         uint64_t first = lo, count = hi - lo;  // first sample with offset >= b.begin
         while (count > 0) {
@@ -415,9 +414,7 @@ void SampleCache::wake() {
   cv_.notify_all();
 }
 
-void SampleCache::acquire(uint64_t step, std::span<const SampleRef> refs,
-                          const std::atomic<bool>* cancel) {
-  (void)step;
+void SampleCache::acquire(std::span<const SampleRef> refs, const std::atomic<bool>* cancel) {
   std::unique_lock lock(mu_);
   if (error_) std::rethrow_exception(error_);
   std::vector<uint64_t> unchecked;
@@ -530,7 +527,7 @@ void SampleCache::fetch_loop() {
     seen_now = now_;
     std::vector<uint64_t> samples;
     try {  // a bad index entry (an extent outside its shard) stops the cache, not the process
-      samples = plan_fetch(lock);
+      samples = plan_fetch();
     } catch (...) {
       if (!error_) error_ = std::current_exception();
       cv_.notify_all();

@@ -58,11 +58,11 @@ class SampleCache {
   /// Call with no batch being built (the loader's threads stopped).
   void set_future(const RankPlan& current, const RankPlan& next);
 
-  /// Blocks until every sample of batch `step` of the current plan is in the mirror, and keeps
+  /// Blocks until every sample of a batch (`refs`) is in the mirror, and keeps
   /// them there until release(step). Throws the fetch's error (naming object and sample), or
   /// kIo when the source has not delivered within the timeout.
   /// Also returns (throwing) when `*cancel` is set and wake() called.
-  void acquire(uint64_t step, std::span<const SampleRef> refs, const std::atomic<bool>* cancel);
+  void acquire(std::span<const SampleRef> refs, const std::atomic<bool>* cancel);
   /// Wakes the batches waiting in acquire() to look at their cancel flag.
   void wake();
   void release(uint64_t step, std::span<const SampleRef> refs);
@@ -76,7 +76,7 @@ class SampleCache {
 
   void fetch_loop();
   // Picks the next samples to fetch (under mu_); empty when there is nothing to do now.
-  std::vector<uint64_t> plan_fetch(std::unique_lock<std::mutex>& lock);
+  std::vector<uint64_t> plan_fetch();
   // Makes room for `bytes` (under mu_); `force`: for a batch waiting now, whatever the policy.
   bool make_room(uint64_t bytes, uint64_t key, bool force);
   void evict(uint64_t sample);

@@ -546,7 +546,7 @@ class LoaderImpl final : public Loader {
         plan_.batch(step, refs);
         finish_metadata(step, refs, *storage);
         if (cache_) {
-          cache_->acquire(step, refs, &cancel_);
+          cache_->acquire(refs, &cancel_);
           struct Release {
             cache::SampleCache* cache;
             uint64_t step;
