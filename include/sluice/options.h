@@ -43,10 +43,11 @@ struct CacheOptions {
   uint64_t capacity = 0;      // bytes of samples kept under dir; 0: half the free space there
   uint64_t memory = 0;        // without dir: bytes kept in memory; 0: a quarter of free memory
   CachePolicy policy = CachePolicy::kClairvoyant;
-  // A fetch reads the aligned block of this many bytes around a missing sample (one ranged
-  // read), and keeps the block's other samples where the policy would keep them: fewer
-  // requests for more bytes. 0: each sample's record alone (no byte fetched that is not asked).
-  uint64_t fetch_size = 1ull << 20;
+  // A missing sample is fetched with the other samples of the aligned block of this many bytes
+  // around it that the policy would keep, in one ranged read from the first to the last of them:
+  // fewer requests for more bytes (an object store's request costs about what 4 MiB take to
+  // arrive). 0: each sample's record alone (no byte fetched that is not asked for).
+  uint64_t fetch_size = 4ull << 20;
   bool operator==(const CacheOptions&) const = default;
 };
 

@@ -197,31 +197,55 @@ void SampleCache::evict(uint64_t sample) {
   stats_.evictions += 1;
 }
 
-// The byte range of `sample`'s object that a fetch of it reads: the fetch_size-aligned block
-// around it (whole records only are kept from it), or the record alone.
-std::pair<uint64_t, uint64_t> SampleCache::block_of(uint64_t sample, const SampleExtent& x) const {
-  const uint64_t object_size = source_->objects()[object_of(sample)].size;
-  if (fetch_size_ == 0 || dataset_->format() == DatasetFormat::kFiles)
-    return {x.offset, x.offset + x.size};
-  uint64_t begin = x.offset / fetch_size_ * fetch_size_;
-  uint64_t end = std::min(object_size, std::max(begin + fetch_size_, x.offset + x.size));
-  return {begin, end};
+void SampleCache::take_neighbours(uint64_t sample, uint64_t begin, uint64_t end,
+                                  std::vector<uint64_t>& out) {
+  // The samples of this shard whose records lie wholly inside [begin, end).
+  const ShardInfo& shard = dataset_->shards()[index::shard_of(*dataset_, sample)];
+  uint64_t lo = shard.first_sample, hi = shard.first_sample + shard.num_samples;
+  uint64_t first = lo, count = hi - lo;  // first sample with offset >= begin
+  while (count > 0) {
+    uint64_t half = count / 2;
+    if (dataset_->extent(first + half).offset < begin) {
+      first += half + 1;
+      count -= half + 1;
+    } else {
+      count = half;
+    }
+  }
+  for (uint64_t s = first; s < hi; ++s) {
+    SampleExtent x = dataset_->extent(s);
+    if (x.offset + x.size > end) break;
+    if (state_[s] != kAbsent || next_[s] == kNever) continue;
+    // lru knows no future to weigh them by: they take only free room.
+    if (policy_ == CachePolicy::kLru ? used_ + in_flight_ + x.size > capacity_
+                                     : !make_room(x.size, next_[s], false))
+      continue;
+    state_[s] = kFetching;
+    in_flight_ += x.size;
+    out.push_back(s);
+  }
 }
 
 std::vector<uint64_t> SampleCache::plan_fetch() {
   std::vector<uint64_t> out;
   uint64_t bytes = 0;
-  std::vector<std::pair<uint32_t, uint64_t>> blocks;  // this round's, to count each once
+  std::vector<std::pair<uint32_t, uint64_t>> blocks;  // this round's, to visit each once
+  const bool blocked = fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles;
   auto take = [&](uint64_t s, const SampleExtent& x) {
     state_[s] = kFetching;
     in_flight_ += x.size;
-    auto [begin, end] = block_of(s, x);
-    std::pair<uint32_t, uint64_t> id{object_of(s), begin};
-    if (std::find(blocks.begin(), blocks.end(), id) == blocks.end()) {
-      blocks.push_back(id);
-      bytes += end - begin;
-    }
+    bytes += x.size;
     out.push_back(s);
+    if (!blocked) return;
+    // The block around it: its other samples that the policy would keep come along in the
+    // same ranged read; the read spans only from the first of them to the last.
+    uint64_t begin = x.offset / fetch_size_ * fetch_size_;
+    std::pair<uint32_t, uint64_t> id{object_of(s), begin};
+    if (std::find(blocks.begin(), blocks.end(), id) != blocks.end()) return;
+    blocks.push_back(id);
+    const size_t before = out.size();
+    take_neighbours(s, begin, begin + fetch_size_, out);
+    for (size_t i = before; i < out.size(); ++i) bytes += dataset_->extent(out[i]).size;
   };
   for (uint64_t s : demand_) {
     if (state_[s] != kAbsent) continue;
@@ -246,32 +270,44 @@ std::vector<uint64_t> SampleCache::plan_fetch() {
 }
 
 void SampleCache::fetch(const std::vector<uint64_t>& picked) {
-  // The blocks to read: each picked sample's, merged where they touch.
+  struct Item {
+    uint64_t sample;
+    uint32_t object;
+    SampleExtent x;
+    const std::byte* bytes = nullptr;
+    uint32_t sum = 0;
+  };
+  std::vector<Item> items;
+  for (uint64_t s : picked) items.push_back({s, object_of(s), dataset_->extent(s)});
+  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return a.object != b.object ? a.object < b.object : a.x.offset < b.x.offset;
+  });
+  // One ranged read per run of records: neighbours share it when only a packed record's
+  // padding lies between them, or when they lie in the same fetch_size block (the gap is read
+  // and dropped: one request costs an object store more than a block's bytes).
   struct Block {
     uint32_t object;
     uint64_t begin, end;
-    uint32_t shard;   // the dataset's shard in the object (not used for a files tree)
     uint64_t at = 0;  // where its bytes land in `buffer`
   };
-  std::vector<Block> blocks;
-  for (uint64_t s : picked) {
-    auto [begin, end] = block_of(s, dataset_->extent(s));
-    const bool files = dataset_->format() == DatasetFormat::kFiles;
-    blocks.push_back({object_of(s), begin, end, files ? 0 : index::shard_of(*dataset_, s)});
-  }
-  std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) {
-    return a.object != b.object ? a.object < b.object : a.begin < b.begin;
-  });
-  // Neighbours share a ranged read when nothing but a packed record's padding lies between.
   const uint64_t max_gap = packed_ ? dataset_->alignment() - 1 : 0;
+  const bool blocked = fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles;
   std::vector<Block> merged;
-  for (const Block& b : blocks) {
-    if (!merged.empty() && merged.back().object == b.object &&
-        b.begin <= merged.back().end + max_gap && b.end - merged.back().begin <= kMaxRange) {
-      merged.back().end = std::max(merged.back().end, b.end);
-      continue;
+  std::vector<size_t> block_of_item;
+  for (const Item& it : items) {
+    uint64_t begin = it.x.offset, end = it.x.offset + it.x.size;
+    if (!merged.empty()) {
+      Block& b = merged.back();
+      const bool near =
+          begin <= b.end + max_gap || (blocked && begin / fetch_size_ == (b.end - 1) / fetch_size_);
+      if (b.object == it.object && near && end - b.begin <= kMaxRange) {
+        b.end = std::max(b.end, end);
+        block_of_item.push_back(merged.size() - 1);
+        continue;
+      }
     }
-    merged.push_back(b);
+    merged.push_back({it.object, begin, end});
+    block_of_item.push_back(merged.size() - 1);
   }
   uint64_t total = 0;
   for (auto& b : merged) {
@@ -282,98 +318,32 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
   std::vector<source::Range> ranges;
   for (const auto& b : merged)
     ranges.push_back({b.object, b.begin, b.end - b.begin, buffer.data() + b.at});
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Block& b = merged[block_of_item[i]];
+    items[i].bytes = buffer.data() + b.at + (items[i].x.offset - b.begin);
+  }
 
-  struct Item {
-    uint64_t sample;
-    SampleExtent x;
-    const std::byte* bytes = nullptr;
-    uint32_t sum = 0;
-  };
-  std::vector<Item> items;
   std::exception_ptr error;
   try {
     source_->read(ranges);
+    for (Item& it : items) {
+      std::span<const std::byte> record(it.bytes, it.x.size);
+      it.sum = format::record_checksum(record.data(), record.size(), it.sample);
+      if (packed_ && it.sum != it.x.checksum)
+        fail(ErrorCode::kCorruption,
+             "{}: checksum mismatch (stored {:08x}, fetched {:08x}): the object changed at the "
+             "source since the dataset was opened, or the source returned wrong bytes",
+             name(it.sample, it.x.offset, it.x.size), it.x.checksum, it.sum);
+      try {
+        detail::write_full(object_fds_[it.object], record, "cache file",
+                           static_cast<int64_t>(it.x.offset));
+      } catch (const Error& e) {
+        fail(ErrorCode::kIo, "cache: cannot keep {} under {}: {}",
+             name(it.sample, it.x.offset, it.x.size), mirror_.dir.string(), e.what());
+      }
+    }
   } catch (...) {
     error = std::current_exception();
-  }
-  {
-    // What arrived beside the picked samples is kept where the policy would keep it.
-    std::lock_guard lock(mu_);
-    std::vector<uint64_t> sorted = picked;
-    std::sort(sorted.begin(), sorted.end());
-    auto block_for = [&](uint64_t s, const SampleExtent& x) -> const Block* {
-      uint32_t o = object_of(s);
-      auto it =
-          std::upper_bound(merged.begin(), merged.end(), std::pair{o, x.offset},
-                           [](const std::pair<uint32_t, uint64_t>& k, const Block& b) {
-                             return k.first != b.object ? k.first < b.object : k.second < b.begin;
-                           });
-      if (it == merged.begin()) return nullptr;
-      --it;
-      if (it->object != o || x.offset < it->begin || x.offset + x.size > it->end) return nullptr;
-      return &*it;
-    };
-    for (uint64_t s : picked) {
-      SampleExtent x = dataset_->extent(s);
-      const Block* b = block_for(s, x);
-      items.push_back({s, x, b ? buffer.data() + b->at + (x.offset - b->begin) : nullptr});
-    }
-    if (!error && fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles) {
-      for (const Block& b : merged) {
-        // The samples of this object whose records lie wholly inside the block.
-        const ShardInfo& shard = dataset_->shards()[b.shard];
-        uint64_t lo = shard.first_sample, hi = shard.first_sample + shard.num_samples;
-        uint64_t first = lo, count = hi - lo;  // first sample with offset >= b.begin
-        while (count > 0) {
-          uint64_t half = count / 2;
-          if (dataset_->extent(first + half).offset < b.begin) {
-            first += half + 1;
-            count -= half + 1;
-          } else {
-            count = half;
-          }
-        }
-        for (uint64_t s = first; s < hi; ++s) {
-          SampleExtent x = dataset_->extent(s);
-          if (x.offset + x.size > b.end) break;
-          if (state_[s] != kAbsent || next_[s] == kNever ||
-              std::binary_search(sorted.begin(), sorted.end(), s))
-            continue;
-          // lru knows no future to weigh them by: they take only free room.
-          if (policy_ == CachePolicy::kLru ? used_ + in_flight_ + x.size > capacity_
-                                           : !make_room(x.size, next_[s], false))
-            continue;
-          state_[s] = kFetching;
-          in_flight_ += x.size;
-          items.push_back({s, x, buffer.data() + b.at + (x.offset - b.begin)});
-        }
-      }
-    }
-  }
-  if (!error) {
-    try {
-      for (Item& it : items) {
-        if (!it.bytes)
-          fail(ErrorCode::kIo, "[internal] {}:{}: sample {} outside its block", __FILE__, __LINE__,
-               it.sample);
-        std::span<const std::byte> record(it.bytes, it.x.size);
-        it.sum = format::record_checksum(record.data(), record.size(), it.sample);
-        if (packed_ && it.sum != it.x.checksum)
-          fail(ErrorCode::kCorruption,
-               "{}: checksum mismatch (stored {:08x}, fetched {:08x}): the object changed at the "
-               "source since the dataset was opened, or the source returned wrong bytes",
-               name(it.sample, it.x.offset, it.x.size), it.x.checksum, it.sum);
-        try {
-          detail::write_full(object_fds_[object_of(it.sample)], record, "cache file",
-                             static_cast<int64_t>(it.x.offset));
-        } catch (const Error& e) {
-          fail(ErrorCode::kIo, "cache: cannot keep {} under {}: {}",
-               name(it.sample, it.x.offset, it.x.size), mirror_.dir.string(), e.what());
-        }
-      }
-    } catch (...) {
-      error = std::current_exception();
-    }
   }
   std::lock_guard lock(mu_);
   for (const Item& it : items) {
@@ -388,11 +358,7 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
     last_used_[it.sample] = ++tick_;
     push(it.sample);
   }
-  if (error) {
-    for (uint64_t s : picked)  // a picked sample with no item (internal) is not left fetching
-      if (state_[s] == kFetching) state_[s] = kAbsent;
-    if (!error_) error_ = error;
-  }
+  if (error && !error_) error_ = error;
   cv_.notify_all();
 }
 

@@ -81,7 +81,9 @@ class SampleCache {
   bool make_room(uint64_t bytes, uint64_t key, bool force);
   void evict(uint64_t sample);
   void fetch(const std::vector<uint64_t>& picked);
-  std::pair<uint64_t, uint64_t> block_of(uint64_t sample, const SampleExtent& x) const;
+  // Marks for fetching (under mu_) the absent samples of `sample`'s shard lying in
+  // [begin, end) that the policy would keep, appending them to `out`.
+  void take_neighbours(uint64_t sample, uint64_t begin, uint64_t end, std::vector<uint64_t>& out);
   // Reads a restored sample back from the mirror and checks it; false when it is not intact.
   bool check_cached(uint64_t sample);
   uint64_t priority(uint64_t sample) const;  // larger: dropped first
@@ -97,7 +99,7 @@ class SampleCache {
   Mirror mirror_;
   CachePolicy policy_;
   uint64_t capacity_;
-  uint64_t fetch_size_;  // bytes of the aligned block a fetch reads around a sample; 0: the record
+  uint64_t fetch_size_;  // the aligned block whose kept samples share a read; 0: the record
   std::chrono::milliseconds timeout_;
   bool packed_;
   std::vector<int> object_fds_;         // per source object, the mirror's file (read-write)

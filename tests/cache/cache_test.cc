@@ -159,6 +159,23 @@ TEST_F(CacheTest, ClairvoyantFetchesWithinFivePercentOfBeladyAndLessThanLru) {
       << "lru " << fetched[CachePolicy::kLru];
 }
 
+TEST_F(CacheTest, ABlockFetchBringsTheNeighboursThePolicyKeepsInOneRead) {
+  for (auto policy : {CachePolicy::kClairvoyant, CachePolicy::kLru}) {
+    fs::remove_all(cache());
+    LoaderOptions o = options(policy, kSamples / 2);
+    o.cache.fetch_size = 16 * kBytes;
+    auto loader = Loader::open(o);
+    for (int e = 0; e < 3; ++e) ASSERT_NO_FATAL_FAILURE(check_epoch(*loader));
+    LoaderStats s = loader->stats();
+    EXPECT_EQ(s.cache_hits + s.cache_misses, s.samples);
+    // A block's kept samples share a ranged read: several records per request.
+    EXPECT_GT(s.source_bytes / kBytes, 2 * s.source_requests)
+        << to_string(policy) << ": " << s.source_bytes << " bytes in " << s.source_requests
+        << " requests";
+    if (policy == CachePolicy::kClairvoyant) EXPECT_GT(s.cache_hits, s.samples / 3);
+  }
+}
+
 TEST_F(CacheTest, ARestartReusesTheCacheAndRefetchesWhatIsDamaged) {
   {
     auto loader = Loader::open(options(CachePolicy::kClairvoyant, kSamples));
