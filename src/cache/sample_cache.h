@@ -17,6 +17,7 @@
 #include <sluice/sampler.h>
 
 #include "cache/mirror.h"
+#include "io/engine.h"
 #include "source/source.h"
 
 #include <atomic>
@@ -69,6 +70,26 @@ class SampleCache {
 
   CacheStats stats() const;
   uint64_t capacity() const { return capacity_; }
+
+  /// The loader's engines read the mirror through this layer (`files`: the engine's file
+  /// table). Once the cache has given up its disk, reads go to the source instead; a read of
+  /// the mirror that fails with an IO error is answered from the source and gives it up.
+  std::unique_ptr<io::Engine> layer(std::unique_ptr<io::Engine> engine, std::vector<int> files);
+
+  /// A write to or read from the cache disk failed (full, read-only, failing): from now on
+  /// nothing is cached and every read goes to the source. Logs one line, the first time.
+  void give_up_disk(const std::string& why);
+  bool disk_given_up() const { return bypass_.load(); }
+
+  /// Reads what `reads` ask of the mirror's files from the source instead.
+  struct SourceRead {
+    int fd;  // a mirror file's descriptor
+    uint64_t offset;
+    uint32_t length;
+    std::byte* dest;
+    int32_t result = 0;  // bytes read (fewer past the object's end), or -errno
+  };
+  void read_source(std::span<SourceRead> reads);
 
  private:
   enum State : uint8_t { kAbsent, kFetching, kPresent, kUnchecked };
@@ -132,6 +153,7 @@ class SampleCache {
   CacheStats stats_;
   uint64_t base_bytes_ = 0, base_requests_ = 0;
   bool degraded_ = false;
+  std::atomic<bool> bypass_{false};  // the disk is given up: reads go to the source
   std::chrono::steady_clock::time_point saved_at_;
   std::thread thread_;
 };

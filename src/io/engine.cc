@@ -15,7 +15,8 @@ std::unique_ptr<Engine> make_engine(const EngineOptions& options, std::span<cons
                                     const std::function<void(const std::string&)>& on_choice) {
   auto engine = choose_engine(options, files, on_choice);
   if (options.faults && options.faults->wrap_engine)
-    return options.faults->wrap_engine(std::move(engine));
+    engine = options.faults->wrap_engine(std::move(engine));
+  if (options.layer) engine = options.layer(std::move(engine));
   return engine;
 }
 

@@ -112,6 +112,9 @@ struct EngineOptions {
   EngineKind kind = EngineKind::kAuto;
   uint32_t queue_depth = 128;            // reads in flight
   std::shared_ptr<const Faults> faults;  // tests only
+  // A layer over every engine made, above the tests' wrap_engine: the node cache's fallback
+  // to its source when the cache disk fails (cache/sample_cache.h). Empty: none.
+  std::function<std::unique_ptr<Engine>(std::unique_ptr<Engine>)> layer;
 };
 
 /// Creates the engine that `options.kind` asks for over `files` (file descriptors, indexed

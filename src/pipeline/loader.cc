@@ -510,6 +510,10 @@ class LoaderImpl final : public Loader {
   io::EngineOptions engine_options() const {
     io::EngineOptions o = config::engine_options(options_.io);
     o.faults = faults_;
+    if (cache_)  // a failing cache disk: reads go to the source
+      o.layer = [cache = cache_.get(), files = fds_](std::unique_ptr<io::Engine> e) {
+        return cache->layer(std::move(e), files);
+      };
     return o;
   }
 

@@ -3,9 +3,13 @@
 
 #include <sluice/sluice.h>
 
+#include "../io/fault_engine.h"
+#include "pipeline/open.h"
 #include "test_util.h"
 
 #include <fcntl.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -174,6 +178,53 @@ TEST_F(CacheTest, ABlockFetchBringsTheNeighboursThePolicyKeepsInOneRead) {
         << " requests";
     if (policy == CachePolicy::kClairvoyant) EXPECT_GT(s.cache_hits, s.samples / 3);
   }
+}
+
+// A cache disk that fills up: a small tmpfs at `at`, in a mount namespace of this test process's
+// own (nothing outside sees it; it goes with the process). Needs CAP_SYS_ADMIN, as root has.
+std::string mount_small_disk(const fs::path& at, const std::string& size) {
+  fs::create_directories(at);
+  if (unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + strerror(errno);
+  if (mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
+    return std::string("mount --make-rprivate /: ") + strerror(errno);
+  if (mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) != 0)
+    return std::string("mount tmpfs: ") + strerror(errno);
+  return "";
+}
+
+TEST_F(CacheTest, AFullCacheDiskDegradesToReadingTheSourceWithOneLine) {
+  // 1 MiB of disk for a cache of 4 MiB: the writes fail with ENOSPC a few hundred samples in.
+  if (std::string why = mount_small_disk(cache(), "1m"); !why.empty())
+    GTEST_SKIP() << "no small file system to fill: " << why;
+  ::testing::internal::CaptureStderr();
+  {
+    auto loader = Loader::open(options(CachePolicy::kClairvoyant, kSamples / 2));
+    for (int e = 0; e < 3; ++e) ASSERT_NO_FATAL_FAILURE(check_epoch(*loader));
+    LoaderStats s = loader->stats();
+    EXPECT_GT(s.source_bytes, 2 * kSamples * kBytes) << "epochs 2 and 3 came from the cache?";
+  }
+  std::string log = ::testing::internal::GetCapturedStderr();
+  umount2(cache().c_str(), MNT_DETACH);
+  const std::string line = "directly from now on";
+  ASSERT_NE(log.find(line), std::string::npos) << log;
+  EXPECT_EQ(log.find(line), log.rfind(line)) << "said more than once:\n" << log;
+  EXPECT_NE(log.find("No space left on device"), std::string::npos) << log;
+}
+
+TEST_F(CacheTest, AFailingCacheDiskIsReadFromTheSourceInstead) {
+  // Every read of the mirror fails with EIO at the engine seam, as a dying disk's would.
+  auto faults = std::make_shared<io::Faults>();
+  faults->wrap_engine = [](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    return std::make_unique<testing::FaultEngine>(
+        std::move(e), [](const io::Request&) { return testing::Fault::kError; });
+  };
+  ::testing::internal::CaptureStderr();
+  {
+    auto loader = pipeline::open_loader(options(CachePolicy::kClairvoyant, kSamples / 2), faults);
+    for (int e = 0; e < 2; ++e) ASSERT_NO_FATAL_FAILURE(check_epoch(*loader));
+  }
+  std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("a read of the cache failed: EIO"), std::string::npos) << log;
 }
 
 TEST_F(CacheTest, ARestartReusesTheCacheAndRefetchesWhatIsDamaged) {
