@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "index/tar_index.h"
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -10,8 +11,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <fstream>
 #include <functional>
+#include <iterator>
+#include <mutex>
+#include <thread>
 
 namespace sluice::cache {
 
@@ -65,10 +72,70 @@ struct Region {
   uint64_t offset, length;
 };
 
+using Walked = std::vector<std::pair<Region, std::vector<std::byte>>>;
+
+// A WebDataset tar has no index: its members are found by walking its headers from the start.
+// The walk reads the object in chunks of kTarChunk (one ranged read each), jumping over members
+// larger than a chunk. What the scan reads (headers, long names, pax records, integer fields)
+// becomes the mirror's metadata, so that the scan of the mirror finds what the source holds.
+constexpr uint64_t kTarChunk = 4 << 20;
+
+Walked walk_tar(source::Source& source, uint32_t object) {
+  const uint64_t size = source.objects()[object].size;
+  const std::string label = source.name(object);
+  std::vector<std::byte> chunk;
+  uint64_t chunk_at = 0;
+  Walked out;
+  auto read = [&](std::span<std::byte> dest, uint64_t offset) {
+    if (offset > size || dest.size() > size - offset)
+      fail(ErrorCode::kCorruption, "{}: ends inside the {} bytes at offset {}", label, dest.size(),
+           offset);
+    if (dest.size() > kTarChunk) {
+      source::Range r{object, offset, dest.size(), dest.data()};
+      source.read({&r, 1});
+    } else {
+      if (chunk.empty() || offset < chunk_at || offset + dest.size() > chunk_at + chunk.size()) {
+        chunk.resize(std::min(kTarChunk, size - offset));
+        chunk_at = offset;
+        source::Range r{object, offset, chunk.size(), chunk.data()};
+        source.read({&r, 1});
+      }
+      std::memcpy(dest.data(), chunk.data() + (offset - chunk_at), dest.size());
+    }
+    out.push_back({{object, offset, dest.size()}, {dest.begin(), dest.end()}});
+  };
+  index::scan_tar(label, read, size);
+  return out;
+}
+
+// Walks the tars side by side, a few at a time (each walk is one ranged read after another).
+std::vector<Walked> walk_tars(source::Source& source, const std::vector<uint32_t>& tars) {
+  std::vector<Walked> walked(tars.size());
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < tars.size();) {
+      try {
+        walked[i] = walk_tar(source, tars[i]);
+      } catch (...) {
+        std::lock_guard lock(mu);
+        if (!error) error = std::current_exception();
+        next = tars.size();
+      }
+    }
+  };
+  {
+    std::vector<std::jthread> pool;
+    for (size_t t = 0; t < std::min<size_t>(16, tars.size()); ++t) pool.emplace_back(work);
+  }
+  if (error) std::rethrow_exception(error);
+  return walked;
+}
+
 }  // namespace
 
-Mirror open_mirror(source::Source& source, const CacheOptions& options,
-                   const DatasetOptions& dataset) {
+Mirror open_mirror(source::Source& source, const CacheOptions& options) {
   const auto& objects = source.objects();
   const std::string& url = source.url();
   Mirror m;
@@ -98,14 +165,9 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options,
   m.path = single ? paths[0] : m.dir / "data";
 
   const bool packed = source.find("manifest.sluice").has_value();
-  for (const auto& o : objects) {
-    std::string name = fs::path(o.key).filename().string();
-    if (!packed && (name.ends_with(".tar") || dataset.format == DatasetFormat::kTar))
-      fail(ErrorCode::kUnsupported,
-           "{}: WebDataset tar shards are not read through the cache yet; pack them with `sluice "
-           "pack` and upload the packed directory",
-           url);
-  }
+  std::vector<uint32_t> tars;
+  for (uint32_t i = 0; i < objects.size(); ++i)
+    if (!packed && objects[i].key.ends_with(".tar")) tars.push_back(i);
 
   // The metadata: packed shards' header blocks first (they say where each index is).
   std::vector<Region> regions;
@@ -153,6 +215,12 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options,
     regions.push_back(indexes[k]);
     got.push_back(std::move(got_index[k]));
   }
+  for (auto& walked : walk_tars(source, tars)) {
+    for (auto& [region, bytes] : walked) {
+      regions.push_back(region);
+      got.push_back(std::move(bytes));
+    }
+  }
 
   // Lay the files out; an object whose size or metadata differs from what the slot held loses
   // its cached bytes (it changed at the source), and the slot's journal goes with it.
@@ -174,11 +242,29 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options,
     const Region& r = regions[k];
     int fd = fds[r.object].get();
     if (same) {
+      // A hole punched over metadata inside a sample's span (a tar member's header between its
+      // fields) reads as zeros: that byte was evicted, not changed.
       std::vector<std::byte> old(r.length);
       size_t n = detail::pread_full(fd, old, r.offset, paths[r.object].string());
-      same = n == r.length && old == got[k];
+      same = n == r.length;
+      for (size_t i = 0; same && i < n; ++i) same = old[i] == got[k][i] || old[i] == std::byte{0};
     }
     detail::write_full(fd, got[k], paths[r.object].string(), static_cast<int64_t>(r.offset));
+  }
+  // The objects' versions (ETags, file times): a rewrite that left the metadata as it was (an
+  // .npy's head, a tar's headers) still changed the samples.
+  std::string versions;
+  for (const auto& o : objects) versions += o.key + '\t' + o.version + '\n';
+  if (!m.temporary) {
+    std::ifstream in(m.dir / "versions", std::ios::binary);
+    std::string had((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    same = same && had == versions;
+    std::ofstream out(m.dir / "versions.tmp", std::ios::binary | std::ios::trunc);
+    out << versions;
+    if (!out.flush())
+      fail(ErrorCode::kIo, "cache: cannot write {}", (m.dir / "versions.tmp").string());
+    out.close();
+    fs::rename(m.dir / "versions.tmp", m.dir / "versions");
   }
   if (m.reused && !same) {
     detail::log_line(

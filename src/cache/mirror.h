@@ -4,8 +4,9 @@
 // one sparse file per source object, of the object's size, so that everything downstream
 // (Dataset, the read planner, io_uring, O_DIRECT, checksums) reads it as a local dataset. At
 // open the dataset's metadata is filled in from the source (a packed manifest, each shard's
-// header and index; the head of an .npy); the SampleCache fills in samples as they are needed
-// and punches them out again when it evicts them.
+// header and index; the head of an .npy; every header of a WebDataset tar, found by walking it);
+// the SampleCache fills in samples as they are needed and punches them out again when it evicts
+// them.
 
 #include <sluice/options.h>
 
@@ -31,8 +32,7 @@ struct Mirror {
 /// which a restarted process finds again), or in a fresh directory in memory (/dev/shm) when
 /// no dir is given. Fetches the metadata and compares it with what the slot held: an object
 /// whose metadata changed loses what was cached of it. Throws naming the object.
-Mirror open_mirror(source::Source& source, const CacheOptions& options,
-                   const DatasetOptions& dataset);
+Mirror open_mirror(source::Source& source, const CacheOptions& options);
 
 /// Removes a temporary mirror's directory (best effort).
 void remove_mirror(const Mirror& mirror);

@@ -49,14 +49,14 @@ struct Member {
 };
 
 // Every regular file in the tar, in order (pax 'path' records and GNU long names applied).
-std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size) {
+std::vector<Member> scan_members(const std::string& label, const TarReader& read, uint64_t size) {
   std::vector<Member> members;
   char h[kBlock];
   std::string long_name;
   uint64_t at = 0;
   int zero_blocks = 0;
   while (at + kBlock <= size) {
-    detail::pread_full(fd, std::as_writable_bytes(std::span(h)), at, label);
+    read(std::as_writable_bytes(std::span(h)), at);
     if (std::all_of(h, h + kBlock, [](char c) { return c == 0; })) {
       if (++zero_blocks == 2) break;
       at += kBlock;
@@ -85,7 +85,7 @@ std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size
     if (std::memcmp(h + 257, "ustar", 5) == 0 && h[345]) name = c_string(h + 345, 155) + "/" + name;
     if (type == 'L' || type == 'x') {  // the next member's name: GNU long name, or pax path=
       std::string text(n, '\0');
-      detail::pread_full(fd, std::as_writable_bytes(std::span(text)), data, label);
+      read(std::as_writable_bytes(std::span(text)), data);
       if (type == 'L') {
         long_name = c_string(text.data(), text.size());
       } else {
@@ -118,7 +118,18 @@ std::vector<Member> scan_members(const std::string& label, int fd, uint64_t size
 }  // namespace
 
 TarIndex scan_tar(const std::string& label, int fd, uint64_t size) {
-  std::vector<Member> members = scan_members(label, fd, size);
+  return scan_tar(
+      label,
+      [&](std::span<std::byte> dest, uint64_t offset) {
+        if (detail::pread_full(fd, dest, offset, label) != dest.size())
+          fail(ErrorCode::kCorruption, "{}: ends inside the {} bytes at offset {}", label,
+               dest.size(), offset);
+      },
+      size);
+}
+
+TarIndex scan_tar(const std::string& label, const TarReader& read, uint64_t size) {
+  std::vector<Member> members = scan_members(label, read, size);
   // WebDataset's grouping: key = the path up to the first '.' of the file name; consecutive
   // members with one key are one sample, the rest of the name after that '.' is the field.
   struct Sample {
@@ -171,7 +182,7 @@ TarIndex scan_tar(const std::string& label, int fd, uint64_t size) {
       int64_t value = 0;
       if (t.is_int[f]) {
         std::string text(m.size, '\0');
-        detail::pread_full(fd, std::as_writable_bytes(std::span(text)), m.data, label);
+        read(std::as_writable_bytes(std::span(text)), m.data);
         size_t b = text.find_first_not_of(" \t\r\n"), e = text.find_last_not_of(" \t\r\n");
         auto r = b == std::string::npos
                      ? std::from_chars_result{nullptr, std::errc::invalid_argument}

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -31,6 +33,13 @@ TarIndex load_tar_index(const std::filesystem::path& tar, int fd, uint64_t size)
 
 /// The scan itself, without the cache (`label` names the tar in errors). Same errors.
 TarIndex scan_tar(const std::string& label, int fd, uint64_t size);
+
+/// Reads dest.size() bytes of the tar at `offset`, whole, or throws naming the tar.
+using TarReader = std::function<void(std::span<std::byte> dest, uint64_t offset)>;
+
+/// The scan over any reader (the node cache walks a tar in an object store with it): what it
+/// reads is every header, long name, pax record and integer field, and nothing else.
+TarIndex scan_tar(const std::string& label, const TarReader& read, uint64_t size);
 
 /// Where the cached index of `tar` lives (for tests).
 std::filesystem::path tar_index_cache_path(const std::filesystem::path& tar);

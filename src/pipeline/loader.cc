@@ -359,7 +359,7 @@ class LoaderImpl final : public Loader {
     so.session_token = o.dataset.s3.session_token;
     so.timeout_ms = o.io.timeout_ms;
     source = source::open_source(path, so);
-    mirror = cache::open_mirror(*source, o.cache, o.dataset);
+    mirror = cache::open_mirror(*source, o.cache);
     DatasetOptions d = o.dataset;
     d.path = mirror.path;
     try {

@@ -23,13 +23,22 @@ namespace fs = std::filesystem;
 using sluice::detail::fail;
 using sluice::detail::fail_errno;
 
+// A file's version: its modification and change times and inode (a rewrite in place moves the
+// times; a replacement by rename, the inode).
+std::string version(const fs::path& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) fail_errno(errno, "stat " + path.string());
+  return fmt::format("{}.{:09}-{}.{:09}-{}", st.st_mtim.tv_sec, st.st_mtim.tv_nsec,
+                     st.st_ctim.tv_sec, st.st_ctim.tv_nsec, st.st_ino);
+}
+
 class DirSource final : public Source {
  public:
   DirSource(std::string path, const SourceOptions& options)
       : url_(std::move(path)), max_in_flight_(std::max(1u, options.max_in_flight)) {
     std::error_code ec;
     if (fs::is_regular_file(url_, ec)) {  // one file (a token file): its key is ""
-      objects_.push_back({"", fs::file_size(url_, ec)});
+      objects_.push_back({"", fs::file_size(url_, ec), version(url_)});
       if (ec) fail_errno(ec.value(), "stat " + url_);
       fds_ = std::vector<std::atomic<int>>(1);
       fds_[0].store(-1, std::memory_order_relaxed);
@@ -44,7 +53,8 @@ class DirSource final : public Source {
       if (!it->is_regular_file(sec)) continue;  // follows symlinks; skips dirs, sockets, fifos
       uint64_t size = it->file_size(sec);
       if (sec) fail_errno(sec.value(), "stat " + it->path().string());
-      objects_.push_back({fs::relative(it->path(), url_).generic_string(), size});
+      objects_.push_back(
+          {fs::relative(it->path(), url_).generic_string(), size, version(it->path())});
     }
     if (ec) fail_errno(ec.value(), "list " + url_);
     if (objects_.empty()) fail(ErrorCode::kNotFound, "{}: no files in the directory", url_);

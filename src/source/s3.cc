@@ -386,7 +386,8 @@ class S3Source final : public Source {
       j.what = fmt::format("read {} [{}+{}]", name(r.object), r.offset, r.length);
       j.offset = r.offset, j.length = r.length, j.dest = r.dest;
       j.whole_object = r.offset == 0 && r.length == objects_[r.object].size;
-      j.headers = headers(fmt::format("Range: bytes={}-{}", r.offset, r.offset + r.length - 1));
+      j.headers = headers(fmt::format("Range: bytes={}-{}", r.offset, r.offset + r.length - 1),
+                          objects_[r.object].version);
     }
     run(jobs);
   }
@@ -401,7 +402,7 @@ class S3Source final : public Source {
     j.url = object_url(object);
     j.what = fmt::format("get {}", name(object));
     j.length = out.size(), j.dest = out.data();
-    j.headers = headers({});
+    j.headers = headers({}, objects_[object].version);
     run(jobs);
     return out;
   }
@@ -424,11 +425,14 @@ class S3Source final : public Source {
                        escape_path(full_key(object)));
   }
 
-  Slist headers(const std::string& extra) const {
+  // `etag`: the listed version; a read of an object rewritten since fails (412) rather than
+  // mixing two versions' bytes.
+  Slist headers(const std::string& extra, const std::string& etag = {}) const {
     curl_slist* l = curl_slist_append(nullptr, kContentSha);
     if (l && !config_.token.empty())
       l = curl_slist_append(l, ("x-amz-security-token: " + config_.token).c_str());
     if (l && !extra.empty()) l = curl_slist_append(l, extra.c_str());
+    if (l && !etag.empty()) l = curl_slist_append(l, ("If-Match: " + etag).c_str());
     if (!l) throw std::bad_alloc();
     return Slist(l);
   }
@@ -574,6 +578,11 @@ class S3Source final : public Source {
                         j.what, cause));
       if (status == 416)
         fail(ErrorCode::kCorruption, "{}: {} (object changed or truncated?)", j.what, cause);
+      if (status == 412)
+        fail(ErrorCode::kCorruption,
+             "{}: the object changed at the source since it was listed ({}); open the dataset "
+             "again to read the new version",
+             j.what, cause);
       fail_errno_code(ErrorCode::kIo, EIO,
                       fmt::format("{}: {} from {}", j.what, cause, config_.endpoint));
     }

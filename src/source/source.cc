@@ -114,6 +114,14 @@ Result<ListPage> parse_list_page(std::string_view xml) {
     if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size())
       return failure(fmt::format("<Key> \"{}\": <Size> \"{}\" is not a byte count", raw,
                                  std::string_view(size.text().get())));
+    // The ETag goes back to the server in an If-Match header: printable ASCII only.
+    obj.version = std::string(trimmed(c.child("ETag").text().get()));
+    if (std::any_of(obj.version.begin(), obj.version.end(),
+                    [](char ch) { return ch < 0x20 || ch > 0x7e; }))
+      return failure(
+          fmt::format("<Key> \"{}\": <ETag> holds a character that is not printable "
+                      "ASCII",
+                      raw));
     page.objects.push_back(std::move(obj));
   }
 

@@ -35,6 +35,9 @@ struct SourceOptions {
 struct Object {
   std::string key;
   uint64_t size = 0;
+  // What changes when the object is rewritten: the S3 ETag (reads send it as If-Match), or a
+  // file's modification time and inode. Empty when the listing gave none.
+  std::string version;
 };
 
 /// `length` bytes of object `object` (an index into objects()) from `offset`, into `dest`.
@@ -56,7 +59,8 @@ class Source {
   /// may call it at once). Throws sluice::Error naming the object (s3://bucket/key), range and
   /// cause: kNotFound for 404/NoSuchKey/NoSuchBucket, kIo with sys_errno EACCES for 403, kIo
   /// after the retries are spent (how many attempts, the last cause), kCorruption when the body
-  /// is shorter or longer than asked, kInvalidArgument for a range past the listed size. When it
+  /// is shorter or longer than asked or the object's version is no longer the listed one (S3:
+  /// 412 to If-Match), kInvalidArgument for a range past the listed size. When it
   /// throws, no transfer is left writing into any dest.
   virtual void read(std::span<const Range> ranges) = 0;
   /// Whole-object read (small metadata files such as a manifest); kCorruption when the object's
@@ -87,13 +91,14 @@ std::unique_ptr<Source> open_source(const std::string& url, const SourceOptions&
 
 /// One ListObjectsV2 response page.
 struct ListPage {
-  std::vector<Object> objects;  // full keys, as listed (URL-decoded for EncodingType url)
+  std::vector<Object> objects;  // full keys, as listed (URL-decoded for EncodingType url); ETags
   bool truncated = false;
   std::string next_token;
 };
 
-/// Parses one ListObjectsV2 response page (XML): Key and Size of each <Contents>, IsTruncated,
-/// NextContinuationToken. Exposed for tests and the fuzz target; a failure says what is wrong.
+/// Parses one ListObjectsV2 response page (XML): Key, Size and ETag of each <Contents>,
+/// IsTruncated, NextContinuationToken. Exposed for tests and the fuzz target; a failure says what
+/// is wrong.
 Result<ListPage> parse_list_page(std::string_view xml);
 
 }  // namespace sluice::source

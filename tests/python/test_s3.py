@@ -133,18 +133,20 @@ def test_missing_bucket_and_prefix_are_errors_naming_them(s3, tmp_path: Path) ->
         sluice.Loader(config("s3://empty/nothing"))
 
 
-def test_an_object_changed_under_a_running_loader_names_object_and_sample(
+def test_an_object_changed_under_a_running_loader_is_refused_naming_it(
         s3, mixed: Path, tmp_path: Path) -> None:
     upload(s3, mixed, "changing", "ds")
     loader = sluice.Loader(config("s3://changing/ds", cache={"dir": str(tmp_path / "c"),
                                                              "capacity": "64K"}))
-    # Same size, other bytes: only the samples' checksums can tell.
+    # Same size, other bytes: the ETag changes, and every read carries the listed one (If-Match);
+    # a store that ignores it is caught by the samples' checksums (tests/cache/cache_test.cc).
     shard = sorted(p for p in mixed.iterdir() if p.name.startswith("shard-"))[0]
     body = bytearray(shard.read_bytes())
     body[4096:4096 + 64] = bytes(64)
     s3.put_object(Bucket="changing", Key=f"ds/{shard.name}", Body=bytes(body))
     with pytest.raises(sluice.CorruptionError,
-                       match=rf"s3://changing/ds/{shard.name} \[4096\+\d+\] \(sample 0\).*checksum"):
+                       match=rf"s3://changing/ds/{shard.name} \[\d+\+\d+\]: the object changed at "
+                             "the source since it was listed"):
         for _ in range(2):
             for _ in loader:
                 pass
@@ -164,3 +166,77 @@ def test_tokens_file_in_a_bucket(s3, tmp_path: Path) -> None:
     assert len(seen) == 100
     for i, row in seen.items():
         assert np.array_equal(row, tokens[i * 100:(i + 1) * 100])
+
+
+@pytest.mark.parametrize("capacity", ["256K", "64M"])
+def test_webdataset_tars_in_a_bucket(s3, tmp_path: Path, capacity: str) -> None:
+    from test_sources import write_shards
+
+    samples = write_shards(tmp_path / "wds")
+    upload(s3, tmp_path / "wds", "wds", f"shards-{capacity}")
+    cfg = {"dataset": {"path": f"s3://wds/shards-{capacity}"}, "batch_size": 16,
+           "drop_last": False, "cache": {"dir": str(tmp_path / "cache"), "capacity": capacity}}
+    for run in range(2):  # the second finds the first's cache (and the tar headers) again
+        loader = sluice.Loader(cfg, rank=0, world_size=1)
+        assert [f["name"] for f in loader.fields] == ["cls", "jpg", "json"]
+        for _ in range(2):
+            seen = []
+            for b in loader:
+                jpg, jo = b["jpg"].numpy(), b["jpg_offsets"].numpy()
+                js, so = b["json"].numpy(), b["json_offsets"].numpy()
+                for k, i in enumerate(b["index"].tolist()):
+                    assert jpg[jo[k]:jo[k + 1]].tobytes() == samples[i]["jpg"], f"sample {i}"
+                    assert js[so[k]:so[k + 1]].tobytes() == samples[i]["json"]
+                    assert b["cls"][k].item() == i % 7
+                seen += b["index"][~b["padding"]].tolist()
+            assert sorted(seen) == list(range(len(samples)))
+        if run == 1 and capacity == "64M":
+            assert loader.stats()["source_bytes"] == 0, "the first run's samples were fetched again"
+        del loader
+
+
+def test_a_files_tree_in_a_bucket(s3, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    want = {}
+    for c in ("cat", "dog"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for k in range(20):
+            body = rng.integers(0, 256, int(rng.integers(1, 5000)), dtype=np.uint8).tobytes()
+            (tmp_path / "tree" / c / f"{k:03d}.bin").write_bytes(body)
+            want[f"{c}/{k:03d}.bin"] = body
+    upload(s3, tmp_path / "tree", "files", "tree")
+    loader = sluice.Loader({"dataset": {"path": "s3://files/tree", "format": "files"},
+                            "batch_size": 8, "drop_last": False,
+                            "cache": {"dir": str(tmp_path / "cache"), "capacity": "32K"}},
+                           rank=0, world_size=1)
+    names = sorted(want)
+    for _ in range(2):
+        got = []
+        for b in loader:
+            data, off = b["data"].numpy(), b["data_offsets"].numpy()
+            for j, i in enumerate(b["index"].tolist()):
+                got.append(i)
+                assert data[off[j]:off[j + 1]].tobytes() == want[names[i]], names[i]
+                assert b["label"][j].item() == ["cat", "dog"].index(names[i].split("/")[0])
+        assert sorted(got) == list(range(40))
+
+
+def test_a_restart_after_the_object_was_rewritten_reads_the_new_bytes(s3, tmp_path: Path) -> None:
+    # A token file has no checksums and its size stays: only the object's ETag tells.
+    (tmp_path / "t").mkdir()
+    cfg = config("s3://tok/rewritten/train.bin", drop_last=False,
+                 cache={"dir": str(tmp_path / "cache"), "capacity": "1M"})
+    cfg["dataset"].update({"format": "tokens", "seq_len": 100})
+    for version in range(2):
+        tokens = np.arange(10_000, dtype=np.uint16) + version
+        tokens.tofile(tmp_path / "t" / "train.bin")
+        upload(s3, tmp_path / "t", "tok", "rewritten")
+        loader = sluice.Loader(cfg)
+        rows = 0
+        for batch in loader:
+            for j, i in enumerate(batch["index"].tolist()):
+                assert np.array_equal(batch["tokens"][j].numpy(), tokens[i * 100:(i + 1) * 100]), \
+                    f"version {version}, window {i}"
+                rows += 1
+        assert rows == 100
+        del loader

@@ -894,6 +894,8 @@ TEST(ParseListPageTest, GoodPage) {
   EXPECT_EQ(page->objects[0].size, 123u);
   EXPECT_EQ(page->objects[1].key, "p/e\xc3\xa9");
   EXPECT_EQ(page->objects[1].size, UINT64_MAX);
+  EXPECT_EQ(page->objects[0].version, "\"x\"");  // the ETag, sent back as If-Match
+  EXPECT_EQ(page->objects[1].version, "");
   EXPECT_FALSE(page->truncated);
 
   auto plain = parse_list_page(
@@ -929,6 +931,9 @@ TEST(ParseListPageTest, BadPagesFailSayingWhy) {
       {"<ListBucketResult><Contents><Key>k</Key></Contents></ListBucketResult>", "no <Size>"},
       {"<ListBucketResult><Contents><Key>k</Key><Size>12x</Size></Contents></ListBucketResult>",
        "not a byte count"},
+      {"<ListBucketResult><Contents><Key>k</Key><Size>1</Size><ETag>\"a\r\nX-Evil: 1\"</ETag>"
+       "</Contents></ListBucketResult>",
+       "not printable ASCII"},
       {"<ListBucketResult><Contents><Key>k</Key><Size>-1</Size></Contents></ListBucketResult>",
        "not a byte count"},
       {"<ListBucketResult><Contents><Key>k</Key><Size>18446744073709551616</Size></Contents>"
