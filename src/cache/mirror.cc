@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <fstream>
@@ -71,6 +72,40 @@ struct Region {
   uint32_t object;
   uint64_t offset, length;
 };
+
+// Removes the memory caches of processes that died without removing them (kill -9): their
+// lock is free. A directory without a lock file yet may be one being made: left unless old.
+void sweep_memory_mirrors(const fs::path& base) {
+  auto older_than = [](const fs::path& p, std::chrono::seconds age) {
+    std::error_code ec;
+    auto t = fs::last_write_time(p, ec);
+    return !ec && fs::file_time_type::clock::now() - t > age;
+  };
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(base, ec)) {
+    if (!e.path().filename().string().starts_with("sluice-cache-")) continue;
+    int fd = ::open((e.path() / "lock").c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+      if (!older_than(e.path(), std::chrono::minutes(10))) continue;
+    } else {
+      // A free lock made a moment ago may be one its maker has not taken yet.
+      const bool dead = flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+                        older_than(e.path() / "lock", std::chrono::seconds(10));
+      if (!dead) {
+        ::close(fd);
+        continue;
+      }
+    }
+    std::error_code rec;
+    uint64_t removed = fs::remove_all(e.path(), rec);
+    if (fd >= 0) ::close(fd);
+    if (!rec && removed)
+      detail::log_line(
+          fmt::format("cache: removed {}, the memory cache of a process that ended "
+                      "without removing it",
+                      e.path().string()));
+  }
+}
 
 using Walked = std::vector<std::pair<Region, std::vector<std::byte>>>;
 
@@ -141,11 +176,16 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options) {
   Mirror m;
   if (options.dir.empty()) {
     fs::path base = fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
-    std::string tmpl = (base / "sluice-cache-XXXXXX").string();
+    sweep_memory_mirrors(base);
+    std::string tmpl = (base / "sluice-cache-XXXXXX").string();  // mkdtemp's pattern
     if (!mkdtemp(tmpl.data()))
       detail::fail_errno(errno, "make a memory cache under " + base.string());
     m.dir = tmpl;
     m.temporary = true;
+    // Held while the process lives: a later one removes the directory of a killed one.
+    m.lock = detail::open_file(m.dir / "lock", O_RDWR | O_CREAT);
+    if (flock(m.lock.get(), LOCK_EX | LOCK_NB) != 0)
+      detail::fail_errno(errno, "lock " + (m.dir / "lock").string());
   } else {
     // One directory per source: the URL's hash names it, the URL itself is written inside.
     fs::path root = options.dir / fmt::format("{:016x}", std::hash<std::string>{}(url));

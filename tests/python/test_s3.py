@@ -240,3 +240,31 @@ def test_a_restart_after_the_object_was_rewritten_reads_the_new_bytes(s3, tmp_pa
                 rows += 1
         assert rows == 100
         del loader
+
+
+def test_the_memory_cache_of_a_killed_process_is_removed_by_the_next(bucket: str) -> None:
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+    before = set(shm.glob("sluice-cache-*"))
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, sluice\n"
+         f"loader = sluice.Loader({{'dataset': {{'path': '{bucket}'}}, 'batch_size': 4}},"
+         " rank=0, world_size=1)\n"
+         "next(iter(loader)); print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ,
+                                                                PYTHONPATH=":".join(sys.path)))
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        made = set(shm.glob("sluice-cache-*")) - before
+        assert len(made) == 1, made
+    finally:
+        child.kill()  # SIGKILL: no destructor runs
+        child.wait()
+    (left,) = made
+    assert left.exists()
+    old = time.time() - 60  # its lock was taken long ago
+    os.utime(left / "lock", (old, old))
+    loader = sluice.Loader(config(bucket, drop_last=False))
+    next(iter(loader))
+    assert not left.exists(), "a killed process's memory cache was left behind"
+    del loader
