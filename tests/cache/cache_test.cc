@@ -218,13 +218,19 @@ TEST_F(CacheTest, AFailingCacheDiskIsReadFromTheSourceInstead) {
     return std::make_unique<testing::FaultEngine>(
         std::move(e), [](const io::Request&) { return testing::Fault::kError; });
   };
-  ::testing::internal::CaptureStderr();
-  {
-    auto loader = pipeline::open_loader(options(CachePolicy::kClairvoyant, kSamples / 2), faults);
-    for (int e = 0; e < 2; ++e) ASSERT_NO_FATAL_FAILURE(check_epoch(*loader));
+  // Direct I/O reads through the IO service's one engine, buffered reads through each thread's.
+  for (DirectIo direct : {DirectIo::kOn, DirectIo::kOff}) {
+    fs::remove_all(cache());
+    LoaderOptions o = options(CachePolicy::kClairvoyant, kSamples / 2);
+    o.io.direct = direct;
+    ::testing::internal::CaptureStderr();
+    {
+      auto loader = pipeline::open_loader(o, faults);
+      for (int e = 0; e < 2; ++e) ASSERT_NO_FATAL_FAILURE(check_epoch(*loader));
+    }
+    std::string log = ::testing::internal::GetCapturedStderr();
+    EXPECT_NE(log.find("a read of the cache failed: EIO"), std::string::npos) << log;
   }
-  std::string log = ::testing::internal::GetCapturedStderr();
-  EXPECT_NE(log.find("a read of the cache failed: EIO"), std::string::npos) << log;
 }
 
 TEST_F(CacheTest, ARestartReusesTheCacheAndRefetchesWhatIsDamaged) {
