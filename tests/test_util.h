@@ -5,10 +5,13 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <random>
 #include <stdexcept>
@@ -16,6 +19,19 @@
 #include <vector>
 
 namespace sluice::testing {
+
+/// A disk that fills up: a tmpfs of `size` ("1m") at `at`, in a mount namespace of this test
+/// process's own (nothing outside sees it; it goes with the process; ctest runs each test in a
+/// process of its own). Needs CAP_SYS_ADMIN, as root has. Returns "" or why it could not.
+inline std::string mount_small_disk(const std::filesystem::path& at, const std::string& size) {
+  std::filesystem::create_directories(at);
+  if (unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + strerror(errno);
+  if (mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
+    return std::string("mount --make-rprivate /: ") + strerror(errno);
+  if (mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) != 0)
+    return std::string("mount tmpfs: ") + strerror(errno);
+  return "";
+}
 
 /// A fresh directory under $TMPDIR, removed with everything in it at scope exit.
 class TempDir {

@@ -77,6 +77,11 @@ struct LoaderStats {
   uint64_t source_requests = 0;
   uint64_t cache_hits = 0;
   uint64_t cache_misses = 0;
+  // Checkpoints written in this process since the loader opened (sluice's checkpoint writer):
+  // their bytes, and how long their writes were held back so that this loader's reads went
+  // first (CheckpointOptions::share).
+  uint64_t checkpoint_bytes = 0;
+  double checkpoint_held_seconds = 0;
 };
 
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO

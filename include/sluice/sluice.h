@@ -2,6 +2,7 @@
 
 /// sluice: a data loader that keeps GPUs fed. This header pulls in the whole public API.
 
+#include <sluice/checkpoint.h>
 #include <sluice/dataset.h>
 #include <sluice/error.h>
 #include <sluice/export.h>

@@ -6,7 +6,8 @@
         batch["index"], batch["data"]
 
 See README.md for the config keys and docs/python.md for the iterator's semantics.
-`sluice.torch` (DataLoader for Lightning, IterableDataset) is imported on first use, so that
+`sluice.torch` (DataLoader for Lightning, IterableDataset) and `sluice.checkpoint`
+(torch.distributed.checkpoint's Writer and Reader) are imported on first use, so that
 `import sluice` does not import torch.
 """
 
@@ -18,8 +19,8 @@ __all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__
 
 
 def __getattr__(name: str):
-    if name == "torch":  # lazily: importing sluice does not import torch
+    if name in ("torch", "checkpoint"):  # lazily: importing sluice does not import torch
         import importlib
 
-        return importlib.import_module(".torch", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'sluice' has no attribute {name!r}")

@@ -9,5 +9,6 @@ namespace sluice::python {
 void bind_errors(pybind11::module_& m);
 void bind_dataset(pybind11::module_& m);
 void bind_loader(pybind11::module_& m);
+void bind_checkpoint(pybind11::module_& m);
 
 }  // namespace sluice::python

@@ -100,6 +100,8 @@ class PyLoader {
     d["direct_io"] = s.direct_io;
     d["pinned"] = s.pinned;
     d["batches_held"] = s.batches_held;
+    d["checkpoint_bytes"] = s.checkpoint_bytes;
+    d["checkpoint_held_seconds"] = s.checkpoint_held_seconds;
     if (!get().options().cache.dir.empty() ||
         get().options().dataset.path.string().starts_with("s3://")) {
       d["source_bytes"] = s.source_bytes;

@@ -19,14 +19,15 @@
 namespace sluice::io {
 
 /// One read in flight: `length` bytes of file `file` (an index into the engine's file table)
-/// at `offset` into `dest`.
+/// at `offset` into `dest` (or, with `write`, from `dest` to the file).
 struct Request {
   uint64_t tag = 0;
   uint32_t file = 0;
   uint64_t offset = 0;
   uint32_t length = 0;
   std::byte* dest = nullptr;
-  int fd = -1;  // >= 0: read this descriptor instead of file `file` (files opened per batch)
+  int fd = -1;         // >= 0: read this descriptor instead of file `file` (files opened per batch)
+  bool write = false;  // write `length` bytes from `dest` instead (checkpoints)
 };
 
 struct Completion {

@@ -76,8 +76,9 @@ class ThreadEngine final : public Engine {
       Request r = queue_.front();
       queue_.pop_front();
       lock.unlock();
-      ssize_t n = ::pread(r.fd >= 0 ? r.fd : files_[r.file], r.dest, r.length,
-                          static_cast<off_t>(r.offset));
+      const int fd = r.fd >= 0 ? r.fd : files_[r.file];
+      ssize_t n = r.write ? ::pwrite(fd, r.dest, r.length, static_cast<off_t>(r.offset))
+                          : ::pread(fd, r.dest, r.length, static_cast<off_t>(r.offset));
       int32_t result = n < 0 ? -errno : static_cast<int32_t>(n);
       lock.lock();
       done_.push_back({r.tag, result});

@@ -84,7 +84,11 @@ class UringEngine final : public Engine {
     int fd = r.fd >= 0 ? r.fd : fixed ? static_cast<int>(r.file) : files_[r.file];
     bool in_buffer = !buffer_.empty() && r.dest >= buffer_.data() &&
                      r.dest + r.length <= buffer_.data() + buffer_.size();
-    if (in_buffer)
+    if (r.write && in_buffer)
+      io_uring_prep_write_fixed(sqe, fd, r.dest, r.length, r.offset, 0);
+    else if (r.write)
+      io_uring_prep_write(sqe, fd, r.dest, r.length, r.offset);
+    else if (in_buffer)
       io_uring_prep_read_fixed(sqe, fd, r.dest, r.length, r.offset, 0);
     else
       io_uring_prep_read(sqe, fd, r.dest, r.length, r.offset);

@@ -21,6 +21,7 @@
 #include "format/layout.h"
 #include "index/internals.h"
 #include "io/engine.h"
+#include "io/priority.h"
 #include "io/service.h"
 #include "memory/cuda.h"
 #include "pipeline/batch_builder.h"
@@ -253,6 +254,10 @@ class LoaderImpl final : public Loader {
     s.direct_io = direct_;
     s.pinned = pin_;
     s.batches_held = pool_->held();
+    const io::WriteCounters& w = io::write_counters();
+    s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
+    s.checkpoint_held_seconds =
+        static_cast<double>(w.held_ns.load() - checkpoint_held_at_open_) / 1e9;
     if (cache_) {
       cache::CacheStats c = cache_->stats();
       s.source_bytes = c.source_bytes;
@@ -557,8 +562,10 @@ class LoaderImpl final : public Loader {
             std::span<const SampleRef> refs;
             ~Release() { cache->release(step, refs); }
           } release{cache_.get(), step, refs};
+          io::ReadsWaiting reading;  // checkpoint writes give way (io/priority.h)
           builder->build(refs, engine.get(), *storage);
         } else {
+          io::ReadsWaiting reading;
           builder->build(refs, engine.get(), *storage);
         }
         if (options_.device.kind == DeviceKind::kCuda) {
@@ -656,6 +663,9 @@ class LoaderImpl final : public Loader {
   std::vector<std::unique_ptr<BatchBuilder>> builders_;
   std::unique_ptr<ShardServer> server_;        // distributed.listen: this node's shards for others
   std::unique_ptr<cache::SampleCache> cache_;  // s3:// or cache.dir: the node cache
+  // The process's checkpoint write counters when this loader opened (stats() reports since).
+  uint64_t checkpoint_bytes_at_open_ = io::write_counters().bytes.load();
+  uint64_t checkpoint_held_at_open_ = io::write_counters().held_ns.load();
 
   // Consumer-side state (the consumer thread only).
   RankPlan plan_;

@@ -8,7 +8,6 @@
 #include "test_util.h"
 
 #include <fcntl.h>
-#include <sched.h>
 #include <sys/mount.h>
 #include <unistd.h>
 
@@ -176,25 +175,15 @@ TEST_F(CacheTest, ABlockFetchBringsTheNeighboursThePolicyKeepsInOneRead) {
     EXPECT_GT(s.source_bytes / kBytes, 2 * s.source_requests)
         << to_string(policy) << ": " << s.source_bytes << " bytes in " << s.source_requests
         << " requests";
-    if (policy == CachePolicy::kClairvoyant) EXPECT_GT(s.cache_hits, s.samples / 3);
+    if (policy == CachePolicy::kClairvoyant) {
+      EXPECT_GT(s.cache_hits, s.samples / 3);
+    }
   }
-}
-
-// A cache disk that fills up: a small tmpfs at `at`, in a mount namespace of this test process's
-// own (nothing outside sees it; it goes with the process). Needs CAP_SYS_ADMIN, as root has.
-std::string mount_small_disk(const fs::path& at, const std::string& size) {
-  fs::create_directories(at);
-  if (unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + strerror(errno);
-  if (mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
-    return std::string("mount --make-rprivate /: ") + strerror(errno);
-  if (mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) != 0)
-    return std::string("mount tmpfs: ") + strerror(errno);
-  return "";
 }
 
 TEST_F(CacheTest, AFullCacheDiskDegradesToReadingTheSourceWithOneLine) {
   // 1 MiB of disk for a cache of 4 MiB: the writes fail with ENOSPC a few hundred samples in.
-  if (std::string why = mount_small_disk(cache(), "1m"); !why.empty())
+  if (std::string why = testing::mount_small_disk(cache(), "1m"); !why.empty())
     GTEST_SKIP() << "no small file system to fill: " << why;
   ::testing::internal::CaptureStderr();
   {

@@ -1,0 +1,107 @@
+#pragma once
+
+/// Checkpoints written and read through sluice's IO engine: large aligned O_DIRECT writes from
+/// reused staging buffers, a checksum per part, and directories that become visible only when
+/// complete and durable. python/sluice/checkpoint.py builds torch.distributed.checkpoint's
+/// StorageWriter and StorageReader on the file layer here.
+
+#include <sluice/export.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sluice {
+
+/// How checkpoint files are written and read. Config `checkpoint` (Python: keyword arguments).
+struct CheckpointOptions {
+  bool direct = true;                 // O_DIRECT where the file system takes it (else the page
+                                      // cache, one line says so)
+  uint32_t queue_depth = 8;           // IOs in flight
+  uint64_t chunk_bytes = 8ull << 20;  // bytes per IO, each from its own 4 KiB-aligned staging
+                                      // buffer, reused
+  bool durable = true;                // fsync the files and the directories that name them
+  // While a Loader in this process has reads waiting, checkpoint writes keep at most this share
+  // of queue_depth in flight (at least one): the loader's reads go first. 1: no priority.
+  double share = 0.25;
+};
+
+/// One named part of a checkpoint file (a tensor's bytes).
+struct CheckpointPart {
+  std::string name;
+  std::span<const std::byte> bytes;
+};
+
+/// Where a part lies in its file, and the checksum of its bytes.
+struct PartExtent {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint32_t checksum = 0;
+};
+
+/// What a write did.
+struct CheckpointWriteResult {
+  std::vector<PartExtent> parts;  // in the order given
+  uint64_t bytes = 0;
+  double seconds = 0;       // from the call to the file durable
+  double held_seconds = 0;  // writes held back while a Loader's reads waited (QoS)
+  bool direct = false;      // written with O_DIRECT
+};
+
+/// Writes `parts` one after another into a new file `path` (an existing one is truncated), a
+/// checksum per part, and fsyncs it when options.durable. The file's space is reserved first,
+/// so a full disk fails before any write: kIo with ENOSPC naming the path and the bytes needed.
+/// Blocks until done; calls for different paths may run in parallel.
+SLUICE_EXPORT CheckpointWriteResult write_checkpoint_file(const std::filesystem::path& path,
+                                                          std::span<const CheckpointPart> parts,
+                                                          const CheckpointOptions& options = {});
+
+/// One part to read back: `extent` of the file into `dest` (of extent.length bytes).
+struct CheckpointReadPart {
+  std::string name;  // what errors call it
+  PartExtent extent;
+  std::span<std::byte> dest;
+};
+
+/// Reads each part into its dest and checks its checksum: kCorruption naming the file, the part
+/// and its range for a mismatch or a file that ends inside the part; kNotFound / kIo as the
+/// system says.
+SLUICE_EXPORT void read_checkpoint_file(const std::filesystem::path& path,
+                                        std::span<const CheckpointReadPart> parts,
+                                        const CheckpointOptions& options = {});
+
+/// Makes the complete, durable directory `staging` visible as `dir` in one step: renamed into
+/// place, or exchanged with an existing `dir` (renameat2 RENAME_EXCHANGE), which is then
+/// removed. The parent directory is fsynced when `durable`.
+SLUICE_EXPORT void publish_checkpoint_dir(const std::filesystem::path& staging,
+                                          const std::filesystem::path& dir, bool durable = true);
+
+/// A fresh staging directory for `dir`: `.NAME.partial-XXXXXX` beside it.
+SLUICE_EXPORT std::filesystem::path make_partial_checkpoint_dir(const std::filesystem::path& dir);
+
+/// Removes the staging directories beside `dir` that saves which never finished left behind
+/// (killed mid-save); returns how many. Call when no save of `dir` is running.
+SLUICE_EXPORT size_t remove_partial_checkpoints(const std::filesystem::path& dir);
+
+/// For C++ trainers: writes `parts` as the checkpoint directory `dir` (`data`: the parts one
+/// after another; `index.json`: each part's name, offset, length and checksum). Written in a
+/// staging directory and published as publish_checkpoint_dir does, so a crash at any point
+/// leaves the previous `dir` as it was; staging left by earlier crashed saves is removed first.
+SLUICE_EXPORT CheckpointWriteResult save_checkpoint(const std::filesystem::path& dir,
+                                                    std::span<const CheckpointPart> parts,
+                                                    const CheckpointOptions& options = {});
+
+struct LoadedPart {
+  std::string name;
+  std::vector<std::byte> bytes;
+};
+
+/// Reads back what save_checkpoint wrote, every part checked (errors as read_checkpoint_file;
+/// a missing or damaged index.json is kNotFound / kCorruption naming it).
+SLUICE_EXPORT std::vector<LoadedPart> load_checkpoint(const std::filesystem::path& dir,
+                                                      const CheckpointOptions& options = {});
+
+}  // namespace sluice

@@ -1,0 +1,444 @@
+#include <sluice/checkpoint.h>
+#include <sluice/error.h>
+
+#include "common/errors.h"
+#include "common/file.h"
+#include "common/log.h"
+#include "format/layout.h"
+#include "io/engine.h"
+#include "io/priority.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+
+namespace sluice {
+
+namespace fs = std::filesystem;
+using detail::fail;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr uint64_t kAlign = 4096;  // O_DIRECT: offsets, lengths and memory
+constexpr auto kReapWait = std::chrono::milliseconds(1000);
+// A device that completes nothing for this long has hung: the save or load fails, naming it.
+constexpr auto kStall = std::chrono::seconds(120);
+
+uint64_t round_up(uint64_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+uint64_t round_down(uint64_t x) { return x / kAlign * kAlign; }
+
+struct FreeDeleter {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+using Staging = std::unique_ptr<std::byte, FreeDeleter>;
+
+Staging aligned_buffer(uint64_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlign, bytes) != 0) throw std::bad_alloc();
+  return Staging(static_cast<std::byte*>(p));
+}
+
+std::atomic<bool> said_buffered{false};
+
+// Opens with O_DIRECT when asked and the file system takes it; else through the page cache,
+// saying so once per process.
+detail::UniqueFd open_checkpoint(const fs::path& path, int flags, bool want_direct, bool* direct) {
+  *direct = false;
+  if (want_direct) {
+    int fd = ::open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      *direct = true;
+      return detail::UniqueFd(fd);
+    }
+    if (errno != EINVAL) detail::fail_errno(errno, "open " + path.string());
+    if (!said_buffered.exchange(true))
+      detail::log_line(
+          fmt::format("checkpoint: {}: O_DIRECT refused by the file system; writing "
+                      "and reading through the page cache",
+                      path.parent_path().string()));
+  }
+  return detail::open_file(path, flags);
+}
+
+std::unique_ptr<io::Engine> make_checkpoint_engine(int fd, uint32_t depth) {
+  io::EngineOptions eo;
+  eo.queue_depth = depth;
+  int files[1] = {fd};
+  return io::make_engine(eo, files, nullptr);
+}
+
+// The range a failed IO covered, in the words of every error here.
+std::string range(const fs::path& path, uint64_t offset, uint64_t length) {
+  return fmt::format("{} [{}+{}]", path.string(), offset, length);
+}
+
+}  // namespace
+
+CheckpointWriteResult write_checkpoint_file(const fs::path& path,
+                                            std::span<const CheckpointPart> parts,
+                                            const CheckpointOptions& options) {
+  const auto start = Clock::now();
+  const uint32_t depth = std::max<uint32_t>(1, options.queue_depth);
+  const uint64_t chunk = std::clamp<uint64_t>(round_down(options.chunk_bytes), kAlign, 1ull << 30);
+  CheckpointWriteResult result;
+  uint64_t total = 0;
+  for (const auto& p : parts) {
+    result.parts.push_back(
+        {total, p.bytes.size(), format::record_checksum(p.bytes.data(), p.bytes.size(), 0)});
+    total += p.bytes.size();
+  }
+  detail::UniqueFd fd =
+      open_checkpoint(path, O_WRONLY | O_CREAT | O_TRUNC, options.direct, &result.direct);
+  const uint64_t padded = round_up(total);
+  if (padded > 0) {
+    // Reserve the space first: a full disk fails here, before a byte is written.
+    // fallocate itself, not posix_fallocate: where the file system has no fallocate, glibc's
+    // emulation would write every byte twice.
+    int rc = fallocate(fd.get(), 0, 0, static_cast<off_t>(padded)) == 0 ? 0 : errno;
+    if (rc == ENOSPC || rc == EDQUOT)
+      throw Error(ErrorCode::kIo,
+                  fmt::format("write {}: {} bytes do not fit: {}", path.string(), total,
+                              detail::errno_text(rc)),
+                  rc);
+    if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL)
+      detail::fail_errno(rc, "reserve " + std::to_string(total) + " bytes for " + path.string());
+  }
+
+  auto engine = make_checkpoint_engine(fd.get(), depth);
+  std::vector<Staging> staging;
+  std::vector<uint32_t> free_buffers;
+  struct Io {
+    uint64_t offset = 0, length = 0, done = 0;
+  };
+  std::vector<Io> ios(depth);
+  size_t part = 0;
+  uint64_t part_at = 0, file_at = 0, in_flight = 0;
+  io::WriteCounters& counters = io::write_counters();
+  auto progress = Clock::now();
+  auto submit = [&](uint32_t b) {
+    const Io& io = ios[b];
+    io::Request r;
+    r.tag = b;
+    r.offset = io.offset + io.done;
+    r.length = static_cast<uint32_t>(io.length - io.done);
+    r.dest = staging[b].get() + io.done;
+    r.write = true;
+    if (int rc = engine->submit(r); rc < 0)
+      detail::fail_errno(-rc, "write " + range(path, r.offset, r.length));
+  };
+  while (file_at < padded || in_flight > 0) {
+    // The loader's reads first: while they wait, writes keep a share of the queue.
+    const uint64_t limit = io::reads_waiting() > 0 && options.share < 1
+                               ? std::max<uint64_t>(1, static_cast<uint64_t>(options.share * depth))
+                               : depth;
+    while (file_at < padded && in_flight < limit) {
+      uint32_t b;
+      if (!free_buffers.empty()) {
+        b = free_buffers.back();
+        free_buffers.pop_back();
+      } else if (staging.size() < depth) {
+        b = static_cast<uint32_t>(staging.size());
+        staging.push_back(aligned_buffer(chunk));
+      } else {
+        break;
+      }
+      // Fill the buffer from the parts, one after another; the last IO is padded to the
+      // alignment with zeros, cut off again by ftruncate.
+      const uint64_t want = std::min(chunk, total - file_at);
+      uint64_t filled = 0;
+      while (filled < want) {
+        const auto& bytes = parts[part].bytes;
+        uint64_t n = std::min(want - filled, bytes.size() - part_at);
+        std::memcpy(staging[b].get() + filled, bytes.data() + part_at, n);
+        filled += n;
+        part_at += n;
+        if (part_at == bytes.size()) {
+          ++part;
+          part_at = 0;
+        }
+      }
+      const uint64_t length = round_up(want);
+      std::memset(staging[b].get() + want, 0, length - want);
+      ios[b] = {file_at, length, 0};
+      submit(b);
+      file_at += length;
+      ++in_flight;
+    }
+    if (int rc = engine->flush(); rc < 0) detail::fail_errno(-rc, "write " + path.string());
+    if (in_flight == 0) continue;
+    io::Completion done[16];
+    const bool held = limit < depth && file_at < padded;
+    const auto waited = Clock::now();
+    int n = engine->reap(done, kReapWait);
+    if (held) {
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - waited);
+      result.held_seconds += std::chrono::duration<double>(ns).count();
+      counters.held_ns += static_cast<uint64_t>(ns.count());
+    }
+    if (n < 0) detail::fail_errno(-n, "write " + path.string());
+    if (n > 0) {
+      progress = Clock::now();
+    } else if (Clock::now() - progress > kStall) {
+      fail(ErrorCode::kIo, "write {}: no write completed in {} s (device hung?)", path.string(),
+           kStall.count());
+    }
+    for (int i = 0; i < n; ++i) {
+      const uint32_t b = static_cast<uint32_t>(done[i].tag);
+      Io& io = ios[b];
+      if (done[i].result < 0)
+        detail::fail_errno(-done[i].result, "write " + range(path, io.offset, io.length));
+      if (done[i].result == 0)
+        fail(ErrorCode::kIo, "write {}: the device took no bytes",
+             range(path, io.offset, io.length));
+      io.done += static_cast<uint64_t>(done[i].result);
+      counters.bytes += static_cast<uint64_t>(done[i].result);
+      if (io.done < io.length) {  // a short write: the rest goes again
+        submit(b);
+        continue;
+      }
+      --in_flight;
+      free_buffers.push_back(b);
+    }
+  }
+  if (padded != total && ftruncate(fd.get(), static_cast<off_t>(total)) != 0)
+    detail::fail_errno(errno, "truncate " + path.string());
+  if (options.durable) detail::fsync_or_throw(fd.get(), path.string());
+  result.bytes = total;
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
+void read_checkpoint_file(const fs::path& path, std::span<const CheckpointReadPart> parts,
+                          const CheckpointOptions& options) {
+  const uint32_t depth = std::max<uint32_t>(1, options.queue_depth);
+  const uint64_t chunk = std::clamp<uint64_t>(round_down(options.chunk_bytes), kAlign, 1ull << 30);
+  bool direct = false;
+  detail::UniqueFd fd = open_checkpoint(path, O_RDONLY, options.direct, &direct);
+  const uint64_t size = detail::file_size(fd.get(), path.string());
+  std::vector<size_t> order;  // the parts with bytes, by offset (disjoint: ends ascend too)
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& p = parts[i];
+    if (p.dest.size() != p.extent.length)
+      fail(ErrorCode::kInvalidArgument, "read {}: part {}: {} bytes to read into {}",
+           range(path, p.extent.offset, p.extent.length), p.name, p.extent.length, p.dest.size());
+    if (p.extent.offset > size || p.extent.length > size - p.extent.offset)
+      fail(ErrorCode::kCorruption, "{}: part {} [{}+{}]: the file ends at {} bytes (truncated?)",
+           path.string(), p.name, p.extent.offset, p.extent.length, size);
+    if (p.extent.length > 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return parts[a].extent.offset < parts[b].extent.offset; });
+  // The aligned covers of the parts, merged where they touch, cut into chunk-sized IOs.
+  struct Io {
+    uint64_t offset = 0, length = 0, needed = 0, done = 0;
+  };
+  std::vector<Io> plan;
+  for (size_t i : order) {
+    const auto& e = parts[i].extent;
+    uint64_t begin = round_down(e.offset), end = round_up(e.offset + e.length);
+    if (!plan.empty() && begin <= plan.back().offset + plan.back().length)
+      begin = plan.back().offset + plan.back().length;
+    for (uint64_t at = begin; at < end; at += chunk) {
+      uint64_t length = std::min(chunk, end - at);
+      plan.push_back({at, length, std::min(at + length, size) - at, 0});
+    }
+  }
+  auto engine = make_checkpoint_engine(fd.get(), depth);
+  std::vector<Staging> staging;
+  std::vector<uint32_t> free_buffers;
+  std::vector<size_t> io_of(depth);  // buffer -> index into plan
+  size_t next = 0, in_flight = 0;
+  auto progress = Clock::now();
+  auto submit = [&](uint32_t b) {
+    const Io& io = plan[io_of[b]];
+    io::Request r;
+    r.tag = b;
+    r.offset = io.offset + io.done;
+    r.length = static_cast<uint32_t>(io.length - io.done);
+    r.dest = staging[b].get() + io.done;
+    if (int rc = engine->submit(r); rc < 0)
+      detail::fail_errno(-rc, "read " + range(path, r.offset, r.length));
+  };
+  while (next < plan.size() || in_flight > 0) {
+    while (next < plan.size() && in_flight < depth) {
+      uint32_t b;
+      if (!free_buffers.empty()) {
+        b = free_buffers.back();
+        free_buffers.pop_back();
+      } else {
+        b = static_cast<uint32_t>(staging.size());
+        staging.push_back(aligned_buffer(chunk));
+      }
+      io_of[b] = next++;
+      submit(b);
+      ++in_flight;
+    }
+    if (int rc = engine->flush(); rc < 0) detail::fail_errno(-rc, "read " + path.string());
+    io::Completion done[16];
+    int n = engine->reap(done, kReapWait);
+    if (n < 0) detail::fail_errno(-n, "read " + path.string());
+    if (n > 0) {
+      progress = Clock::now();
+    } else if (Clock::now() - progress > kStall) {
+      fail(ErrorCode::kIo, "read {}: no read completed in {} s (device hung?)", path.string(),
+           kStall.count());
+    }
+    for (int i = 0; i < n; ++i) {
+      const uint32_t b = static_cast<uint32_t>(done[i].tag);
+      Io& io = plan[io_of[b]];
+      if (done[i].result < 0)
+        detail::fail_errno(-done[i].result, "read " + range(path, io.offset, io.length));
+      io.done += static_cast<uint64_t>(done[i].result);
+      if (io.done < io.needed) {
+        if (done[i].result == 0)
+          fail(ErrorCode::kCorruption, "{}: ends at {} bytes while reading (truncated meanwhile?)",
+               path.string(), io.offset + io.done);
+        submit(b);
+        continue;
+      }
+      // Hand the bytes to every part they overlap (parts sorted by offset, disjoint).
+      auto first = std::partition_point(order.begin(), order.end(), [&](size_t k) {
+        return parts[k].extent.offset + parts[k].extent.length <= io.offset;
+      });
+      for (size_t k = static_cast<size_t>(first - order.begin()); k < order.size(); ++k) {
+        const auto& p = parts[order[k]];
+        if (p.extent.offset >= io.offset + io.length) break;
+        uint64_t from = std::max(p.extent.offset, io.offset);
+        uint64_t to = std::min(p.extent.offset + p.extent.length, io.offset + io.length);
+        if (from < to)
+          std::memcpy(p.dest.data() + (from - p.extent.offset),
+                      staging[b].get() + (from - io.offset), to - from);
+      }
+      --in_flight;
+      free_buffers.push_back(b);
+    }
+  }
+  for (const auto& p : parts) {
+    uint32_t sum = format::record_checksum(p.dest.data(), p.dest.size(), 0);
+    if (sum != p.extent.checksum)
+      fail(ErrorCode::kCorruption,
+           "{}: part {} [{}+{}]: checksum mismatch (stored {:08x}, read {:08x}): the file was "
+           "damaged after it was written",
+           path.string(), p.name, p.extent.offset, p.extent.length, p.extent.checksum, sum);
+  }
+}
+
+void publish_checkpoint_dir(const fs::path& staging, const fs::path& dir, bool durable) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    if (::rename(staging.c_str(), dir.c_str()) != 0)
+      detail::fail_errno(errno, fmt::format("rename {} to {}", staging.string(), dir.string()));
+  } else {
+    // Both names stay valid throughout: the old checkpoint is under `staging` afterwards.
+    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
+      detail::fail_errno(errno, fmt::format("exchange {} with {}", staging.string(), dir.string()));
+    if (durable) detail::fsync_dir(dir.parent_path().empty() ? "." : dir.parent_path());
+    fs::remove_all(staging, ec);
+  }
+  if (durable) detail::fsync_dir(dir.parent_path().empty() ? "." : dir.parent_path());
+}
+
+namespace {
+std::string partial_prefix(const fs::path& dir) {
+  return fmt::format(".{}.partial-", dir.filename().string());
+}
+fs::path parent_of(const fs::path& dir) {
+  return dir.parent_path().empty() ? fs::path(".") : dir.parent_path();
+}
+}  // namespace
+
+fs::path make_partial_checkpoint_dir(const fs::path& dir) {
+  if (dir.filename().empty())
+    fail(ErrorCode::kInvalidArgument, "checkpoint: {}: names no directory", dir.string());
+  std::error_code ec;
+  fs::create_directories(parent_of(dir), ec);
+  std::string tmpl = (parent_of(dir) / (partial_prefix(dir) + "XXXXXX")).string();  // mkdtemp's
+  if (!mkdtemp(tmpl.data())) detail::fail_errno(errno, "make " + tmpl);
+  return tmpl;
+}
+
+size_t remove_partial_checkpoints(const fs::path& dir) {
+  size_t removed = 0;
+  std::error_code ec;
+  const std::string prefix = partial_prefix(dir);
+  for (const auto& e : fs::directory_iterator(parent_of(dir), ec)) {
+    if (!e.path().filename().string().starts_with(prefix)) continue;
+    std::error_code rec;
+    fs::remove_all(e.path(), rec);
+    if (!rec) ++removed;
+  }
+  return removed;
+}
+
+namespace {
+constexpr const char* kIndex = "index.json";
+constexpr int kIndexVersion = 1;
+}  // namespace
+
+CheckpointWriteResult save_checkpoint(const fs::path& dir, std::span<const CheckpointPart> parts,
+                                      const CheckpointOptions& options) {
+  if (size_t n = remove_partial_checkpoints(dir))
+    detail::log_line(fmt::format("checkpoint: removed {} unfinished save{} of {}", n,
+                                 n == 1 ? "" : "s", dir.string()));
+  const fs::path staging = make_partial_checkpoint_dir(dir);
+  CheckpointWriteResult r = write_checkpoint_file(staging / "data", parts, options);
+  nlohmann::json index = {{"version", kIndexVersion}, {"parts", nlohmann::json::array()}};
+  for (size_t i = 0; i < parts.size(); ++i)
+    index["parts"].push_back({{"name", parts[i].name},
+                              {"offset", r.parts[i].offset},
+                              {"length", r.parts[i].length},
+                              {"checksum", r.parts[i].checksum}});
+  std::string text = index.dump(1);
+  {
+    auto fd = detail::open_file(staging / kIndex, O_WRONLY | O_CREAT | O_TRUNC);
+    detail::write_full(fd.get(), std::as_bytes(std::span(text)), (staging / kIndex).string());
+    if (options.durable) detail::fsync_or_throw(fd.get(), (staging / kIndex).string());
+  }
+  if (options.durable) detail::fsync_dir(staging);
+  publish_checkpoint_dir(staging, dir, options.durable);
+  return r;
+}
+
+std::vector<LoadedPart> load_checkpoint(const fs::path& dir, const CheckpointOptions& options) {
+  const fs::path index_path = dir / kIndex;
+  auto fd = detail::open_file(index_path, O_RDONLY);
+  std::string text(detail::file_size(fd.get(), index_path.string()), '\0');
+  detail::pread_full(fd.get(), std::as_writable_bytes(std::span(text)), 0, index_path.string());
+  std::vector<LoadedPart> out;
+  std::vector<CheckpointReadPart> reads;
+  try {
+    auto index = nlohmann::json::parse(text);
+    if (index.at("version").get<int>() != kIndexVersion)
+      fail(ErrorCode::kUnsupported, "{}: index version {} (this sluice reads {})",
+           index_path.string(), index.at("version").get<int>(), kIndexVersion);
+    for (const auto& p : index.at("parts")) {
+      out.push_back({p.at("name").get<std::string>(), {}});
+      reads.push_back({out.back().name,
+                       {p.at("offset").get<uint64_t>(), p.at("length").get<uint64_t>(),
+                        p.at("checksum").get<uint32_t>()},
+                       {}});
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail(ErrorCode::kCorruption, "{}: not a sluice checkpoint index: {}", index_path.string(),
+         e.what());
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i].bytes.resize(reads[i].extent.length);
+    reads[i].dest = out[i].bytes;
+  }
+  read_checkpoint_file(dir / "data", reads, options);
+  return out;
+}
+
+}  // namespace sluice
