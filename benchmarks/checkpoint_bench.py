@@ -1,6 +1,6 @@
 """Checkpoints on the data disk: sluice's DCP Writer/Reader against fio, torch.save and DCP's
 FileSystemWriter on the same disk, in one run; then what a checkpoint does to a Loader reading
-cold 4 KiB samples in the same process, with QoS (share 0.25, the default) and without (1).
+cold 4 KiB samples in the same process, with QoS (share 0.05, the default) and without (1).
 
     sudo .venv/bin/python benchmarks/checkpoint_bench.py --dir /var/tmp/ckpt-bench \
         [--gib 2 --rounds 3]
@@ -90,11 +90,11 @@ def saves(d: Path, state: dict, gib: int) -> dict[str, float]:
     def dcp_save() -> None:
         dcp.save(state, storage_writer=FileSystemWriter(str(d / "dcp"), sync_files=True))
 
-    for name, fn in [("sluice save", sluice_save), ("torch.save", torch_save),
-                     ("DCP FileSystemWriter", dcp_save)]:
-        for p in ("sluice", "torch.pt", "dcp"):
-            shutil.rmtree(d / p, ignore_errors=True) if (d / p).is_dir() else (d / p).unlink(
-                missing_ok=True)
+    for name, fn, target in [("sluice save", sluice_save, "sluice"),
+                             ("torch.save", torch_save, "torch.pt"),
+                             ("DCP FileSystemWriter", dcp_save, "dcp")]:
+        p = d / target
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         drop_caches()
         out[name] = size / timed(fn) / 1e9
     # Loads, cold: fio's sequential read of its file, sluice's Reader of its checkpoint.
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--qos-gib", type=int, default=1, help="state saved during the loader window")
     ap.add_argument("--samples", type=int, default=262144, help="4 KiB samples of the dataset")
+    ap.add_argument("--parts", default="saves,async,qos", help="what to run, comma-separated")
+    ap.add_argument("--shares", default="0.05", help="Writer(share=...) values with QoS on")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     state = make_state(args.gib)
@@ -186,12 +188,14 @@ def main() -> None:
     make_dataset(dataset, args.samples)
     rows: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for k, v in saves(args.dir, state, args.gib).items():
+        parts = args.parts.split(",")
+        for k, v in (saves(args.dir, state, args.gib) if "saves" in parts else {}).items():
             rows.setdefault(k, []).append(v)
-        for k, v in async_blocking(args.dir, state).items():
+        for k, v in (async_blocking(args.dir, state) if "async" in parts else {}).items():
             rows.setdefault(k, []).append(v)
-        for name, share in [("no checkpoint", None), ("QoS on (share 0.25)", 0.25),
-                            ("QoS off (share 1)", 1.0)]:
+        qos = [("no checkpoint", None)] + [(f"QoS on (share {x})", float(x))
+                                           for x in args.shares.split(",")]
+        for name, share in [] if "qos" not in parts else qos + [("QoS off (share 1)", 1.0)]:
             shutil.rmtree(args.dir / "qos", ignore_errors=True)
             drop_caches()
             ckpt = None if share is None else (
@@ -205,12 +209,15 @@ def main() -> None:
     print(f"state dict {size:.1f} GiB (16 float32 tensors), {args.rounds} rounds, medians; GB/s")
     for k, v in med.items():
         print(f"{k:48s} {v:10.3f}")
-    w = med["sluice save"]
-    print(f"sluice save / fio write {w / med['fio write']:.2f}, / torch.save "
-          f"{w / med['torch.save']:.2f}, / FileSystemWriter {w / med['DCP FileSystemWriter']:.2f}; "
-          f"sluice load / fio read {med['sluice load'] / med['fio read']:.2f}")
-    base = med["loader, no checkpoint: samples/s"]
-    for name in ("QoS on (share 0.25)", "QoS off (share 1)"):
+    if "sluice save" in med:
+        w = med["sluice save"]
+        print(f"sluice save / fio write {w / med['fio write']:.2f}, / torch.save "
+              f"{w / med['torch.save']:.2f}, / FileSystemWriter "
+              f"{w / med['DCP FileSystemWriter']:.2f}; "
+              f"sluice load / fio read {med['sluice load'] / med['fio read']:.2f}")
+    base = med.get("loader, no checkpoint: samples/s")
+    names = [f"QoS on (share {x})" for x in args.shares.split(",")] + ["QoS off (share 1)"]
+    for name in [] if base is None else names:
         print(f"loader during checkpoint, {name}: {med[f'loader, {name}: samples/s'] / base:.2f}x "
               f"of without; checkpoint took {med[f'loader, {name}: checkpoint s']:.2f} s")
     (args.dir / "results.json").write_text(json.dumps({"rows": rows, "medians": med}, indent=1))

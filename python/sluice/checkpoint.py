@@ -16,8 +16,8 @@ previous checkpoint intact; the next save removes the staging it left. Loading c
 tensor's checksum and names the file and tensor when one fails. DCP reshards on load, so a
 checkpoint saved by N ranks loads on M.
 
-While a :class:`sluice.Loader` reads in the same process, checkpoint writes keep to ``share``
-of the IO queue (the loader's reads first); ``Loader.stats()`` reports ``checkpoint_bytes`` and
+While a :class:`sluice.Loader` reads in the same process, checkpoint writes take at most
+``share`` of the device's time (the loader's reads first); ``Loader.stats()`` reports ``checkpoint_bytes`` and
 ``checkpoint_held_seconds``, and :attr:`Writer.last_result` what the save took.
 """
 
@@ -90,12 +90,12 @@ class Writer(StorageWriter):
     """A DCP StorageWriter writing to the checkpoint directory ``path`` (or the checkpoint_id
     given to ``dcp.save``). ``direct``: O_DIRECT where the file system takes it;
     ``queue_depth`` and ``chunk_bytes``: IOs in flight and their size; ``durable``: fsync files
-    and directories; ``share``: the share of the IO queue writes keep while a Loader in this
-    process has reads waiting (1: no priority for reads)."""
+    and directories; ``share``: the share of the device's time writes take while a Loader in
+    this process has reads waiting (1: no priority for reads)."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, direct: bool = True,
                  queue_depth: int = 8, chunk_bytes: int = 8 << 20, durable: bool = True,
-                 share: float = 0.25) -> None:
+                 share: float = 0.05) -> None:
         super().__init__()
         self.path = Path(path) if path is not None else None
         self._io = {"direct": direct, "queue_depth": queue_depth, "chunk_bytes": chunk_bytes,

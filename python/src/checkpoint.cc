@@ -77,7 +77,7 @@ void bind_checkpoint(py::module_& m) {
       },
       py::arg("path"), py::arg("parts"), py::kw_only(), py::arg("direct") = true,
       py::arg("queue_depth") = 8, py::arg("chunk_bytes") = 8 << 20, py::arg("durable") = true,
-      py::arg("share") = 0.25,
+      py::arg("share") = 0.05,
       "Writes [(name, buffer), ...] one after another into a new file, each checksummed; "
       "returns {'parts': [(offset, length, checksum), ...], 'bytes', 'seconds', "
       "'held_seconds', 'direct'}.");

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <thread>
 
 namespace sluice {
 
@@ -32,6 +33,8 @@ namespace {
 
 constexpr uint64_t kAlign = 4096;  // O_DIRECT: offsets, lengths and memory
 constexpr auto kReapWait = std::chrono::milliseconds(1000);
+// While a Loader's reads wait: the largest write, so that a read waits behind little.
+constexpr uint64_t kYieldIo = 1 << 20;
 // A device that completes nothing for this long has hung: the save or load fails, naming it.
 constexpr auto kStall = std::chrono::seconds(120);
 
@@ -120,6 +123,7 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
   std::vector<uint32_t> free_buffers;
   struct Io {
     uint64_t offset = 0, length = 0, done = 0;
+    Clock::time_point submitted;
   };
   std::vector<Io> ios(depth);
   size_t part = 0;
@@ -137,11 +141,28 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
     if (int rc = engine->submit(r); rc < 0)
       detail::fail_errno(-rc, "write " + range(path, r.offset, r.length));
   };
+  // The loader's reads first. While a Loader's reads wait, one write of at most kYieldIo is in
+  // flight at a time, and after each the writer holds for as long as the write took times
+  // (1 - share) / share: the writes take at most `share` of the device's time, the reads the
+  // rest. When no reads wait, the full queue.
+  const double share = std::clamp(options.share, 0.01, 1.0);
+  auto next_write = Clock::now();
+  auto hold = [&] {
+    const auto begin = Clock::now();
+    while (Clock::now() < next_write && io::reads_waiting() > 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - begin);
+    result.held_seconds += std::chrono::duration<double>(ns).count();
+    counters.held_ns += static_cast<uint64_t>(ns.count());
+  };
   while (file_at < padded || in_flight > 0) {
-    // The loader's reads first: while they wait, writes keep a share of the queue.
-    const uint64_t limit = io::reads_waiting() > 0 && options.share < 1
-                               ? std::max<uint64_t>(1, static_cast<uint64_t>(options.share * depth))
-                               : depth;
+    bool yield = share < 1 && io::reads_waiting() > 0;
+    if (yield && in_flight == 0 && file_at < padded) {
+      hold();
+      yield = io::reads_waiting() > 0;
+    }
+    const uint64_t limit = yield ? 1 : depth;
+    const uint64_t io_size = yield ? std::min(chunk, kYieldIo) : chunk;
     while (file_at < padded && in_flight < limit) {
       uint32_t b;
       if (!free_buffers.empty()) {
@@ -155,7 +176,7 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
       }
       // Fill the buffer from the parts, one after another; the last IO is padded to the
       // alignment with zeros, cut off again by ftruncate.
-      const uint64_t want = std::min(chunk, total - file_at);
+      const uint64_t want = std::min(io_size, total - file_at);
       uint64_t filled = 0;
       while (filled < want) {
         const auto& bytes = parts[part].bytes;
@@ -170,7 +191,7 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
       }
       const uint64_t length = round_up(want);
       std::memset(staging[b].get() + want, 0, length - want);
-      ios[b] = {file_at, length, 0};
+      ios[b] = {file_at, length, 0, Clock::now()};
       submit(b);
       file_at += length;
       ++in_flight;
@@ -178,14 +199,7 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
     if (int rc = engine->flush(); rc < 0) detail::fail_errno(-rc, "write " + path.string());
     if (in_flight == 0) continue;
     io::Completion done[16];
-    const bool held = limit < depth && file_at < padded;
-    const auto waited = Clock::now();
     int n = engine->reap(done, kReapWait);
-    if (held) {
-      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - waited);
-      result.held_seconds += std::chrono::duration<double>(ns).count();
-      counters.held_ns += static_cast<uint64_t>(ns.count());
-    }
     if (n < 0) detail::fail_errno(-n, "write " + path.string());
     if (n > 0) {
       progress = Clock::now();
@@ -209,6 +223,11 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
       }
       --in_flight;
       free_buffers.push_back(b);
+      if (yield) {
+        const auto took = Clock::now() - io.submitted;
+        next_write = Clock::now() +
+                     std::chrono::duration_cast<Clock::duration>(took * ((1 - share) / share));
+      }
     }
   }
   if (padded != total && ftruncate(fd.get(), static_cast<off_t>(total)) != 0)
