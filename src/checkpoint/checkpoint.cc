@@ -181,7 +181,7 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
       while (filled < want) {
         const auto& bytes = parts[part].bytes;
         uint64_t n = std::min(want - filled, bytes.size() - part_at);
-        std::memcpy(staging[b].get() + filled, bytes.data() + part_at, n);
+        if (n > 0) std::memcpy(staging[b].get() + filled, bytes.data() + part_at, n);
         filled += n;
         part_at += n;
         if (part_at == bytes.size()) {
