@@ -99,7 +99,7 @@ void bind_checkpoint(py::module_& m) {
         read_checkpoint_file(path, ps, options(direct, queue_depth, chunk_bytes, true, 1.0));
       },
       py::arg("path"), py::arg("parts"), py::kw_only(), py::arg("direct") = true,
-      py::arg("queue_depth") = 8, py::arg("chunk_bytes") = 8 << 20,
+      py::arg("queue_depth") = 16, py::arg("chunk_bytes") = 8 << 20,
       "Reads [(name, offset, length, checksum, writable buffer), ...] and checks each part.");
   m.def(
       "publish_checkpoint_dir",
