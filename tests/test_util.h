@@ -13,12 +13,24 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace sluice::testing {
+
+/// What f() threw as a sluice::Error ("" when nothing), its code into `code`.
+inline std::string message_of(const std::function<void()>& f, ErrorCode* code = nullptr) {
+  try {
+    f();
+  } catch (const Error& e) {
+    if (code) *code = e.code();
+    return e.what();
+  }
+  return "";
+}
 
 /// A disk that fills up: a tmpfs of `size` ("1m") at `at`, in a mount namespace of this test
 /// process's own (nothing outside sees it; it goes with the process; ctest runs each test in a

@@ -16,6 +16,21 @@
 
 namespace sluice {
 
+/// A peer that keeps a copy of checkpoints on its disk: a `sluice serve --checkpoint-dir DIR`,
+/// which takes them only from clients holding the cluster's token.
+struct CheckpointReplica {
+  std::string address;          // HOST:PORT; empty: no copy
+  std::string token;            // the cluster's token (DistributedOptions::resolved_token)
+  uint32_t timeout_ms = 30000;  // connecting, and each step (4 chunks of 8 MiB) of a copy
+  std::string name;             // the copy's name on the peer; "": checkpoint_copy_name(dir)
+};
+
+/// The name a checkpoint directory's copy has on a peer unless CheckpointReplica::name says
+/// otherwise: its name (outside [A-Za-z0-9._-] as '_') and 16 hex digits of XXH3 of its
+/// absolute path ("step-100-3f2a..."), so that two jobs' "step-100" never share a copy while a
+/// replaced node, mounting the same path, finds its own.
+SLUICE_EXPORT std::string checkpoint_copy_name(const std::filesystem::path& dir);
+
 /// How checkpoint files are written and read. Config `checkpoint` (Python: keyword arguments).
 struct CheckpointOptions {
   bool direct = true;                 // O_DIRECT where the file system takes it (else the page
@@ -28,6 +43,9 @@ struct CheckpointOptions {
   // of the device's time (one write of at most 1 MiB at a time, then a pause): the loader's
   // reads go first. 1: no priority for reads.
   double share = 0.05;
+  // save_checkpoint also copies the checkpoint to this peer; load_checkpoint restores from it
+  // when the local copy is gone.
+  CheckpointReplica replica;
 };
 
 /// One named part of a checkpoint file (a tensor's bytes).
@@ -50,6 +68,9 @@ struct CheckpointWriteResult {
   double seconds = 0;       // from the call to the file durable
   double held_seconds = 0;  // writes held back while a Loader's reads waited (QoS)
   bool direct = false;      // written with O_DIRECT
+  // save_checkpoint with a replica: why its copy on the peer is missing (the local save
+  // succeeded all the same); "" when copied.
+  std::string replica_error;
 };
 
 /// Writes `parts` one after another into a new file `path` (an existing one is truncated), a
@@ -91,9 +112,35 @@ SLUICE_EXPORT size_t remove_partial_checkpoints(const std::filesystem::path& dir
 /// after another; `index.json`: each part's name, offset, length and checksum). Written in a
 /// staging directory and published as publish_checkpoint_dir does, so a crash at any point
 /// leaves the previous `dir` as it was; staging left by earlier crashed saves is removed first.
+/// With options.replica, then copies `dir` to the peer (named checkpoint_copy_name(dir) there)
+/// and publishes it; a failed copy is `replica_error` (and one log line), not an exception.
 SLUICE_EXPORT CheckpointWriteResult save_checkpoint(const std::filesystem::path& dir,
                                                     std::span<const CheckpointPart> parts,
                                                     const CheckpointOptions& options = {});
+
+/// Copies the files `files` of the local checkpoint directory `dir` to the replica as
+/// checkpoint `name` (8 MiB chunks, 4 in flight, each with its XXH3 checksum). A copied file is
+/// durable on the peer but not visible until publish_checkpoint_copy names it. Throws
+/// Error naming the peer, the checkpoint and the file: kConfig without a token, kIo when the
+/// peer is down or fails, kInvalidArgument when it refuses (a bad name, no --checkpoint-dir).
+SLUICE_EXPORT void copy_checkpoint_files(const CheckpointReplica& replica, const std::string& name,
+                                         const std::filesystem::path& dir,
+                                         std::span<const std::string> files);
+
+/// Makes the copied `files` the replica's checkpoint `name` in one step (replacing an older
+/// copy of it); every file must have been copied. Errors as copy_checkpoint_files.
+SLUICE_EXPORT void publish_checkpoint_copy(const CheckpointReplica& replica,
+                                           const std::string& name,
+                                           std::span<const std::string> files);
+
+/// Fetches the replica's checkpoint `name` into `dir` (a node that lost its disk), every chunk
+/// checked against its checksum (kCorruption naming the file and range), written in a staging
+/// directory and published as save_checkpoint does. Processes restoring the same `dir` take
+/// turns (a lock file `.NAME.restore-lock` beside it): the first fetches, the others find `dir`
+/// matching the replica (same files and sizes) and return false. kNotFound when the peer has
+/// no such checkpoint.
+SLUICE_EXPORT bool restore_checkpoint_dir(const CheckpointReplica& replica, const std::string& name,
+                                          const std::filesystem::path& dir);
 
 struct LoadedPart {
   std::string name;
@@ -101,7 +148,8 @@ struct LoadedPart {
 };
 
 /// Reads back what save_checkpoint wrote, every part checked (errors as read_checkpoint_file;
-/// a missing or damaged index.json is kNotFound / kCorruption naming it).
+/// a missing or damaged index.json is kNotFound / kCorruption naming it). With a replica and no
+/// local index.json, restores `dir` from the replica first.
 SLUICE_EXPORT std::vector<LoadedPart> load_checkpoint(const std::filesystem::path& dir,
                                                       const CheckpointOptions& options = {});
 

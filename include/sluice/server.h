@@ -28,6 +28,9 @@ struct ServerOptions {
   uint64_t max_reply_memory = 1ull << 30;  // reply buffers at once; readers wait beyond it
   uint32_t read_threads = 4;               // replies being read at once (their reads share
                                            // one IO thread and its queue)
+  // Keep copies of peers' checkpoints here (include/sluice/checkpoint.h, CheckpointReplica);
+  // empty: refuse them. Authenticated clients write and read any checkpoint under it.
+  std::filesystem::path checkpoint_dir;
   // engine, queue_depth, direct (O_DIRECT reads when the file system allows them) and
   // timeout_ms (longest wait for one reply's reads) apply; threads and verify do not (the
   // client checks every record against its checksum).
@@ -44,6 +47,8 @@ struct ServerStats {
   // Connections closed before or at the handshake: garbage, a wrong token, too slow, over the
   // limits.
   uint64_t refused = 0;
+  uint64_t checkpoint_ops = 0;    // checkpoint copy requests carried out (writes, commits, reads)
+  uint64_t checkpoint_bytes = 0;  // checkpoint bytes received
 };
 
 /// Serves a dataset's samples to remote loaders over UCX (verbs on InfiniBand/RoCE, TCP or
@@ -54,7 +59,8 @@ struct ServerStats {
 /// exposes only a buffer of the dataset's records.
 class SLUICE_EXPORT ShardServer {
  public:
-  /// Listens on options.listen and serves `dataset` from threads of its own until destroyed.
+  /// Listens on options.listen and serves `dataset` (null: none, only checkpoint copies) from
+  /// threads of its own until destroyed.
   /// Throws Error(kInvalidArgument) for a bad address, Error(kConfig) without a token unless
   /// no_token says so, Error(kIo) when it cannot listen ("address already in use") or UCX fails.
   static std::unique_ptr<ShardServer> start(std::shared_ptr<const Dataset> dataset,

@@ -19,6 +19,15 @@ checkpoint saved by N ranks loads on M.
 While a :class:`sluice.Loader` reads in the same process, checkpoint writes take at most
 ``share`` of the device's time (the loader's reads first); ``Loader.stats()`` reports ``checkpoint_bytes`` and
 ``checkpoint_held_seconds``, and :attr:`Writer.last_result` what the save took.
+
+With ``replica="HOST:PORT"`` (a ``sluice serve --checkpoint-dir DIR`` on another node, every
+rank naming the same one), each rank also copies its file there and the coordinator makes the
+copy visible once every file arrived, named ``NAME-HASH`` (the directory's name and a hash of
+its absolute path: two jobs' ``step-100`` never share a copy) or ``replica_name``. A failed copy
+is a warning and ``last_result["replica_error"]``, never a failed save. A :class:`Reader` with
+a replica restores the directory from it when the local copy is gone (a replaced node that
+mounts the same path). The peer takes copies only from holders of the cluster's token
+(``token``, ``token_file`` or ``$SLUICE_TOKEN``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import io
 import os
 import pickle
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -86,20 +96,58 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _Replica:
+    """Where checkpoint copies go (a ``sluice serve --checkpoint-dir``), and the calls to it."""
+
+    def __init__(self, address: str | None, token: str, token_file: str | os.PathLike,
+                 timeout_ms: int, name: str | None) -> None:
+        self.address = address or ""
+        self._name = name
+        self._auth = {"token": token, "token_file": str(token_file), "timeout_ms": timeout_ms}
+
+    def __bool__(self) -> bool:
+        return bool(self.address)
+
+    def call(self, path: Path, fn, *args) -> str:
+        """fn(address, the copy's name, *args); "" when it worked, else the error (warned)."""
+        try:
+            fn(self.address, self.name(path), *args, **self._auth)
+            return ""
+        except (ValueError, OSError, RuntimeError) as e:  # what sluice errors become
+            warnings.warn(f"sluice: checkpoint {path} saved, but its copy on {self.address} is "
+                          f"missing: {e}", RuntimeWarning, stacklevel=3)
+            return str(e)
+
+    def name(self, path: Path) -> str:
+        return self._name or _C.checkpoint_copy_name(str(path))
+
+    def copy(self, path: Path, directory: str, files: list[str]) -> str:
+        return self.call(path, _C.copy_checkpoint_files, directory, files)
+
+    def restore(self, path: Path) -> bool:
+        return _C.restore_checkpoint_dir(self.address, self.name(path), str(path), **self._auth)
+
+
 class Writer(StorageWriter):
     """A DCP StorageWriter writing to the checkpoint directory ``path`` (or the checkpoint_id
     given to ``dcp.save``). ``direct``: O_DIRECT where the file system takes it;
     ``queue_depth`` and ``chunk_bytes``: IOs in flight and their size; ``durable``: fsync files
     and directories; ``share``: the share of the device's time writes take while a Loader in
-    this process has reads waiting (1: no priority for reads)."""
+    this process has reads waiting (1: no priority for reads). ``replica``: HOST:PORT of a
+    peer keeping a copy (``sluice serve --checkpoint-dir``), reached with ``token`` /
+    ``token_file`` / ``$SLUICE_TOKEN`` within ``replica_timeout_ms`` per step; the copy's
+    name there is ``replica_name`` or the directory's name and a hash of its absolute path."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, direct: bool = True,
                  queue_depth: int = 8, chunk_bytes: int = 8 << 20, durable: bool = True,
-                 share: float = 0.05) -> None:
+                 share: float = 0.05, replica: str | None = None, token: str = "",
+                 token_file: str | os.PathLike = "", replica_timeout_ms: int = 30000,
+                 replica_name: str | None = None) -> None:
         super().__init__()
         self.path = Path(path) if path is not None else None
         self._io = {"direct": direct, "queue_depth": queue_depth, "chunk_bytes": chunk_bytes,
                     "durable": durable, "share": share}
+        self._replica = _Replica(replica, token, token_file, replica_timeout_ms, replica_name)
         self.is_coordinator = False
         self.rank = 0
         self.last_result: dict | None = None  # this rank's last write: bytes, seconds, held, direct
@@ -154,6 +202,9 @@ class Writer(StorageWriter):
         result = _C.write_checkpoint_file(os.path.join(staging.directory, staging.file), parts,
                                           **self._io)
         self.last_result = {k: result[k] for k in ("bytes", "seconds", "held_seconds", "direct")}
+        if self._replica:
+            self.last_result["replica_error"] = self._replica.copy(
+                self.path, staging.directory, [staging.file])
         out = []
         for item, (offset, length, checksum), (dtype, shape) in zip(plan.items, result["parts"],
                                                                     infos):
@@ -186,6 +237,16 @@ class Writer(StorageWriter):
             finally:
                 os.close(fd)
         _C.publish_checkpoint_dir(staging, str(self.path), durable=self._io["durable"])
+        if self._replica:
+            # Every rank copied its file before its results were gathered; a rank whose copy
+            # failed makes the publish fail (its file is missing there), saying which.
+            files = sorted({info.file for info in storage.values()})
+            error = self._replica.copy(self.path, str(self.path), [_METADATA])
+            if not error:
+                error = self._replica.call(self.path, _C.publish_checkpoint_copy,
+                                           files + [_METADATA])
+            if self.last_result is not None and error:
+                self.last_result["replica_error"] = error
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -198,9 +259,12 @@ class Reader(StorageReader):
     file and the tensor."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, direct: bool = True,
-                 queue_depth: int = 16, chunk_bytes: int = 8 << 20) -> None:
+                 queue_depth: int = 16, chunk_bytes: int = 8 << 20, replica: str | None = None,
+                 token: str = "", token_file: str | os.PathLike = "",
+                 replica_timeout_ms: int = 30000, replica_name: str | None = None) -> None:
         super().__init__()
         self.path = Path(path) if path is not None else None
+        self._replica = _Replica(replica, token, token_file, replica_timeout_ms, replica_name)
         # Reads want more bytes in flight than writes: 16 x 8 MiB read a 2 GiB file at 1.04-1.05
         # GB/s here, 8 x 8 MiB at 0.68-0.90, fio (iodepth 8, 1 MiB) at 0.99-1.24 (RESULTS.md).
         self._io = {"direct": direct, "queue_depth": queue_depth, "chunk_bytes": chunk_bytes}
@@ -214,6 +278,11 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.path is None:
             raise ValueError("sluice.checkpoint.Reader: no path (give one, or a checkpoint_id)")
+        if self._replica and not (self.path / _METADATA).exists():
+            # A replaced node: the ranks on it take turns; the first fetches the copy.
+            if self._replica.restore(self.path):
+                print(f"sluice: checkpoint: {self.path} restored from its copy on "
+                      f"{self._replica.address}", file=sys.stderr)
         try:
             with open(self.path / _METADATA, "rb") as f:
                 metadata = pickle.load(f)

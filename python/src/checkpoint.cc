@@ -5,6 +5,7 @@
 
 #include <sluice/checkpoint.h>
 #include <sluice/error.h>
+#include <sluice/options.h>
 
 #include <pybind11/stl.h>
 
@@ -37,6 +38,15 @@ std::span<std::byte> bytes_of(const py::buffer_info& info, const std::string& na
   if (!contiguous)
     throw Error(ErrorCode::kInvalidArgument, "checkpoint part " + name + ": not contiguous");
   return {static_cast<std::byte*>(info.ptr), static_cast<size_t>(info.size * info.itemsize)};
+}
+
+// The peer and the token that reaches it: `token`, else `token_file`'s, else $SLUICE_TOKEN.
+CheckpointReplica replica(const std::string& address, const std::string& token,
+                          const std::string& token_file, uint32_t timeout_ms) {
+  DistributedOptions d;
+  d.token = token;
+  d.token_file = token_file;
+  return {address, d.resolved_token(), timeout_ms, ""};
 }
 
 py::tuple extent_tuple(const PartExtent& e) {
@@ -108,6 +118,47 @@ void bind_checkpoint(py::module_& m) {
         publish_checkpoint_dir(staging, dir, durable);
       },
       py::arg("staging"), py::arg("dir"), py::arg("durable") = true);
+  // Copies on a peer (`sluice serve --checkpoint-dir`): each takes the peer's HOST:PORT and
+  // how to find the token.
+  m.def(
+      "copy_checkpoint_files",
+      [](const std::string& address, const std::string& name, const std::string& dir,
+         const std::vector<std::string>& files, const std::string& token,
+         const std::string& token_file, uint32_t timeout_ms) {
+        auto r = replica(address, token, token_file, timeout_ms);
+        py::gil_scoped_release nogil;
+        copy_checkpoint_files(r, name, dir, files);
+      },
+      py::arg("address"), py::arg("name"), py::arg("dir"), py::arg("files"), py::kw_only(),
+      py::arg("token") = "", py::arg("token_file") = "", py::arg("timeout_ms") = 30000,
+      "Copies the files of local directory `dir` to the peer as checkpoint `name` (not yet "
+      "visible there).");
+  m.def(
+      "publish_checkpoint_copy",
+      [](const std::string& address, const std::string& name, const std::vector<std::string>& files,
+         const std::string& token, const std::string& token_file, uint32_t timeout_ms) {
+        auto r = replica(address, token, token_file, timeout_ms);
+        py::gil_scoped_release nogil;
+        publish_checkpoint_copy(r, name, files);
+      },
+      py::arg("address"), py::arg("name"), py::arg("files"), py::kw_only(), py::arg("token") = "",
+      py::arg("token_file") = "", py::arg("timeout_ms") = 30000,
+      "Makes the copied `files` the peer's checkpoint `name` in one step.");
+  m.def(
+      "restore_checkpoint_dir",
+      [](const std::string& address, const std::string& name, const std::string& dir,
+         const std::string& token, const std::string& token_file, uint32_t timeout_ms) {
+        auto r = replica(address, token, token_file, timeout_ms);
+        py::gil_scoped_release nogil;
+        return restore_checkpoint_dir(r, name, dir);
+      },
+      py::arg("address"), py::arg("name"), py::arg("dir"), py::kw_only(), py::arg("token") = "",
+      py::arg("token_file") = "", py::arg("timeout_ms") = 30000,
+      "Fetches the peer's checkpoint `name` into `dir`, each chunk checked; False when `dir` "
+      "already matched it.");
+  m.def(
+      "checkpoint_copy_name", [](const std::string& dir) { return checkpoint_copy_name(dir); },
+      "The name of `dir`'s copy on a peer: its name and a hash of its absolute path.");
   m.def("make_partial_checkpoint_dir",
         [](const std::string& dir) { return make_partial_checkpoint_dir(dir).string(); });
   m.def("remove_partial_checkpoints",

@@ -354,18 +354,7 @@ void read_checkpoint_file(const fs::path& path, std::span<const CheckpointReadPa
 }
 
 void publish_checkpoint_dir(const fs::path& staging, const fs::path& dir, bool durable) {
-  std::error_code ec;
-  if (!fs::exists(dir, ec)) {
-    if (::rename(staging.c_str(), dir.c_str()) != 0)
-      detail::fail_errno(errno, fmt::format("rename {} to {}", staging.string(), dir.string()));
-  } else {
-    // Both names stay valid throughout: the old checkpoint is under `staging` afterwards.
-    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
-      detail::fail_errno(errno, fmt::format("exchange {} with {}", staging.string(), dir.string()));
-    if (durable) detail::fsync_dir(dir.parent_path().empty() ? "." : dir.parent_path());
-    fs::remove_all(staging, ec);
-  }
-  if (durable) detail::fsync_dir(dir.parent_path().empty() ? "." : dir.parent_path());
+  detail::replace_dir(staging, dir, durable);
 }
 
 namespace {
@@ -426,11 +415,31 @@ CheckpointWriteResult save_checkpoint(const fs::path& dir, std::span<const Check
   }
   if (options.durable) detail::fsync_dir(staging);
   publish_checkpoint_dir(staging, dir, options.durable);
+  if (!options.replica.address.empty()) {
+    const std::vector<std::string> files = {"data", kIndex};
+    const std::string name =
+        options.replica.name.empty() ? checkpoint_copy_name(dir) : options.replica.name;
+    try {
+      copy_checkpoint_files(options.replica, name, dir, files);
+      publish_checkpoint_copy(options.replica, name, files);
+    } catch (const Error& e) {
+      r.replica_error = e.what();
+      detail::log_line(
+          fmt::format("checkpoint: {} saved, its copy missing: {}", dir.string(), r.replica_error));
+    }
+  }
   return r;
 }
 
 std::vector<LoadedPart> load_checkpoint(const fs::path& dir, const CheckpointOptions& options) {
   const fs::path index_path = dir / kIndex;
+  std::error_code ec;
+  if (!options.replica.address.empty() && !fs::exists(index_path, ec) &&
+      restore_checkpoint_dir(
+          options.replica,
+          options.replica.name.empty() ? checkpoint_copy_name(dir) : options.replica.name, dir))
+    detail::log_line(fmt::format("checkpoint: {} restored from its copy on peer {}", dir.string(),
+                                 options.replica.address));
   auto fd = detail::open_file(index_path, O_RDONLY);
   std::string text(detail::file_size(fd.get(), index_path.string()), '\0');
   detail::pread_full(fd.get(), std::as_writable_bytes(std::span(text)), 0, index_path.string());

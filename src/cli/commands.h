@@ -37,7 +37,8 @@ struct BenchArgs {
 };
 
 struct ServeArgs {
-  std::filesystem::path dataset;
+  std::filesystem::path dataset;         // empty: none (only with checkpoint_dir)
+  std::filesystem::path checkpoint_dir;  // keep peers' checkpoint copies here
   std::string listen = "0.0.0.0:7070";
   std::filesystem::path token_file;  // else $SLUICE_TOKEN
   bool no_token = false;             // serve without a token (refused unless said)

@@ -70,8 +70,13 @@ int main(int argc, char** argv) {
 
   ServeArgs serve;
   auto* serve_cmd =
-      app.add_subcommand("serve", "Serve a dataset's samples to remote loaders (UCX)");
-  serve_cmd->add_option("DATASET", serve.dataset, "Dataset directory")->required();
+      app.add_subcommand("serve",
+                         "Serve a dataset's samples to remote loaders (UCX), and keep "
+                         "peers' checkpoint copies");
+  serve_cmd->add_option("DATASET", serve.dataset,
+                        "Dataset directory (optional with --checkpoint-dir)");
+  serve_cmd->add_option("--checkpoint-dir", serve.checkpoint_dir,
+                        "Keep copies of peers' checkpoints here (token holders only)");
   serve_cmd->add_option("--listen", serve.listen, "HOST:PORT to listen on (default 0.0.0.0:7070)");
   serve_cmd->add_option("--token-file", serve.token_file,
                         "File holding the shared token (default: $SLUICE_TOKEN)");

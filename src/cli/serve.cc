@@ -35,7 +35,16 @@ int run_serve(const ServeArgs& args) {
     throw Error(ErrorCode::kInvalidArgument,
                 "no token: give --token-file F (or set $SLUICE_TOKEN); --no-token serves without "
                 "one, to anyone who can connect (a single trusted host only)");
-  auto dataset = Dataset::open(args.dataset);
+  if (args.dataset.empty() && args.checkpoint_dir.empty())
+    throw Error(ErrorCode::kInvalidArgument,
+                "serve what? give a DATASET, --checkpoint-dir DIR, or both");
+  if (!args.checkpoint_dir.empty() && options.token.empty())
+    throw Error(ErrorCode::kInvalidArgument,
+                "--checkpoint-dir takes copies only from the cluster's token holders: give "
+                "--token-file F (or set $SLUICE_TOKEN), not --no-token");
+  options.checkpoint_dir = args.checkpoint_dir;
+  std::shared_ptr<const Dataset> dataset;
+  if (!args.dataset.empty()) dataset = Dataset::open(args.dataset);
   // Signals are taken by sigwait below; block them before the server's threads start so that
   // none of those threads is picked to run a default handler.
   sigset_t stop;
@@ -45,17 +54,22 @@ int run_serve(const ServeArgs& args) {
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   auto server = ShardServer::start(dataset, options);
   if (args.json) {
-    fmt::print("{}\n", nlohmann::json{{"address", server->address()},
-                                      {"dataset", dataset->path().string()},
-                                      {"samples", dataset->num_samples()},
-                                      {"shards", dataset->shards().size()},
-                                      {"io", server->io_description()}}
-                           .dump());
+    nlohmann::json j{{"address", server->address()}, {"io", server->io_description()}};
+    if (dataset) {
+      j["dataset"] = dataset->path().string();
+      j["samples"] = dataset->num_samples();
+      j["shards"] = dataset->shards().size();
+    }
+    if (!args.checkpoint_dir.empty()) j["checkpoint_dir"] = args.checkpoint_dir.string();
+    fmt::print("{}\n", j.dump());
   } else {
-    fmt::print("sluice serve: {} ({} samples, {} shards) on {}{}; {}; Ctrl-C stops\n",
-               dataset->path().string(), dataset->num_samples(), dataset->shards().size(),
-               server->address(), options.token.empty() ? ", no token" : ", token required",
-               server->io_description());
+    std::string what = dataset ? fmt::format("{} ({} samples, {} shards)", dataset->path().string(),
+                                             dataset->num_samples(), dataset->shards().size())
+                               : std::string("no dataset");
+    if (!args.checkpoint_dir.empty())
+      what += fmt::format(", checkpoint copies in {}", args.checkpoint_dir.string());
+    fmt::print("sluice serve: {} on {}{}; {}; Ctrl-C stops\n", what, server->address(),
+               options.token.empty() ? ", no token" : ", token required", server->io_description());
   }
   std::fflush(stdout);
   int sig = 0;
@@ -64,9 +78,9 @@ int run_serve(const ServeArgs& args) {
   server.reset();
   fmt::print(stderr,
              "sluice serve: stopped by {}: {} requests answered, {} rejected, {} busy, {} bytes "
-             "sent; {} clients served, {} connections refused\n",
+             "sent; {} checkpoint ops ({} bytes in); {} clients served, {} connections refused\n",
              sig == SIGINT ? "SIGINT" : "SIGTERM", s.requests, s.rejected, s.busy, s.bytes_sent,
-             s.connections, s.refused);
+             s.checkpoint_ops, s.checkpoint_bytes, s.connections, s.refused);
   return 0;
 }
 

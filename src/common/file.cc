@@ -4,6 +4,7 @@
 #include "common/log.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2, RENAME_EXCHANGE
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -65,6 +66,24 @@ void fsync_or_throw(int fd, const std::string& what) {
 void fsync_dir(const std::filesystem::path& dir) {
   UniqueFd fd = open_file(dir, O_RDONLY | O_DIRECTORY);
   fsync_or_throw(fd.get(), dir.string());
+}
+
+void replace_dir(const std::filesystem::path& staging, const std::filesystem::path& dir,
+                 bool durable) {
+  namespace fs = std::filesystem;
+  const fs::path parent = dir.parent_path().empty() ? fs::path(".") : dir.parent_path();
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    if (::rename(staging.c_str(), dir.c_str()) != 0)
+      fail_errno(errno, "rename " + staging.string() + " to " + dir.string());
+  } else {
+    // Both names stay valid throughout: the old directory is under `staging` afterwards.
+    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
+      fail_errno(errno, "exchange " + staging.string() + " with " + dir.string());
+    if (durable) fsync_dir(parent);
+    fs::remove_all(staging, ec);
+  }
+  if (durable) fsync_dir(parent);
 }
 
 uint64_t file_size(int fd, const std::string& what) {

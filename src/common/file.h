@@ -47,6 +47,11 @@ void write_full(int fd, std::span<const std::byte> buf, const std::string& what,
 void fsync_or_throw(int fd, const std::string& what);
 /// fsyncs a directory so that renames and new entries in it are durable.
 void fsync_dir(const std::filesystem::path& dir);
+/// Makes the directory `staging` visible as `dir` in one step: renamed into place, or exchanged
+/// with an existing `dir` (renameat2 RENAME_EXCHANGE), which is then removed. The parent is
+/// fsynced when `durable`. Throws naming both paths.
+void replace_dir(const std::filesystem::path& staging, const std::filesystem::path& dir,
+                 bool durable);
 uint64_t file_size(int fd, const std::string& what);
 
 /// Makes room for `count` more open descriptors (plus a margin) under RLIMIT_NOFILE: raises the

@@ -38,7 +38,8 @@ struct Receive {
 // One request on the wire. Lives until read() returns, after every callback that names it.
 struct Pending {
   uint64_t id = 0;
-  ReadRequest* request = nullptr;  // nullptr for send_raw
+  ReadRequest* request = nullptr;  // nullptr for send_raw and call
+  RawCall* call = nullptr;         // call(): where the reply goes
   RequestHeader header;
   bool raw = false;  // send_raw: raw_header goes instead of header
   bool sign = true;  // send_raw: set the connection id and MAC
@@ -215,12 +216,29 @@ class ClientImpl final : public PeerClient {
     std::vector<std::unique_ptr<Pending>> pendings;
     auto p = std::make_unique<Pending>();
     p->sign = sign;
-    raw_header_.assign(header.begin(), header.end());
+    p->raw_header.assign(header.begin(), header.end());
     p->raw_data = data;
     pendings.push_back(std::move(p));
     send_all(pendings, /*raw=*/true);
     wait_all(pendings, lock);
     return {pendings[0]->reply.status, pendings[0]->message};
+  }
+
+  void call(std::span<RawCall> calls) override {
+    Lock lock(mu_);
+    usable();
+    std::vector<std::unique_ptr<Pending>> pendings;
+    for (RawCall& c : calls) {
+      auto p = std::make_unique<Pending>();
+      p->call = &c;
+      p->raw_header = c.header;
+      p->raw_data = c.data;
+      c.reply.clear();
+      pendings.push_back(std::move(p));
+    }
+    send_all(pendings, /*raw=*/true);
+    wait_all(pendings, lock);
+    for (auto& p : pendings) p->call->status = p->reply.status;
   }
 
  private:
@@ -266,13 +284,12 @@ class ClientImpl final : public PeerClient {
     for (auto& p : pendings) {
       // A raw header too short to carry a request id is answered with id 0.
       constexpr size_t kIdAt = offsetof(RequestHeader, request_id);
-      p->id = raw && raw_header_.size() < kIdAt + 8 ? 0 : ++shared_->impl().next_id;
+      p->id = raw && p->raw_header.size() < kIdAt + 8 ? 0 : ++shared_->impl().next_id;
       p->header.request_id = p->id;
       p->client = this;
       by_id_[p->id] = p.get();
       if (raw) {
         p->raw = true;
-        p->raw_header = raw_header_;
         if (p->raw_header.size() >= kIdAt + 8)  // match the reply
           std::memcpy(p->raw_header.data() + kIdAt, &p->id, 8);
       }
@@ -490,22 +507,31 @@ class ClientImpl final : public PeerClient {
     if (it == by_id_.end() || it->second->done) return;  // not ours (any more)
     Pending& p = *it->second;
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
-    if (h->status == ReplyStatus::kBusy && p.request) {  // back-pressure: again, a bit later
+    if (h->status == ReplyStatus::kBusy && (p.request || p.call)) {  // again, a bit later
       p.resend_at = Clock::now() + p.backoff;
       p.backoff = std::min(p.backoff * 2, std::chrono::milliseconds(100));
       return;
     }
     p.reply = *h;
-    if (h->status != ReplyStatus::kOk || !p.request) {
-      if (!rndv) p.message.assign(static_cast<const char*>(data), std::min<size_t>(length, 4096));
-      p.done = true;
-      return;
-    }
     auto transport_failure = [&](std::string why) {
       p.transport_failed = true;
       p.message = std::move(why);
       p.done = true;
     };
+    if (p.call) {  // the whole reply, whatever its status, into the call's buffer
+      constexpr size_t kMaxCallReply = kMaxCheckpointChunk + (1 << 20);
+      if (length != h->data_bytes || length > kMaxCallReply)
+        return transport_failure(fmt::format("reply says {} bytes, carries {} (at most {})",
+                                             h->data_bytes, length, kMaxCallReply));
+      p.call->reply.resize(length);
+      p.dest = p.call->reply;
+      return receive(p, -1, data, p.dest, rndv);
+    }
+    if (h->status != ReplyStatus::kOk || !p.request) {
+      if (!rndv) p.message.assign(static_cast<const char*>(data), std::min<size_t>(length, 4096));
+      p.done = true;
+      return;
+    }
     if (length != h->data_bytes)
       return transport_failure(
           fmt::format("reply says {} bytes, carries {}", h->data_bytes, length));
@@ -588,7 +614,7 @@ class ClientImpl final : public PeerClient {
 
   void landed(Pending& p, int64_t record, std::span<std::byte> dest) {
     if (record < 0) {
-      check_records(p);
+      if (p.request) check_records(p);
       p.done = true;
       return;
     }
@@ -661,10 +687,9 @@ class ClientImpl final : public PeerClient {
   std::unique_ptr<Mac> session_;  // signs requests
   ucp_ep_h ep_ = nullptr;
   ucp_ep_h reply_ep_ = nullptr;  // this worker's end of the server's endpoint (see note_reply_ep)
-  std::vector<std::byte> raw_header_;
-  bool closing_ = false;  // close() began: the endpoints are taken
-  bool failed_ = false;   // the connection failed (error handler, malformed reply)
-  bool broken_ = false;   // a read failed: this client is done
+  bool closing_ = false;         // close() began: the endpoints are taken
+  bool failed_ = false;          // the connection failed (error handler, malformed reply)
+  bool broken_ = false;          // a read failed: this client is done
   std::string failure_;
 };
 

@@ -42,6 +42,16 @@ struct ReadRequest {
   std::vector<std::vector<std::byte>> owned;  // separate records without a destination
 };
 
+/// A request of another kind than a sample read (a checkpoint op, wire.h CheckpointHeader), and
+/// after PeerClient::call its reply.
+struct RawCall {
+  std::vector<std::byte> header;  // its connection id, MAC and request id are filled in
+  std::span<const std::byte> data;
+  // Filled by call():
+  ReplyStatus status = ReplyStatus::kOk;
+  std::vector<std::byte> reply;  // the reply's data: what was asked for, or the error text
+};
+
 /// A UCX context and worker that several clients share, each with its endpoint on it: one per
 /// loader serves every peer for all its threads, so n peers cost n endpoints, not a context
 /// and worker each (per thread). Replies are routed to their client by request id, and a client
@@ -93,6 +103,12 @@ class PeerClient {
   /// calls in flight on one client. A failure of one (a timeout, a dead peer) fails the others.
   virtual std::unique_ptr<Call> start(std::span<ReadRequest> requests) = 0;
   virtual void finish(Call& call) = 0;
+
+  /// Sends every call at once (signed, eagerly: the server takes no request data by rendezvous),
+  /// sends again those the server answers kBusy, and waits for every reply (timeout_ms in all).
+  /// The server's answers, refusals included, are each call's status and reply; throws as read()
+  /// does when the peer fails or does not answer.
+  virtual void call(std::span<RawCall> calls) = 0;
 
   /// Test seam: sends a raw request (any header and data bytes; where there is room, its first
   /// kRequestAuthBytes become this connection's id and the request's MAC, or a zero MAC without

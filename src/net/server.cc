@@ -9,6 +9,7 @@
 #include "io/service.h"
 #include "memory/aligned_buffer.h"
 #include "net/handshake.h"
+#include "net/replica_store.h"
 #include "net/server.h"
 #include "net/tcp.h"
 #include "net/ucx.h"
@@ -34,6 +35,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <thread>
@@ -84,6 +86,9 @@ struct Job {
   uint64_t request_id = 0;
   uint32_t separate_bytes = 0;  // as RequestHeader::separate_bytes
   std::vector<uint64_t> indices;
+  // A checkpoint op instead (its names and payload copied out of the message).
+  std::optional<CheckpointRequest> checkpoint;
+  std::vector<std::byte> payload;
 };
 
 // One client connection: first the handshake on its TCP socket, then (ready) its UCX endpoint
@@ -122,7 +127,12 @@ class ServerImpl final : public ShardServer {
         token_(std::span(reinterpret_cast<const uint8_t*>(options.token.data()),
                          options.token.size())) {
     SocketAddress addr = SocketAddress::parse(options.listen);
-    open_io();
+    if (dataset_)
+      open_io();
+    else
+      io_description_ = "no dataset";
+    if (!options_.checkpoint_dir.empty())
+      store_ = std::make_unique<ReplicaStore>(options_.checkpoint_dir);
     worker_.set_am_handler(kRequestAm, &ServerImpl::on_request, this, "shard server");
     worker_address_ = worker_.address();
     listen_fd_ =
@@ -138,7 +148,8 @@ class ServerImpl final : public ShardServer {
     progress_thread_ = std::thread([this] { progress_loop(); });
     // The data fits in memory (io.direct: auto chose the page cache): read it in before clients
     // ask, so that their first epoch does not pay a random disk read per sample.
-    if (warm_) warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
+    if (warm_ && dataset_)
+      warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
   }
 
   ~ServerImpl() override {
@@ -505,9 +516,18 @@ class ServerImpl final : public ShardServer {
     if (c.unsent_errors >= kMaxUnsentErrors)
       return close_conn(
           c, fmt::format("does not take its replies ({} error replies unsent)", c.unsent_errors));
+    uint32_t magic = 0;
+    if (header.size() >= offsetof(RequestHeader, magic) + 4)
+      std::memcpy(&magic, header.data() + offsetof(RequestHeader, magic), 4);
+    if (magic == kCheckpointMagic) return handle_checkpoint(c, request_id, header, data, length);
     auto req = parse_request(header, length, options_.max_request_samples);
     if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, req.error());
-    Job job{c.id, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count)};
+    if (!dataset_)
+      return reject(c, req->request_id, ReplyStatus::kBadRequest,
+                    "this server serves no dataset (only checkpoint copies)");
+    Job job{
+        c.id, req->request_id, req->separate_bytes, std::vector<uint64_t>(req->count), std::nullopt,
+        {}};
     std::memcpy(job.indices.data(), data, length);
     const uint64_t n = dataset_->num_samples();
     for (uint64_t index : job.indices) {
@@ -535,6 +555,91 @@ class ServerImpl final : public ShardServer {
       jobs_.push_back(std::move(job));
     }
     jobs_cv_.notify_one();
+  }
+
+  // An authenticated checkpoint op (net/replica_store.h): checked, copied out of the message
+  // and queued for a reader thread; payloads waiting count against max_reply_memory (kBusy
+  // beyond it).
+  void handle_checkpoint(Conn& c, uint64_t request_id, std::span<const std::byte> header,
+                         void* data, size_t length) {
+    if (!store_)
+      return reject(c, request_id, ReplyStatus::kBadRequest,
+                    "this server keeps no checkpoint copies (sluice serve --checkpoint-dir DIR)");
+    auto bytes = std::span(static_cast<const std::byte*>(data), length);
+    auto req = parse_checkpoint_request(header, bytes);
+    if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, req.error());
+    const size_t payload = req->payload.size();
+    bool busy = c.outstanding >= options_.max_queued_per_connection ||
+                total_outstanding_ >= options_.max_queued;
+    {
+      std::lock_guard lock(mu_);
+      busy = busy || (payload > 0 && queued_payload_ + payload > options_.max_reply_memory);
+      if (busy)
+        ++stats_.busy;
+      else
+        queued_payload_ += payload;
+    }
+    if (busy)
+      return reject(c, request_id, ReplyStatus::kBusy,
+                    "too many checkpoint requests or bytes queued: send it again later");
+    Job job{c.id, request_id, 0, {}, std::nullopt, {}};
+    job.payload.assign(req->payload.begin(), req->payload.end());
+    req->payload = job.payload;  // (moving the vector keeps its buffer)
+    job.checkpoint = std::move(*req);
+    ++c.outstanding;
+    ++total_outstanding_;
+    {
+      std::lock_guard lock(mu_);
+      jobs_.push_back(std::move(job));
+    }
+    jobs_cv_.notify_one();
+  }
+
+  // A reader thread: carries out a checkpoint op against the store; its reply (the bytes read
+  // and their checksum, the listing, or the error) goes out of a pooled buffer.
+  std::unique_ptr<Reply> checkpoint_reply(const Job& job) {
+    auto reply = std::make_unique<Reply>();
+    reply->conn = job.conn;
+    reply->header.request_id = job.request_id;
+    const CheckpointRequest& r = *job.checkpoint;
+    try {
+      std::string text;
+      switch (r.header.op) {
+        case CheckpointOp::kWrite:
+          store_->write(r);
+          break;
+        case CheckpointOp::kCommit:
+          store_->commit(r);
+          break;
+        case CheckpointOp::kPublish:
+          store_->publish(r);
+          break;
+        case CheckpointOp::kList:
+          text = store_->list(r.checkpoint);
+          break;
+        case CheckpointOp::kRead: {
+          const size_t n = r.header.length;
+          reply->buffer = take_buffer(n + sizeof(uint64_t));
+          store_->read(r, {reply->buffer.data(), n});
+          const uint64_t sum =
+              checkpoint_chunk_checksum({reply->buffer.data(), n}, r.header.offset);
+          std::memcpy(reply->buffer.data() + n, &sum, sizeof sum);
+          reply->size = n + sizeof sum;
+          reply->header.data_bytes = reply->size;
+          return reply;
+        }
+      }
+      set_message(*reply, ReplyStatus::kOk, text);
+    } catch (const Error& e) {
+      set_message(*reply,
+                  e.code() == ErrorCode::kNotFound          ? ReplyStatus::kNotFound
+                  : e.code() == ErrorCode::kInvalidArgument ? ReplyStatus::kBadRequest
+                                                            : ReplyStatus::kReadError,
+                  e.what());
+    } catch (const std::exception& e) {
+      set_message(*reply, ReplyStatus::kReadError, e.what());
+    }
+    return reply;
   }
 
   void reject(Conn& c, uint64_t request_id, ReplyStatus status, const std::string& message) {
@@ -680,7 +785,16 @@ class ServerImpl final : public ShardServer {
         jobs_.pop_front();
       }
       uint64_t record_bytes = 0;
-      auto reply = build_reply(job, record_bytes);
+      std::unique_ptr<Reply> reply;
+      if (job.checkpoint) {
+        reply = checkpoint_reply(job);
+        std::lock_guard lock(mu_);
+        queued_payload_ -= job.payload.size();
+        ++stats_.checkpoint_ops;
+        stats_.checkpoint_bytes += job.payload.size();
+      } else {
+        reply = build_reply(job, record_bytes);
+      }
       if (faults_.reply) {
         std::chrono::milliseconds delay{0};
         faults_.reply(reply->header, {reply->buffer.data(), reply->size}, delay);
@@ -688,7 +802,9 @@ class ServerImpl final : public ShardServer {
       }
       {
         std::lock_guard lock(mu_);
-        if (reply->header.status == ReplyStatus::kOk) {
+        if (job.checkpoint) {
+          if (reply->header.status != ReplyStatus::kOk) ++stats_.rejected;
+        } else if (reply->header.status == ReplyStatus::kOk) {
           ++stats_.requests;
           stats_.bytes_sent += record_bytes;
         } else {
@@ -855,7 +971,8 @@ class ServerImpl final : public ShardServer {
   bool files_ = false;  // a files tree: each sample's file is opened for its read
   std::vector<detail::UniqueFd> direct_fds_;
   std::unique_ptr<io::Service> io_;
-  std::vector<Mapping> maps_;  // per shard, through the page cache (packed datasets)
+  std::vector<Mapping> maps_;            // per shard, through the page cache (packed datasets)
+  std::unique_ptr<ReplicaStore> store_;  // peers' checkpoint copies (options.checkpoint_dir)
   std::string io_description_;
   Worker worker_;
   std::vector<std::byte> worker_address_;
@@ -886,7 +1003,8 @@ class ServerImpl final : public ShardServer {
   std::deque<std::unique_ptr<Reply>> done_;
   std::vector<AlignedBuffer> free_buffers_;
   size_t idle_bytes_ = 0;
-  size_t busy_bytes_ = 0;  // reply buffers handed out and not given back
+  size_t busy_bytes_ = 0;      // reply buffers handed out and not given back
+  size_t queued_payload_ = 0;  // checkpoint payloads queued or being written
 
   ServerStats stats_;
   bool stop_ = false;

@@ -1,6 +1,7 @@
 #include "net/wire.h"
 
 #include <fmt/format.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cstring>
@@ -39,6 +40,72 @@ Result<RequestHeader> parse_request(std::span<const std::byte> header, size_t da
   return h;
 }
 
+bool valid_checkpoint_name(std::string_view name, bool file) {
+  if (name.empty() || name.size() > kMaxCheckpointName || name == "." || name == "..") return false;
+  if (!file && name.front() == '.') return false;  // staging directories start with '.'
+  // Names ending so are the store's own (net/replica_store.cc).
+  if (file && name.ends_with(".sluice")) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
+  });
+}
+
+uint64_t checkpoint_chunk_checksum(std::span<const std::byte> chunk, uint64_t offset) {
+  return XXH3_64bits_withSeed(chunk.data(), chunk.size(), offset);
+}
+
+Result<CheckpointRequest> parse_checkpoint_request(std::span<const std::byte> header,
+                                                   std::span<const std::byte> data) {
+  CheckpointRequest r;
+  CheckpointHeader& h = r.header;
+  if (header.size() != sizeof h)
+    return failure(
+        fmt::format("checkpoint request header is {} bytes, expected {}", header.size(), sizeof h));
+  std::memcpy(&h, header.data(), sizeof h);
+  if (h.magic != kCheckpointMagic || h.version != kWireVersion)
+    return failure(fmt::format("checkpoint request magic {:#x} version {}, this server speaks {}",
+                               h.magic, h.version, kWireVersion));
+  if (h.name_bytes > data.size() || h.name_bytes > 2 * kMaxCheckpointName + 1)
+    return failure(
+        fmt::format("checkpoint request names {} bytes of {}", h.name_bytes, data.size()));
+  std::string_view name(reinterpret_cast<const char*>(data.data()), h.name_bytes);
+  r.payload = data.subspan(h.name_bytes);
+  const bool per_file =
+      h.op == CheckpointOp::kWrite || h.op == CheckpointOp::kCommit || h.op == CheckpointOp::kRead;
+  if (!per_file && h.op != CheckpointOp::kPublish && h.op != CheckpointOp::kList)
+    return failure(fmt::format("checkpoint op {} unknown", static_cast<unsigned>(h.op)));
+  if (per_file) {
+    const size_t slash = name.find('/');
+    if (slash == std::string_view::npos)
+      return failure("checkpoint request: a file op names no CHECKPOINT/FILE");
+    r.checkpoint = name.substr(0, slash);
+    r.file = name.substr(slash + 1);
+  } else {
+    r.checkpoint = name;
+  }
+  if (!valid_checkpoint_name(r.checkpoint, false) ||
+      (per_file && !valid_checkpoint_name(r.file, true)))
+    return failure("checkpoint request: a name outside [A-Za-z0-9._-] (or reserved)");
+  if (h.op == CheckpointOp::kWrite && r.payload.size() > kMaxCheckpointChunk)
+    return failure(fmt::format("checkpoint write of {} bytes (at most {})", r.payload.size(),
+                               kMaxCheckpointChunk));
+  if (h.op == CheckpointOp::kRead && (h.length == 0 || h.length > kMaxCheckpointChunk))
+    return failure(
+        fmt::format("checkpoint read of {} bytes (1 to {})", h.length, kMaxCheckpointChunk));
+  if (h.op != CheckpointOp::kWrite && h.op != CheckpointOp::kPublish && !r.payload.empty())
+    return failure("checkpoint request: a payload where its op takes none");
+  if (h.op == CheckpointOp::kPublish && r.payload.size() > 1 << 20)
+    return failure("checkpoint publish: a file list over 1 MiB");
+  if (h.op == CheckpointOp::kWrite && checkpoint_chunk_checksum(r.payload, h.offset) != h.checksum)
+    return failure(fmt::format("checkpoint write {}/{} [{}+{}]: checksum mismatch", r.checkpoint,
+                               r.file, h.offset, r.payload.size()));
+  if ((h.op == CheckpointOp::kWrite || h.op == CheckpointOp::kRead) &&
+      h.offset > (uint64_t{1} << 50))
+    return failure(fmt::format("checkpoint request: offset {} out of range", h.offset));
+  return r;
+}
+
 Result<ReplyHeader> parse_reply(std::span<const std::byte> header) {
   ReplyHeader h;
   if (header.size() != sizeof h) {
@@ -50,7 +117,7 @@ Result<ReplyHeader> parse_reply(std::span<const std::byte> header) {
         fmt::format("reply magic {:#x} version {}: not a sluice shard server of version {}",
                     h.magic, h.version, kWireVersion));
   }
-  if (h.status > ReplyStatus::kBusy) {
+  if (h.status > ReplyStatus::kNotFound) {
     return failure(fmt::format("reply status {} unknown", static_cast<unsigned>(h.status)));
   }
   return h;
@@ -121,6 +188,8 @@ std::string to_string(ReplyStatus status) {
       return "reply too large";
     case ReplyStatus::kBusy:
       return "server busy";
+    case ReplyStatus::kNotFound:
+      return "not found";
   }
   return "unknown";
 }

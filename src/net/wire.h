@@ -9,6 +9,11 @@
 //                           (each where its RecordInfo says: under direct I/O a record sits
 //                           inside its block-aligned cover), padding to 8 bytes, then count x
 //                           RecordInfo; on error the message text
+//   checkpoint AM kRequestAm: header CheckpointHeader (its own magic), data: a checkpoint's
+//                           name (CHECKPOINT or CHECKPOINT/FILE), then the op's payload: a
+//                           peer keeps copies of checkpoint files (`sluice serve
+//                           --checkpoint-dir`); answered with a kReplyAm (kRead: the bytes and
+//                           their checksum; kList: the files)
 //   record   AM kRecordAm:  header RecordHeader,  data: one record's bytes. A record at least
 //                           RequestHeader::separate_bytes long travels in a message of its own
 //                           (its RecordInfo says kSeparate), so that both ends move it from and
@@ -26,6 +31,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace sluice::net {
@@ -72,6 +78,7 @@ enum class ReplyStatus : uint16_t {
   kReadError = 4,     // the server could not read or verify a sample
   kTooLarge = 5,      // the reply would exceed the server's limit
   kBusy = 6,          // too much queued (this connection's or the server's): send it again later
+  kNotFound = 7,      // no such checkpoint or file (checkpoint ops)
 };
 
 struct ReplyHeader {
@@ -105,6 +112,53 @@ struct RecordHeader {
   uint32_t size = 0;    // bytes of data
 };
 static_assert(sizeof(RecordHeader) == 24);
+
+// --- checkpoint copies ---------------------------------------------------------------------
+
+inline constexpr uint32_t kCheckpointMagic = 0x4b434c53;   // "SLCK"
+inline constexpr uint32_t kMaxCheckpointChunk = 8u << 20;  // payload of a kWrite, bytes of a kRead
+inline constexpr size_t kMaxCheckpointName = 255;          // a checkpoint's or a file's name
+
+enum class CheckpointOp : uint16_t {
+  kWrite = 1,    // CHECKPOINT/FILE: the payload at `offset` of the file's incoming copy
+  kCommit = 2,   // CHECKPOINT/FILE: the incoming copy is whole at `length` bytes: make it durable
+  kPublish = 3,  // CHECKPOINT: payload = its files, one per line; all committed: make it visible
+  kList = 4,     // CHECKPOINT: reply = "SIZE FILE" lines of the visible copy
+  kRead = 5,     // CHECKPOINT/FILE: reply = `length` bytes at `offset`, then their checksum (8)
+};
+
+struct CheckpointHeader {
+  uint64_t conn = 0;  // as RequestHeader: the connection, and the MAC of everything after it
+  RequestMac mac{};
+  uint32_t magic = kCheckpointMagic;
+  uint16_t version = kWireVersion;
+  CheckpointOp op = CheckpointOp::kWrite;
+  uint64_t request_id = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint64_t checksum = 0;    // kWrite: checkpoint_chunk_checksum of the payload
+  uint32_t name_bytes = 0;  // the data starts with the name
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(CheckpointHeader) == 72);
+static_assert(offsetof(CheckpointHeader, request_id) == offsetof(RequestHeader, request_id));
+static_assert(offsetof(CheckpointHeader, magic) == offsetof(RequestHeader, magic));
+
+/// A checked checkpoint op: names valid (no path tricks: [A-Za-z0-9._-], no "." or "..", a
+/// checkpoint's not starting with '.'), sizes within limits. Views into the message.
+struct CheckpointRequest {
+  CheckpointHeader header;
+  std::string checkpoint;
+  std::string file;  // empty for kPublish and kList
+  std::span<const std::byte> payload;
+};
+Result<CheckpointRequest> parse_checkpoint_request(std::span<const std::byte> header,
+                                                   std::span<const std::byte> data);
+/// Whether `name` may name a checkpoint (or, with `file`, a file in one) on a peer's disk.
+bool valid_checkpoint_name(std::string_view name, bool file);
+/// XXH3-64 of a chunk of a checkpoint file, seeded with its offset (a chunk sent to the wrong
+/// place fails too).
+uint64_t checkpoint_chunk_checksum(std::span<const std::byte> chunk, uint64_t offset);
 
 /// Checks a request's header and data length; returns the header, or sets `error`.
 Result<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,

@@ -177,6 +177,10 @@ expect_fail "tokens: odd byte count" "not a whole number of 2-byte tokens" \
   "$SLUICE" pack "$TMP/odd.bin" -o "$TMP/odd" --format tokens --seq-len 10
 expect_fail "tokens: seq-len required" "dataset.seq_len: required" \
   "$SLUICE" pack "$TMP/train.bin" -o "$TMP/x" --format tokens
+expect_fail "serve: nothing to serve" "give a DATASET, --checkpoint-dir DIR, or both" \
+  "$SLUICE" serve --listen 127.0.0.1:0 --no-token
+expect_fail "serve: checkpoint copies need a token" "takes copies only from the cluster's token" \
+  "$SLUICE" serve --checkpoint-dir "$TMP/copies" --listen 127.0.0.1:0 --no-token
 
 echo "$passes passed, $fails failed"
 [[ $fails -eq 0 ]]

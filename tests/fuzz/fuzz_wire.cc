@@ -1,5 +1,5 @@
-// The remote wire: a request as the shard server parses it, a reply and its record table as
-// the client parses them.
+// The remote wire: a request (a sample read, a checkpoint op) as the shard server parses it, a
+// reply and its record table as the client parses them.
 #include "fuzz_common.h"
 #include "net/wire.h"
 
@@ -14,6 +14,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t header = std::min<size_t>(size, sizeof(net::RequestHeader));
   fuzz::expect_only_errors(
       [&] { (void)net::parse_request(in.first(header), size - header, 4096); });
+  const size_t ckpt_header = std::min<size_t>(size, sizeof(net::CheckpointHeader));
+  fuzz::expect_only_errors([&] {
+    auto r = net::parse_checkpoint_request(in.first(ckpt_header), in.subspan(ckpt_header));
+    if (!r) return;
+    // Accepted names stay inside the store: one component each, no "." or "..", no '/'.
+    for (const std::string* name : {&r->checkpoint, &r->file}) {
+      if (name->find('/') != std::string::npos || *name == "." || *name == "..") __builtin_trap();
+      if (name == &r->checkpoint && (name->empty() || name->front() == '.')) __builtin_trap();
+    }
+    const auto* end = in.data() + in.size();
+    if (r->payload.data() + r->payload.size() != end) __builtin_trap();  // within the message
+    if (r->payload.size() > net::kMaxCheckpointChunk + (1 << 20)) __builtin_trap();
+  });
   const size_t reply_header = std::min<size_t>(size, sizeof(net::ReplyHeader));
   fuzz::expect_only_errors([&] {
     if (auto reply = net::parse_reply(in.first(reply_header))) {

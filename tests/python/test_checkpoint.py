@@ -1,13 +1,16 @@
 """sluice.checkpoint.Writer / Reader under torch.distributed.checkpoint, as users call it:
 dcp.save / dcp.async_save / dcp.load, torchrun with two ranks saving a sharded DTensor and one
-process loading it, a flipped byte, a save killed with SIGKILL at random points."""
+process loading it, a flipped byte, a save killed with SIGKILL at random points, copies on a peer
+(`sluice serve --checkpoint-dir`) restored after the local copy is gone."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +24,8 @@ dcp = pytest.importorskip("torch.distributed.checkpoint")
 
 import sluice  # noqa: E402
 from sluice.checkpoint import Reader, Writer  # noqa: E402
+
+CLI = Path(__file__).resolve().parents[2] / "build" / "sluice"
 
 
 def state(seed: int) -> dict:
@@ -164,31 +169,93 @@ TORCHRUN_SAVER = textwrap.dedent("""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from sluice.checkpoint import Writer
+    replica = dict(zip(("replica", "token_file"), sys.argv[2:4]))
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     full = torch.arange(64 * 1000, dtype=torch.float32).reshape(64, 1000)
     sharded = distribute_tensor(full, mesh, [Shard(0)])
-    w = Writer(sys.argv[1])
+    w = Writer(sys.argv[1], **replica)
     dcp.save({"w": sharded, "step": 9}, storage_writer=w)
     assert w.last_result["bytes"] >= 32 * 1000 * 4, w.last_result
+    assert w.last_result.get("replica_error", "") == "", w.last_result
     dist.destroy_process_group()
 """)
 
 
-def test_two_ranks_under_torchrun_save_and_one_process_loads(tmp_path: Path) -> None:
+@pytest.fixture
+def replica(tmp_path: Path):
+    """A `sluice serve --checkpoint-dir` on loopback: (address, token file, its directory)."""
+    token_file = tmp_path / "token"
+    token_file.write_text("checkpoint-copies\n")
+    store = tmp_path / "peer"
+    proc = subprocess.Popen([str(CLI), "serve", "--checkpoint-dir", str(store), "--listen",
+                             "127.0.0.1:0", "--token-file", str(token_file), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "" when it exits instead
+        assert line, f"sluice serve exited: {proc.stderr.read()}"
+        yield json.loads(line)["address"], token_file, store
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_two_ranks_under_torchrun_save_and_one_process_loads(tmp_path: Path, replica) -> None:
+    address, token_file, store = replica
     script = tmp_path / "save.py"
     script.write_text(TORCHRUN_SAVER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", str(script), str(tmp_path / "ckpt")],
+                          "--nproc_per_node", "2", str(script), str(tmp_path / "ckpt"), address,
+                          str(token_file)],
                          env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == [".metadata", "rank-00000.data", "rank-00001.data"], files
+    # Each rank's file and the metadata, published together on the peer.
+    name = sluice._C.checkpoint_copy_name(str(tmp_path / "ckpt"))
+    assert name.startswith("ckpt-")
+    assert sorted(p.name for p in store.iterdir()) == [name]
+    for f in files:
+        assert (store / name / f).read_bytes() == (tmp_path / "ckpt" / f).read_bytes(), f
+    want = torch.arange(64 * 1000, dtype=torch.float32).reshape(64, 1000)
     got = {"w": torch.zeros(64, 1000), "step": 0}
     dcp.load(got, storage_reader=Reader(tmp_path / "ckpt"))  # another world size: resharded
-    assert torch.equal(got["w"], torch.arange(64 * 1000, dtype=torch.float32).reshape(64, 1000))
+    assert torch.equal(got["w"], want)
     assert got["step"] == 9
+    # The node is replaced: its disk is empty; the reader fetches the copy.
+    import shutil
+    shutil.rmtree(tmp_path / "ckpt")
+    got = {"w": torch.zeros(64, 1000), "step": 0}
+    dcp.load(got, storage_reader=Reader(tmp_path / "ckpt", replica=address,
+                                        token_file=token_file))
+    assert torch.equal(got["w"], want) and got["step"] == 9
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == files
+
+
+def test_a_replica_that_is_down_or_refuses_costs_the_copy_not_the_save(tmp_path: Path,
+                                                                       replica) -> None:
+    address, token_file, store = replica
+    s = state(5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{sock.getsockname()[1]}"
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    for peer, tf in ((down, token_file), (address, wrong)):
+        w = Writer(tmp_path / "ckpt", replica=peer, token_file=tf, replica_timeout_ms=3000)
+        with pytest.warns(RuntimeWarning, match=f"its copy on {peer} is missing"):
+            dcp.save(s, storage_writer=w)
+        assert peer in w.last_result["replica_error"], w.last_result
+        got = empty_like(s)
+        dcp.load(got, storage_reader=Reader(tmp_path / "ckpt"))
+        assert_same(s, got)
+    assert list(store.iterdir()) == []
+    # No copy anywhere: a restore says which peer had none.
+    import shutil
+    shutil.rmtree(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match=f"ckpt-[0-9a-f]{{16}} on peer {address}"):
+        Reader(tmp_path / "ckpt", replica=address, token_file=token_file).read_metadata()
 
 
 def test_loader_stats_report_checkpoint_writes(mixed: Path, tmp_path: Path) -> None:

@@ -20,6 +20,8 @@
 namespace sluice {
 namespace {
 
+using testing::message_of;
+
 using testing::TempDir;
 
 // Executes the plan's reads with pread, as an engine would (a read may end early at end of
@@ -30,16 +32,6 @@ void run(const Dataset& ds, read::ReadPlan& plan) {
     ssize_t got = ::pread(fd, op.dest, op.length, static_cast<off_t>(op.offset));
     ASSERT_GE(got, static_cast<ssize_t>(op.required ? op.required : op.length));
   }
-}
-
-std::string message_of(const std::function<void()>& f, ErrorCode* code = nullptr) {
-  try {
-    f();
-  } catch (const Error& e) {
-    if (code) *code = e.code();
-    return e.what();
-  }
-  return "";
 }
 
 class ReadPlanTest : public ::testing::Test {

@@ -1,0 +1,125 @@
+#include "net/replica_store.h"
+
+#include <sluice/error.h>
+
+#include "common/errors.h"
+#include "common/file.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <set>
+
+namespace sluice::net {
+
+namespace fs = std::filesystem;
+using detail::fail;
+
+namespace {
+constexpr std::string_view kPartSuffix = ".part.sluice";
+}  // namespace
+
+ReplicaStore::ReplicaStore(fs::path root) : root_(std::move(root)) {
+  std::error_code ec;
+  fs::create_directories(root_, ec);
+  if (ec || !fs::is_directory(root_))
+    fail(ErrorCode::kIo, "checkpoint copies: cannot make {}: {}", root_.string(),
+         ec ? ec.message() : "not a directory");
+}
+
+fs::path ReplicaStore::incoming(const std::string& checkpoint) const {
+  return root_ / fmt::format(".{}.incoming", checkpoint);
+}
+
+void ReplicaStore::write(const CheckpointRequest& r) {
+  const fs::path dir = incoming(r.checkpoint);
+  {
+    std::lock_guard lock(mu_);
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) fail(ErrorCode::kIo, "make {}: {}", dir.string(), ec.message());
+  }
+  const fs::path part = dir / (r.file + std::string(kPartSuffix));
+  auto fd = detail::open_file(part, O_WRONLY | O_CREAT);
+  detail::write_full(fd.get(), r.payload, part.string(), static_cast<int64_t>(r.header.offset));
+}
+
+void ReplicaStore::commit(const CheckpointRequest& r) {
+  const fs::path dir = incoming(r.checkpoint);
+  const fs::path part = dir / (r.file + std::string(kPartSuffix));
+  std::error_code ec;
+  if (!fs::exists(part, ec))
+    fail(ErrorCode::kNotFound, "{}/{}: nothing of it arrived", r.checkpoint, r.file);
+  auto fd = detail::open_file(part, O_WRONLY);
+  // Bytes past the end are an earlier attempt's; every byte below was written by this one (the
+  // writer commits only after each of its chunks was acknowledged).
+  const uint64_t have = detail::file_size(fd.get(), part.string());
+  if (have < r.header.length)
+    fail(ErrorCode::kInvalidArgument, "{}/{}: {} bytes arrived, the commit says {}", r.checkpoint,
+         r.file, have, r.header.length);
+  if (have > r.header.length && ::ftruncate(fd.get(), static_cast<off_t>(r.header.length)) != 0)
+    detail::fail_errno(errno, "truncate " + part.string());
+  detail::fsync_or_throw(fd.get(), part.string());
+  const fs::path done = dir / r.file;
+  if (::rename(part.c_str(), done.c_str()) != 0)
+    detail::fail_errno(errno, fmt::format("rename {} to {}", part.string(), done.string()));
+}
+
+void ReplicaStore::publish(const CheckpointRequest& r) {
+  std::set<std::string> files;
+  std::string_view list(reinterpret_cast<const char*>(r.payload.data()), r.payload.size());
+  while (!list.empty()) {
+    const size_t nl = list.find('\n');
+    std::string_view name = list.substr(0, nl);
+    list = nl == std::string_view::npos ? std::string_view() : list.substr(nl + 1);
+    if (name.empty()) continue;
+    if (!valid_checkpoint_name(name, true))
+      fail(ErrorCode::kInvalidArgument, "{}: publish names a file outside [A-Za-z0-9._-]",
+           r.checkpoint);
+    files.emplace(name);
+  }
+  if (files.empty()) fail(ErrorCode::kInvalidArgument, "{}: publish names no file", r.checkpoint);
+  std::lock_guard lock(mu_);
+  const fs::path dir = incoming(r.checkpoint);
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    fail(ErrorCode::kNotFound, "{}: nothing of it arrived", r.checkpoint);
+  for (const std::string& f : files)
+    if (!fs::is_regular_file(dir / f, ec))
+      fail(ErrorCode::kInvalidArgument,
+           "{}: publish names {}, which was not committed (a writer "
+           "failed or has not finished)",
+           r.checkpoint, f);
+  // What an earlier attempt left (files this save does not name, parts never committed) goes.
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (!files.contains(e.path().filename().string())) fs::remove_all(e.path(), ec);
+  detail::fsync_dir(dir);
+  detail::replace_dir(dir, root_ / r.checkpoint, /*durable=*/true);
+}
+
+std::string ReplicaStore::list(const std::string& checkpoint) const {
+  const fs::path dir = root_ / checkpoint;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    fail(ErrorCode::kNotFound, "no copy of checkpoint {} here", checkpoint);
+  std::string out;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.is_regular_file())
+      out += fmt::format("{} {}\n", e.file_size(), e.path().filename().string());
+  return out;
+}
+
+void ReplicaStore::read(const CheckpointRequest& r, std::span<std::byte> out) const {
+  const fs::path path = root_ / r.checkpoint / r.file;
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    fail(ErrorCode::kNotFound, "no copy of {}/{} here", r.checkpoint, r.file);
+  auto fd = detail::open_file(path, O_RDONLY);
+  const size_t got = detail::pread_full(fd.get(), out, r.header.offset, path.string());
+  if (got != out.size())
+    fail(ErrorCode::kInvalidArgument, "{}/{}: [{}+{}] is past its end", r.checkpoint, r.file,
+         r.header.offset, out.size());
+}
+
+}  // namespace sluice::net
