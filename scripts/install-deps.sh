@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(g++ ninja-build pkg-config python3 python3-venv python3-dev pybind11-dev libdlpack-dev
-          liburing-dev libucx-dev libssl-dev iproute2 libyaml-cpp-dev libfmt-dev libxxhash-dev libcli11-dev nlohmann-json3-dev
+          liburing-dev libucx-dev libssl-dev iproute2 libyaml-cpp-dev libfmt-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libturbojpeg0-dev libpng-dev libwebp-dev libopencv-imgproc-dev
           libgtest-dev libgmock-dev libbenchmark-dev clang-14 libclang-rt-14-dev
           libcurl4-openssl-dev libpugixml-dev)
 command -v cmake >/dev/null || packages+=(cmake)

@@ -70,6 +70,8 @@ struct LoaderStats {
   bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
   bool pinned = false;        // batch buffers are page-locked (device: pinned / cuda:N)
   uint64_t batches_held = 0;  // delivered batches still alive (their buffers not yet back)
+  // Samples whose transform failed and that became padding (transform_errors: skip).
+  uint64_t transform_skipped = 0;
   // With a cache (an s3:// dataset or cache.dir): bytes fetched from the source (gaps between
   // coalesced samples included), and samples of delivered batches that were in the cache when
   // their batch was built, or had to be waited for.

@@ -103,6 +103,36 @@ struct SLUICE_EXPORT DistributedOptions {
 /// a server never starts open by mistake.
 SLUICE_EXPORT std::string read_token_file(const std::filesystem::path& path);
 
+/// One step of a field's image transform (config `transforms: FIELD: [STEP, ...]`), run by the
+/// loader threads on each sample before its batch is published (src/transform/README.md).
+struct TransformStep {
+  enum class Kind { kDecode, kResize, kCenterCrop, kRandomResizedCrop, kFlip, kNormalize, kLayout };
+  Kind kind = Kind::kDecode;
+  bool gray = false;    // decode: gray | rgb
+  uint32_t height = 0;  // resize: [h, w] exactly, or (width 0) the shorter side to `height`;
+  uint32_t width = 0;   // the crops: the output's [h, w]
+  double scale[2] = {0.08, 1.0};             // random_resized_crop: area fraction
+  double ratio[2] = {3.0 / 4.0, 4.0 / 3.0};  // random_resized_crop: aspect ratio w/h
+  double p = 0.5;                            // flip: horizontal, with this probability
+  std::vector<double> mean, std;             // normalize: per channel, on values in [0, 1]
+  bool half = false;                         // normalize: float16, else float32
+  bool chw = false;                          // layout: chw, else hwc
+  bool operator==(const TransformStep&) const = default;
+};
+
+/// A field's transform: its encoded bytes in, a fixed-shape tensor out.
+struct FieldTransform {
+  std::string field;
+  std::vector<TransformStep> steps;
+  bool operator==(const FieldTransform&) const = default;
+};
+
+/// A sample whose transform fails (config `transform_errors`).
+enum class TransformErrors {
+  kFail,  // the batch fails, naming the shard or file and the sample
+  kSkip,  // the sample becomes padding (zeros, marked), counted in stats
+};
+
 /// Everything a Loader needs, as in the YAML config (CONTRACT.md). Plain values with defaults;
 /// every key can be set from YAML, from set() with a dotted key, or directly in C++.
 struct SLUICE_EXPORT LoaderOptions {
@@ -120,6 +150,8 @@ struct SLUICE_EXPORT LoaderOptions {
   DeviceOptions device;
   DistributedOptions distributed;
   CacheOptions cache;
+  std::vector<FieldTransform> transforms;
+  TransformErrors transform_errors = TransformErrors::kFail;
 
   /// Parses a YAML config file. Throws Error(kConfig) naming file, line and key for unknown
   /// keys, wrong types and bad values; Error(kNotFound) when the file does not exist.

@@ -102,6 +102,7 @@ class PyLoader {
     d["batches_held"] = s.batches_held;
     d["checkpoint_bytes"] = s.checkpoint_bytes;
     d["checkpoint_held_seconds"] = s.checkpoint_held_seconds;
+    d["transform_skipped"] = s.transform_skipped;
     if (!get().options().cache.dir.empty() ||
         get().options().dataset.path.string().starts_with("s3://")) {
       d["source_bytes"] = s.source_bytes;
@@ -137,7 +138,7 @@ class PyLoader {
 
   void check_keys() const {
     std::set<std::string> keys = {"index"};
-    if (!get().options().drop_last) keys.insert("padding");
+    if (has_padding()) keys.insert("padding");
     for (const FieldSpec& f : get().dataset().fields()) {
       bool ok = keys.insert(f.name).second;
       if (ok && !f.fixed_size()) ok = keys.insert(offsets_key(f.name)).second;
@@ -155,6 +156,12 @@ class PyLoader {
     return {b.begin(), b.end()};
   }
 
+  // Padding in batches: drop_last false, or samples whose transform failed (transform_errors).
+  bool has_padding() const {
+    const LoaderOptions& o = get().options();
+    return !o.drop_last || (o.transform_errors == TransformErrors::kSkip && !o.transforms.empty());
+  }
+
   // Field values are views of the batch's buffer; the small metadata (indices, padding,
   // offsets) is copied so that a consumer keeping only those does not pin the buffer.
   py::list to_tensors(std::shared_ptr<const Batch> batch) const {
@@ -162,7 +169,7 @@ class PyLoader {
     const int64_t n = static_cast<int64_t>(batch->size());
     // Indices are uint64 < 2^62: the same bytes read as int64, which every torch supports.
     out.append(py::make_tuple("index", to_dlpack(bytes_of(batch->indices()), DType::kInt64, {n})));
-    if (!get().options().drop_last)
+    if (has_padding())
       out.append(
           py::make_tuple("padding", to_dlpack(bytes_of(batch->padding()), DType::kBool, {n})));
     for (size_t i = 0; i < batch->num_fields(); ++i) {

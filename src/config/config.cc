@@ -115,6 +115,16 @@ constexpr std::pair<std::string_view, IoEngineKind> kEngineNames[] = {
     {"threads", IoEngineKind::kThreads}};
 constexpr std::pair<std::string_view, CachePolicy> kPolicyNames[] = {
     {"clairvoyant", CachePolicy::kClairvoyant}, {"lru", CachePolicy::kLru}};
+constexpr std::pair<std::string_view, TransformErrors> kTransformErrorNames[] = {
+    {"fail", TransformErrors::kFail}, {"skip", TransformErrors::kSkip}};
+constexpr std::pair<std::string_view, TransformStep::Kind> kStepNames[] = {
+    {"decode", TransformStep::Kind::kDecode},
+    {"resize", TransformStep::Kind::kResize},
+    {"center_crop", TransformStep::Kind::kCenterCrop},
+    {"random_resized_crop", TransformStep::Kind::kRandomResizedCrop},
+    {"flip", TransformStep::Kind::kFlip},
+    {"normalize", TransformStep::Kind::kNormalize},
+    {"layout", TransformStep::Kind::kLayout}};
 constexpr std::pair<std::string_view, uint32_t> kTokenDtypeNames[] = {{"uint16", 2u},
                                                                       {"uint32", 4u}};
 
@@ -207,6 +217,196 @@ std::vector<PeerOptions> parse_peers(const Context& ctx, const YAML::Node& node)
     peers.push_back(std::move(peer));
   }
   return peers;
+}
+
+// --- transforms: FIELD: [STEP, ...] ------------------------------------------------------
+
+double parse_double(const Context& ctx, const YAML::Node& node, std::string_view key, double min,
+                    double max) {
+  std::string s = scalar(ctx, node, key, "a number");
+  double value = 0;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  if (ec != std::errc() || end != s.data() + s.size() || s.empty() || !(value >= min) ||
+      !(value <= max))
+    config_error(ctx, node, key,
+                 fmt::format("expected a number in [{}, {}], got \"{}\"", min, max, s));
+  return value;
+}
+
+std::vector<double> parse_numbers(const Context& ctx, const YAML::Node& node,
+                                  const std::string& key, double min, double max) {
+  if (!node.IsSequence() || node.size() == 0)
+    config_error(ctx, node, key, fmt::format("expected a list of numbers, got {}", shown(node)));
+  std::vector<double> out;
+  for (size_t i = 0; i < node.size(); ++i)
+    out.push_back(parse_double(ctx, node[i], fmt::format("{}[{}]", key, i), min, max));
+  return out;
+}
+
+// A side (224) or [height, width].
+void parse_size(const Context& ctx, const YAML::Node& node, const std::string& key,
+                TransformStep& s) {
+  constexpr uint64_t kMax = 16384;
+  if (node.IsSequence()) {
+    if (node.size() != 2) config_error(ctx, node, key, "expected a size (224) or [height, width]");
+    s.height = static_cast<uint32_t>(parse_uint(ctx, node[0], key + "[0]", 1, kMax));
+    s.width = static_cast<uint32_t>(parse_uint(ctx, node[1], key + "[1]", 1, kMax));
+  } else {
+    s.height = s.width = static_cast<uint32_t>(parse_uint(ctx, node, key, 1, kMax));
+  }
+}
+
+void parse_range(const Context& ctx, const YAML::Node& node, const std::string& key, double (&r)[2],
+                 double min, double max) {
+  auto v = parse_numbers(ctx, node, key, min, max);
+  if (v.size() != 2 || v[0] > v[1])
+    config_error(ctx, node, key, "expected [low, high] with low <= high");
+  r[0] = v[0];
+  r[1] = v[1];
+}
+
+// One of two words: false for `a`, true for `b`.
+bool second_of(const Context& ctx, const YAML::Node& node, const std::string& key,
+               std::string_view a, std::string_view b) {
+  std::string v = scalar(ctx, node, key, fmt::format("{} or {}", a, b));
+  if (v != a && v != b)
+    config_error(ctx, node, key, fmt::format("unknown value \"{}\" (expected {}, {})", v, a, b));
+  return v == b;
+}
+
+TransformStep parse_step(const Context& ctx, const YAML::Node& node, const std::string& key) {
+  if (!node.IsMap() || node.size() != 1)
+    config_error(
+        ctx, node, key,
+        fmt::format("expected one step as a one-key mapping (e.g. {{decode: rgb}}), got {}",
+                    shown(node)));
+  const auto kv = *node.begin();
+  TransformStep s;
+  s.kind = parse_enum<TransformStep::Kind>(ctx, kv.first, key, kStepNames);
+  const YAML::Node& v = kv.second;
+  const std::string at = key + "." + kv.first.Scalar();
+  using K = TransformStep::Kind;
+  switch (s.kind) {
+    case K::kDecode:
+      s.gray = second_of(ctx, v, at, "rgb", "gray");
+      break;
+    case K::kResize:
+      parse_size(ctx, v, at, s);
+      if (!v.IsSequence()) s.width = 0;  // the shorter side
+      break;
+    case K::kCenterCrop:
+      parse_size(ctx, v, at, s);
+      break;
+    case K::kRandomResizedCrop:
+      if (!v.IsMap()) {
+        parse_size(ctx, v, at, s);
+        break;
+      }
+      for (const auto& e : v) {
+        const std::string k = e.first.Scalar();
+        if (k == "size")
+          parse_size(ctx, e.second, at + ".size", s);
+        else if (k == "scale")
+          parse_range(ctx, e.second, at + ".scale", s.scale, 1e-6, 1.0);
+        else if (k == "ratio")
+          parse_range(ctx, e.second, at + ".ratio", s.ratio, 1e-3, 1e3);
+        else
+          config_error(ctx, e.first, at + "." + k, "unknown key (expected size, scale, ratio)");
+      }
+      if (s.height == 0) config_error(ctx, v, at + ".size", "required");
+      break;
+    case K::kFlip:
+      s.p = parse_double(ctx, v, at, 0.0, 1.0);
+      break;
+    case K::kNormalize: {
+      if (!v.IsMap()) config_error(ctx, v, at, "expected a mapping of mean, std, dtype");
+      for (const auto& e : v) {
+        const std::string k = e.first.Scalar();
+        if (k == "mean") {
+          s.mean = parse_numbers(ctx, e.second, at + ".mean", -1e6, 1e6);
+        } else if (k == "std") {
+          s.std = parse_numbers(ctx, e.second, at + ".std", 1e-12, 1e6);
+        } else if (k == "dtype") {
+          s.half = second_of(ctx, e.second, at + ".dtype", "float32", "float16");
+        } else {
+          config_error(ctx, e.first, at + "." + k, "unknown key (expected mean, std, dtype)");
+        }
+      }
+      if (s.mean.empty() || s.std.empty() || s.mean.size() != s.std.size())
+        config_error(ctx, v, at, "mean and std: required, one number per channel each");
+      break;
+    }
+    case K::kLayout:
+      s.chw = second_of(ctx, v, at, "hwc", "chw");
+      break;
+  }
+  return s;
+}
+
+// A field's steps, checked as a whole: decode first, a fixed size at the end of the geometry
+// (a crop, or a resize to [h, w]), then normalize and layout at most once each, in that order.
+FieldTransform parse_field_transform(const Context& ctx, const YAML::Node& node,
+                                     const std::string& field) {
+  const std::string key = "transforms." + field;
+  if (field.empty()) config_error(ctx, node, key, "a field name is required");
+  if (!node.IsSequence() || node.size() == 0)
+    config_error(ctx, node, key,
+                 fmt::format("expected a list of steps (e.g. [{{decode: rgb}}, {{center_crop: "
+                             "224}}]), got {}",
+                             shown(node)));
+  FieldTransform t{field, {}};
+  using K = TransformStep::Kind;
+  bool fixed = false;
+  int stage = 0;  // 0 geometry, 1 after normalize, 2 after layout
+  uint32_t channels = 3;
+  for (size_t i = 0; i < node.size(); ++i) {
+    const std::string at = fmt::format("{}[{}]", key, i);
+    TransformStep s = parse_step(ctx, node[i], at);
+    if ((i == 0) != (s.kind == K::kDecode))
+      config_error(ctx, node[i], at, "decode comes first, once");
+    if (s.kind == K::kDecode) channels = s.gray ? 1 : 3;
+    const bool geometry = s.kind == K::kResize || s.kind == K::kCenterCrop ||
+                          s.kind == K::kRandomResizedCrop || s.kind == K::kFlip;
+    if (geometry && stage > 0) config_error(ctx, node[i], at, "comes after normalize or layout");
+    if (s.kind == K::kNormalize) {
+      if (stage > 0) config_error(ctx, node[i], at, "normalize comes once, before layout");
+      if (s.mean.size() != channels)
+        config_error(ctx, node[i], at,
+                     fmt::format("mean and std have {} values; the image has {} channel{}",
+                                 s.mean.size(), channels, channels == 1 ? "" : "s"));
+      stage = 1;
+    }
+    if (s.kind == K::kLayout) {
+      if (stage == 2) config_error(ctx, node[i], at, "layout comes once, last");
+      stage = 2;
+    }
+    if (s.kind == K::kResize) fixed = s.width != 0;
+    if (s.kind == K::kCenterCrop || s.kind == K::kRandomResizedCrop) fixed = true;
+    t.steps.push_back(s);
+  }
+  if (!fixed)
+    config_error(ctx, node, key,
+                 "the output has no fixed size: end the geometry with center_crop, "
+                 "random_resized_crop or resize: [height, width]");
+  return t;
+}
+
+void set_transform(LoaderOptions& o, FieldTransform t) {
+  for (auto& existing : o.transforms)
+    if (existing.field == t.field) {
+      existing = std::move(t);
+      return;
+    }
+  o.transforms.push_back(std::move(t));
+}
+
+void parse_transforms(LoaderOptions& o, const Context& ctx, const YAML::Node& node) {
+  if (!node.IsMap())
+    config_error(ctx, node, "transforms",
+                 fmt::format("expected a mapping of field: [steps], got {}", shown(node)));
+  o.transforms.clear();
+  for (const auto& kv : node)
+    set_transform(o, parse_field_transform(ctx, kv.second, kv.first.Scalar()));
 }
 
 using Setter = std::function<void(LoaderOptions&, const YAML::Node&, const Context&)>;
@@ -374,10 +574,17 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.distributed.rank = parse_rank(c, n, "distributed.rank", 0);
        }},
-      {"distributed.world_size",
+      {"transform_errors",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
-         o.distributed.world_size = parse_rank(c, n, "distributed.world_size", 1);
+         o.transform_errors =
+             parse_enum<TransformErrors>(c, n, "transform_errors", kTransformErrorNames);
        }},
+      {"transforms",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) { parse_transforms(o, c, n); }},
+      {"distributed.world_size",
+       [](LoaderOptions& o, const YAML::Node& n,
+          const Context&
+              c) { o.distributed.world_size = parse_rank(c, n, "distributed.world_size", 1); }},
   };
   // The node cache's keys (cache.*), in a table of their own.
   static const auto all = [] {
@@ -497,6 +704,14 @@ void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
     node = YAML::Load(std::string(yaml_value));
   } catch (const YAML::Exception& e) {
     detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
+  }
+  if (!s && key.starts_with("transforms.")) {  // one field's steps: transforms.jpg=[...]
+    const std::string overrides = "override";
+    fs::path cwd = fs::current_path();
+    set_transform(*this, parse_field_transform(
+                             {overrides, cwd}, node,
+                             std::string(key.substr(std::string_view("transforms.").size()))));
+    return;
   }
   if (!s && key == "dataset" && node.IsScalar()) s = find_setter("dataset.path");  // shorthand
   if (!s && is_section(key))
@@ -698,6 +913,60 @@ std::string LoaderOptions::to_yaml() const {
         << YAML::Value << cache.memory << YAML::Key << "policy" << YAML::Value
         << std::string(to_string(cache.policy)) << YAML::Key << "fetch_size" << YAML::Value
         << cache.fetch_size << YAML::EndMap;
+  }
+  if (!transforms.empty()) {
+    out << YAML::Key << "transforms" << YAML::Value << YAML::BeginMap;
+    using K = TransformStep::Kind;
+    for (const auto& t : transforms) {
+      out << YAML::Key << t.field << YAML::Value << YAML::BeginSeq;
+      for (const auto& s : t.steps) {
+        out << YAML::Flow << YAML::BeginMap << YAML::Key
+            << std::string(name_of<K>(kStepNames, s.kind)) << YAML::Value;
+        auto size = [&] {
+          if (s.width == 0 || s.width == s.height)
+            out << s.height;
+          else
+            out << YAML::Flow << YAML::BeginSeq << s.height << s.width << YAML::EndSeq;
+        };
+        switch (s.kind) {
+          case K::kDecode:
+            out << (s.gray ? "gray" : "rgb");
+            break;
+          case K::kResize:
+            if (s.width == 0)
+              out << s.height;
+            else
+              out << YAML::Flow << YAML::BeginSeq << s.height << s.width << YAML::EndSeq;
+            break;
+          case K::kCenterCrop:
+            size();
+            break;
+          case K::kRandomResizedCrop:
+            out << YAML::Flow << YAML::BeginMap << YAML::Key << "size" << YAML::Value;
+            out << YAML::Flow << YAML::BeginSeq << s.height << s.width << YAML::EndSeq;
+            out << YAML::Key << "scale" << YAML::Value << YAML::Flow << YAML::BeginSeq << s.scale[0]
+                << s.scale[1] << YAML::EndSeq << YAML::Key << "ratio" << YAML::Value << YAML::Flow
+                << YAML::BeginSeq << s.ratio[0] << s.ratio[1] << YAML::EndSeq << YAML::EndMap;
+            break;
+          case K::kFlip:
+            out << s.p;
+            break;
+          case K::kNormalize:
+            out << YAML::Flow << YAML::BeginMap << YAML::Key << "mean" << YAML::Value << YAML::Flow
+                << s.mean << YAML::Key << "std" << YAML::Value << YAML::Flow << s.std << YAML::Key
+                << "dtype" << YAML::Value << (s.half ? "float16" : "float32") << YAML::EndMap;
+            break;
+          case K::kLayout:
+            out << (s.chw ? "chw" : "hwc");
+            break;
+        }
+        out << YAML::EndMap;
+      }
+      out << YAML::EndSeq;
+    }
+    out << YAML::EndMap;
+    out << YAML::Key << "transform_errors" << YAML::Value
+        << std::string(name_of<TransformErrors>(kTransformErrorNames, transform_errors));
   }
   out << YAML::Key << "distributed" << YAML::Value << YAML::BeginMap << YAML::Key << "rank"
       << YAML::Value << opt(distributed.rank) << YAML::Key << "world_size" << YAML::Value

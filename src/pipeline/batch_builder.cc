@@ -102,7 +102,10 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
   size_t total = 0;
   for (size_t f = 0; f < nf; ++f) {
     size_t bytes = 0;
-    for (size_t i = 0; i < n; ++i) bytes += field_spans_[i * nf + f].size();
+    if (f < options_.transforms.size() && options_.transforms[f])
+      bytes = n * options_.transforms[f]->output_bytes();
+    else
+      for (size_t i = 0; i < n; ++i) bytes += field_spans_[i * nf + f].size();
     total = (total + 63) / 64 * 64;
     out.field_offset[f] = total;
     out.field_bytes[f] = bytes;
@@ -111,6 +114,11 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
   out.data.reserve(total);
   for (size_t f = 0; f < nf; ++f) {
     std::byte* dst = out.data.data() + out.field_offset[f];
+    if (f < options_.transforms.size() && options_.transforms[f]) {
+      out.offsets[f].clear();
+      transform_field(f, refs, out, dst);
+      continue;
+    }
     bool variable = !dataset_->fields()[f].fixed_size();
     auto& offsets = out.offsets[f];
     offsets.clear();
@@ -121,6 +129,34 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
       if (!src.empty() && src.data() != dst) std::memcpy(dst, src.data(), src.size());
       dst += src.size();
       if (variable) offsets.push_back(offsets.back() + src.size());
+    }
+  }
+}
+
+// Runs field f's transform on each sample into its slot at `dst`. A sample that fails names its
+// shard (or file) and index, or under transform_errors: skip becomes zeros marked as padding.
+void BatchBuilder::transform_field(size_t f, std::span<const SampleRef> refs, BatchStorage& out,
+                                   std::byte* dst) {
+  const transform::ImageTransform& t = *options_.transforms[f];
+  const size_t nf = dataset_->fields().size();
+  const size_t each = t.output_bytes();
+  for (size_t i = 0; i < refs.size(); ++i, dst += each) {
+    const uint64_t index = refs[i].index;
+    try {
+      t.apply(field_spans_[i * nf + f], transform::sample_key(options_.seed, out.epoch, index),
+              {dst, each});
+    } catch (const Error& e) {
+      if (!options_.skip_transform_errors) {
+        std::string_view file = index::sample_file(*dataset_, index);
+        const std::string where =
+            file.empty() ? dataset_->shards()[index::shard_of(*dataset_, index)].path.string()
+                         : (dataset_->path() / file).string();
+        fail(e.code() == ErrorCode::kCorruption ? ErrorCode::kCorruption : e.code(),
+             "{}: sample {}: field {}: {}", where, index, dataset_->fields()[f].name, e.what());
+      }
+      std::memset(dst, 0, each);
+      out.padding[i] = 1;
+      if (options_.transform_skipped) options_.transform_skipped->fetch_add(1);
     }
   }
 }

@@ -11,6 +11,7 @@
 #include "pipeline/buffer_pool.h"
 #include "pipeline/peers.h"
 #include "read/record_reader.h"
+#include "transform/image.h"
 
 #include <sluice/dataset.h>
 #include <sluice/sampler.h>
@@ -34,6 +35,11 @@ struct BuildOptions {
   // A packed dataset of one fixed-size field: its record size (a record is that field); else 0.
   uint64_t one_field_bytes = 0;
   bool direct_to_batch = false;  // records go straight into their batch slots (see above)
+  // Per dataset field: its transform (config `transforms`), or null: its bytes as stored.
+  std::vector<std::shared_ptr<const transform::ImageTransform>> transforms;
+  uint64_t seed = 0;                   // with the epoch and index: each sample's key
+  bool skip_transform_errors = false;  // transform_errors: skip
+  std::atomic<uint64_t>* transform_skipped = nullptr;  // counts them (the loader's)
 };
 
 /// One loader thread's batch building (not thread-safe); kept across epochs, so its staging
@@ -57,6 +63,8 @@ class BatchBuilder {
  private:
   void read_into_batch(std::span<const SampleRef> refs, io::Engine* engine, BatchStorage& out);
   void read_local(io::Engine* engine, std::chrono::steady_clock::time_point deadline);
+  void transform_field(size_t f, std::span<const SampleRef> refs, BatchStorage& out,
+                       std::byte* dst);
 
   std::shared_ptr<const Dataset> dataset_;
   BuildOptions options_;

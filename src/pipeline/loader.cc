@@ -254,6 +254,7 @@ class LoaderImpl final : public Loader {
     s.direct_io = direct_;
     s.pinned = pin_;
     s.batches_held = pool_->held();
+    s.transform_skipped = transform_skipped_.load();
     const io::WriteCounters& w = io::write_counters();
     s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
     s.checkpoint_held_seconds =
@@ -444,13 +445,44 @@ class LoaderImpl final : public Loader {
                             ? fields[0].fixed_bytes()
                             : 0;
     b.direct_to_batch = all_local && b.one_field_bytes > 0 &&
-                        b.one_field_bytes % io_alignment == 0 && b.one_field_bytes <= UINT32_MAX;
+                        b.one_field_bytes % io_alignment == 0 && b.one_field_bytes <= UINT32_MAX &&
+                        options_.transforms.empty();
+    compile_transforms();
     if (options_.io.direct == DirectIo::kAuto)
       log_line((direct_ ? "direct I/O (O_DIRECT) on: "
                         : "direct I/O off, reading through the page cache: ") +
                direct.why);
     else if (options_.io.direct == DirectIo::kOn)
       log_line("direct I/O (O_DIRECT) on");
+  }
+
+  // Config `transforms`: each named field's transform, and the batch's fields as they come out
+  // of it (a fixed-shape tensor instead of the stored bytes).
+  void compile_transforms() {
+    if (options_.transforms.empty()) return;
+    const auto& stored = dataset_->fields();
+    auto fields = std::make_shared<std::vector<FieldSpec>>(stored);
+    BuildOptions& b = build_options_;
+    b.transforms.assign(stored.size(), nullptr);
+    b.seed = options_.seed;
+    b.skip_transform_errors = options_.transform_errors == TransformErrors::kSkip;
+    b.transform_skipped = &transform_skipped_;
+    for (const FieldTransform& t : options_.transforms) {
+      auto it = std::find_if(stored.begin(), stored.end(),
+                             [&](const FieldSpec& f) { return f.name == t.field; });
+      if (it == stored.end()) {
+        std::vector<std::string> names;
+        for (const auto& f : stored) names.push_back(f.name);
+        fail(ErrorCode::kConfig, "transforms.{}: {} has no field \"{}\" (its fields: {})", t.field,
+             dataset_->path().string(), t.field, fmt::join(names, ", "));
+      }
+      const size_t f = static_cast<size_t>(it - stored.begin());
+      auto compiled = std::make_shared<const transform::ImageTransform>(t);
+      (*fields)[f].dtype = compiled->dtype();
+      (*fields)[f].shape = compiled->shape();
+      b.transforms[f] = std::move(compiled);
+    }
+    fields_ = std::move(fields);
   }
 
   void start_threads() {
@@ -646,6 +678,7 @@ class LoaderImpl final : public Loader {
   std::unique_ptr<source::Source> source_;    // a cached dataset's source, until open_cache()
   cache::Mirror mirror_;                      // ... and its mirror
   std::shared_ptr<Dataset> dataset_;
+  std::atomic<uint64_t> transform_skipped_{0};  // samples transform_errors: skip replaced
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
   Sampler sampler_;
   uint32_t rank_, world_;

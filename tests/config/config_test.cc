@@ -140,6 +140,63 @@ cache: {dir: nvme/cache, capacity: 200G, memory: 1.5G, policy: lru, fetch_size: 
   EXPECT_EQ(config_error("dataset: {s3: {key: x}}\n"), "train.yaml:1: dataset.s3.key: unknown key");
 }
 
+TEST(Config, TransformsParsePrintAndOverride) {
+  auto o = LoaderOptions::from_yaml_string(R"(
+dataset: data
+transforms:
+  jpg:
+    - decode: rgb
+    - random_resized_crop: {size: [200, 224], scale: [0.25, 1.0], ratio: [0.5, 2]}
+    - flip: 0.25
+    - normalize: {mean: [0.5, 0.4, 0.3], std: [0.2, 0.2, 0.2], dtype: float16}
+    - layout: chw
+  png: [{decode: gray}, {resize: 256}, {center_crop: 224}]
+transform_errors: skip
+)",
+                                           "train.yaml", "/base");
+  ASSERT_EQ(o.transforms.size(), 2u);
+  const auto& j = o.transforms[0].steps;
+  ASSERT_EQ(j.size(), 5u);
+  EXPECT_EQ(j[1].kind, TransformStep::Kind::kRandomResizedCrop);
+  EXPECT_EQ(j[1].height, 200u);
+  EXPECT_EQ(j[1].width, 224u);
+  EXPECT_EQ(j[1].scale[0], 0.25);
+  EXPECT_EQ(j[1].ratio[1], 2.0);
+  EXPECT_EQ(j[2].p, 0.25);
+  EXPECT_TRUE(j[3].half);
+  EXPECT_EQ(j[3].mean, (std::vector<double>{0.5, 0.4, 0.3}));
+  EXPECT_TRUE(j[4].chw);
+  EXPECT_EQ(o.transforms[1].steps[1].width, 0u);  // the shorter side
+  EXPECT_EQ(o.transform_errors, TransformErrors::kSkip);
+  // Printed back and parsed again: the same.
+  auto again = LoaderOptions::from_yaml_string(o.to_yaml(), "again.yaml", "/base");
+  EXPECT_EQ(again.transforms, o.transforms) << o.to_yaml();
+  EXPECT_EQ(again.transform_errors, TransformErrors::kSkip);
+  // One field's steps by dotted key (Python's {"transforms": {"jpg": [...]}}).
+  o.set("transforms.jpg", R"([{"decode": "rgb"}, {"center_crop": 64}])");
+  ASSERT_EQ(o.transforms.size(), 2u);
+  EXPECT_EQ(o.transforms[0].steps.size(), 2u);
+  EXPECT_EQ(LoaderOptions{}.transform_errors, TransformErrors::kFail);
+
+  EXPECT_NE(config_error("transforms: {jpg: [{resize: 9}]}")
+                .find("train.yaml:1: transforms.jpg[0]: decode comes first"),
+            std::string::npos);
+  EXPECT_NE(config_error("transforms: {jpg: [{decode: rgb}, {resize: 9}]}").find("no fixed size"),
+            std::string::npos);
+  EXPECT_NE(config_error("transforms: {jpg: [{decode: cmyk}, {center_crop: 9}]}")
+                .find("transforms.jpg[0].decode: unknown value \"cmyk\""),
+            std::string::npos);
+  EXPECT_NE(config_error("transforms: {jpg: [{decode: rgb}, {center_crop: 9}, {flip: 2}]}")
+                .find("transforms.jpg[2].flip"),
+            std::string::npos);
+  EXPECT_NE(config_error("transforms: {jpg: [{decode: rgb}, {center_crop: 9}, {layout: chw}, "
+                         "{normalize: {mean: [0, 0, 0], std: [1, 1, 1]}}]}")
+                .find("comes"),
+            std::string::npos);
+  EXPECT_NE(config_error("transform_errors: ignore").find("expected fail, skip"),
+            std::string::npos);
+}
+
 TEST(Config, FileErrors) {
   testing::TempDir tmp;
   try {

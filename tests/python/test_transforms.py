@@ -1,0 +1,198 @@
+"""Image transforms in the loader threads (config `transforms:`), on WebDataset tar shards written
+with webdataset's TarWriter and images encoded by Pillow: the output against Pillow's own
+resize and crop, the same random crop for a sample on any number of ranks and after a resume,
+normalize and layout, PNG and WebP, and a damaged image named (or skipped and counted)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+Image = pytest.importorskip("PIL.Image")
+wds = pytest.importorskip("webdataset")
+
+import sluice  # noqa: E402
+
+N = 24
+RESIZE_CROP = [{"decode": "rgb"}, {"resize": 256}, {"center_crop": 224}]
+RANDOM = [{"decode": "rgb"}, {"random_resized_crop": {"size": 160, "scale": [0.08, 1.0]}},
+          {"flip": 0.5}]
+
+
+def picture(rng: np.random.Generator) -> np.ndarray:
+    """An image of ImageNet-like size with smooth structure (gradients and waves) in each
+    channel, so that resampling differences stay small and any shift or swap shows."""
+    h, w = (int(v) for v in rng.integers(300, 600, 2))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    fx, fy = rng.uniform(9, 40, 2)
+    a = np.stack([x * 255 / w, y * 255 / h, 128 + 100 * np.sin(x / fx) * np.cos(y / fy)], -1)
+    return a.clip(0, 255).astype(np.uint8)
+
+
+def encode(a: np.ndarray, fmt: str) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, list]:
+    """Two tar shards of JPEGs (as webdataset writes them) and the images Pillow decodes."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(7)
+    decoded = []
+    for s in range(2):
+        with wds.TarWriter(str(root / f"shard-{s:03d}.tar")) as w:
+            for i in range(N // 2):
+                data = encode(picture(rng), "JPEG")
+                decoded.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                w.write({"__key__": f"s{s}-{i:04d}", "jpg": data, "cls": str(i).encode()})
+    return root, decoded
+
+
+def loader(root: Path, steps: list, **kw) -> sluice.Loader:
+    cfg = {"dataset": {"path": str(root), "format": "tar"}, "batch_size": 8,
+           "shuffle": {"mode": "none"}, "transforms": {"jpg": steps}}
+    cfg.update(kw)
+    return sluice.Loader(cfg)
+
+
+def by_index(ld: sluice.Loader, field: str = "jpg") -> dict[int, np.ndarray]:
+    out = {}
+    for batch in ld:
+        for k, i in enumerate(batch["index"].tolist()):
+            if "padding" not in batch or not bool(batch["padding"][k]):
+                out[i] = batch[field][k].numpy().copy()
+    return out
+
+
+def pillow_resize_crop(a: np.ndarray, short: int, crop: int) -> np.ndarray:
+    im = Image.fromarray(a)
+    w, h = im.size
+    size = (short, short * h // w) if w <= h else (short * w // h, short)
+    im = im.resize(size, Image.BILINEAR)  # antialiased when it shrinks
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+    return np.asarray(im.crop((left, top, left + crop, top + crop)))
+
+
+def test_resize_and_center_crop_match_pillow(shards) -> None:
+    root, decoded = shards
+    got = by_index(loader(root, RESIZE_CROP))
+    assert sorted(got) == list(range(N))
+    for i, out in got.items():
+        assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+        diff = np.abs(out.astype(int) - pillow_resize_crop(decoded[i], 256, 224).astype(int))
+        assert diff.mean() < 2.0, f"sample {i}: mean difference {diff.mean():.2f} from Pillow"
+
+
+def test_random_crops_are_the_same_on_any_rank_count_and_after_resume(shards,
+                                                                       tmp_path: Path) -> None:
+    root, _ = shards
+    one = by_index(loader(root, RANDOM))
+    two = {}
+    for rank in range(2):  # 12 samples each: a batch of 8 and one of 4 plus padding
+        two.update(by_index(loader(root, RANDOM, drop_last=False,
+                                   distributed={"rank": rank, "world_size": 2})))
+    assert sorted(one) == sorted(two) == list(range(N))
+    for i in one:
+        assert one[i].shape == (160, 160, 3)
+        assert np.array_equal(one[i], two[i]), f"sample {i} differs between 1 and 2 ranks"
+    # Random per sample: eight copies of one image are cropped eight ways.
+    same = encode(picture(np.random.default_rng(1)), "JPEG")
+    with wds.TarWriter(str(tmp_path / "same.tar")) as w:
+        for i in range(8):
+            w.write({"__key__": f"c{i}", "jpg": same})
+    copies = by_index(loader(tmp_path, RANDOM))
+    assert len({c.tobytes() for c in copies.values()}) == 8
+    # And the next epoch crops anew.
+    ld = loader(root, RANDOM)
+    list(ld)
+    again = by_index(ld)  # epoch 1
+    assert sum(np.array_equal(one[i], again[i]) for i in one) < N // 4
+    # Resumed mid-epoch: the rest of the epoch, each sample as before.
+    ld = loader(root, RANDOM)
+    it = iter(ld)
+    next(it)
+    state = ld.state_dict()
+    del it
+    resumed = loader(root, RANDOM)
+    resumed.load_state_dict(state)
+    rest = by_index(resumed)
+    assert len(rest) == N - 8
+    for i, out in rest.items():
+        assert np.array_equal(out, one[i]), f"sample {i} cropped differently after resume"
+
+
+def test_normalize_float16_chw(shards) -> None:
+    root, _ = shards
+    plain = by_index(loader(root, RESIZE_CROP))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    steps = RESIZE_CROP + [{"normalize": {"mean": mean, "std": std, "dtype": "float16"}},
+                           {"layout": "chw"}]
+    ld = loader(root, steps)
+    batch = next(iter(ld))
+    assert batch["jpg"].dtype == torch.float16 and tuple(batch["jpg"].shape) == (8, 3, 224, 224)
+    for k, i in enumerate(batch["index"].tolist()):
+        want = (plain[i].astype(np.float32) / 255 - mean) / std
+        got = batch["jpg"][k].float().numpy().transpose(1, 2, 0)
+        assert np.abs(got - want).max() < 0.02, f"sample {i}"
+
+
+def test_png_webp_and_gray(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pics = [picture(rng) for _ in range(4)]
+    with wds.TarWriter(str(tmp_path / "mixed.tar")) as w:
+        for i, a in enumerate(pics):
+            fmt = ["PNG", "WEBP", "PNG", "JPEG"][i]
+            w.write({"__key__": f"k{i}", "img": encode(a, fmt)})
+    cfg = {"dataset": {"path": str(tmp_path), "format": "tar"}, "batch_size": 4,
+           "shuffle": {"mode": "none"},
+           "transforms": {"img": [{"decode": "gray"}, {"center_crop": [200, 250]}]}}
+    batch = next(iter(sluice.Loader(cfg)))
+    assert tuple(batch["img"].shape) == (4, 200, 250, 1)
+    for k in range(3):  # lossless PNG, and WebP (lossy, near): Pillow's gray of the same crop
+        a = pics[k]
+        h, w = a.shape[:2]
+        top, left = round((h - 200) / 2), round((w - 250) / 2)
+        want = np.asarray(Image.fromarray(a).convert("L"))[top:top + 200, left:left + 250]
+        diff = np.abs(batch["img"][k, :, :, 0].numpy().astype(int) - want.astype(int))
+        assert diff.mean() < (0.6 if k != 1 else 3.0), f"image {k}: {diff.mean():.2f}"
+
+
+def test_a_damaged_image_is_named_or_skipped_and_counted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as w:
+        for i in range(8):
+            data = encode(picture(rng), "JPEG")
+            if i == 5:
+                data = data[: len(data) // 2]  # cut short
+            w.write({"__key__": f"k{i}", "jpg": data})
+    cfg = {"dataset": {"path": str(tmp_path), "format": "tar"}, "batch_size": 8,
+           "shuffle": {"mode": "none"}, "transforms": {"jpg": RESIZE_CROP}}
+    with pytest.raises(sluice.CorruptionError, match=r"bad\.tar: sample 5: field jpg: JPEG"):
+        list(sluice.Loader(cfg))
+    ld = sluice.Loader(dict(cfg, transform_errors="skip"))
+    batch = next(iter(ld))
+    assert batch["padding"].tolist() == [False] * 5 + [True] + [False] * 2
+    assert not batch["jpg"][5].any()
+    assert ld.stats()["transform_skipped"] == 1
+
+
+def test_config_errors_name_the_key(shards) -> None:
+    root, _ = shards
+    for steps, match in [
+        ([{"resize": 256}], r"transforms\.jpg\[0\]: decode comes first"),
+        ([{"decode": "rgb"}, {"resize": 256}], "no fixed size"),
+        ([{"decode": "rgb"}, {"center_crop": 8}, {"blur": 3}], r"transforms\.jpg\[2\]"),
+        ([{"decode": "gray"}, {"center_crop": 8},
+          {"normalize": {"mean": [0.5, 0.5, 0.5], "std": [1, 1, 1]}}], "1 channel"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            loader(root, steps)
+    with pytest.raises(ValueError, match=r'has no field "png"'):
+        sluice.Loader({"dataset": {"path": str(root), "format": "tar"}, "batch_size": 8,
+                       "transforms": {"png": RESIZE_CROP}})
