@@ -158,6 +158,9 @@ class SLUICE_EXPORT Dataset {
   std::vector<std::byte> read_record(uint64_t index) const;
   /// The same into `dest` (at least extent(index).size bytes); returns the record's size.
   size_t read_record_into(uint64_t index, std::span<std::byte> dest) const;
+  /// Sample `index`'s key: in WebDataset tar shards its `__key__` (the member names up to the
+  /// first '.'), in a files tree its path relative to the root; "" for other formats.
+  std::string sample_key(uint64_t index) const;
   /// Splits a record into its fields; throws kCorruption when the lengths do not add up.
   SampleFields parse_record(uint64_t index, std::span<const std::byte> record) const;
 

@@ -183,7 +183,9 @@ class Loader:
                 last = loader.batches_left == 0
                 if last:  # the epoch is delivered: the loop is done, whatever the caller does
                     self._running = None
-                yield {key: from_dlpack(capsule) for key, capsule in tensors}
+                # "__key__" comes as a list of str (the samples' keys); the rest as tensors.
+                yield {key: value if key == "__key__" else from_dlpack(value)
+                       for key, value in tensors}
                 if last:
                     return
         finally:

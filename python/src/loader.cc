@@ -139,6 +139,7 @@ class PyLoader {
   void check_keys() const {
     std::set<std::string> keys = {"index"};
     if (has_padding()) keys.insert("padding");
+    if (has_keys()) keys.insert("__key__");
     for (const FieldSpec& f : get().dataset().fields()) {
       bool ok = keys.insert(f.name).second;
       if (ok && !f.fixed_size()) ok = keys.insert(offsets_key(f.name)).second;
@@ -156,6 +157,12 @@ class PyLoader {
     return {b.begin(), b.end()};
   }
 
+  // "__key__" in batches: each sample's key where the dataset has them (tar shards, files).
+  bool has_keys() const {
+    const DatasetFormat f = get().dataset().format();
+    return f == DatasetFormat::kTar || f == DatasetFormat::kFiles;
+  }
+
   // Padding in batches: drop_last false, or samples whose transform failed (transform_errors).
   bool has_padding() const {
     const LoaderOptions& o = get().options();
@@ -169,6 +176,11 @@ class PyLoader {
     const int64_t n = static_cast<int64_t>(batch->size());
     // Indices are uint64 < 2^62: the same bytes read as int64, which every torch supports.
     out.append(py::make_tuple("index", to_dlpack(bytes_of(batch->indices()), DType::kInt64, {n})));
+    if (has_keys()) {
+      py::list keys;
+      for (uint64_t i : batch->indices()) keys.append(get().dataset().sample_key(i));
+      out.append(py::make_tuple("__key__", keys));
+    }
     if (has_padding())
       out.append(
           py::make_tuple("padding", to_dlpack(bytes_of(batch->padding()), DType::kBool, {n})));

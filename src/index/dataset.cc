@@ -25,6 +25,20 @@ using detail::fail;
 namespace fs = std::filesystem;
 
 namespace {
+// WebDataset shards compressed (shard-000.tar.gz) are named as such: sluice reads samples in
+// place, which a compressed stream does not allow.
+void refuse_compressed_tar(const fs::path& p) {
+  const std::string name = p.filename().string();
+  for (const char* ext : {".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd"})
+    if (name.ends_with(ext))
+      fail(ErrorCode::kUnsupported,
+           "{}: a compressed tar ({}): sluice reads WebDataset shards uncompressed (each sample "
+           "in place at its offset); decompress the shards first",
+           p.string(), ext);
+}
+}  // namespace
+
+namespace {
 
 // One shard's open file and memory-mapped index.
 struct Shard {
@@ -317,6 +331,13 @@ std::string Dataset::split_record(uint64_t index, std::span<const std::byte> rec
   return split ? "" : split.error();
 }
 
+std::string Dataset::sample_key(uint64_t index) const {
+  if (impl_->files) return std::string(sample_file(index));
+  if (impl_->tars.empty()) return {};
+  const uint32_t shard = shard_of(index);
+  return impl_->tars[shard].keys[index - impl_->first_samples[shard]];
+}
+
 std::string_view Dataset::sample_file(uint64_t index) const {
   const auto& f = impl_->files;
   if (!f || index >= num_samples()) return {};
@@ -497,6 +518,7 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
     else if (path.extension() == ".tar")
       format = DatasetFormat::kTar;
     else if (fs::is_directory(path, ec)) {
+      for (const auto& e : fs::directory_iterator(path, ec)) refuse_compressed_tar(e.path());
       // .tar files: WebDataset shards. Shard files without a manifest: a pack that never
       // finished, opened as packed so that the error says so. Otherwise a tree of files.
       format = DatasetFormat::kFiles;
@@ -720,8 +742,10 @@ std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
   std::error_code ec;
   std::vector<fs::path> tars;
   if (fs::is_directory(path, ec)) {
-    for (const auto& e : fs::directory_iterator(path, ec))
+    for (const auto& e : fs::directory_iterator(path, ec)) {
       if (e.path().extension() == ".tar") tars.push_back(e.path());
+      refuse_compressed_tar(e.path());
+    }
     std::sort(tars.begin(), tars.end());
     if (tars.empty()) fail(ErrorCode::kInvalidArgument, "{}: no .tar files", path.string());
   } else {

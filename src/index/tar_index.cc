@@ -26,7 +26,7 @@ namespace {
 constexpr size_t kBlock = 512;
 // 2: the tar's inode, device and change time join its size and mtime, and the cache carries a
 // checksum of itself.
-constexpr char kCacheMagic[8] = {'S', 'L', 'T', 'A', 'R', 'I', 'X', '2'};
+constexpr char kCacheMagic[8] = {'S', 'L', 'T', 'A', 'R', 'I', 'X', '3'};  // 3: keys
 
 // A numeric header field: octal text, or base-256 binary when the high bit is set (GNU).
 uint64_t tar_number(const char* p, size_t n) {
@@ -48,8 +48,30 @@ struct Member {
   uint64_t data = 0, size = 0;
 };
 
+// A compressed tar is named as one, not reported as a damaged header or a truncated file.
+void refuse_compressed(const std::string& label, const TarReader& read, uint64_t size) {
+  unsigned char m[6] = {};
+  if (size < sizeof m) return;
+  read(std::as_writable_bytes(std::span(m)), 0);
+  const char* kind = m[0] == 0x1f && m[1] == 0x8b                ? "gzip"
+                     : m[0] == 'B' && m[1] == 'Z' && m[2] == 'h' ? "bzip2"
+                     : std::memcmp(m,
+                                   "\xfd"
+                                   "7zXZ\0",
+                                   6) == 0
+                         ? "xz"
+                     : m[0] == 0x28 && m[1] == 0xb5 && m[2] == 0x2f && m[3] == 0xfd ? "zstd"
+                                                                                    : nullptr;
+  if (kind)
+    fail(ErrorCode::kUnsupported,
+         "{}: a {}-compressed tar: sluice reads WebDataset shards uncompressed (each sample in "
+         "place at its offset); decompress it first",
+         label, kind);
+}
+
 // Every regular file in the tar, in order (pax 'path' records and GNU long names applied).
 std::vector<Member> scan_members(const std::string& label, const TarReader& read, uint64_t size) {
+  refuse_compressed(label, read, size);
   std::vector<Member> members;
   char h[kBlock];
   std::string long_name;
@@ -175,6 +197,7 @@ TarIndex scan_tar(const std::string& label, const TarReader& read, uint64_t size
            s.key, end - start);
     t.start.push_back(start);
     t.span.push_back(static_cast<uint32_t>(end - start));
+    t.keys.push_back(s.key);
     for (size_t f = 0; f < nf; ++f) {
       const Member& m = *s.fields.at(t.fields[f]);
       t.offset.push_back(static_cast<uint32_t>(m.data - start));
@@ -229,17 +252,34 @@ struct TarStamp {
 };
 constexpr size_t kCacheHeader = 8 + sizeof(TarStamp) + 8;  // magic, stamp, payload checksum
 
+// Names one after another, each ended by '\0'.
+std::vector<char> joined(const std::vector<std::string>& names) {
+  std::vector<char> out;
+  for (const auto& n : names) {
+    out.insert(out.end(), n.begin(), n.end());
+    out.push_back('\0');
+  }
+  return out;
+}
+std::vector<std::string> split_names(const std::vector<char>& names) {
+  std::vector<std::string> out;
+  for (size_t p = 0; p < names.size();) {
+    out.emplace_back(names.data() + p, strnlen(names.data() + p, names.size() - p));
+    p += out.back().size() + 1;
+  }
+  return out;
+}
+
 std::string encode(const TarIndex& t, const TarStamp& stamp) {
   std::string payload;
-  std::string names;
-  for (const auto& f : t.fields) names += f + '\0';
-  put(payload, std::vector<char>(names.begin(), names.end()));
+  put(payload, joined(t.fields));
   put(payload, t.is_int);
   put(payload, t.start);
   put(payload, t.span);
   put(payload, t.offset);
   put(payload, t.size);
   put(payload, t.ints);
+  put(payload, joined(t.keys));
   std::string out(kCacheMagic, 8);
   out.append(reinterpret_cast<const char*>(&stamp), sizeof stamp);
   const uint64_t sum = format::checksum64(payload.data(), payload.size());
@@ -257,18 +297,15 @@ bool decode(std::string_view in, const TarStamp& stamp, TarIndex& t) {
   std::memcpy(&sum, in.data() + 8 + sizeof cached, 8);
   in.remove_prefix(kCacheHeader);
   if (!(cached == stamp) || format::checksum64(in.data(), in.size()) != sum) return false;
-  std::vector<char> names;
+  std::vector<char> names, keys;
   if (!get(in, names) || !get(in, t.is_int) || !get(in, t.start) || !get(in, t.span) ||
-      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints) || !in.empty())
+      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints) || !get(in, keys) || !in.empty())
     return false;
-  for (size_t p = 0; p < names.size();) {
-    std::string f(names.data() + p, strnlen(names.data() + p, names.size() - p));
-    p += f.size() + 1;
-    t.fields.push_back(f);
-  }
+  t.fields = split_names(names);
+  t.keys = split_names(keys);
   const size_t n = t.start.size(), nf = t.fields.size();
   if (!(nf > 0 && t.is_int.size() == nf && t.span.size() == n && t.offset.size() == n * nf &&
-        t.size.size() == n * nf && t.ints.size() == n * nf))
+        t.size.size() == n * nf && t.ints.size() == n * nf && t.keys.size() == n))
     return false;
   for (size_t i = 0; i < n; ++i)  // every sample inside the tar, as the scan would have it
     if (t.start[i] > stamp.size || t.span[i] > stamp.size - t.start[i]) return false;

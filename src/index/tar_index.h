@@ -23,6 +23,7 @@ struct TarIndex {
   std::vector<uint32_t> offset;     // per sample and field: data offset within the span
   std::vector<uint32_t> size;       // per sample and field
   std::vector<int64_t> ints;        // per sample and field: the value of an integer field
+  std::vector<std::string> keys;    // per sample: its WebDataset __key__ (names up to the '.')
   size_t num_samples() const { return start.size(); }
 };
 

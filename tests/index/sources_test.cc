@@ -126,6 +126,7 @@ TEST(SourcesTest, FilesTreeLabelsAreTheFirstDirectoryAndAChangedFileIsNamed) {
   std::vector<std::span<const std::byte>> fields;
   for (uint64_t i = 0; i < ds->num_samples(); ++i) {  // listed in sorted path order
     EXPECT_EQ(index::sample_file(*ds, i), files[i].first);
+    EXPECT_EQ(ds->sample_key(i), files[i].first);
     auto record = ds->read_record(i);
     EXPECT_EQ(record, sample_bytes(i, 0, files[i].second)) << files[i].first;
     ASSERT_TRUE(index::split_record(*ds, i, record, fields).ok()) << i;
@@ -141,6 +142,34 @@ TEST(SourcesTest, FilesTreeLabelsAreTheFirstDirectoryAndAChangedFileIsNamed) {
   EXPECT_NE(problems[0].find("cat/val/b.jpg"), std::string::npos) << problems[0];
   EXPECT_NE(problems[0].find("size changed since the tree was listed"), std::string::npos)
       << problems[0];
+}
+
+TEST(SourcesTest, CompressedTarShardsAreNamedAsSuchNotAsDamage) {
+  TempDir dir;
+  const std::vector<std::byte> gzip = {std::byte{0x1f}, std::byte{0x8b}, std::byte{8},
+                                       std::byte{0},    std::byte{0},    std::byte{0},
+                                       std::byte{0},    std::byte{0},    std::byte{0}};
+  write_file(dir / "shards" / "shard-000.tar.gz", gzip);
+  for (const fs::path& p : {dir / "shards", dir / "shards" / "shard-000.tar.gz"}) {
+    try {
+      DatasetOptions source;
+      source.path = p;
+      source.format = p.extension() == ".gz" ? DatasetFormat::kTar : DatasetFormat::kAuto;
+      Dataset::open_source(source);
+      FAIL() << p;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kUnsupported) << e.what();
+      EXPECT_NE(std::string(e.what()).find("compressed tar"), std::string::npos) << e.what();
+    }
+  }
+  // Named .tar, but gzip inside.
+  write_file(dir / "lying" / "shard-000.tar", gzip);
+  try {
+    open_auto(dir / "lying");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("a gzip-compressed tar"), std::string::npos) << e.what();
+  }
 }
 
 TEST(SourcesTest, TarShardsFromGnuTarGroupMembersBySampleKey) {
@@ -180,7 +209,11 @@ TEST(SourcesTest, TarShardsFromGnuTarGroupMembersBySampleKey) {
     int64_t label;
     std::memcpy(&label, fields[1].data(), sizeof label);
     EXPECT_EQ(label, static_cast<int64_t>(i % 4));
+    EXPECT_EQ(ds->sample_key(i), key_of(static_cast<int>(i)));
   }
+  // Opened again: from the cached index, keys included.
+  auto cached = open_auto(shards);
+  EXPECT_EQ(cached->sample_key(7), key_of(7));
   EXPECT_TRUE(ds->verify().empty());
   EXPECT_EQ(open_auto(shards / "shard-1.tar")->num_samples(), 6u);  // one .tar file
 

@@ -154,6 +154,7 @@ def test_png_webp_and_gray(tmp_path: Path) -> None:
            "transforms": {"img": [{"decode": "gray"}, {"center_crop": [200, 250]}]}}
     batch = next(iter(sluice.Loader(cfg)))
     assert tuple(batch["img"].shape) == (4, 200, 250, 1)
+    assert batch["__key__"] == ["k0", "k1", "k2", "k3"]  # each sample's WebDataset key
     for k in range(3):  # lossless PNG, and WebP (lossy, near): Pillow's gray of the same crop
         a = pics[k]
         h, w = a.shape[:2]
