@@ -1,11 +1,15 @@
 """Image transforms in the loader threads (config `transforms:`), on WebDataset tar shards written
 with webdataset's TarWriter and images encoded by Pillow: the output against Pillow's own
 resize and crop, the same random crop for a sample on any number of ranks and after a resume,
-normalize and layout, PNG and WebP, and a damaged image named (or skipped and counted)."""
+normalize and layout, PNG and WebP, a damaged image named (or skipped and counted), and
+examples/train_images.py learning from JPEGs through transforms."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +201,15 @@ def test_config_errors_name_the_key(shards) -> None:
     with pytest.raises(ValueError, match=r'has no field "png"'):
         sluice.Loader({"dataset": {"path": str(root), "format": "tar"}, "batch_size": 8,
                        "transforms": {"png": RESIZE_CROP}})
+
+
+def test_the_image_training_example_learns(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_images.py"
+    run = subprocess.run([sys.executable, str(example), str(tmp_path / "shards"), "--make", "192",
+                          "--epochs", "3", "--batch-size", "32"],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    accuracy = float(last.split("accuracy ")[1].split(",")[0])
+    assert accuracy > 0.8, run.stdout
