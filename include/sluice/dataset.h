@@ -193,7 +193,8 @@ class SLUICE_EXPORT Dataset {
   struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
   static std::shared_ptr<Dataset> open_files(const std::filesystem::path& root);
-  static std::shared_ptr<Dataset> open_tar(const std::filesystem::path& path);
+  static std::shared_ptr<Dataset> open_tar(const std::filesystem::path& path,
+                                           const std::vector<std::string>& optional_fields);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -22,6 +22,10 @@ struct DatasetOptions {
   uint64_t seq_len = 0;      // tokens: tokens per sample (window length); required
   uint64_t stride = 0;       // tokens: tokens between window starts; 0 means seq_len
   uint32_t token_bytes = 2;  // tokens: 2 (uint16, as nanoGPT writes) or 4 (uint32)
+  // tar: fields some samples may lack (config `dataset.fields: {json: optional}`): such a
+  // sample's field is empty (an integer field: -1). Any other field missing from a sample is
+  // an error naming the shard, the sample and the field.
+  std::vector<std::string> optional_fields;
   // An s3://BUCKET/PREFIX path: where and as whom. Empty values come from the environment as
   // AWS tools read it (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
   // AWS_SESSION_TOKEN).

@@ -219,6 +219,18 @@ std::vector<PeerOptions> parse_peers(const Context& ctx, const YAML::Node& node)
   return peers;
 }
 
+bool second_of(const Context& ctx, const YAML::Node& node, const std::string& key,
+               std::string_view a, std::string_view b);
+
+// dataset.fields.NAME: optional | required.
+void set_optional(LoaderOptions& o, const Context& ctx, const YAML::Node& node,
+                  const std::string& field) {
+  auto& list = o.dataset.optional_fields;
+  std::erase(list, field);
+  if (!second_of(ctx, node, "dataset.fields." + field, "required", "optional")) return;
+  list.push_back(field);
+}
+
 // --- transforms: FIELD: [STEP, ...] ------------------------------------------------------
 
 double parse_double(const Context& ctx, const YAML::Node& node, std::string_view key, double min,
@@ -452,6 +464,14 @@ const std::vector<std::pair<std::string_view, Setter>>& setters() {
       {"dataset.format",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
          o.dataset.format = parse_enum<DatasetFormat>(c, n, "dataset.format", kFormatNames);
+       }},
+      {"dataset.fields",
+       [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
+         if (!n.IsMap())
+           config_error(c, n, "dataset.fields",
+                        fmt::format("expected a mapping of field: optional | required, got {}",
+                                    shown(n)));
+         for (const auto& kv : n) set_optional(o, c, kv.second, kv.first.Scalar());
        }},
       {"dataset.seq_len",
        [](LoaderOptions& o, const YAML::Node& n, const Context& c) {
@@ -705,6 +725,13 @@ void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
   } catch (const YAML::Exception& e) {
     detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
   }
+  if (!s && key.starts_with("dataset.fields.")) {  // dataset.fields.json=optional
+    const std::string overrides = "override";
+    fs::path cwd = fs::current_path();
+    set_optional(*this, {overrides, cwd}, node,
+                 std::string(key.substr(std::string_view("dataset.fields.").size())));
+    return;
+  }
   if (!s && key.starts_with("transforms.")) {  // one field's steps: transforms.jpg=[...]
     const std::string overrides = "override";
     fs::path cwd = fs::current_path();
@@ -880,6 +907,12 @@ std::string LoaderOptions::to_yaml() const {
         << YAML::Value << (dataset.stride ? dataset.stride : dataset.seq_len) << YAML::Key
         << "dtype" << YAML::Value
         << std::string(name_of<uint32_t>(kTokenDtypeNames, dataset.token_bytes));
+  if (!dataset.optional_fields.empty()) {
+    out << YAML::Key << "fields" << YAML::Value << YAML::Flow << YAML::BeginMap;
+    for (const auto& f : dataset.optional_fields)
+      out << YAML::Key << f << YAML::Value << "optional";
+    out << YAML::EndMap;
+  }
   // Credentials are secrets: never echoed; where to find the store is not.
   if (!dataset.s3.endpoint.empty() || !dataset.s3.region.empty()) {
     out << YAML::Key << "s3" << YAML::Value << YAML::Flow << YAML::BeginMap;

@@ -541,7 +541,7 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   }
   if (format == DatasetFormat::kShards) return open(path, options);
   if (format == DatasetFormat::kFiles) return open_files(path);
-  if (format == DatasetFormat::kTar) return open_tar(path);
+  if (format == DatasetFormat::kTar) return open_tar(path, source.optional_fields);
 
   auto impl = std::make_unique<Impl>();
   impl->dir = fs::absolute(path);
@@ -738,7 +738,8 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
 }
 
-std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
+std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path,
+                                           const std::vector<std::string>& optional_fields) {
   std::error_code ec;
   std::vector<fs::path> tars;
   if (fs::is_directory(path, ec)) {
@@ -759,16 +760,21 @@ std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path) {
     s.fd = detail::open_file(tar, O_RDONLY);
     uint64_t size = detail::file_size(s.fd.get(), tar.string());
     index::TarIndex t = index::load_tar_index(tar, s.fd.get(), size);
-    if (!impl->tars.empty() &&
-        (t.fields != impl->tars[0].fields || t.is_int != impl->tars[0].is_int))
-      fail(ErrorCode::kCorruption, "{}: its samples' fields differ from those of {}", tar.string(),
-           tars[0].string());
     for (uint32_t span : t.span) total += span;
     impl->infos.push_back({fs::absolute(tar), first, t.num_samples(), size, true});
     impl->first_samples.push_back(first);
     first += t.num_samples();
     impl->shards.push_back(std::move(s));
     impl->tars.push_back(std::move(t));
+  }
+  // Every field any shard has, each shard's columns in that order; a sample may lack only the
+  // fields said to be optional (dataset.fields).
+  std::set<std::string> all;
+  for (const auto& t : impl->tars) all.insert(t.fields.begin(), t.fields.end());
+  const std::vector<std::string> names(all.begin(), all.end());
+  for (size_t k = 0; k < impl->tars.size(); ++k) {
+    index::remap_fields(impl->tars[k], names);
+    index::check_fields(tars[k].string(), impl->tars[k], optional_fields);
   }
   const auto& t0 = impl->tars[0];
   std::vector<FieldSpec> fields;

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 
 namespace sluice::index {
 
@@ -172,21 +173,15 @@ TarIndex scan_tar(const std::string& label, const TarReader& read, uint64_t size
   TarIndex t;
   if (samples.empty())
     fail(ErrorCode::kCorruption, "{}: no samples (no member has a key.field name)", label);
-  for (const auto& [ext, _] : samples[0].fields) {
+  std::set<std::string> all;  // every field any sample has
+  for (const Sample& s : samples)
+    for (const auto& [ext, _] : s.fields) all.insert(ext);
+  for (const std::string& ext : all) {
     t.fields.push_back(ext);
     t.is_int.push_back(ext == "cls" || ext == "label");
   }
   const size_t nf = t.fields.size();
   for (const Sample& s : samples) {
-    bool same = s.fields.size() == nf;
-    for (size_t f = 0; same && f < nf; ++f) same = s.fields.count(t.fields[f]) > 0;
-    if (!same) {
-      std::vector<std::string> have;
-      for (const auto& [ext, _] : s.fields) have.push_back(ext);
-      fail(ErrorCode::kCorruption,
-           "{}: sample \"{}\" has fields {{{}}}, the first sample has {{{}}}", label, s.key,
-           fmt::join(have, ", "), fmt::join(t.fields, ", "));
-    }
     uint64_t start = UINT64_MAX, end = 0;
     for (const auto& [_, m] : s.fields) {
       start = std::min(start, m->data);
@@ -199,7 +194,15 @@ TarIndex scan_tar(const std::string& label, const TarReader& read, uint64_t size
     t.span.push_back(static_cast<uint32_t>(end - start));
     t.keys.push_back(s.key);
     for (size_t f = 0; f < nf; ++f) {
-      const Member& m = *s.fields.at(t.fields[f]);
+      auto it = s.fields.find(t.fields[f]);
+      t.present.push_back(it != s.fields.end());
+      if (it == s.fields.end()) {
+        t.offset.push_back(0);
+        t.size.push_back(0);
+        t.ints.push_back(-1);
+        continue;
+      }
+      const Member& m = *it->second;
       t.offset.push_back(static_cast<uint32_t>(m.data - start));
       t.size.push_back(static_cast<uint32_t>(m.size));
       int64_t value = 0;
@@ -280,6 +283,7 @@ std::string encode(const TarIndex& t, const TarStamp& stamp) {
   put(payload, t.size);
   put(payload, t.ints);
   put(payload, joined(t.keys));
+  put(payload, t.present);
   std::string out(kCacheMagic, 8);
   out.append(reinterpret_cast<const char*>(&stamp), sizeof stamp);
   const uint64_t sum = format::checksum64(payload.data(), payload.size());
@@ -299,13 +303,15 @@ bool decode(std::string_view in, const TarStamp& stamp, TarIndex& t) {
   if (!(cached == stamp) || format::checksum64(in.data(), in.size()) != sum) return false;
   std::vector<char> names, keys;
   if (!get(in, names) || !get(in, t.is_int) || !get(in, t.start) || !get(in, t.span) ||
-      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints) || !get(in, keys) || !in.empty())
+      !get(in, t.offset) || !get(in, t.size) || !get(in, t.ints) || !get(in, keys) ||
+      !get(in, t.present) || !in.empty())
     return false;
   t.fields = split_names(names);
   t.keys = split_names(keys);
   const size_t n = t.start.size(), nf = t.fields.size();
   if (!(nf > 0 && t.is_int.size() == nf && t.span.size() == n && t.offset.size() == n * nf &&
-        t.size.size() == n * nf && t.ints.size() == n * nf && t.keys.size() == n))
+        t.size.size() == n * nf && t.ints.size() == n * nf && t.keys.size() == n &&
+        t.present.size() == n * nf))
     return false;
   for (size_t i = 0; i < n; ++i)  // every sample inside the tar, as the scan would have it
     if (t.start[i] > stamp.size || t.span[i] > stamp.size - t.start[i]) return false;
@@ -336,6 +342,45 @@ bool write_atomically(const fs::path& path, const std::string& bytes) {
 }
 
 }  // namespace
+
+void remap_fields(TarIndex& t, const std::vector<std::string>& fields) {
+  if (t.fields == fields) return;
+  const size_t n = t.num_samples(), from = t.fields.size(), to = fields.size();
+  std::vector<int64_t> at(to, -1);  // each new field's old column
+  for (size_t f = 0; f < to; ++f)
+    for (size_t g = 0; g < from; ++g)
+      if (t.fields[g] == fields[f]) at[f] = static_cast<int64_t>(g);
+  TarIndex r;
+  r.fields = fields;
+  for (const auto& name : fields) r.is_int.push_back(name == "cls" || name == "label");
+  r.start = std::move(t.start);
+  r.span = std::move(t.span);
+  r.keys = std::move(t.keys);
+  for (size_t i = 0; i < n; ++i)
+    for (size_t f = 0; f < to; ++f) {
+      const bool has = at[f] >= 0;
+      const size_t k = i * from + static_cast<size_t>(std::max<int64_t>(at[f], 0));
+      r.offset.push_back(has ? t.offset[k] : 0);
+      r.size.push_back(has ? t.size[k] : 0);
+      r.ints.push_back(has ? t.ints[k] : -1);
+      r.present.push_back(has ? t.present[k] : 0);
+    }
+  t = std::move(r);
+}
+
+void check_fields(const std::string& label, const TarIndex& t,
+                  const std::vector<std::string>& optional) {
+  const size_t nf = t.fields.size();
+  for (size_t f = 0; f < nf; ++f) {
+    if (std::find(optional.begin(), optional.end(), t.fields[f]) != optional.end()) continue;
+    for (size_t i = 0; i < t.num_samples(); ++i)
+      if (!t.present[i * nf + f])
+        fail(ErrorCode::kCorruption,
+             "{}: sample \"{}\" has no field \"{}\", which other samples have (if some samples "
+             "lack it by design, say so: dataset.fields: {{{}: optional}})",
+             label, t.keys[i], t.fields[f], t.fields[f]);
+  }
+}
 
 fs::path tar_index_cache_path(const fs::path& tar) { return tar.string() + ".sluice-index"; }
 

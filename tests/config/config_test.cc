@@ -195,6 +195,20 @@ transform_errors: skip
             std::string::npos);
   EXPECT_NE(config_error("transform_errors: ignore").find("expected fail, skip"),
             std::string::npos);
+
+  // dataset.fields: tar fields some samples may lack.
+  auto f = LoaderOptions::from_yaml_string(
+      "dataset: {path: d, fields: {json: optional, cls: required}}", "t.yaml", "/base");
+  EXPECT_EQ(f.dataset.optional_fields, std::vector<std::string>{"json"});
+  EXPECT_EQ(
+      LoaderOptions::from_yaml_string(f.to_yaml(), "again.yaml", "/base").dataset.optional_fields,
+      std::vector<std::string>{"json"});
+  f.set("dataset.fields.txt", "optional");
+  f.set("dataset.fields.json", "required");
+  EXPECT_EQ(f.dataset.optional_fields, std::vector<std::string>{"txt"});
+  EXPECT_NE(config_error("dataset: {path: d, fields: {json: maybe}}")
+                .find("dataset.fields.json: unknown value \"maybe\" (expected required, optional)"),
+            std::string::npos);
 }
 
 TEST(Config, FileErrors) {

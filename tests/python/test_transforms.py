@@ -213,3 +213,26 @@ def test_the_image_training_example_learns(tmp_path: Path) -> None:
     last = run.stdout.strip().splitlines()[-1]
     accuracy = float(last.split("accuracy ")[1].split(",")[0])
     assert accuracy > 0.8, run.stdout
+
+
+def test_optional_fields_instead_of_an_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    with wds.TarWriter(str(tmp_path / "meta.tar")) as w:
+        for i in range(4):
+            sample = {"__key__": f"k{i}", "jpg": encode(picture(rng), "JPEG"),
+                      "cls": str(i).encode()}
+            if i != 2:  # k2 has no caption
+                sample["json"] = f'{{"caption": "image {i}"}}'.encode()
+            w.write(sample)
+    cfg = {"dataset": {"path": str(tmp_path), "format": "tar"}, "batch_size": 4,
+           "shuffle": {"mode": "none"}, "transforms": {"jpg": RESIZE_CROP}}
+    with pytest.raises(sluice.CorruptionError,
+                       match=r'meta\.tar: sample "k2" has no field "json".*json: optional'):
+        sluice.Loader(cfg)
+    cfg["dataset"]["fields"] = {"json": "optional"}
+    batch = next(iter(sluice.Loader(cfg)))
+    offsets = batch["json_offsets"].tolist()
+    sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert sizes[2] == 0 and all(s > 0 for k, s in enumerate(sizes) if k != 2), sizes
+    assert batch["cls"].tolist() == [0, 1, 2, 3]
+    assert batch["__key__"] == ["k0", "k1", "k2", "k3"]
