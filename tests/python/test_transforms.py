@@ -1,7 +1,8 @@
 """Image transforms in the loader threads (config `transforms:`), on WebDataset tar shards written
 with webdataset's TarWriter and images encoded by Pillow: the output against Pillow's own
 resize and crop, the same random crop for a sample on any number of ranks and after a resume,
-normalize and layout, PNG and WebP, a damaged image named (or skipped and counted), and
+normalize and layout, PNG and WebP, a damaged image named (or skipped and counted), packed
+shards and samples read from a peer transformed alike, optional tar fields, and
 examples/train_images.py learning from JPEGs through transforms."""
 
 from __future__ import annotations
@@ -236,3 +237,47 @@ def test_optional_fields_instead_of_an_error(tmp_path: Path) -> None:
     assert sizes[2] == 0 and all(s > 0 for k, s in enumerate(sizes) if k != 2), sizes
     assert batch["cls"].tolist() == [0, 1, 2, 3]
     assert batch["__key__"] == ["k0", "k1", "k2", "k3"]
+
+
+def test_packed_and_remote_samples_transform_alike(tmp_path: Path) -> None:
+    """JPEGs packed with sluice.DatasetWriter into several shards: a loader with all of them
+    and one that reads half from a peer (another loader serving it) crop each sample alike."""
+    import shutil
+    import socket
+
+    rng = np.random.default_rng(11)
+    full = tmp_path / "full"
+    with sluice.DatasetWriter(str(full), [{"name": "jpg", "dtype": "uint8", "shape": [-1]}],
+                              shard_bytes=256 << 10) as w:
+        for _ in range(16):
+            w.add({"jpg": np.frombuffer(encode(picture(rng), "JPEG"), dtype=np.uint8)})
+    shards = sorted(full.glob("shard-*.sluice"))
+    assert len(shards) >= 2
+    halves = {}
+    for name, keep in (("a", 1), ("b", 0)):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(full / "manifest.sluice", d)
+        for k, f in enumerate(shards):
+            if k % 2 == keep:
+                shutil.copy(f, d)
+        halves[name] = d
+    odd = [k for k in range(len(shards)) if k % 2 == 1]
+    even = [k for k in range(len(shards)) if k % 2 == 0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{s.getsockname()[1]}"
+
+    def cfg(path: Path) -> dict:
+        return {"dataset": {"path": str(path)}, "batch_size": 4, "drop_last": False,
+                "seed": 3, "transforms": {"jpg": RANDOM}}
+
+    local = by_index(sluice.Loader(cfg(full)))
+    serving = sluice.Loader(cfg(halves["a"]), distributed={
+        "listen": listen, "token": "tok", "peers": [{"address": "127.0.0.1:1", "shards": even}]})
+    remote = by_index(sluice.Loader(cfg(halves["b"]), distributed={
+        "peers": [{"address": listen, "shards": odd}], "token": "tok"}))
+    serving.close()
+    assert sorted(local) == sorted(remote) == list(range(16))
+    for i in local:
+        assert np.array_equal(local[i], remote[i]), f"sample {i}"
