@@ -22,6 +22,7 @@ build that does not import with the CPU torch; see benchmarks/peers/requirements
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import math
@@ -98,6 +99,19 @@ def run_loop(root: Path, cores: int) -> float:
     return float(json.loads(out.stdout)["images_per_s"])
 
 
+def crop_params(W: int, H: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (scale 0.08-1, ratio 3/4-4/3) on a W x H
+    image: (left, top, w, h)."""
+    area = W * H
+    for _ in range(10):
+        target = area * random.uniform(0.08, 1.0)
+        aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            return random.randint(0, W - w), random.randint(0, H - h), w, h
+    return 0, 0, W, H
+
+
 class TarJpegs(torch.utils.data.Dataset):
     """The tar members, read by offset with pread; each sample decoded and augmented with PIL as
     torchvision's RandomResizedCrop(224) + RandomHorizontalFlip() do on PIL images."""
@@ -121,17 +135,7 @@ class TarJpegs(torch.utils.data.Dataset):
         finally:
             os.close(fd)
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        W, H = img.size
-        area = W * H
-        for _ in range(10):  # torchvision's RandomResizedCrop.get_params
-            target = area * random.uniform(0.08, 1.0)
-            aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < w <= W and 0 < h <= H:
-                top, left = random.randint(0, H - h), random.randint(0, W - w)
-                break
-        else:
-            w, h, top, left = W, H, 0, 0
+        left, top, w, h = crop_params(*img.size)
         img = img.resize((SIZE, SIZE), Image.BILINEAR, box=(left, top, left + w, top + h))
         if random.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -160,19 +164,11 @@ for tar in sorted(glob.glob(root + "/*.tar")):
     with tarfile.open(tar) as t:
         data += [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".jpg")]
 
+# crop_params
+
 def decode(b):
     packets = spdl.io.demux_image(b)
-    W, H = packets.codec.width, packets.codec.height
-    area = W * H
-    for _ in range(10):
-        target = area * random.uniform(0.08, 1.0)
-        aspect = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            y, x = random.randint(0, H - h), random.randint(0, W - w)
-            break
-    else:
-        w, h, x, y = W, H, 0, 0
+    x, y, w, h = crop_params(packets.codec.width, packets.codec.height)
     f = f"crop={w}:{h}:{x}:{y},scale={size}:{size}" + (",hflip" if random.random() < 0.5 else "")
     f += ",format=rgb24"
     frames = spdl.io.decode_packets(packets, filter_desc=f)
@@ -194,7 +190,9 @@ print(json.dumps({"images_per_s": run()}))
 
 
 def run_spdl(python: str, root: Path, cores: int) -> float:
-    out = subprocess.run([python, "-c", SPDL_SCRIPT, str(root), str(cores), str(SIZE)],
+    # The same crop parameters as the other peers: crop_params's source goes along.
+    script = SPDL_SCRIPT.replace("# crop_params\n", inspect.getsource(crop_params))
+    out = subprocess.run([python, "-c", script, str(root), str(cores), str(SIZE)],
                          capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
 

@@ -36,9 +36,6 @@ void refuse_compressed_tar(const fs::path& p) {
            "in place at its offset); decompress the shards first",
            p.string(), ext);
 }
-}  // namespace
-
-namespace {
 
 // One shard's open file and memory-mapped index.
 struct Shard {

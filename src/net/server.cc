@@ -536,8 +536,7 @@ class ServerImpl final : public ShardServer {
                       fmt::format("sample {} out of range: {} has {} samples", index,
                                   dataset_->path().string(), n));
     }
-    if (c.outstanding >= options_.max_queued_per_connection ||
-        total_outstanding_ >= options_.max_queued) {
+    if (queue_full(c)) {
       {
         std::lock_guard lock(mu_);
         ++stats_.busy;
@@ -548,6 +547,17 @@ class ServerImpl final : public ShardServer {
                                 c.outstanding, options_.max_queued_per_connection,
                                 total_outstanding_, options_.max_queued));
     }
+    enqueue(c, std::move(job));
+  }
+
+  // The queue limits, per connection and in all: a request over them is answered kBusy.
+  bool queue_full(const Conn& c) const {
+    return c.outstanding >= options_.max_queued_per_connection ||
+           total_outstanding_ >= options_.max_queued;
+  }
+
+  // Hands `job` to the reader threads.
+  void enqueue(Conn& c, Job job) {
     ++c.outstanding;
     ++total_outstanding_;
     {
@@ -569,8 +579,7 @@ class ServerImpl final : public ShardServer {
     auto req = parse_checkpoint_request(header, bytes);
     if (!req) return reject(c, request_id, ReplyStatus::kBadRequest, req.error());
     const size_t payload = req->payload.size();
-    bool busy = c.outstanding >= options_.max_queued_per_connection ||
-                total_outstanding_ >= options_.max_queued;
+    bool busy = queue_full(c);
     {
       std::lock_guard lock(mu_);
       busy = busy || (payload > 0 && queued_payload_ + payload > options_.max_reply_memory);
@@ -586,13 +595,7 @@ class ServerImpl final : public ShardServer {
     job.payload.assign(req->payload.begin(), req->payload.end());
     req->payload = job.payload;  // (moving the vector keeps its buffer)
     job.checkpoint = std::move(*req);
-    ++c.outstanding;
-    ++total_outstanding_;
-    {
-      std::lock_guard lock(mu_);
-      jobs_.push_back(std::move(job));
-    }
-    jobs_cv_.notify_one();
+    enqueue(c, std::move(job));
   }
 
   // A reader thread: carries out a checkpoint op against the store; its reply (the bytes read

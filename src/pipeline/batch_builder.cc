@@ -102,8 +102,8 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
   size_t total = 0;
   for (size_t f = 0; f < nf; ++f) {
     size_t bytes = 0;
-    if (f < options_.transforms.size() && options_.transforms[f])
-      bytes = n * options_.transforms[f]->output_bytes();
+    if (const auto* t = transform_of(f))
+      bytes = n * t->output_bytes();
     else
       for (size_t i = 0; i < n; ++i) bytes += field_spans_[i * nf + f].size();
     total = (total + 63) / 64 * 64;
@@ -114,7 +114,7 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
   out.data.reserve(total);
   for (size_t f = 0; f < nf; ++f) {
     std::byte* dst = out.data.data() + out.field_offset[f];
-    if (f < options_.transforms.size() && options_.transforms[f]) {
+    if (transform_of(f)) {
       out.offsets[f].clear();
       transform_field(f, refs, out, dst);
       continue;
@@ -137,7 +137,7 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
 // shard (or file) and index, or under transform_errors: skip becomes zeros marked as padding.
 void BatchBuilder::transform_field(size_t f, std::span<const SampleRef> refs, BatchStorage& out,
                                    std::byte* dst) {
-  const transform::ImageTransform& t = *options_.transforms[f];
+  const transform::ImageTransform& t = *transform_of(f);
   const size_t nf = dataset_->fields().size();
   const size_t each = t.output_bytes();
   for (size_t i = 0; i < refs.size(); ++i, dst += each) {
@@ -151,8 +151,8 @@ void BatchBuilder::transform_field(size_t f, std::span<const SampleRef> refs, Ba
         const std::string where =
             file.empty() ? dataset_->shards()[index::shard_of(*dataset_, index)].path.string()
                          : (dataset_->path() / file).string();
-        fail(e.code() == ErrorCode::kCorruption ? ErrorCode::kCorruption : e.code(),
-             "{}: sample {}: field {}: {}", where, index, dataset_->fields()[f].name, e.what());
+        fail(e.code(), "{}: sample {}: field {}: {}", where, index, dataset_->fields()[f].name,
+             e.what());
       }
       std::memset(dst, 0, each);
       out.padding[i] = 1;

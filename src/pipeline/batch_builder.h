@@ -65,6 +65,10 @@ class BatchBuilder {
   void read_local(io::Engine* engine, std::chrono::steady_clock::time_point deadline);
   void transform_field(size_t f, std::span<const SampleRef> refs, BatchStorage& out,
                        std::byte* dst);
+  // Field f's transform, or null when its bytes go into the batch as stored.
+  const transform::ImageTransform* transform_of(size_t f) const {
+    return f < options_.transforms.size() ? options_.transforms[f].get() : nullptr;
+  }
 
   std::shared_ptr<const Dataset> dataset_;
   BuildOptions options_;

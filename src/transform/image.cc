@@ -115,7 +115,6 @@ Dims header(Format f, std::span<const std::byte> b) {
 // else at full size.
 cv::Mat decode(Format f, std::span<const std::byte> b, Dims full, bool gray, double scale) {
   const auto* p = reinterpret_cast<const unsigned char*>(b.data());
-  const int channels = gray ? 1 : 3;
   switch (f) {
     case Format::kJpeg: {
       int n = 0;
@@ -162,7 +161,7 @@ cv::Mat decode(Format f, std::span<const std::byte> b, Dims full, bool gray, dou
       cv::Mat rgb(full.height, full.width, CV_8UC3);
       if (!WebPDecodeRGBInto(p, b.size(), rgb.data, rgb.total() * 3, static_cast<int>(rgb.step)))
         fail(ErrorCode::kCorruption, "WebP: damaged or truncated");
-      if (channels == 3) return rgb;
+      if (!gray) return rgb;
       cv::Mat g;
       cv::cvtColor(rgb, g, cv::COLOR_RGB2GRAY);
       return g;

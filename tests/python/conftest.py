@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,22 @@ def _no_env_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
+def split_shards(full: Path, root: Path) -> tuple[Path, Path, list[int], list[int]]:
+    """Two partial copies of a packed dataset, as two nodes would hold it: root/even with the
+    manifest and the even shards, root/odd with the manifest and the odd ones. Returns
+    (even_dir, odd_dir, even shard numbers, odd shard numbers)."""
+    shards = sorted(full.glob("shard-*.sluice"))
+    assert len(shards) >= 2
+    dirs = []
+    for parity in ("even", "odd"):
+        d = root / parity
+        d.mkdir()
+        shutil.copy(full / "manifest.sluice", d)
+        for k, f in enumerate(shards):
+            if k % 2 == (parity == "odd"):
+                shutil.copy(f, d)
+        dirs.append(d)
+    numbers = list(range(len(shards)))
+    return dirs[0], dirs[1], numbers[0::2], numbers[1::2]

@@ -4,7 +4,6 @@ distributed store, feeding another loader that holds the other half of the shard
 from __future__ import annotations
 
 import datetime
-import shutil
 import socket
 import threading
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 import sluice
-from conftest import N, config
+from conftest import N, config, split_shards
 
 
 def free_port() -> int:
@@ -41,23 +40,11 @@ def test_exchange_peers_through_a_store() -> None:
 
 
 def test_a_loader_reads_the_other_half_from_a_loader_that_serves_it(mixed: Path, tmp_path: Path) -> None:
-    shards = sorted(mixed.glob("shard-*.sluice"))
-    assert len(shards) >= 2
-    halves = {}
-    for name, keep in (("a", 1), ("b", 0)):  # a: odd shards, b: even shards
-        d = tmp_path / name
-        d.mkdir()
-        shutil.copy(mixed / "manifest.sluice", d)
-        for k, f in enumerate(shards):
-            if k % 2 == keep:
-                shutil.copy(f, d)
-        halves[name] = d
-    odd = [k for k in range(len(shards)) if k % 2 == 1]
-    even = [k for k in range(len(shards)) if k % 2 == 0]
+    even_dir, odd_dir, even, odd = split_shards(mixed, tmp_path)
     listen = f"127.0.0.1:{free_port()}"
-    serving = sluice.Loader(config(halves["a"]), distributed={
+    serving = sluice.Loader(config(odd_dir), distributed={
         "listen": listen, "token": "tok", "peers": [{"address": "127.0.0.1:1", "shards": even}]})
-    reader = sluice.Loader(config(halves["b"], drop_last=False), distributed={
+    reader = sluice.Loader(config(even_dir, drop_last=False), distributed={
         "peers": [{"address": listen, "shards": odd}], "token": "tok"})
     seen = []
     for batch in reader:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import sluice
-from conftest import N, config
+from conftest import N, config, split_shards
 
 CLI = Path(__file__).resolve().parents[2] / "build" / "sluice"
 TOKEN = "hostile-test-token"
@@ -92,15 +91,8 @@ class Target:
 
 def halves(full: Path, root: Path) -> tuple[Path, list[int]]:
     """A copy of the dataset holding only its even shards, and the odd shards' numbers."""
-    shards = sorted(full.glob("shard-*.sluice"))
-    assert len(shards) >= 2
-    local = root / "even"
-    local.mkdir()
-    shutil.copy(full / "manifest.sluice", local)
-    for k, f in enumerate(shards):
-        if k % 2 == 0:
-            shutil.copy(f, local)
-    return local, [k for k in range(len(shards)) if k % 2 == 1]
+    local, _, _, odd = split_shards(full, root)
+    return local, odd
 
 
 def wait_listening(proc: subprocess.Popen, port: int) -> None:

@@ -21,6 +21,7 @@ Image = pytest.importorskip("PIL.Image")
 wds = pytest.importorskip("webdataset")
 
 import sluice  # noqa: E402
+from conftest import split_shards  # noqa: E402
 
 N = 24
 RESIZE_CROP = [{"decode": "rgb"}, {"resize": 256}, {"center_crop": 224}]
@@ -242,7 +243,6 @@ def test_optional_fields_instead_of_an_error(tmp_path: Path) -> None:
 def test_packed_and_remote_samples_transform_alike(tmp_path: Path) -> None:
     """JPEGs packed with sluice.DatasetWriter into several shards: a loader with all of them
     and one that reads half from a peer (another loader serving it) crop each sample alike."""
-    import shutil
     import socket
 
     rng = np.random.default_rng(11)
@@ -251,19 +251,7 @@ def test_packed_and_remote_samples_transform_alike(tmp_path: Path) -> None:
                               shard_bytes=256 << 10) as w:
         for _ in range(16):
             w.add({"jpg": np.frombuffer(encode(picture(rng), "JPEG"), dtype=np.uint8)})
-    shards = sorted(full.glob("shard-*.sluice"))
-    assert len(shards) >= 2
-    halves = {}
-    for name, keep in (("a", 1), ("b", 0)):
-        d = tmp_path / name
-        d.mkdir()
-        shutil.copy(full / "manifest.sluice", d)
-        for k, f in enumerate(shards):
-            if k % 2 == keep:
-                shutil.copy(f, d)
-        halves[name] = d
-    odd = [k for k in range(len(shards)) if k % 2 == 1]
-    even = [k for k in range(len(shards)) if k % 2 == 0]
+    even_dir, odd_dir, even, odd = split_shards(full, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{s.getsockname()[1]}"
@@ -273,9 +261,9 @@ def test_packed_and_remote_samples_transform_alike(tmp_path: Path) -> None:
                 "seed": 3, "transforms": {"jpg": RANDOM}}
 
     local = by_index(sluice.Loader(cfg(full)))
-    serving = sluice.Loader(cfg(halves["a"]), distributed={
+    serving = sluice.Loader(cfg(odd_dir), distributed={
         "listen": listen, "token": "tok", "peers": [{"address": "127.0.0.1:1", "shards": even}]})
-    remote = by_index(sluice.Loader(cfg(halves["b"]), distributed={
+    remote = by_index(sluice.Loader(cfg(even_dir), distributed={
         "peers": [{"address": listen, "shards": odd}], "token": "tok"}))
     serving.close()
     assert sorted(local) == sorted(remote) == list(range(16))
