@@ -13,15 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+# torch, Pillow and webdataset are installed by scripts/python-env.sh: imported plainly, so that
+# one missing fails the run instead of skipping these tests.
 import numpy as np
 import pytest
+import torch
+import webdataset as wds
+from PIL import Image
 
-torch = pytest.importorskip("torch")
-Image = pytest.importorskip("PIL.Image")
-wds = pytest.importorskip("webdataset")
-
-import sluice  # noqa: E402
-from conftest import split_shards  # noqa: E402
+import sluice
+from conftest import split_shards
 
 N = 24
 RESIZE_CROP = [{"decode": "rgb"}, {"resize": 256}, {"center_crop": 224}]
