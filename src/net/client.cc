@@ -137,9 +137,9 @@ class ClientImpl final : public PeerClient {
         worker_.connect(session.server_address, &ClientImpl::on_ep_error, this, "peer " + address_);
     // The connection is set up lazily; a flush completes once it is (or fails when it cannot).
     ucp_request_param_t fp{};
-    ucs_status_t st = wait_request(worker_, ucp_ep_flush_nbx(ep_, &fp), until, &lock);
+    ucs_status_t st = wait_request(worker_, ucx().ucp_ep_flush_nbx(ep_, &fp), until, &lock);
     if (st != UCS_OK || failed_) {
-      std::string why = failed_ ? failure_ : std::string(ucs_status_string(st));
+      std::string why = failed_ ? failure_ : std::string(ucx().ucs_status_string(st));
       if (st == UCS_ERR_TIMED_OUT) why = fmt::format("no answer within {} ms", options_.timeout_ms);
       close(true, lock);
       fail(ErrorCode::kIo, "peer {}: cannot connect: {}", address_, why);
@@ -315,11 +315,11 @@ class ClientImpl final : public PeerClient {
     ucp_request_param_t sp{};
     sp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
     sp.flags = UCP_AM_SEND_FLAG_EAGER;
-    sp.cb.send = [](void* request, ucs_status_t, void*) { ucp_request_free(request); };
-    ucs_status_ptr_t r = ucp_am_send_nbx(ep_, kRequestAm, header.data(), header.size(),
-                                         p.raw_data.data(), p.raw_data.size(), &sp);
+    sp.cb.send = [](void* request, ucs_status_t, void*) { ucx().ucp_request_free(request); };
+    ucs_status_ptr_t r = ucx().ucp_am_send_nbx(ep_, kRequestAm, header.data(), header.size(),
+                                               p.raw_data.data(), p.raw_data.size(), &sp);
     if (UCS_PTR_IS_ERR(r)) {
-      failure_ = fmt::format("send: {}", ucs_status_string(UCS_PTR_STATUS(r)));
+      failure_ = fmt::format("send: {}", ucx().ucs_status_string(UCS_PTR_STATUS(r)));
       failed_ = true;
       return false;
     }
@@ -405,7 +405,7 @@ class ClientImpl final : public PeerClient {
     for (auto& p : pendings)
       if (p)
         for (auto& rc : p->receives)
-          if (rc->request) ucp_request_cancel(worker_.get(), rc->request);
+          if (rc->request) ucx().ucp_request_cancel(worker_.get(), rc->request);
     // The cancelled receives' callbacks name their Receive: let them run before it goes (the
     // worker outlives this client now). Ones UCX never completes keep their Receive forever.
     const auto until = Clock::now() + std::chrono::seconds(1);
@@ -600,12 +600,13 @@ class ClientImpl final : public PeerClient {
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.recv_am = &ClientImpl::on_received;
     rp.user_data = rc.get();
-    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), dest.size(), &rp);
+    ucs_status_ptr_t r =
+        ucx().ucp_am_recv_data_nbx(worker_.get(), data, dest.data(), dest.size(), &rp);
     if (r == nullptr) return landed(p, record, dest);
     if (UCS_PTR_IS_ERR(r)) {
       p.transport_failed = true;
-      p.message =
-          fmt::format("receiving {} bytes: {}", dest.size(), ucs_status_string(UCS_PTR_STATUS(r)));
+      p.message = fmt::format("receiving {} bytes: {}", dest.size(),
+                              ucx().ucs_status_string(UCS_PTR_STATUS(r)));
       return;
     }
     rc->request = r;
@@ -630,10 +631,10 @@ class ClientImpl final : public PeerClient {
     Pending& p = *rc->pending;
     ++p.client->shared_->impl().events;
     rc->request = nullptr;
-    ucp_request_free(request);
+    ucx().ucp_request_free(request);
     if (status != UCS_OK) {
       p.transport_failed = true;
-      p.message = fmt::format("receiving reply data: {}", ucs_status_string(status));
+      p.message = fmt::format("receiving reply data: {}", ucx().ucs_status_string(status));
       return;
     }
     p.client->landed(p, rc->record, rc->dest);
@@ -642,7 +643,7 @@ class ClientImpl final : public PeerClient {
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
     auto* self = static_cast<ClientImpl*>(arg);
     self->failed_ = true;
-    self->failure_ = fmt::format("connection lost: {}", ucs_status_string(status));
+    self->failure_ = fmt::format("connection lost: {}", ucx().ucs_status_string(status));
   }
 
   // Closes both endpoints, once: the lock is released while it waits, and another thread of
@@ -659,15 +660,16 @@ class ClientImpl final : public PeerClient {
       // with a wireup message still queued, e.g. this worker's answer to the server's own
       // endpoint: a force close flushes first, for a bounded time (a dead peer never answers).
       if (force)
-        wait_request(worker_, ucp_ep_flush_nbx(*ep, &p), Clock::now() + kFlushBeforeForce, &lock);
+        wait_request(worker_, ucx().ucp_ep_flush_nbx(*ep, &p), Clock::now() + kFlushBeforeForce,
+                     &lock);
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
       auto until = Clock::now() + std::chrono::milliseconds(force ? 1000 : 2000);
-      ucs_status_t st = wait_request(worker_, ucp_ep_close_nbx(*ep, &p), until, &lock);
+      ucs_status_t st = wait_request(worker_, ucx().ucp_ep_close_nbx(*ep, &p), until, &lock);
       if (st == UCS_ERR_TIMED_OUT && !force) {
         p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-        wait_request(worker_, ucp_ep_close_nbx(*ep, &p), Clock::now() + std::chrono::seconds(1),
-                     &lock);
+        wait_request(worker_, ucx().ucp_ep_close_nbx(*ep, &p),
+                     Clock::now() + std::chrono::seconds(1), &lock);
       }
     }
     worker_.progress();
@@ -704,7 +706,7 @@ ClientWorker::Impl::Impl() {
 // queued, which UCX 1.13 aborts on when it purges them (see ClientImpl::close): flush first.
 ClientWorker::Impl::~Impl() {
   ucp_request_param_t p{};
-  wait_request(worker, ucp_worker_flush_nbx(worker.get(), &p),
+  wait_request(worker, ucx().ucp_worker_flush_nbx(worker.get(), &p),
                Clock::now() + std::chrono::milliseconds(200));
 }
 

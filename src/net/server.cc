@@ -453,9 +453,10 @@ class ServerImpl final : public ShardServer {
       c->second->ep = nullptr;  // closed below, not again in close_conn
       self->ep_ids_.erase(it);
       self->close_ep(ep);
-      self->close_conn(*c->second, status == UCS_ERR_CONNECTION_RESET
-                                       ? ""
-                                       : fmt::format("endpoint: {}", ucs_status_string(status)));
+      self->close_conn(*c->second,
+                       status == UCS_ERR_CONNECTION_RESET
+                           ? ""
+                           : fmt::format("endpoint: {}", ucx().ucs_status_string(status)));
     }
   }
 
@@ -463,8 +464,8 @@ class ServerImpl final : public ShardServer {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
-    if (UCS_PTR_IS_PTR(r)) ucp_request_free(r);  // released by UCX once the close completes
+    ucs_status_ptr_t r = ucx().ucp_ep_close_nbx(ep, &p);
+    if (UCS_PTR_IS_PTR(r)) ucx().ucp_request_free(r);  // released by UCX once the close completes
   }
 
   // --- requests -------------------------------------------------------------------------------
@@ -697,7 +698,7 @@ class ServerImpl final : public ShardServer {
     p.flags = UCP_AM_SEND_FLAG_REPLY;  // the client closes its end of this endpoint too
     p.cb.send = &ServerImpl::on_sent;
     p.user_data = reply;
-    ucs_status_ptr_t st = ucp_am_send_nbx(ep, id, header, header_bytes, data, bytes, &p);
+    ucs_status_ptr_t st = ucx().ucp_am_send_nbx(ep, id, header, header_bytes, data, bytes, &p);
     if (!UCS_PTR_IS_PTR(st)) sent_one(reply);  // sent (or failed) at once
   }
 
@@ -705,7 +706,7 @@ class ServerImpl final : public ShardServer {
   static void on_sent(void* request, ucs_status_t, void* user_data) {
     auto* reply = static_cast<Reply*>(user_data);
     reply->owner->sent_one(reply);
-    ucp_request_free(request);
+    ucx().ucp_request_free(request);
   }
 
   void sent_one(Reply* reply) {

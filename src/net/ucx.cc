@@ -4,18 +4,57 @@
 
 #include <fmt/format.h>
 
+#include <dlfcn.h>
 #include <poll.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 namespace sluice::net {
 
 using detail::fail;
 
+namespace {
+
+// Loaded once; a failure is kept and reported to every caller (nothing retries dlopen).
+struct LoadedUcx {
+  UcxLibrary api;
+  std::string error;
+
+  LoadedUcx() {
+    const char* env = std::getenv("SLUICE_UCX_LIBRARY");
+    const std::string file = env && *env ? env : "libucp.so.0";
+    // Symbols are looked up in libucp and the libraries it needs (libucs has status strings).
+    void* lib = dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      error = fmt::format(
+          "UCX could not be loaded ({}). Remote reads, distributed.listen / distributed.peers, "
+          "checkpoint copies and `sluice serve` need UCX 1.12 or later: apt-get install libucx0 "
+          "(Debian, Ubuntu), dnf install ucx (Fedora, RHEL) or conda install -c conda-forge ucx",
+          dlerror());
+      return;
+    }
+#define SLUICE_UCX_RESOLVE(f)                                \
+  api.f = reinterpret_cast<decltype(api.f)>(dlsym(lib, #f)); \
+  if (!api.f && error.empty())                               \
+    error = fmt::format("UCX: {} has no {} (UCX 1.12 or later is needed)", file, #f);
+    SLUICE_UCX_FUNCTIONS(SLUICE_UCX_RESOLVE)
+#undef SLUICE_UCX_RESOLVE
+  }
+};
+
+}  // namespace
+
+const UcxLibrary& ucx() {
+  static const LoadedUcx loaded;
+  if (!loaded.error.empty()) fail(ErrorCode::kUnsupported, "{}", loaded.error);
+  return loaded.api;
+}
+
 void check(ucs_status_t status, const std::string& what) {
   if (status != UCS_OK && status != UCS_INPROGRESS)
-    fail(ErrorCode::kIo, "{}: {}", what, ucs_status_string(status));
+    fail(ErrorCode::kIo, "{}: {}", what, ucx().ucs_status_string(status));
 }
 
 Worker::Worker(ucs_thread_mode_t mode) {
@@ -23,34 +62,35 @@ Worker::Worker(ucs_thread_mode_t mode) {
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   ucp_config_t* config = nullptr;
-  check(ucp_config_read(nullptr, nullptr, &config), "UCX configuration (UCX_* variables)");
-  ucs_status_t st = ucp_init(&params, config, &context_);
-  ucp_config_release(config);
+  check(ucx().ucp_config_read(nullptr, nullptr, &config), "UCX configuration (UCX_* variables)");
+  ucs_status_t st =
+      ucx().ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &context_);
+  ucx().ucp_config_release(config);
   check(st, "UCX init");
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = mode;
-  st = ucp_worker_create(context_, &wp, &worker_);
+  st = ucx().ucp_worker_create(context_, &wp, &worker_);
   if (st != UCS_OK) {
-    ucp_cleanup(context_);
+    ucx().ucp_cleanup(context_);
     check(st, "UCX worker");
   }
-  st = ucp_worker_get_efd(worker_, &efd_);
+  st = ucx().ucp_worker_get_efd(worker_, &efd_);
   if (st != UCS_OK) {
-    ucp_worker_destroy(worker_);
-    ucp_cleanup(context_);
+    ucx().ucp_worker_destroy(worker_);
+    ucx().ucp_cleanup(context_);
     check(st, "UCX worker event fd");
   }
 }
 
 Worker::~Worker() {
-  if (worker_) ucp_worker_destroy(worker_);
-  if (context_) ucp_cleanup(context_);
+  if (worker_) ucx().ucp_worker_destroy(worker_);
+  if (context_) ucx().ucp_cleanup(context_);
 }
 
 bool Worker::progress() {
   bool any = false;
-  while (ucp_worker_progress(worker_) != 0) any = true;
+  while (ucx().ucp_worker_progress(worker_) != 0) any = true;
   return any;
 }
 
@@ -64,7 +104,7 @@ bool Worker::wait(std::chrono::milliseconds timeout, int also, std::unique_lock<
 }
 
 bool Worker::arm() {
-  ucs_status_t st = ucp_worker_arm(worker_);
+  ucs_status_t st = ucx().ucp_worker_arm(worker_);
   if (st == UCS_ERR_BUSY) return false;
   check(st, "UCX worker arm");
   return true;
@@ -73,10 +113,10 @@ bool Worker::arm() {
 std::vector<std::byte> Worker::address() const {
   ucp_address_t* a = nullptr;
   size_t n = 0;
-  check(ucp_worker_get_address(worker_, &a, &n), "UCX worker address");
+  check(ucx().ucp_worker_get_address(worker_, &a, &n), "UCX worker address");
   std::vector<std::byte> out(n);
   std::memcpy(out.data(), a, n);
-  ucp_worker_release_address(worker_, a);
+  ucx().ucp_worker_release_address(worker_, a);
   return out;
 }
 
@@ -94,11 +134,11 @@ ucp_ep_h Worker::connect(std::span<const std::byte> address, ucp_err_handler_cb_
   p.err_handler.cb = on_error;
   p.err_handler.arg = arg;
   ucp_ep_h ep = nullptr;
-  check(ucp_ep_create(worker_, &p, &ep), who + ": UCX endpoint");
+  check(ucx().ucp_ep_create(worker_, &p, &ep), who + ": UCX endpoint");
   return ep;
 }
 
-void Worker::signal() { ucp_worker_signal(worker_); }
+void Worker::signal() { ucx().ucp_worker_signal(worker_); }
 
 void Worker::set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg,
                             const std::string& who) {
@@ -109,7 +149,7 @@ void Worker::set_am_handler(uint16_t id, ucp_am_recv_callback_t cb, void* arg,
   am.flags = UCP_AM_FLAG_WHOLE_MSG;
   am.cb = cb;
   am.arg = arg;
-  check(ucp_worker_set_am_recv_handler(worker_, &am), who + ": AM handler");
+  check(ucx().ucp_worker_set_am_recv_handler(worker_, &am), who + ": AM handler");
 }
 
 ucs_status_t wait_request(Worker& worker, ucs_status_ptr_t request,
@@ -118,18 +158,18 @@ ucs_status_t wait_request(Worker& worker, ucs_status_ptr_t request,
   if (request == nullptr) return UCS_OK;
   if (UCS_PTR_IS_ERR(request)) return UCS_PTR_STATUS(request);
   ucs_status_t st;
-  while ((st = ucp_request_check_status(request)) == UCS_INPROGRESS) {
+  while ((st = ucx().ucp_request_check_status(request)) == UCS_INPROGRESS) {
     if (std::chrono::steady_clock::now() >= deadline) {
       // Not every request can be cancelled (a flush waits for the connection): give it back to
       // UCX, which frees it when it completes, e.g. once the caller force-closes the endpoint.
-      ucp_request_cancel(worker.get(), request);
+      ucx().ucp_request_cancel(worker.get(), request);
       worker.progress();
-      ucp_request_free(request);
+      ucx().ucp_request_free(request);
       return UCS_ERR_TIMED_OUT;
     }
     worker.wait(std::chrono::milliseconds(10), -1, lock);
   }
-  ucp_request_free(request);
+  ucx().ucp_request_free(request);
   return st;
 }
 

@@ -18,6 +18,28 @@
 
 namespace sluice::net {
 
+// UCX is loaded when first used (a Worker made: remote reads, `distributed.listen`/`peers`,
+// checkpoint copies, `sluice serve`), not linked: a single-node user, and a wheel that does not
+// bundle it, never need it installed. Only the functions below are called, through ucx().
+#define SLUICE_UCX_FUNCTIONS(X)                                                                  \
+  X(ucp_am_recv_data_nbx)                                                                        \
+  X(ucp_am_send_nbx) X(ucp_cleanup) X(ucp_config_read) X(ucp_config_release) X(ucp_ep_close_nbx) \
+      X(ucp_ep_create) X(ucp_ep_flush_nbx) X(ucp_init_version) X(ucp_request_cancel)             \
+          X(ucp_request_check_status) X(ucp_request_free) X(ucp_worker_arm) X(ucp_worker_create) \
+              X(ucp_worker_destroy) X(ucp_worker_flush_nbx) X(ucp_worker_get_address)            \
+                  X(ucp_worker_get_efd) X(ucp_worker_progress) X(ucp_worker_release_address)     \
+                      X(ucp_worker_set_am_recv_handler) X(ucp_worker_signal) X(ucs_status_string)
+
+struct UcxLibrary {
+#define SLUICE_UCX_MEMBER(f) decltype(&::f) f = nullptr;
+  SLUICE_UCX_FUNCTIONS(SLUICE_UCX_MEMBER)
+#undef SLUICE_UCX_MEMBER
+};
+
+/// UCX's functions, from libucp.so.0 loaded on the first call (SLUICE_UCX_LIBRARY names
+/// another file). Throws Error(kUnavailable) naming what to install when it cannot be loaded.
+const UcxLibrary& ucx();
+
 /// Throws Error(kIo) "WHAT: UCX status text" when `status` is an error.
 void check(ucs_status_t status, const std::string& what);
 

@@ -181,6 +181,11 @@ expect_fail "serve: nothing to serve" "give a DATASET, --checkpoint-dir DIR, or 
   "$SLUICE" serve --listen 127.0.0.1:0 --no-token
 expect_fail "serve: checkpoint copies need a token" "takes copies only from the cluster's token" \
   "$SLUICE" serve --checkpoint-dir "$TMP/copies" --listen 127.0.0.1:0 --no-token
+# UCX is loaded when a server or client starts: without it, a message that says what to install
+# (tests/python/test_wheel.py hides the real library; this names a file that is not there).
+expect_fail "serve: no UCX on the machine" "apt-get install libucx0" \
+  env SLUICE_UCX_LIBRARY="$TMP/no-such-libucp.so.0" "$SLUICE" serve "$TMP/ds" --listen 127.0.0.1:0 --no-token
+check "inspect needs no UCX" env SLUICE_UCX_LIBRARY="$TMP/no-such-libucp.so.0" "$SLUICE" inspect "$TMP/ds"
 
 echo "$passes passed, $fails failed"
 [[ $fails -eq 0 ]]
