@@ -53,8 +53,27 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str
     return out
 
 
+class _Exported:
+    """A DLPack capsule of sluice's behind the protocol numpy.from_dlpack takes (once)."""
+
+    __slots__ = ("capsule",)
+
+    def __init__(self, capsule: Any) -> None:
+        self.capsule = capsule
+
+    def __dlpack__(self, stream: Any = None, **kwargs: Any) -> Any:
+        return self.capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+
 class Loader:
     """Batches of a sluice dataset as dicts of torch tensors, for one rank.
+
+    `output="numpy"` gives numpy arrays instead (host memory, no torch needed); both are views
+    of sluice's buffers and speak DLPack, so JAX takes either without a copy
+    (`jax.numpy.from_dlpack(batch["data"])`).
 
     `config` is a YAML file or a dict with the same keys; keyword arguments override keys
     (`batch_size=512`, `shuffle={"mode": "block"}`, `**{"io.threads": 2}`). `rank` and
@@ -79,6 +98,8 @@ class Loader:
         config: Config,
         rank: int | None = None,
         world_size: int | None = None,
+        *,
+        output: str = "torch",
         **overrides: Any,
     ) -> None:
         path: str | None = None
@@ -94,15 +115,25 @@ class Loader:
             settings.append(("distributed.rank", str(int(rank))))
         if world_size is not None:
             settings.append(("distributed.world_size", str(int(world_size))))
-        # torch is imported here rather than with the package (sluice.Dataset and the writer do
-        # not need it), and not at the first batch, where it would cost a second of the epoch.
-        import torch.utils.dlpack
+        if output == "torch":
+            # torch is imported here rather than with the package (sluice.Dataset and the
+            # writer do not need it), and not at the first batch, where it would cost a second
+            # of the epoch. torch._C._from_dlpack is what torch.utils.dlpack.from_dlpack calls
+            # for a capsule (torch 1.10 and later), minus a few microseconds of Python per tensor.
+            import torch.utils.dlpack
 
-        # torch._C._from_dlpack is what torch.utils.dlpack.from_dlpack calls for a capsule
-        # (torch 1.10 and later), minus a few microseconds of Python per tensor.
-        self._from_dlpack = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
+            self._from_dlpack = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
+        elif output == "numpy":
+            import numpy
+
+            self._from_dlpack = lambda capsule: numpy.from_dlpack(_Exported(capsule))
+        else:
+            raise ValueError(f"sluice.Loader: output must be \"torch\" or \"numpy\", not {output!r}")
         self._pid = os.getpid()
         self._c = _C.Loader(path, settings)
+        if output == "numpy" and self._c.cuda_device >= 0:
+            raise ValueError("sluice.Loader: output=\"numpy\" holds batches in host memory: "
+                             "use device: cpu or pinned (or output=\"torch\" for cuda:N)")
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # The loop in progress: a token its generator holds from its first batch until it has

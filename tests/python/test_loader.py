@@ -66,6 +66,29 @@ def test_fields_dtypes_shapes_and_bytes(mixed: Path) -> None:
     assert batches == len(loader) == N // 32
 
 
+def test_numpy_output_and_dlpack(mixed: Path) -> None:
+    """output="numpy": the same batches as numpy arrays (views: no copy); torch tensors and
+    numpy arrays both export DLPack, which is how JAX (jax.numpy.from_dlpack) takes them."""
+    as_torch = list(sluice.Loader(config(mixed), rank=0, world_size=1))
+    as_numpy = list(sluice.Loader(config(mixed), rank=0, world_size=1, output="numpy"))
+    assert len(as_numpy) == len(as_torch) == N // 32
+    for t, a in zip(as_torch, as_numpy):
+        assert set(t) == set(a)
+        for key in t:
+            assert isinstance(a[key], np.ndarray) and not a[key].flags.owndata
+            assert a[key].dtype == t[key].numpy().dtype and np.array_equal(a[key], t[key].numpy())
+    batch = as_numpy[0]
+    held = batch["feat"]
+    del as_numpy, batch
+    gc.collect()
+    assert np.array_equal(held, as_torch[0]["feat"].numpy())  # the array keeps its buffer alive
+    for value in (as_torch[0]["data"], held):
+        assert np.array_equal(np.from_dlpack(value), np.asarray(value))
+        assert value.__dlpack_device__()[0] == 1  # kDLCPU
+    with pytest.raises(ValueError, match='output must be "torch" or "numpy"'):
+        sluice.Loader(config(mixed), output="jax")
+
+
 @pytest.mark.parametrize("world_size", [1, 3, 4])
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_every_sample_exactly_once_across_ranks(mixed: Path, world_size: int, drop_last: bool) -> None:
