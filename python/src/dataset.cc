@@ -310,8 +310,11 @@ class PyWriter {
   void finish() {
     py::gil_scoped_release nogil;
     writer().finish();
+    bytes_written_ = writer_->bytes_written();
     writer_.reset();
   }
+
+  uint64_t bytes_written() const { return writer_ ? writer_->bytes_written() : bytes_written_; }
 
   DatasetWriter& writer() {
     if (!writer_) throw Error(ErrorCode::kInvalidArgument, "DatasetWriter: used after finish()");
@@ -321,6 +324,7 @@ class PyWriter {
  private:
   std::vector<FieldSpec> fields_;
   std::unique_ptr<DatasetWriter> writer_;
+  uint64_t bytes_written_ = 0;  // after finish()
 };
 
 }  // namespace
@@ -340,7 +344,8 @@ void bind_dataset(py::module_& m) {
              // Publish only a complete dataset: on an exception nothing appears at `path`.
              if (type.is_none()) w.finish();
            })
-      .def_property_readonly("num_samples", [](PyWriter& w) { return w.writer().num_samples(); });
+      .def_property_readonly("num_samples", [](PyWriter& w) { return w.writer().num_samples(); })
+      .def_property_readonly("bytes_written", &PyWriter::bytes_written);
 
   py::class_<Dataset, std::shared_ptr<Dataset>>(m, "Dataset")
       // What the Loader reads with `dataset: PATH`: packed shards, or a source read in place (a

@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -48,7 +49,19 @@ struct ServeArgs {
 };
 
 // Each returns the process exit code; user errors throw sluice::Error.
-int run_pack(const PackArgs& args);
+/// Packs Arrow data (parquet files, a directory of them, a `datasets` save_to_disk directory):
+/// the Python package supplies it (pyarrow); the plain binary has none and says so.
+using ArrowPack = std::function<int(const PackArgs&)>;
+
+/// The whole command line: build/sluice's main(), and the `sluice` command the wheel installs
+/// (sluice._C.cli, with `arrow` set). Returns the exit code.
+int run(int argc, char** argv, const ArrowPack& arrow = {});
+
+/// Whether `path` is Arrow data for `arrow`: a .parquet or .arrow file (or a missing path so
+/// named), or a directory holding one at its top level.
+bool arrow_source(const std::filesystem::path& path);
+
+int run_pack(const PackArgs& args, const ArrowPack& arrow);
 int run_inspect(const std::filesystem::path& dataset, bool json);
 int run_verify(const std::filesystem::path& dataset, bool json);
 int run_order(const OrderArgs& args);

@@ -1,4 +1,5 @@
-// The `sluice` command line: pack, inspect, verify, order, bench, serve.
+// The `sluice` command line: pack, inspect, verify, order, bench, serve. run() is shared by
+// build/sluice (cli.cc) and the wheel's command (sluice._C.cli).
 
 #include <sluice/sluice.h>
 
@@ -9,8 +10,9 @@
 
 #include <cstdio>
 
-int main(int argc, char** argv) {
-  using namespace sluice::cli;
+namespace sluice::cli {
+
+int run(int argc, char** argv, const ArrowPack& arrow) {
   CLI::App app{"sluice: a data loader that keeps GPUs fed"};
   app.require_subcommand(1);
   app.set_version_flag("--version", sluice::version());
@@ -21,11 +23,13 @@ int main(int argc, char** argv) {
   pack_cmd
       ->add_option("SRC", pack.sources,
                    "Source: a directory tree (one file per sample, label = the first directory "
-                   "under it), a .npy array, or a token file (--format tokens --seq-len N)")
+                   "under it), a .npy array, a token file (--format tokens --seq-len N), or "
+                   "parquet / Arrow (files, a directory of them, a `datasets` save_to_disk "
+                   "directory; with the pip-installed command)")
       ->required();
   pack_cmd->add_option("-o,--output", pack.output, "Destination dataset directory")->required();
   pack_cmd->add_option("--format", pack.format, "Source format")
-      ->check(CLI::IsMember({"auto", "files", "tar", "npy", "tokens"}));
+      ->check(CLI::IsMember({"auto", "files", "tar", "npy", "tokens", "parquet"}));
   pack_cmd->add_option("--shard-size", shard_size, "Bytes of sample data per shard (e.g. 256M)");
   pack_cmd->add_option("--alignment", pack.alignment, "Direct-I/O block size (power of two)");
   pack_cmd->add_flag("--force", pack.force, "Replace an existing dataset at the destination");
@@ -92,7 +96,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (!shard_size.empty()) pack.shard_bytes = parse_size(shard_size);
-    if (*pack_cmd) return run_pack(pack);
+    if (*pack_cmd) return run_pack(pack, arrow);
     if (*inspect_cmd) return run_inspect(dataset, json);
     if (*verify_cmd) return run_verify(dataset, json);
     if (*order_cmd) return run_order(order);
@@ -107,3 +111,5 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace sluice::cli

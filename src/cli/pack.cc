@@ -86,7 +86,28 @@ int pack_source(const PackArgs& args, DatasetFormat format) {
 
 }  // namespace
 
-int run_pack(const PackArgs& args) {
+bool arrow_source(const fs::path& path) {
+  auto arrow_file = [](const fs::path& p) {
+    return p.extension() == ".parquet" || p.extension() == ".arrow";
+  };
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) return arrow_file(path);  // missing: pyarrow's error names it
+  for (const auto& entry : fs::directory_iterator(path, ec))
+    if (entry.is_regular_file(ec) && arrow_file(entry.path())) return true;
+  return false;
+}
+
+int run_pack(const PackArgs& args, const ArrowPack& arrow) {
+  if (args.format == "parquet" ||
+      (args.format == "auto" && !args.sources.empty() &&
+       std::all_of(args.sources.begin(), args.sources.end(), arrow_source))) {
+    if (!arrow)
+      fail(ErrorCode::kUnsupported,
+           "{}: parquet and Arrow sources are read with pyarrow: use the `sluice` command that "
+           "`pip install sluice pyarrow` installs, or sluice.pack() from Python",
+           args.sources.empty() ? "" : args.sources[0].string());
+    return arrow(args);
+  }
   bool one_file = args.sources.size() == 1 && fs::is_regular_file(args.sources[0]);
   if (args.format == "npy" ||
       (args.format == "auto" && one_file && args.sources[0].extension() == ".npy"))

@@ -1,0 +1,149 @@
+"""The wheel as a user installs it: the manylinux wheel that scripts/python-env.sh built and
+repaired with auditwheel, pip-installed into a new venv in an empty directory (numpy, no torch),
+and run in a mount namespace where the system's copies of every library the wheel bundles, and
+UCX, are replaced by empty files: it imports, packs, iterates, runs the CLI, and says what to
+install when a command needs UCX. Also: the sdist builds and holds the sources, not builds."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+WHEELHOUSE = Path(sys.prefix) / "wheelhouse"  # scripts/python-env.sh's output
+ROOT = Path(__file__).resolve().parents[2]
+LIB_DIRS = [Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/x86_64-linux-gnu"), Path("/usr/lib"),
+            Path("/usr/local/lib")]
+UCX = ["libucp.so.0", "libucs.so.0", "libuct.so.0", "libucm.so.0"]
+
+
+def the_wheel() -> Path:
+    wheels = sorted(WHEELHOUSE.glob("sluice-*-manylinux_*.whl"))
+    if not wheels:
+        if os.environ.get("CI"):
+            pytest.fail(f"no repaired wheel in {WHEELHOUSE}: scripts/python-env.sh makes it")
+        pytest.skip(f"no repaired wheel in {WHEELHOUSE} (scripts/python-env.sh makes it)")
+    return wheels[-1]
+
+
+def linked_from_the_system() -> list[Path]:
+    """The system files of the libraries sluice._C links itself (the -dev packages' libraries:
+    liburing, yaml-cpp, fmt, curl, ...; read from the wheel before auditwheel repaired it),
+    and UCX's. Not their own dependencies: Python needs some of those (libffi, libssl)."""
+    raw = next((WHEELHOUSE / "raw").glob("sluice-*.whl"))
+    with zipfile.ZipFile(raw) as z:
+        module = next(n for n in z.namelist() if re.match(r"sluice/_C\..*\.so$", n))
+        data = z.read(module)
+    so = WHEELHOUSE / "raw" / "_C.so"
+    so.write_bytes(data)
+    dynamic = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True,
+                             check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    system = ("libc.so", "libm.so", "libstdc++.so", "libgcc_s.so", "ld-linux")
+    out: set[Path] = set()
+    for name in [n for n in needed if not n.startswith(system)] + UCX:
+        for d in LIB_DIRS:
+            if (d / name).exists():
+                out.add((d / name).resolve())
+    return sorted(out)
+
+
+def test_wheel_is_manylinux_and_bundles_its_libraries() -> None:
+    wheel = the_wheel()
+    report = (WHEELHOUSE / "auditwheel-show.txt").read_text()
+    tag = re.search(r'is consistent with\s+the following platform tag:\s+"(manylinux_2_\d+_x86_64)"',
+                    report)
+    assert tag and tag.group(1) in wheel.name, report
+    names = zipfile.ZipFile(wheel).namelist()
+    bundled = [Path(n).name for n in names if n.startswith("sluice.libs/")]
+    for lib in ("liburing", "libyaml-cpp", "libfmt", "libxxhash", "libcurl", "libturbojpeg"):
+        assert any(b.startswith(lib + "-") for b in bundled), (lib, bundled)
+    assert not any(b.startswith(("libucp", "libucs", "libuct")) for b in bundled), bundled
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "sluice = sluice._cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hiding libraries needs a mount namespace (root)")
+def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
+    wheel = the_wheel()
+    hidden = linked_from_the_system()
+    for lib in ("liburing", "libyaml-cpp", "libfmt", "libcurl", "libucp"):
+        assert any(p.name.startswith(lib) for p in hidden), (lib, hidden)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q",
+                    "--disable-pip-version-check", "numpy", str(wheel)], check=True)
+    work = tmp_path / "empty"
+    work.mkdir()
+    check = work.parent / "check.py"
+    check.write_text(textwrap.dedent(f"""
+        import ctypes, subprocess, sys
+        import numpy as np
+        # The hiding works: the system's copies cannot be loaded here.
+        for name in ("liburing.so.2", "libucp.so.0"):
+            try:
+                ctypes.CDLL(name)
+            except OSError:
+                pass
+            else:
+                sys.exit(f"{{name}} still loads: the test would prove nothing")
+        import sluice
+        assert "torch" not in sys.modules
+        assert sluice.__file__.startswith({str(venv)!r}), sluice.__file__
+        with sluice.DatasetWriter("ds", [{{"name": "x", "dtype": "int64", "shape": [3]}}]) as w:
+            for i in range(100):
+                w.add({{"x": np.arange(3) + i}})
+        loader = sluice.Loader({{"dataset": {{"path": "ds"}}, "batch_size": 10,
+                                "shuffle": {{"mode": "none"}}}}, output="numpy")
+        rows = np.concatenate([b["x"] for b in loader])
+        assert np.array_equal(rows, np.arange(3)[None] + np.arange(100)[:, None]), rows
+        try:
+            sluice.torch
+        except ImportError as e:
+            assert "torch" in str(e)
+        else:
+            sys.exit("sluice.torch imported without torch installed")
+        cli = {str(venv / "bin/sluice")!r}
+        out = subprocess.run([cli, "inspect", "ds", "--json"], capture_output=True, text=True)
+        assert out.returncode == 0 and '"samples":100' in out.stdout.replace(" ", ""), out
+        assert subprocess.run([cli, "verify", "ds"], capture_output=True).returncode == 0
+        out = subprocess.run([cli, "serve", "ds", "--listen", "127.0.0.1:0", "--no-token"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "apt-get install libucx0" in out.stderr, out
+        open("rows.parquet", "wb").close()
+        out = subprocess.run([cli, "pack", "rows.parquet", "-o", "x"], capture_output=True,
+                             text=True)
+        assert out.returncode == 1 and "needs pyarrow: pip install pyarrow" in out.stderr, out
+        print("ok")
+    """))
+    mounts = "".join(f"mount --bind /dev/null '{p}' && " for p in hidden)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")}
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f"{mounts}exec '{venv}/bin/python' '{check}'"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.stdout, out.stderr)
+
+
+def test_sdist_holds_the_sources(tmp_path: Path) -> None:
+    from scikit_build_core.build import build_sdist
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        name = build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    members = tarfile.open(tmp_path / name).getnames()
+    top = name.removesuffix(".tar.gz")
+    for path in ("pyproject.toml", "CMakeLists.txt", "src/net/ucx.cc", "python/sluice/_cli.py",
+                 "include/sluice/sluice.h"):
+        assert f"{top}/{path}" in members, path
+    assert not [m for m in members if m.startswith((f"{top}/build", f"{top}/.venv"))]
