@@ -120,7 +120,10 @@ def _arrow_files(path: Path) -> list[Path]:
 
 def _file_batches(pa, path: Path) -> Iterator[Any]:
     if path.suffix == ".parquet":
-        yield from pa.parquet.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_BATCH)
+        # Mapped, not read into heap buffers: 1 GB of image rows decoded in 0.55 s instead of
+        # 1.5-1.7 s in a fresh process (the command's case), most of it first-touch faults.
+        parquet = pa.parquet.ParquetFile(path, memory_map=True)
+        yield from parquet.iter_batches(batch_size=_ROWS_PER_BATCH)
         return
     # `datasets` writes Arrow IPC streams; other tools write the IPC file format.
     try:
@@ -154,6 +157,48 @@ def _batches(pa, source: Any) -> Iterator[tuple[str, Any]]:
                         "pyarrow.Table or a datasets.Dataset)")
 
 
+def _read_ahead(batches: Iterator[tuple[str, Any]], depth: int = 2) -> Iterator[tuple[str, Any]]:
+    """`batches`, decoded by a thread of their own `depth` batches ahead: pyarrow decodes
+    without the GIL while the writer copies, checksums and writes the previous batch (on 2
+    cores, 1 GB of image rows packed in 2.3 s instead of 2.9; RESULTS.md). Its errors are
+    raised here; closing the generator stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=run, name="sluice-pack-read", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def pack(source: Any, output: str | os.PathLike, *, shard_bytes: int = 256 << 20,
          alignment: int = 4096, force: bool = False, columns: list[str] | None = None) -> dict:
     """Packs Arrow data into a sluice dataset at `output` (see the module's table for how
@@ -167,7 +212,7 @@ def pack(source: Any, output: str | os.PathLike, *, shard_bytes: int = 256 << 20
     plan: list[tuple[dict[str, Any], str]] = []
     row = 0
     try:
-        for where, batch in _batches(pa, source):
+        for where, batch in _read_ahead(_batches(pa, source)):
             if columns is not None:
                 batch = batch.select(columns)
             if schema is None:

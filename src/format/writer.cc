@@ -152,6 +152,7 @@ class Writer final : public DatasetWriter {
 
  private:
   static constexpr size_t kBufferBytes = 4 << 20;
+  static constexpr uint64_t kWritebackLag = 16ull << 20;
 
   void open_shard() {
     shard_path_ = staging_ / format::shard_name(static_cast<uint32_t>(shards_.size()));
@@ -159,6 +160,7 @@ class Writer final : public DatasetWriter {
     first_sample_ = num_samples_;
     cursor_ = format::kShardHeaderBytes;
     file_pos_ = cursor_;
+    written_back_ = 0;
     index_.clear();
     buffer_.clear();
   }
@@ -170,7 +172,22 @@ class Writer final : public DatasetWriter {
 
   void flush() {
     detail::write_full(fd_.get(), buffer_, shard_path_.string(), static_cast<int64_t>(file_pos_));
+    // Writeback of these bytes starts now, so the device works while the next records are
+    // assembled, and what was started kWritebackLag ago is waited for: the shard's fsync
+    // finds little left to write (it was a stall of a whole shard's bytes: packing ran at
+    // 0.46x of the disk's sequential write) and dirty memory stays bounded. Hints only:
+    // a failed writeback is reported by that fsync.
+    const uint64_t begin = file_pos_;
     file_pos_ += buffer_.size();
+    ::sync_file_range(fd_.get(), static_cast<off_t>(begin), static_cast<off_t>(buffer_.size()),
+                      SYNC_FILE_RANGE_WRITE);
+    if (file_pos_ > written_back_ + kWritebackLag) {
+      const uint64_t end = file_pos_ - kWritebackLag;
+      ::sync_file_range(
+          fd_.get(), static_cast<off_t>(written_back_), static_cast<off_t>(end - written_back_),
+          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+      written_back_ = end;
+    }
     buffer_.clear();
   }
 
@@ -212,8 +229,9 @@ class Writer final : public DatasetWriter {
   detail::UniqueFd fd_;
   fs::path shard_path_;
   uint64_t first_sample_ = 0;
-  uint64_t cursor_ = 0;    // logical end of data in the current shard
-  uint64_t file_pos_ = 0;  // file offset of buffer_[0]
+  uint64_t cursor_ = 0;        // logical end of data in the current shard
+  uint64_t file_pos_ = 0;      // file offset of buffer_[0]
+  uint64_t written_back_ = 0;  // the shard's bytes before this are on the device
   std::vector<std::byte> buffer_;
   std::vector<format::IndexEntry> index_;
   std::vector<uint64_t> lengths_;
