@@ -26,7 +26,16 @@ pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | gre
 [[ -n "${SLUICE_PYTHON_DEPS_ONLY:-}" ]] && exit 0
 wheelhouse="$venv/wheelhouse"
 rm -rf "$wheelhouse"
+# What git sees beside the tracked files (untracked, ignored), the venv aside: the same before
+# and after the build, or the build wrote into the source tree.
+around() { git status --porcelain --ignored 2>/dev/null | grep -v -x -F "!! ${venv#"$PWD/"}/" || true; }
+before=$(around)
 pip wheel . --no-deps -w "$wheelhouse/raw"
+if [[ "$(around)" != "$before" ]]; then
+  echo "python-env: building the wheel wrote into the source tree:"
+  diff <(echo "$before") <(around)
+  exit 1
+fi
 PATH="$venv/bin:$PATH" auditwheel repair -w "$wheelhouse" "$wheelhouse"/raw/sluice-*.whl \
   > "$wheelhouse/repair.log" 2>&1 || { cat "$wheelhouse/repair.log"; exit 1; }
 wheel=$(ls "$wheelhouse"/sluice-*manylinux*.whl)
