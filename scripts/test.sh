@@ -2,8 +2,9 @@
 # The whole test suite, from a bare Debian 12 machine: installs what is missing, builds with
 # warnings as errors and runs every test, then builds and runs them again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, and the threaded tests (IO engines, loader,
-# shard server) under ThreadSanitizer; then installs the Python package into .venv with
-# `pip install .` and runs the pytest suite against it with torch 2.13.0.
+# shard server) under ThreadSanitizer, and fuzzes; then builds the manylinux wheel
+# (scripts/python-env.sh: pip wheel, auditwheel repair), installs it into .venv and runs the
+# pytest suite against it with torch 2.13.0 (test_wheel.py also in a fresh venv without it).
 #
 #   ./scripts/test.sh            # both passes
 #   SLUICE_SKIP_SANITIZERS=1 ./scripts/test.sh   # the plain pass only
@@ -46,7 +47,7 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== fuzz: every parser of outside bytes, ${SLUICE_FUZZ_SECONDS:-15} s each (build-fuzz)"
   ./scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-15}"
 fi
-echo "== python: pip install . into .venv, then pytest"
+echo "== python: the manylinux wheel (pip wheel, auditwheel repair) into .venv, then pytest"
 ./scripts/python-env.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 echo "== all test passes succeeded"
