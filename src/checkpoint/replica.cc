@@ -19,6 +19,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <map>
 #include <thread>
 
@@ -241,29 +242,42 @@ std::string checkpoint_copy_name(const fs::path& dir) {
 void copy_checkpoint_files(const CheckpointReplica& r, const std::string& name, const fs::path& dir,
                            std::span<const std::string> files) {
   Replica replica(r, name);
-  std::vector<std::vector<std::byte>> data(kInFlight);
-  std::vector<RawCall> calls;
+  // Two sets of chunk buffers: one batch on the wire while the next is read from disk (the
+  // read, the transfer and the peer's write took turns before).
+  std::vector<std::vector<std::byte>> data[2] = {std::vector<std::vector<std::byte>>(kInFlight),
+                                                 std::vector<std::vector<std::byte>>(kInFlight)};
   for (const std::string& file : files) {
     check_file_name(file, replica.what(file));
     const fs::path path = dir / file;
     auto fd = detail::open_file(path, O_RDONLY);
     const uint64_t size = detail::file_size(fd.get(), path.string());
-    uint64_t offset = 0;
-    do {  // an empty file is one empty write: the peer makes it
-      calls.clear();
-      for (size_t k = 0; k < kInFlight && (offset < size || (size == 0 && calls.empty())); ++k) {
-        const uint64_t n = std::min(kChunk, size - offset);
-        RawCall c = replica.make(CheckpointOp::kWrite, file, offset, 0, data[k], n);
-        auto dest = Replica::payload(c, data[k]);
-        if (detail::pread_full(fd.get(), dest, offset, path.string()) != n)
+    // The kWrite calls of the chunks from `from` on, read into buffer set `set`; an empty file
+    // is one empty write (the peer makes it).
+    auto read = [&](size_t set, uint64_t from) {
+      std::vector<RawCall> calls;
+      for (size_t k = 0; k < kInFlight && (from < size || (size == 0 && calls.empty())); ++k) {
+        const uint64_t n = std::min(kChunk, size - from);
+        RawCall c = replica.make(CheckpointOp::kWrite, file, from, 0, data[set][k], n);
+        auto dest = Replica::payload(c, data[set][k]);
+        if (detail::pread_full(fd.get(), dest, from, path.string()) != n)
           fail(ErrorCode::kIo, "{}: {} changed while being copied (ends before {} bytes)",
                replica.what(file), path.string(), size);
-        Replica::seal(c, data[k]);
+        Replica::seal(c, data[set][k]);
         calls.push_back(std::move(c));
-        offset += n;
+        from += n;
       }
+      return calls;
+    };
+    std::vector<RawCall> calls = read(0, 0);
+    for (uint64_t from = 0, set = 0;; set ^= 1) {
+      const uint64_t next = from + kInFlight * kChunk;
+      std::future<std::vector<RawCall>> ahead;  // waited for by its destructor if call throws
+      if (next < size) ahead = std::async(std::launch::async, read, set ^ 1, next);
       replica.call(calls, file);
-    } while (offset < size);
+      if (next >= size) break;
+      calls = ahead.get();
+      from = next;
+    }
     std::vector<std::byte> commit_data;
     RawCall commit = replica.make(CheckpointOp::kCommit, file, 0, size, commit_data);
     replica.call(std::span(&commit, 1), file);
