@@ -72,14 +72,23 @@ def _field(pa, name: str, t) -> tuple[dict[str, Any], Any]:
                      "(pyarrow.Table.cast) or leave the column out")
 
 
-def _column_rows(pa, kind: str, spec: dict[str, Any], col) -> Any:
+def _no_nulls(col, name: str, where: str, row: int, what: str = "") -> None:
+    if col.null_count:
+        at = row + col.is_null().to_pylist().index(True)
+        raise ValueError(f"{where}: column {name!r}: row {at} is null{what}; sluice fields hold "
+                         "a value in every sample")
+
+
+def _column_rows(pa, kind: str, spec: dict[str, Any], col, where: str, row: int) -> Any:
     """An indexable of the column's rows as buffers sluice's DatasetWriter takes, without
-    copying the bytes of binary columns."""
+    copying the bytes of binary columns; `row` is the first one's number, for errors."""
     import numpy as np
 
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    _no_nulls(col, spec["name"], where, row)
     if kind == "struct_bytes":
         col = col.field("bytes")
+        _no_nulls(col, spec["name"], where, row, " in its bytes (an image kept by path only?)")
         kind = "bytes"
     if kind == "scalar":
         return col.to_numpy(zero_copy_only=False)
@@ -226,13 +235,8 @@ def pack(source: Any, output: str | os.PathLike, *, shard_bytes: int = 256 << 20
             elif not batch.schema.equals(schema):
                 raise ValueError(f"{where}: its columns differ from the first file's:\n"
                                  f"{batch.schema}\nagainst\n{schema}")
-            cols = []
-            for (spec, kind), col in zip(plan, batch.columns):
-                if col.null_count:
-                    at = row + col.is_null().to_pylist().index(True)
-                    raise ValueError(f"{where}: column {spec['name']!r}: row {at} is null; "
-                                     "sluice fields hold a value in every sample")
-                cols.append(_column_rows(pa, kind, spec, col))
+            cols = [_column_rows(pa, kind, spec, col, where, row)
+                    for (spec, kind), col in zip(plan, batch.columns)]
             for i in range(batch.num_rows):
                 writer.add([c[i] for c in cols])
             row += batch.num_rows

@@ -149,10 +149,15 @@ def test_errors_name_the_column_row_and_file(tmp_path: Path) -> None:
     with_null = pa.table({"x": pa.array([1, 2, None, 4], pa.int64())})
     with pytest.raises(ValueError, match=r"column 'x': row 2 is null"):
         sluice.pack(with_null, tmp_path / "a")
+    by_path = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"\xff\xd8", "path": None}, {"bytes": None, "path": "b.jpg"}]},
+        features=datasets.Features({"image": datasets.Image(decode=False)}))
+    with pytest.raises(ValueError, match=r"column 'image': row 1 is null in its bytes"):
+        sluice.pack(by_path, tmp_path / "p")
     stamps = pa.table({"when": pa.array([0, 1], pa.timestamp("ms"))})
     with pytest.raises(ValueError, match=r"column 'when' \(timestamp\[ms\]\): no sluice field"):
         sluice.pack(stamps, tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "p"))
     src = tmp_path / "mixed"
     src.mkdir()
     pq.write_table(pa.table({"x": pa.array([1, 2], pa.int64())}), src / "a.parquet")
