@@ -129,39 +129,51 @@ void check_file_name(const std::string& file, const std::string& where) {
          "{}: file name \"{}\" is not [A-Za-z0-9._-] (or ends in .sluice)", where, file);
 }
 
-// The files of the replica's published copy and their sizes (a "SIZE FILE" line each).
-std::map<std::string, uint64_t> list_copy(Replica& replica) {
+// A file of the replica's published copy: its size and the checksum taken at its commit.
+struct CopyFile {
+  uint64_t size = 0;
+  uint64_t checksum = 0;
+};
+
+// The files of the replica's published copy (a "SIZE CHECKSUM FILE" line each).
+std::map<std::string, CopyFile> list_copy(Replica& replica) {
   std::vector<std::byte> data;
   RawCall c = replica.make(CheckpointOp::kList, "", 0, 0, data);
   replica.call(std::span(&c, 1), "");
-  std::map<std::string, uint64_t> files;
+  std::map<std::string, CopyFile> files;
   std::string_view text(reinterpret_cast<const char*>(c.reply.data()), c.reply.size());
   while (!text.empty()) {
     const size_t nl = text.find('\n');
-    std::string_view line = text.substr(0, nl);
+    const std::string_view line = text.substr(0, nl);
     text = nl == std::string_view::npos ? std::string_view() : text.substr(nl + 1);
-    const size_t space = line.find(' ');
-    uint64_t size = 0;
-    const std::string file(space == std::string_view::npos ? "" : line.substr(space + 1));
-    auto [end, ec] = std::from_chars(line.data(), line.data() + std::min(space, line.size()), size);
-    if (space == std::string_view::npos || ec != std::errc() || end != line.data() + space ||
-        size > (uint64_t{1} << 50) || !net::valid_checkpoint_name(file, true))
-      fail(ErrorCode::kCorruption, "{}: the peer lists \"{}\", not SIZE FILE", replica.what(""),
-           std::string(line.substr(0, 300)));
-    files[file] = size;
+    const size_t a = line.find(' ');
+    const size_t b = a == std::string_view::npos ? a : line.find(' ', a + 1);
+    CopyFile f;
+    const std::string file(b == std::string_view::npos ? "" : line.substr(b + 1));
+    bool ok = b != std::string_view::npos && b - a == 17;
+    if (ok) {
+      auto [end, ec] = std::from_chars(line.data(), line.data() + a, f.size);
+      auto [end2, ec2] = std::from_chars(line.data() + a + 1, line.data() + b, f.checksum, 16);
+      ok = ec == std::errc() && end == line.data() + a && ec2 == std::errc() &&
+           end2 == line.data() + b;
+    }
+    if (!ok || f.size > (uint64_t{1} << 50) || !net::valid_checkpoint_name(file, true))
+      fail(ErrorCode::kCorruption, "{}: the peer lists \"{}\", not SIZE CHECKSUM FILE",
+           replica.what(""), std::string(line.substr(0, 300)));
+    files[file] = f;
   }
   if (files.empty()) fail(ErrorCode::kCorruption, "{}: the peer lists no file", replica.what(""));
   return files;
 }
 
 // Whether `dir` holds exactly `files` at their sizes.
-bool matches(const fs::path& dir, const std::map<std::string, uint64_t>& files) {
+bool matches(const fs::path& dir, const std::map<std::string, CopyFile>& files) {
   std::error_code ec;
   size_t seen = 0;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     auto it = files.find(e.path().filename().string());
     std::error_code sec;
-    if (it == files.end() || !e.is_regular_file(sec) || e.file_size(sec) != it->second)
+    if (it == files.end() || !e.is_regular_file(sec) || e.file_size(sec) != it->second.size)
       return false;
     ++seen;
   }
@@ -188,11 +200,13 @@ class FileLock {
 };
 
 // Fetches `files` of the replica's copy into `staging`, every chunk checked, each file fsynced.
-void fetch(Replica& replica, const std::map<std::string, uint64_t>& files,
+void fetch(Replica& replica, const std::map<std::string, CopyFile>& files,
            const fs::path& staging) {
   std::vector<std::vector<std::byte>> data(kInFlight);
   std::vector<RawCall> calls;
-  for (const auto& [file, size] : files) {
+  for (const auto& [file, listed] : files) {
+    const uint64_t size = listed.size;
+    net::FileChecksum whole;  // over the chunks in order: the file as its writer sent it?
     const fs::path path = staging / file;
     auto fd = detail::open_file(path, O_WRONLY | O_CREAT | O_TRUNC);
     for (uint64_t offset = 0; offset < size;) {
@@ -217,10 +231,16 @@ void fetch(Replica& replica, const std::map<std::string, uint64_t>& files,
                "{}: [{}+{}] came back damaged ({} bytes, checksum mismatch): the copy or the "
                "transfer is corrupt",
                replica.what(file), offsets[k], n, reply.size());
+        whole.update(std::span(reply).first(n));
         detail::write_full(fd.get(), std::span(reply).first(n), path.string(),
                            static_cast<int64_t>(offsets[k]));
       }
     }
+    if (whole.digest() != listed.checksum)
+      fail(ErrorCode::kCorruption,
+           "{}: the peer's copy is damaged: its {} bytes do not match the checksum taken when "
+           "it was written",
+           replica.what(file), size);
     detail::fsync_or_throw(fd.get(), path.string());
   }
   detail::fsync_dir(staging);
@@ -251,6 +271,7 @@ void copy_checkpoint_files(const CheckpointReplica& r, const std::string& name, 
     const fs::path path = dir / file;
     auto fd = detail::open_file(path, O_RDONLY);
     const uint64_t size = detail::file_size(fd.get(), path.string());
+    net::FileChecksum whole;  // fed in file order: batches are read one after another
     // The kWrite calls of the chunks from `from` on, read into buffer set `set`; an empty file
     // is one empty write (the peer makes it).
     auto read = [&](size_t set, uint64_t from) {
@@ -263,6 +284,7 @@ void copy_checkpoint_files(const CheckpointReplica& r, const std::string& name, 
           fail(ErrorCode::kIo, "{}: {} changed while being copied (ends before {} bytes)",
                replica.what(file), path.string(), size);
         Replica::seal(c, data[set][k]);
+        whole.update(dest);
         calls.push_back(std::move(c));
         from += n;
       }
@@ -280,6 +302,7 @@ void copy_checkpoint_files(const CheckpointReplica& r, const std::string& name, 
     }
     std::vector<std::byte> commit_data;
     RawCall commit = replica.make(CheckpointOp::kCommit, file, 0, size, commit_data);
+    reinterpret_cast<CheckpointHeader*>(commit.header.data())->checksum = whole.digest();
     replica.call(std::span(&commit, 1), file);
   }
 }

@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cinttypes>
+#include <cstdio>
 #include <set>
 
 namespace sluice::net {
@@ -17,7 +19,26 @@ namespace fs = std::filesystem;
 using detail::fail;
 
 namespace {
+
 constexpr std::string_view kPartSuffix = ".part.sluice";
+// Beside each committed file: "SIZE CHECKSUM" (decimal, 16 hex digits), the writer's
+// FileChecksum that the file's bytes matched at its commit.
+constexpr std::string_view kSumSuffix = ".sum.sluice";
+
+// The FileChecksum of the first `size` bytes of `fd`.
+uint64_t checksum_of(int fd, uint64_t size, const std::string& path) {
+  FileChecksum sum;
+  std::vector<std::byte> buf(std::min<uint64_t>(size, kMaxCheckpointChunk));
+  for (uint64_t at = 0; at < size;) {
+    const auto block = std::span(buf).first(std::min<uint64_t>(buf.size(), size - at));
+    if (detail::pread_full(fd, block, at, path) != block.size())
+      fail(ErrorCode::kIo, "{}: ends before {} bytes (changed meanwhile?)", path, size);
+    sum.update(block);
+    at += block.size();
+  }
+  return sum.digest();
+}
+
 }  // namespace
 
 ReplicaStore::ReplicaStore(fs::path root) : root_(std::move(root)) {
@@ -55,7 +76,7 @@ void ReplicaStore::commit(const CheckpointRequest& r) {
   std::error_code ec;
   if (!fs::exists(part, ec))
     fail(ErrorCode::kNotFound, "{}/{}: nothing of it arrived", r.checkpoint, r.file);
-  auto fd = detail::open_file(part, O_WRONLY);
+  auto fd = detail::open_file(part, O_RDWR);
   // Bytes past the end are an earlier attempt's; every byte below was written by this one (the
   // writer commits only after each of its chunks was acknowledged).
   const uint64_t have = detail::file_size(fd.get(), part.string());
@@ -64,7 +85,21 @@ void ReplicaStore::commit(const CheckpointRequest& r) {
          r.file, have, r.header.length);
   if (have > r.header.length && ::ftruncate(fd.get(), static_cast<off_t>(r.header.length)) != 0)
     detail::fail_errno(errno, "truncate " + part.string());
+  // Every chunk was checked as it came; this checks they make the writer's file (none missing,
+  // none from an earlier attempt) and keeps the checksum for restores to check against.
+  if (checksum_of(fd.get(), r.header.length, part.string()) != r.header.checksum)
+    fail(ErrorCode::kInvalidArgument,
+         "{}/{}: the {} bytes that arrived do not match the writer's checksum of the file (a "
+         "chunk missing or out of place)",
+         r.checkpoint, r.file, r.header.length);
   detail::fsync_or_throw(fd.get(), part.string());
+  {
+    const fs::path sum = dir / (r.file + std::string(kSumSuffix));
+    auto out = detail::open_file(sum, O_WRONLY | O_CREAT | O_TRUNC);
+    const std::string text = fmt::format("{} {:016x}\n", r.header.length, r.header.checksum);
+    detail::write_full(out.get(), std::as_bytes(std::span(text)), sum.string(), 0);
+    detail::fsync_or_throw(out.get(), sum.string());
+  }
   const fs::path done = dir / r.file;
   if (::rename(part.c_str(), done.c_str()) != 0)
     detail::fail_errno(errno, fmt::format("rename {} to {}", part.string(), done.string()));
@@ -95,9 +130,13 @@ void ReplicaStore::publish(const CheckpointRequest& r) {
            "{}: publish names {}, which was not committed (a writer "
            "failed or has not finished)",
            r.checkpoint, f);
-  // What an earlier attempt left (files this save does not name, parts never committed) goes.
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (!files.contains(e.path().filename().string())) fs::remove_all(e.path(), ec);
+  // What an earlier attempt left (files this save does not name, parts never committed) goes;
+  // the named files' checksums stay.
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    std::string name = e.path().filename().string();
+    if (name.ends_with(kSumSuffix)) name.resize(name.size() - kSumSuffix.size());
+    if (!files.contains(name)) fs::remove_all(e.path(), ec);
+  }
   detail::fsync_dir(dir);
   detail::replace_dir(dir, root_ / r.checkpoint, /*durable=*/true);
 }
@@ -108,9 +147,30 @@ std::string ReplicaStore::list(const std::string& checkpoint) const {
   if (!fs::is_directory(dir, ec))
     fail(ErrorCode::kNotFound, "no copy of checkpoint {} here", checkpoint);
   std::string out;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.is_regular_file())
-      out += fmt::format("{} {}\n", e.file_size(), e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!e.is_regular_file() || name.ends_with(".sluice")) continue;
+    // The size and checksum taken at the commit; a file whose size moved since is damaged.
+    std::string text(64, '\0');
+    uint64_t size = 0, sum = 0;
+    {
+      const fs::path path = dir / (name + std::string(kSumSuffix));
+      std::error_code sec;
+      if (!fs::is_regular_file(path, sec))
+        fail(ErrorCode::kCorruption,
+             "{}/{}: no checksum beside it (a copy from before checksums, "
+             "or damaged): save the checkpoint again",
+             checkpoint, name);
+      auto fd = detail::open_file(path, O_RDONLY);
+      text.resize(
+          detail::pread_full(fd.get(), std::as_writable_bytes(std::span(text)), 0, path.string()));
+    }
+    if (std::sscanf(text.c_str(), "%" SCNu64 " %" SCNx64, &size, &sum) != 2 ||
+        size != e.file_size())
+      fail(ErrorCode::kCorruption, "{}/{}: {} bytes on disk, its checksum file says \"{}\"",
+           checkpoint, name, e.file_size(), text.substr(0, 40));
+    out += fmt::format("{} {:016x} {}\n", size, sum, name);
+  }
   return out;
 }
 

@@ -30,7 +30,8 @@ class ReplicaStore {
   void write(const CheckpointRequest& r);
   void commit(const CheckpointRequest& r);
   void publish(const CheckpointRequest& r);
-  /// "SIZE FILE\n" for each file of the published checkpoint.
+  /// "SIZE CHECKSUM FILE\n" for each file of the published checkpoint (CHECKSUM: 16 hex digits
+  /// of its FileChecksum, taken at its commit). kCorruption when a file's size moved since.
   std::string list(const std::string& checkpoint) const;
   /// Reads r.header.length bytes at r.header.offset of a published file into `out` (that long);
   /// kInvalidArgument when the file ends before.

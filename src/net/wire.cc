@@ -1,5 +1,7 @@
 #include "net/wire.h"
 
+#include "common/check.h"
+
 #include <fmt/format.h>
 #include <xxhash.h>
 
@@ -53,6 +55,21 @@ bool valid_checkpoint_name(std::string_view name, bool file) {
 
 uint64_t checkpoint_chunk_checksum(std::span<const std::byte> chunk, uint64_t offset) {
   return XXH3_64bits_withSeed(chunk.data(), chunk.size(), offset);
+}
+
+FileChecksum::FileChecksum() : state_(XXH3_createState()) {
+  SLUICE_CHECK(state_ != nullptr);
+  XXH3_64bits_reset(static_cast<XXH3_state_t*>(state_));
+}
+
+FileChecksum::~FileChecksum() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
+
+void FileChecksum::update(std::span<const std::byte> bytes) {
+  XXH3_64bits_update(static_cast<XXH3_state_t*>(state_), bytes.data(), bytes.size());
+}
+
+uint64_t FileChecksum::digest() const {
+  return XXH3_64bits_digest(static_cast<const XXH3_state_t*>(state_));
 }
 
 Result<CheckpointRequest> parse_checkpoint_request(std::span<const std::byte> header,

@@ -136,7 +136,7 @@ struct CheckpointHeader {
   uint64_t request_id = 0;
   uint64_t offset = 0;
   uint64_t length = 0;
-  uint64_t checksum = 0;    // kWrite: checkpoint_chunk_checksum of the payload
+  uint64_t checksum = 0;    // kWrite: checkpoint_chunk_checksum; kCommit: the FileChecksum
   uint32_t name_bytes = 0;  // the data starts with the name
   uint32_t reserved = 0;
 };
@@ -159,6 +159,21 @@ bool valid_checkpoint_name(std::string_view name, bool file);
 /// XXH3-64 of a chunk of a checkpoint file, seeded with its offset (a chunk sent to the wrong
 /// place fails too).
 uint64_t checkpoint_chunk_checksum(std::span<const std::byte> chunk, uint64_t offset);
+
+/// XXH3-64 of a whole checkpoint file, fed in order: the writer's kCommit carries it, the peer
+/// checks what arrived against it and keeps it, kList reports it, a restore checks its bytes.
+class FileChecksum {
+ public:
+  FileChecksum();
+  ~FileChecksum();
+  FileChecksum(const FileChecksum&) = delete;
+  FileChecksum& operator=(const FileChecksum&) = delete;
+  void update(std::span<const std::byte> bytes);
+  uint64_t digest() const;
+
+ private:
+  void* state_;  // XXH3_state_t
+};
 
 /// Checks a request's header and data length; returns the header, or sets `error`.
 Result<RequestHeader> parse_request(std::span<const std::byte> header, size_t data_bytes,

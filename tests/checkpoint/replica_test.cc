@@ -79,14 +79,17 @@ class ReplicaTest : public ::testing::Test {
   }
 
   // A raw checkpoint op, as a hostile (but authenticated) client might send it.
+  // A kCommit carries `file_sum`, the checksum of the whole file.
   net::RawCall raw(net::PeerClient& c, net::CheckpointOp op, const std::string& name,
-                   const std::string& payload = "", uint64_t length = 0) {
+                   const std::string& payload = "", uint64_t length = 0, uint64_t file_sum = 0) {
     net::CheckpointHeader h;
     h.op = op;
     h.length = length;
     h.name_bytes = static_cast<uint32_t>(name.size());
     auto data = std::as_bytes(std::span(data_.emplace_back(name + payload)));
-    h.checksum = net::checkpoint_chunk_checksum(data.subspan(name.size()), 0);
+    h.checksum = op == net::CheckpointOp::kCommit
+                     ? file_sum
+                     : net::checkpoint_chunk_checksum(data.subspan(name.size()), 0);
     net::RawCall call;
     call.header.resize(sizeof h);
     std::memcpy(call.header.data(), &h, sizeof h);
@@ -175,7 +178,15 @@ TEST_F(ReplicaTest, NamesCannotLeaveTheStoreAndPublishNeedsEveryFile) {
   EXPECT_EQ(raw(*c, net::CheckpointOp::kWrite, "c/one", "abc").status, net::ReplyStatus::kOk);
   auto commit = raw(*c, net::CheckpointOp::kCommit, "c/one", "", 10);
   EXPECT_EQ(commit.status, net::ReplyStatus::kBadRequest);
-  EXPECT_EQ(raw(*c, net::CheckpointOp::kCommit, "c/one", "", 3).status, net::ReplyStatus::kOk);
+  // Nor one whose bytes are not the writer's file (a chunk lost or misplaced).
+  commit = raw(*c, net::CheckpointOp::kCommit, "c/one", "", 3, /*file_sum=*/12345);
+  EXPECT_EQ(commit.status, net::ReplyStatus::kBadRequest);
+  std::string text(reinterpret_cast<const char*>(commit.reply.data()), commit.reply.size());
+  EXPECT_NE(text.find("do not match the writer's checksum"), std::string::npos) << text;
+  net::FileChecksum abc;
+  abc.update(std::as_bytes(std::span(std::string_view("abc"))));
+  EXPECT_EQ(raw(*c, net::CheckpointOp::kCommit, "c/one", "", 3, abc.digest()).status,
+            net::ReplyStatus::kOk);
   auto publish = raw(*c, net::CheckpointOp::kPublish, "c", "one\ntwo\n");
   EXPECT_EQ(publish.status, net::ReplyStatus::kBadRequest);
   std::string why(reinterpret_cast<const char*>(publish.reply.data()), publish.reply.size());
@@ -223,18 +234,34 @@ TEST_F(ReplicaTest, DamageInTransferOrOnThePeersDiskIsCaught) {
     std::lock_guard lock(mu_);
     fault_ = nullptr;
   }
-  // A byte flipped on the peer's disk: the transfer is faithful, the tensor's checksum is not.
-  {
-    std::fstream f(tmp_ / "peer" / checkpoint_copy_name(local) / "data",
-                   std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(4097 + 12345);
-    const char b = static_cast<char>(f.get() ^ 0x20);
-    f.seekp(4097 + 12345);
-    f.put(b);
+  // A byte flipped on the peer's disk, in either file: the transfer is faithful, the file's
+  // checksum taken at its commit is not; nothing is published here.
+  for (const char* file : {"data", "index.json"}) {
+    const fs::path copy = tmp_ / "peer" / checkpoint_copy_name(local) / file;
+    const auto flip = [&] {
+      std::fstream f(copy, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(file == std::string("data") ? 4097 + 12345 : 20);
+      const char b = static_cast<char>(f.get() ^ 0x20);
+      f.seekp(file == std::string("data") ? 4097 + 12345 : 20);
+      f.put(b);
+    };
+    flip();
+    m = message_of([&] { load_checkpoint(local, with_replica()); }, &code);
+    EXPECT_EQ(code, ErrorCode::kCorruption) << m;
+    EXPECT_NE(m.find(checkpoint_copy_name(local) + "/" + file + " on peer"), std::string::npos)
+        << m;
+    EXPECT_NE(m.find("the peer's copy is damaged"), std::string::npos) << m;
+    EXPECT_FALSE(fs::exists(local));
+    flip();  // back as it was
   }
+  expect_loaded(local, data, with_replica());
+  // A file whose size moved on the peer's disk: the listing says so.
+  fs::remove_all(local);
+  fs::resize_file(tmp_ / "peer" / checkpoint_copy_name(local) / "index.json", 5);
   m = message_of([&] { load_checkpoint(local, with_replica()); }, &code);
-  EXPECT_EQ(code, ErrorCode::kCorruption) << m;
-  EXPECT_NE(m.find("part t2 "), std::string::npos) << m;
+  EXPECT_EQ(code, ErrorCode::kIo) << m;  // the peer's error, as it reports it
+  EXPECT_NE(m.find("index.json: 5 bytes on disk"), std::string::npos) << m;
+  EXPECT_FALSE(fs::exists(local));
 }
 
 TEST_F(ReplicaTest, AServerWithoutACheckpointDirRefusesCopies) {
