@@ -150,7 +150,7 @@ std::map<std::string, CopyFile> list_copy(Replica& replica) {
     const size_t b = a == std::string_view::npos ? a : line.find(' ', a + 1);
     CopyFile f;
     const std::string file(b == std::string_view::npos ? "" : line.substr(b + 1));
-    bool ok = b != std::string_view::npos && b - a == 17;
+    bool ok = b != std::string_view::npos && b - a - 1 == 16;  // the checksum: 16 hex digits
     if (ok) {
       auto [end, ec] = std::from_chars(line.data(), line.data() + a, f.size);
       auto [end2, ec2] = std::from_chars(line.data() + a + 1, line.data() + b, f.checksum, 16);
