@@ -165,7 +165,7 @@ def test_a_save_killed_at_random_points_leaves_the_previous_checkpoint(tmp_path:
 
 
 TORCHRUN_SAVER = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    import gc, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from sluice.checkpoint import Writer
@@ -178,7 +178,12 @@ TORCHRUN_SAVER = textwrap.dedent("""
     dcp.save({"w": sharded, "step": 9}, storage_writer=w)
     assert w.last_result["bytes"] >= 32 * 1000 * 4, w.last_result
     assert w.last_result.get("replica_error", "") == "", w.last_result
+    # Gloo's worker threads end only when the last reference to the group goes (the mesh and
+    # the DTensor hold it); one still running at exit drops a finished broadcast's tensors
+    # without the GIL and aborts the process ("terminate called without an active exception").
+    del sharded, mesh
     dist.destroy_process_group()
+    gc.collect()
 """)
 
 
