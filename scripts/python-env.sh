@@ -36,7 +36,12 @@ if [[ "$(around)" != "$before" ]]; then
   diff <(echo "$before") <(around)
   exit 1
 fi
-PATH="$venv/bin:$PATH" auditwheel repair -w "$wheelhouse" "$wheelhouse"/raw/sluice-*.whl \
+# auditwheel bundles what the loader path finds first: a stub libGLX (python/glx-stub.c) instead
+# of the system's, which would bring libX11 and libGLdispatch (for OpenCV's unused GL interop).
+mkdir -p "$wheelhouse/glx-stub"
+cc -shared -fPIC -O2 -Wl,-soname,libGLX.so.0 -o "$wheelhouse/glx-stub/libGLX.so.0" python/glx-stub.c
+LD_LIBRARY_PATH="$wheelhouse/glx-stub" PATH="$venv/bin:$PATH" \
+  auditwheel repair -w "$wheelhouse" "$wheelhouse"/raw/sluice-*.whl \
   > "$wheelhouse/repair.log" 2>&1 || { cat "$wheelhouse/repair.log"; exit 1; }
 wheel=$(ls "$wheelhouse"/sluice-*manylinux*.whl)
 PATH="$venv/bin:$PATH" auditwheel show "$wheel" > "$wheelhouse/auditwheel-show.txt"

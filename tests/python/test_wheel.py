@@ -1,8 +1,8 @@
 """The wheel as a user installs it: the manylinux wheel that scripts/python-env.sh built and
 repaired with auditwheel, pip-installed into a new venv in an empty directory (numpy, no torch),
-and run in a mount namespace where the system's copies of every library the wheel bundles, and
-UCX, are replaced by empty files: it imports, packs, iterates, runs the CLI, and says what to
-install when a command needs UCX. Also: the sdist builds and holds the sources, not builds."""
+and run in a mount namespace where the system's copies of every library the wheel bundles, UCX,
+and the GL and X11 libraries a slim container lacks are replaced by empty files: it imports, packs,
+decodes a JPEG, iterates, runs the CLI, and says what to install when a command needs UCX. Also: the sdist builds and holds the sources, not builds."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LIB_DIRS = [Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/x86_64-linux-gnu"), Path("/usr/lib"),
             Path("/usr/local/lib")]
 UCX = ["libucp.so.0", "libucs.so.0", "libuct.so.0", "libucm.so.0"]
+# Not in python:3.11-slim or CUDA base images (OpenCV core links GLX; the wheel bundles a stub).
+DISPLAY = ["libGLX.so.0", "libGLdispatch.so.0", "libGL.so.1", "libX11.so.6", "libxcb.so.1"]
 
 
 def the_wheel() -> Path:
@@ -36,7 +38,7 @@ def the_wheel() -> Path:
 def linked_from_the_system() -> list[Path]:
     """The system files of the libraries sluice._C links itself (the -dev packages' libraries:
     liburing, yaml-cpp, fmt, curl, ...; read from the wheel before auditwheel repaired it),
-    and UCX's. Not their own dependencies: Python needs some of those (libffi, libssl)."""
+    UCX's, and GL's and X11's. Not the others' dependencies: Python needs some (libffi, libssl)."""
     raw = next((WHEELHOUSE / "raw").glob("sluice-*.whl"))
     with zipfile.ZipFile(raw) as z:
         module = next(n for n in z.namelist() if re.match(r"sluice/_C\..*\.so$", n))
@@ -48,7 +50,7 @@ def linked_from_the_system() -> list[Path]:
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
     system = ("libc.so", "libm.so", "libstdc++.so", "libgcc_s.so", "ld-linux")
     out: set[Path] = set()
-    for name in [n for n in needed if not n.startswith(system)] + UCX:
+    for name in [n for n in needed if not n.startswith(system)] + UCX + DISPLAY:
         for d in LIB_DIRS:
             if (d / name).exists():
                 out.add((d / name).resolve())
@@ -66,6 +68,14 @@ def test_wheel_is_manylinux_and_bundles_its_libraries() -> None:
     for lib in ("liburing", "libyaml-cpp", "libfmt", "libxxhash", "libcurl", "libturbojpeg"):
         assert any(b.startswith(lib + "-") for b in bundled), (lib, bundled)
     assert not any(b.startswith(("libucp", "libucs", "libuct")) for b in bundled), bundled
+    # The GLX in it is python/glx-stub.c: nothing more to load (no libX11, no libGLdispatch).
+    assert not any(b.startswith(("libGLdispatch", "libX11", "libxcb")) for b in bundled), bundled
+    glx = next(n for n in names if Path(n).name.startswith("libGLX-"))
+    stub = WHEELHOUSE / "raw" / "libGLX.so"
+    stub.write_bytes(zipfile.ZipFile(wheel).read(glx))
+    dynamic = subprocess.run(["readelf", "-d", str(stub)], capture_output=True, text=True,
+                             check=True).stdout
+    assert "(NEEDED)" not in dynamic, dynamic
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sluice = sluice._cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
@@ -74,7 +84,7 @@ def test_wheel_is_manylinux_and_bundles_its_libraries() -> None:
 def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
     wheel = the_wheel()
     hidden = linked_from_the_system()
-    for lib in ("liburing", "libyaml-cpp", "libfmt", "libcurl", "libucp"):
+    for lib in ("liburing", "libyaml-cpp", "libfmt", "libcurl", "libucp", "libGLX", "libX11"):
         assert any(p.name.startswith(lib) for p in hidden), (lib, hidden)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -82,12 +92,16 @@ def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
                     "--disable-pip-version-check", "numpy", str(wheel)], check=True)
     work = tmp_path / "empty"
     work.mkdir()
+    from PIL import Image  # the JPEG the check decodes (Pillow is not in the new venv)
+
+    jpeg = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 60)).save(jpeg, quality=95)
     check = work.parent / "check.py"
     check.write_text(textwrap.dedent(f"""
         import ctypes, subprocess, sys
         import numpy as np
         # The hiding works: the system's copies cannot be loaded here.
-        for name in ("liburing.so.2", "libucp.so.0"):
+        for name in ("liburing.so.2", "libucp.so.0", "libX11.so.6", "libGLX.so.0"):
             try:
                 ctypes.CDLL(name)
             except OSError:
@@ -104,6 +118,19 @@ def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
                                 "shuffle": {{"mode": "none"}}}}, output="numpy")
         rows = np.concatenate([b["x"] for b in loader])
         assert np.array_equal(rows, np.arange(3)[None] + np.arange(100)[:, None]), rows
+        # Decode and resize in the loader threads: OpenCV's core and imgproc load.
+        jpeg = open({str(jpeg)!r}, "rb").read()
+        fields = [{{"name": "jpg", "dtype": "uint8", "shape": [-1]}}]
+        with sluice.DatasetWriter("img", fields) as w:
+            for i in range(4):
+                w.add({{"jpg": np.frombuffer(jpeg, np.uint8)}})
+        loader = sluice.Loader({{"dataset": {{"path": "img"}}, "batch_size": 4,
+                                "shuffle": {{"mode": "none"}},
+                                "transforms": {{"jpg": [{{"decode": "rgb"}}, {{"resize": 16}},
+                                                       {{"center_crop": 16}}]}}}}, output="numpy")
+        images = next(iter(loader))["jpg"]
+        assert images.shape == (4, 16, 16, 3), images.shape
+        assert np.abs(images.astype(int) - [200, 30, 60]).max() <= 8, images[0, 0]
         try:
             sluice.torch
         except ImportError as e:
