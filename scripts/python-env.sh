@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The project's Python environment: .venv with torch 2.13.0 (the CPU wheel; never an
 # unpinned torch, which pulls gigabytes of CUDA packages), numpy and pytest, and sluice itself
-# installed from its wheel as users get it: `pip wheel .` (scikit-build-core builds sluice._C in a
-# temporary directory: nothing is written into the source tree), then `auditwheel repair`, which
+# installed from its wheel as users get it: the sdist, then `pip wheel` of the sdist alone (what
+# `python -m build` does; scikit-build-core builds sluice._C in a temporary directory: nothing is
+# written into the source tree, and a file the sdist lacks fails the build), then
+# `auditwheel repair`, which
 # copies in the Debian libraries it links, relocates them and gives the wheel the manylinux tag
 # this glibc allows. UCX is not among them: sluice loads it at run time, for remote reads only.
-# The repaired wheel and `auditwheel show`'s report stay in $venv/wheelhouse (test_wheel.py
-# installs the wheel into a new venv). Prints nothing but errors; reruns reuse the venv.
+# The sdist, the repaired wheel and `auditwheel show`'s report stay in $venv/wheelhouse
+# (test_wheel.py checks the sdist and installs the wheel into a new venv). Prints nothing but errors; reruns reuse the venv.
 # SLUICE_PYTHON_DEPS_ONLY=1: only the packages (the C++ tests need moto_server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +32,11 @@ rm -rf "$wheelhouse"
 # and after the build, or the build wrote into the source tree.
 around() { git status --porcelain --ignored 2>/dev/null | grep -v -x -F "!! ${venv#"$PWD/"}/" || true; }
 before=$(around)
-pip wheel . --no-deps -w "$wheelhouse/raw"
+"$venv/bin/python" -c 'import sys; from scikit_build_core.build import build_sdist
+build_sdist(sys.argv[1])' "$wheelhouse/sdist" > /dev/null
+pip wheel --no-deps -w "$wheelhouse/raw" "$wheelhouse"/sdist/sluice-*.tar.gz
 if [[ "$(around)" != "$before" ]]; then
-  echo "python-env: building the wheel wrote into the source tree:"
+  echo "python-env: building the sdist or the wheel wrote into the source tree:"
   diff <(echo "$before") <(around)
   exit 1
 fi
