@@ -3,12 +3,12 @@
 # unpinned torch, which pulls gigabytes of CUDA packages), numpy and pytest, and sluice itself
 # installed from its wheel as users get it: the sdist, then `pip wheel` of the sdist alone (what
 # `python -m build` does; scikit-build-core builds sluice._C in a temporary directory: nothing is
-# written into the source tree, and a file the sdist lacks fails the build), then
-# `auditwheel repair`, which
-# copies in the Debian libraries it links, relocates them and gives the wheel the manylinux tag
-# this glibc allows. UCX is not among them: sluice loads it at run time, for remote reads only.
-# The sdist, the repaired wheel and `auditwheel show`'s report stay in $venv/wheelhouse
-# (test_wheel.py checks the sdist and installs the wheel into a new venv). Prints nothing but errors; reruns reuse the venv.
+# written into the source tree, and a file the sdist lacks fails the build), then `auditwheel
+# repair`, which copies in the Debian libraries it links, relocates them and gives the wheel the
+# manylinux tag this glibc allows. UCX is not among them: sluice loads it at run time, for remote
+# reads only. The sdist, the repaired wheel and `auditwheel show`'s report stay in
+# $venv/wheelhouse (test_wheel.py checks the sdist and installs the wheel into a new venv).
+# Prints nothing but errors; reruns reuse the venv.
 # SLUICE_PYTHON_DEPS_ONLY=1: only the packages (the C++ tests need moto_server).
 set -euo pipefail
 cd "$(dirname "$0")/.."

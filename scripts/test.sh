@@ -50,7 +50,7 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== fuzz: every parser of outside bytes, ${SLUICE_FUZZ_SECONDS:-15} s each (build-fuzz)"
   ./scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-15}"
 fi
-echo "== python: the manylinux wheel (pip wheel, auditwheel repair) into .venv, then pytest"
+echo "== python: the manylinux wheel (sdist, pip wheel, auditwheel repair) into .venv, then pytest"
 ./scripts/python-env.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 echo "== all test passes succeeded"

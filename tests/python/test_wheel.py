@@ -36,6 +36,14 @@ def the_wheel() -> Path:
     return wheels[-1]
 
 
+def dt_needed(elf: bytes, scratch: Path) -> list[str]:
+    """The DT_NEEDED entries of a shared library's bytes (written to `scratch` for readelf)."""
+    scratch.write_bytes(elf)
+    dynamic = subprocess.run(["readelf", "-d", str(scratch)], capture_output=True, text=True,
+                             check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+
+
 def linked_from_the_system() -> list[Path]:
     """The system files of the libraries sluice._C links itself (the -dev packages' libraries:
     liburing, yaml-cpp, fmt, curl, ...; read from the wheel before auditwheel repaired it),
@@ -43,12 +51,7 @@ def linked_from_the_system() -> list[Path]:
     raw = next((WHEELHOUSE / "raw").glob("sluice-*.whl"))
     with zipfile.ZipFile(raw) as z:
         module = next(n for n in z.namelist() if re.match(r"sluice/_C\..*\.so$", n))
-        data = z.read(module)
-    so = WHEELHOUSE / "raw" / "_C.so"
-    so.write_bytes(data)
-    dynamic = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True,
-                             check=True).stdout
-    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+        needed = dt_needed(z.read(module), WHEELHOUSE / "raw" / "_C.so")
     system = ("libc.so", "libm.so", "libstdc++.so", "libgcc_s.so", "ld-linux")
     out: set[Path] = set()
     for name in [n for n in needed if not n.startswith(system)] + UCX + DISPLAY:
@@ -72,11 +75,8 @@ def test_wheel_is_manylinux_and_bundles_its_libraries() -> None:
     # The GLX in it is python/glx-stub.c: nothing more to load (no libX11, no libGLdispatch).
     assert not any(b.startswith(("libGLdispatch", "libX11", "libxcb")) for b in bundled), bundled
     glx = next(n for n in names if Path(n).name.startswith("libGLX-"))
-    stub = WHEELHOUSE / "raw" / "libGLX.so"
-    stub.write_bytes(zipfile.ZipFile(wheel).read(glx))
-    dynamic = subprocess.run(["readelf", "-d", str(stub)], capture_output=True, text=True,
-                             check=True).stdout
-    assert "(NEEDED)" not in dynamic, dynamic
+    needed = dt_needed(zipfile.ZipFile(wheel).read(glx), WHEELHOUSE / "raw" / "libGLX.so")
+    assert needed == [], needed
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sluice = sluice._cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
