@@ -70,6 +70,10 @@ struct LoaderStats {
   bool direct_io = false;     // reads bypass the page cache (O_DIRECT)
   bool pinned = false;        // batch buffers are page-locked (device: pinned / cuda:N)
   uint64_t batches_held = 0;  // delivered batches still alive (their buffers not yet back)
+  // Page-locked host memory and device memory that sluice holds in this process, all loaders
+  // together (batches still alive included): flat from epoch to epoch once the pools are warm.
+  uint64_t pinned_bytes = 0;
+  uint64_t device_bytes = 0;
   // Samples whose transform failed and that became padding (transform_errors: skip).
   uint64_t transform_skipped = 0;
   // With a cache (an s3:// dataset or cache.dir): bytes fetched from the source (gaps between

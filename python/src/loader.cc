@@ -100,6 +100,8 @@ class PyLoader {
     d["direct_io"] = s.direct_io;
     d["pinned"] = s.pinned;
     d["batches_held"] = s.batches_held;
+    d["pinned_bytes"] = s.pinned_bytes;
+    d["device_bytes"] = s.device_bytes;
     d["checkpoint_bytes"] = s.checkpoint_bytes;
     d["checkpoint_held_seconds"] = s.checkpoint_held_seconds;
     d["transform_skipped"] = s.transform_skipped;

@@ -11,7 +11,7 @@
 namespace sluice::memory {
 
 void FreeAligned::operator()(std::byte* p) const {
-  if (pinned) unpin(p);
+  if (pinned) unpin(p, bytes);
   std::free(p);
 }
 
@@ -35,7 +35,8 @@ bool AlignedBuffer::reserve(size_t bytes) {
   // The loader probed for a device before asking for pinning; a refusal here (memlock) leaves
   // ordinary memory, which works the same, only with slower copies to the device.
   bool pinned = pin_ && pin(p, size).ok();
-  data_ = std::unique_ptr<std::byte, FreeAligned>(static_cast<std::byte*>(p), FreeAligned{pinned});
+  data_ = std::unique_ptr<std::byte, FreeAligned>(static_cast<std::byte*>(p),
+                                                  FreeAligned{pinned, size});
   capacity_ = size;
   return true;
 }

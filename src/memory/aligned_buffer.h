@@ -12,6 +12,7 @@ namespace sluice::memory {
 /// Frees an AlignedBuffer's memory, unpinning it first when it was pinned.
 struct FreeAligned {
   bool pinned = false;
+  size_t bytes = 0;  // what was pinned
   void operator()(std::byte* p) const;
 };
 

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+
 namespace sluice::memory {
 
 namespace {
@@ -16,6 +18,9 @@ void check(cudaError_t e, const char* call) {
 
 // The runtime keeps one current device per thread; every call here names its device.
 void use(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+
+std::atomic<size_t> pinned_total{0};
+std::atomic<size_t> device_total{0};
 
 }  // namespace
 
@@ -41,10 +46,17 @@ Status pin(void* p, size_t n) {
     cudaGetLastError();
     return failure(std::string("cudaHostRegister: ") + cudaGetErrorString(e));
   }
+  pinned_total += n;
   return {};
 }
 
-void unpin(void* p) { cudaHostUnregister(p); }
+void unpin(void* p, size_t n) {
+  if (cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();  // a runtime gone at exit
+  pinned_total -= n;
+}
+
+size_t pinned_bytes() { return pinned_total.load(); }
+size_t device_bytes() { return device_total.load(); }
 
 void copy_to_host(void* dst, const void* src, size_t bytes, int device) {
   use(device);
@@ -61,10 +73,13 @@ size_t device_memory_used(int device) {
 DeviceBuffer::DeviceBuffer(int device, size_t bytes) : size_(bytes), device_(device) {
   use(device);
   check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+  device_total += bytes;
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  if (ptr_ && cudaSetDevice(device_) == cudaSuccess) cudaFree(ptr_);
+  if (!ptr_) return;
+  if (cudaSetDevice(device_) == cudaSuccess) cudaFree(ptr_);
+  device_total -= size_;
 }
 
 Stream::Stream(int device) : device_(device) {
@@ -84,6 +99,17 @@ void Stream::copy_to_device(void* dst, const void* src, size_t bytes) {
   check(
       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(handle_)),
       "cudaMemcpyAsync");
+}
+
+void Stream::copy_to_host(void* dst, const void* src, size_t bytes) {
+  use(device_);
+  check(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(handle_)),
+      "cudaMemcpyAsync");
+}
+
+void Stream::synchronize() {
+  check(cudaStreamSynchronize(static_cast<cudaStream_t>(handle_)), "cudaStreamSynchronize");
 }
 
 Event::Event(int device) : device_(device) {

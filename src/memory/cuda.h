@@ -20,7 +20,13 @@ Result<int> cuda_devices();
 /// Page-locks [p, p + n) for fast, asynchronous copies (cudaHostRegister), or says why it
 /// cannot (no CUDA, no device, memlock).
 Status pin(void* p, size_t n);
-void unpin(void* p);
+/// Undoes pin(p, n).
+void unpin(void* p, size_t n);
+
+/// Bytes this process holds page-locked through pin() and allocated as DeviceBuffers, all
+/// devices together: gauges for leak checks and stats, not limits.
+size_t pinned_bytes();
+size_t device_bytes();
 
 /// Copies device memory back to the host and waits for it (for checks and tests).
 void copy_to_host(void* dst, const void* src, size_t bytes, int device);
@@ -54,6 +60,10 @@ class Stream {
   void* handle() const { return handle_; }
   /// Queues an asynchronous host-to-device copy (`src` should be page-locked).
   void copy_to_device(void* dst, const void* src, size_t bytes);
+  /// Queues an asynchronous device-to-host copy (`dst` should be page-locked).
+  void copy_to_host(void* dst, const void* src, size_t bytes);
+  /// Blocks the calling thread until the work queued so far has run.
+  void synchronize();
 
  private:
   void* handle_ = nullptr;

@@ -254,6 +254,8 @@ class LoaderImpl final : public Loader {
     s.direct_io = direct_;
     s.pinned = pin_;
     s.batches_held = pool_->held();
+    s.pinned_bytes = memory::pinned_bytes();
+    s.device_bytes = memory::device_bytes();
     s.transform_skipped = transform_skipped_.load();
     const io::WriteCounters& w = io::write_counters();
     s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
