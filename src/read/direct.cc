@@ -4,6 +4,7 @@
 #include "index/internals.h"
 
 #include <fcntl.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,20 +14,27 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <string_view>
 
 namespace sluice {
 
 namespace {
 
-// Bytes of /proc/meminfo's `key` (kB there), or 0.
-uint64_t meminfo(const char* key) {
+// Bytes of /proc/meminfo's `key` (kB there), or 0 without the file or the line. Line by line:
+// one line the parser does not expect must not hide the others.
+uint64_t meminfo(std::string_view key) {
   std::ifstream in("/proc/meminfo");
-  std::string name;
-  uint64_t kb = 0;
-  std::string unit;
-  while (in >> name >> kb) {
-    std::getline(in, unit);
-    if (name == key) return kb << 10;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.size() <= key.size() || line.compare(0, key.size(), key) != 0 ||
+        line[key.size()] != ':')
+      continue;
+    const char* p = line.data() + key.size() + 1;
+    const char* end = line.data() + line.size();
+    while (p < end && (*p == ' ' || *p == '\t')) ++p;
+    uint64_t kb = 0;
+    std::from_chars(p, end, kb);
+    return kb << 10;
   }
   return 0;
 }
@@ -93,8 +101,14 @@ uint64_t cgroup_room(std::string* where) {
 
 MemoryRoom memory_room() {
   MemoryRoom r;
-  r.bytes = meminfo("MemAvailable:");
+  r.bytes = meminfo("MemAvailable");
   r.where = "MemAvailable";
+  if (struct sysinfo si; r.bytes == 0 && ::sysinfo(&si) == 0) {
+    // No MemAvailable to read (a sandbox's /proc): free memory and buffers, which leaves out
+    // the reclaimable page cache, so it errs towards direct I/O.
+    r.bytes = (static_cast<uint64_t>(si.freeram) + si.bufferram) * si.mem_unit;
+    r.where = "sysinfo: free memory, no MemAvailable in /proc/meminfo";
+  }
   std::string where;
   if (uint64_t c = cgroup_room(&where); c < r.bytes) {
     r.bytes = c;
