@@ -134,6 +134,13 @@ class Loader:
         if output == "numpy" and self._c.cuda_device >= 0:
             raise ValueError("sluice.Loader: output=\"numpy\" holds batches in host memory: "
                              "use device: cpu or pinned (or output=\"torch\" for cuda:N)")
+        if output == "torch" and self._c.stats()["pinned"]:
+            # Batch buffers are page-locked by sluice's own CUDA runtime; torch answers
+            # is_pinned() False for them until its CUDA is initialized (seen with torch 2.11 on
+            # an H200), and a caller may ask before any other CUDA call.
+            import torch.cuda
+
+            torch.cuda.init()
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # The loop in progress: a token its generator holds from its first batch until it has
