@@ -145,7 +145,7 @@ struct SLUICE_EXPORT LoaderOptions {
   bool drop_last = true;
   uint64_t seed = 0;
   ShuffleOptions shuffle;
-  uint32_t prefetch = 4;  // batches in flight per rank
+  uint32_t prefetch = 4;  // batches in flight per rank; at least one per loader thread
   // Batches the consumer may hold while it asks for the next (Python: tensors still alive).
   // Holding more, next() fails at once saying so (keeping every batch, as list(loader) does,
   // is the usual cause); memory stays bounded.

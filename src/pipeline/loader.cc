@@ -6,7 +6,8 @@
 // thread (io::Service), which keeps the device queue steady across batch boundaries; through
 // the page cache each thread reads with its own engine, so the copies spread over the cores.
 // The consumer takes batches in step order; a thread may start step s only while
-// s < delivered + prefetch, which bounds memory and read-ahead.
+// s < delivered + max(prefetch, threads), which bounds memory and read-ahead and still lets
+// every thread build a batch (prefetch 4 left 12 of 16 decoding threads idle, issue 34).
 
 #include <sluice/loader.h>
 #include <sluice/server.h>
@@ -559,6 +560,7 @@ class LoaderImpl final : public Loader {
   void work(uint32_t worker) {
     std::unique_ptr<io::Engine> engine;
     const uint32_t threads = options_.io.threads;
+    const uint64_t window = std::max(options_.prefetch, threads);  // steps in flight
     try {
       if (!service_)
         engine = io::make_engine(engine_options(), fds_,
@@ -576,7 +578,7 @@ class LoaderImpl final : public Loader {
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
       {
         std::unique_lock lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || step < delivered_ + options_.prefetch; });
+        cv_.wait(lock, [&] { return stop_ || step < delivered_ + window; });
         if (stop_) return;
       }
       auto storage = pool_->acquire(stop_, mu_, cv_);

@@ -11,9 +11,11 @@
 #include <dirent.h>
 #include <fmt/format.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -138,6 +140,59 @@ TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
           }
           EXPECT_EQ(got, want);
         }
+}
+
+// Every loader thread builds a batch at once, whatever `prefetch` says: with a window of
+// prefetch batches, prefetch 4 left 12 of 16 decoding threads idle (issue 34, on an H200). Each
+// thread's engine holds its first read until all four threads are reading, or 2 s.
+TEST_F(LoaderTest, EveryLoaderThreadBuildsABatchAtOnceEvenWithPrefetchOne) {
+  constexpr uint32_t kThreads = 4;
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    uint32_t arrived = 0, timed_out = 0;
+  };
+  class GateEngine final : public io::Engine {
+   public:
+    GateEngine(std::unique_ptr<io::Engine> inner, std::shared_ptr<Gate> gate)
+        : inner_(std::move(inner)), gate_(std::move(gate)) {}
+    std::string describe() const override { return inner_->describe(); }
+    uint32_t queue_depth() const override { return inner_->queue_depth(); }
+    int submit(const io::Request& r) override { return inner_->submit(r); }
+    int flush() override { return inner_->flush(); }
+    int reap(std::span<io::Completion> out, std::chrono::milliseconds timeout) override {
+      if (!waited_) {
+        waited_ = true;
+        std::unique_lock lock(gate_->mu);
+        ++gate_->arrived;
+        gate_->cv.notify_all();
+        if (!gate_->cv.wait_for(lock, std::chrono::seconds(2),
+                                [&] { return gate_->arrived >= kThreads; }))
+          ++gate_->timed_out;
+      }
+      return inner_->reap(out, timeout);
+    }
+
+   private:
+    std::unique_ptr<io::Engine> inner_;
+    std::shared_ptr<Gate> gate_;
+    bool waited_ = false;
+  };
+  auto gate = std::make_shared<Gate>();
+  set_engine_wrapper([gate](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
+    return std::make_unique<GateEngine>(std::move(e), gate);
+  });
+  LoaderOptions o = options();
+  o.io.threads = kThreads;
+  o.io.direct = DirectIo::kOff;  // an engine per loader thread
+  o.prefetch = 1;
+  auto loader = open(o);
+  uint64_t samples = 0;
+  while (auto b = loader->next()) samples += b->size();
+  EXPECT_EQ(samples, kSamples);
+  std::lock_guard lock(gate->mu);
+  EXPECT_EQ(gate->arrived, kThreads);
+  EXPECT_EQ(gate->timed_out, 0u) << "a loader thread waited for the window instead of reading";
 }
 
 TEST_F(LoaderTest, OrderMatchesTheSampler) {
