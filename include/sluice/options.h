@@ -175,7 +175,8 @@ struct SLUICE_EXPORT LoaderOptions {
   uint32_t resolved_world_size() const;
   /// io.threads, or under auto the cores this process may use (its CPU affinity and its cgroup's
   /// CPU quota, v1 or v2) shared among this node's ranks ($LOCAL_WORLD_SIZE, as torchrun sets
-  /// it), at least 1 and at most 4; `why`, when given, says how it was found.
+  /// it), at least 1 and at most 4, or with `transforms` (decoding is CPU-bound) every one of
+  /// those cores; `why`, when given, says how it was found.
   uint32_t resolved_io_threads(std::string* why = nullptr) const;
   /// distributed.peers, or when it is empty the peers in $SLUICE_PEERS, written
   /// "HOST:PORT=SHARDS;HOST:PORT=SHARDS" with SHARDS like "0-3,8"; throws kConfig naming the

@@ -282,6 +282,19 @@ TEST(Config, LoaderThreadsFollowTheCoresThisRankMayUse) {
   EXPECT_NE(why.find("shared by 512 ranks"), std::string::npos) << why;
   unsetenv("LOCAL_WORLD_SIZE");
 
+  // Decoding is CPU work: every core, past the reading cap of 4.
+  o = LoaderOptions::from_yaml_string("transforms: {jpg: [{decode: rgb}, {center_crop: 8}]}\n",
+                                      "t.yaml");
+  const uint32_t decoding = o.resolved_io_threads(&why);
+  EXPECT_NE(why.find("one per core for transforms"), std::string::npos) << why;
+  EXPECT_LE(decoding, cores) << why;
+  EXPECT_GE(decoding, threads) << why;
+  if (threads < 4) {
+    EXPECT_EQ(decoding, threads) << why;  // every core either way
+  } else if (why.find("quota") == std::string::npos) {
+    EXPECT_EQ(decoding, std::min(cores, 64u)) << why;  // past the cap of 4
+  }
+
   o = LoaderOptions::from_yaml_string("io: {threads: 3}\n", "t.yaml");
   EXPECT_EQ(o.resolved_io_threads(), 3u);
   o = LoaderOptions::from_yaml_string("dataset: /d\nio: {threads: auto}\n", "t.yaml");
