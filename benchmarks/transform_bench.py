@@ -31,7 +31,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import webdataset as wds
 from PIL import Image
 
 import sluice
+from jpegs import photo_jpeg, read_member, tar_members
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, SIZE = 256, 224
@@ -56,14 +56,7 @@ def make_shards(root: Path, n: int) -> None:
     for s in range(4):
         with wds.TarWriter(str(root / f"shard-{s:03d}.tar")) as w:
             for i in range(s * per, min(n, (s + 1) * per)):
-                h, wd = (int(v) for v in rng.integers(300, 601, 2))
-                # Smooth colour fields plus fine texture: JPEGs of photo-like size (~40-90 KB).
-                coarse = Image.fromarray((rng.random((h // 24 + 2, wd // 24 + 2, 3)) * 255)
-                                         .astype(np.uint8)).resize((wd, h), Image.BICUBIC)
-                a = np.asarray(coarse).astype(np.int16) + rng.integers(-20, 21, (h, wd, 3))
-                b = io.BytesIO()
-                Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(b, format="JPEG", quality=90)
-                w.write({"__key__": f"{i:06d}", "jpg": b.getvalue(), "cls": str(i % 10).encode()})
+                w.write({"__key__": f"{i:06d}", "jpg": photo_jpeg(rng), "cls": str(i % 10).encode()})
     (root / "done").touch()
 
 
@@ -117,23 +110,13 @@ class TarJpegs(torch.utils.data.Dataset):
     torchvision's RandomResizedCrop(224) + RandomHorizontalFlip() do on PIL images."""
 
     def __init__(self, root: Path) -> None:
-        self.items = []
-        for tar in sorted(root.glob("*.tar")):
-            with tarfile.open(tar) as t:
-                for m in t.getmembers():
-                    if m.name.endswith(".jpg"):
-                        self.items.append((str(tar), m.offset_data, m.size))
+        self.items = tar_members(root)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path, offset, size = self.items[i]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
+        data = read_member(self.items[i])
         img = Image.open(io.BytesIO(data)).convert("RGB")
         left, top, w, h = crop_params(*img.size)
         img = img.resize((SIZE, SIZE), Image.BILINEAR, box=(left, top, left + w, top + h))
