@@ -88,6 +88,29 @@ struct LoaderStats {
   // first (CheckpointOptions::share).
   uint64_t checkpoint_bytes = 0;
   double checkpoint_held_seconds = 0;
+
+  // Where the time goes. User + system CPU of the whole process since the loader opened.
+  double cpu_seconds = 0;
+  // Reads in flight over time: under O_DIRECT the IO thread's one queue (the device's queue as
+  // sluice drives it), through the page cache the loader threads' queues together. The mean
+  // count, the share of time at each level (0, 1, 2-3, 4-7, ..., 128-255, 256+; the first is
+  // io_idle_fraction: nothing in flight, e.g. between a batch's last completion and the next
+  // submission), and the completions reaped.
+  double io_inflight_mean = 0;
+  double io_idle_fraction = 0;
+  std::vector<double> io_inflight_hist;
+  uint64_t io_completions = 0;
+  // Seconds the loader threads spent, all together, in each stage of building batches.
+  struct Stages {
+    double window = 0;    // waiting for the consumer (the batch was past the prefetch window)
+    double buffer = 0;    // waiting for a free batch buffer
+    double plan = 0;      // the sampler's order and the read plan
+    double cache = 0;     // waiting for the node cache's fetches
+    double read = 0;      // local reads
+    double remote = 0;    // waiting for peers
+    double assemble = 0;  // checksums, copies into the batch, transforms
+    double device = 0;    // queueing the copy to the GPU
+  } stage_seconds;
 };
 
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO

@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/progress.h"
+#include "common/cpu_time.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -18,6 +19,12 @@ namespace sluice::cli {
 namespace {
 std::atomic<bool> g_interrupted{false};
 void on_sigint(int) { g_interrupted = true; }
+
+nlohmann::json stage_json(const LoaderStats::Stages& s) {
+  return {{"window", s.window},     {"buffer", s.buffer}, {"plan", s.plan},
+          {"cache", s.cache},       {"read", s.read},     {"remote", s.remote},
+          {"assemble", s.assemble}, {"device", s.device}};
+}
 }  // namespace
 
 int run_bench(const BenchArgs& args) {
@@ -31,6 +38,7 @@ int run_bench(const BenchArgs& args) {
       by_epochs ? args.epochs * loader->num_batches() : static_cast<uint64_t>(args.seconds),
       by_epochs ? "batches" : "s", !args.json);
   auto start = std::chrono::steady_clock::now();
+  const double cpu_start = detail::process_cpu_seconds();
   auto elapsed = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
@@ -55,6 +63,7 @@ int run_bench(const BenchArgs& args) {
     if (!by_epochs && elapsed() >= args.seconds) break;
   }
   double seconds = elapsed();
+  const double cpu = detail::process_cpu_seconds() - cpu_start;
   progress.finish();
   LoaderStats stats = loader->stats();
   loader.reset();  // joins the loader threads before we report
@@ -63,17 +72,25 @@ int run_bench(const BenchArgs& args) {
   double wait = seconds > 0 ? stats.wait_seconds / seconds : 0;
   const bool cached = stats.source_bytes + stats.cache_hits + stats.cache_misses > 0;
   if (args.json) {
-    nlohmann::json out{{"samples_per_s", sps},
-                       {"bytes_per_s", bps},
-                       {"batches", stats.batches},
-                       {"wait_fraction", wait},
-                       {"samples", stats.samples},
-                       {"bytes", stats.bytes},
-                       {"seconds", seconds},
-                       {"engine", stats.engine},
-                       {"direct_io", stats.direct_io},
-                       {"interrupted", g_interrupted.load()},
-                       {"touch", checksum}};
+    nlohmann::json out{
+        {"samples_per_s", sps},
+        {"bytes_per_s", bps},
+        {"batches", stats.batches},
+        {"wait_fraction", wait},
+        {"samples", stats.samples},
+        {"bytes", stats.bytes},
+        {"seconds", seconds},
+        {"engine", stats.engine},
+        {"direct_io", stats.direct_io},
+        {"interrupted", g_interrupted.load()},
+        {"touch", checksum},
+        {"cpu_us_per_sample", stats.samples ? cpu / static_cast<double>(stats.samples) * 1e6 : 0.0},
+        {"cpu_cores", seconds > 0 ? cpu / seconds : 0.0},
+        {"io_inflight_mean", stats.io_inflight_mean},
+        {"io_idle_fraction", stats.io_idle_fraction},
+        {"io_inflight_hist", stats.io_inflight_hist},
+        {"io_completions", stats.io_completions},
+        {"stage_seconds", stage_json(stats.stage_seconds)}};
     if (cached) {
       out["source_bytes"] = stats.source_bytes;
       out["source_requests"] = stats.source_requests;
@@ -88,6 +105,16 @@ int run_bench(const BenchArgs& args) {
                sps, bps, bps / (1 << 20), wait);
     fmt::print("engine        {}{}\n", stats.engine,
                stats.direct_io ? ", O_DIRECT" : ", page cache");
+    fmt::print("cpu           {:.2f} us per sample, {:.2f} cores\n",
+               stats.samples ? cpu / static_cast<double>(stats.samples) * 1e6 : 0.0,
+               seconds > 0 ? cpu / seconds : 0.0);
+    fmt::print("in flight     {:.1f} reads on average, none {:.1f}% of the time\n",
+               stats.io_inflight_mean, 100 * stats.io_idle_fraction);
+    const auto& st = stats.stage_seconds;
+    fmt::print(
+        "loader s      window {:.2f}, buffer {:.2f}, plan {:.2f}, cache {:.2f}, read {:.2f}, "
+        "remote {:.2f}, assemble {:.2f}, device {:.2f}\n",
+        st.window, st.buffer, st.plan, st.cache, st.read, st.remote, st.assemble, st.device);
     if (cached)
       fmt::print("source        {} bytes in {} requests; cache hits {}, misses {}\n",
                  stats.source_bytes, stats.source_requests, stats.cache_hits, stats.cache_misses);

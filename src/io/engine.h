@@ -18,6 +18,8 @@
 
 namespace sluice::io {
 
+class QueueStats;  // io/queue_stats.h
+
 /// One read in flight: `length` bytes of file `file` (an index into the engine's file table)
 /// at `offset` into `dest` (or, with `write`, from `dest` to the file).
 struct Request {
@@ -88,10 +90,11 @@ inline constexpr std::chrono::milliseconds kDrainGrace{2000};
 /// is still in flight, except with ReadFailure::in_flight set (see there): past the deadline
 /// it stops submitting and waits up to kDrainGrace for the reads in flight.
 /// When `*cancel` becomes true, no new reads start; those in flight are drained and the
-/// result is -ECANCELED.
+/// result is -ECANCELED. `stats`, when given, is noted with the reads in flight over time
+/// (io/queue_stats.h; keep one per calling thread: its clock runs across calls).
 ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
                      std::chrono::steady_clock::time_point deadline,
-                     const std::atomic<bool>* cancel = nullptr);
+                     const std::atomic<bool>* cancel = nullptr, QueueStats* stats = nullptr);
 
 /// The io layer's own options (the config's io.engine and io.queue_depth, mapped in
 /// config/io_options.h: nothing here reads <sluice/options.h>).

@@ -10,7 +10,15 @@ constexpr int kMaxRetries = 64;  // EAGAIN / EINTR on one op before it counts as
 constexpr uint64_t tag_of(uint32_t slot, size_t op) { return uint64_t{slot} << 32 | op; }
 }  // namespace
 
-ReadQueue::ReadQueue(Engine& engine) : engine_(engine), completions_(engine.queue_depth()) {}
+ReadQueue::ReadQueue(Engine& engine, QueueStats* stats)
+    : engine_(engine), stats_(stats), completions_(engine.queue_depth()) {}
+
+// The time since the last note goes to the level noted then; from now on the level is today's.
+void ReadQueue::note() {
+  if (!stats_) return;
+  stats_->note(std::chrono::steady_clock::now(), noted_in_flight_);
+  noted_in_flight_ = in_flight_;
+}
 
 void ReadQueue::add(ReadJob* job) {
   job->done.assign(job->ops.size(), 0);
@@ -96,11 +104,14 @@ size_t ReadQueue::run_once(std::chrono::milliseconds wait) {
     }
   }
   int ret = engine_.flush();
+  note();  // the time since the last call at its level, the wait below at today's
   if (ret == 0 && in_flight_ > 0) {
     int n = engine_.reap(completions_, wait);
     if (n < 0) ret = n;
+    if (stats_ && n > 0) stats_->add_completions(static_cast<size_t>(n));
     for (int k = 0; k < n; ++k) settle(completions_[static_cast<size_t>(k)]);
   }
+  note();
   auto now = std::chrono::steady_clock::now();
   size_t completed = 0;
   for (size_t a = 0; a < active_.size();) {
@@ -134,8 +145,8 @@ size_t ReadQueue::run_once(std::chrono::milliseconds wait) {
 
 ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
                      std::chrono::steady_clock::time_point deadline,
-                     const std::atomic<bool>* cancel) {
-  ReadQueue queue(engine);
+                     const std::atomic<bool>* cancel, QueueStats* stats) {
+  ReadQueue queue(engine, stats);
   ReadJob job;
   job.ops = ops;
   job.deadline = deadline;

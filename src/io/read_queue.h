@@ -6,6 +6,7 @@
 // job kept and its other reads drained, deadlines enforced. One thread drives it.
 
 #include "io/engine.h"
+#include "io/queue_stats.h"
 
 #include <vector>
 
@@ -28,7 +29,8 @@ struct ReadJob {
 
 class ReadQueue {
  public:
-  explicit ReadQueue(Engine& engine);
+  /// `stats`, when given, is noted with the reads in flight as they change (see QueueStats).
+  explicit ReadQueue(Engine& engine, QueueStats* stats = nullptr);
 
   /// Queues `job` behind the others; it must stay alive until it is complete.
   void add(ReadJob* job);
@@ -46,8 +48,11 @@ class ReadQueue {
   int submit(uint32_t slot, size_t op);
   void settle(const Completion& c);
   void finish(uint32_t slot);
+  void note();
 
   Engine& engine_;
+  QueueStats* stats_;
+  size_t noted_in_flight_ = 0;  // the level since the last note
   std::vector<Completion> completions_;
   std::vector<ReadJob*> slots_;           // a completion's tag names its slot; null: expired
   std::vector<uint32_t> slot_in_flight_;  // reads in flight per slot, including expired ones

@@ -66,7 +66,7 @@ ReadFailure Service::read_all(std::span<const ReadOp> ops,
 }
 
 void Service::run() {
-  ReadQueue queue(*engine_);
+  ReadQueue queue(*engine_, &stats_);
   std::vector<std::shared_ptr<Waiter>> active;  // keeps queued jobs alive
   for (;;) {
     {

@@ -5,6 +5,7 @@
 // steady queue instead of several queues that drain at the end of every batch.
 
 #include "io/engine.h"
+#include "io/queue_stats.h"
 
 #include <condition_variable>
 #include <memory>
@@ -29,6 +30,8 @@ class Service {
   /// contract as io::read_all (the ops are copied: the caller's list may go at once).
   ReadFailure read_all(std::span<const ReadOp> ops, std::chrono::steady_clock::time_point deadline,
                        const std::atomic<bool>* cancel = nullptr);
+  /// The IO thread's queue: reads in flight over time (any thread may read it).
+  const QueueStats& stats() const { return stats_; }
 
  private:
   struct Waiter;
@@ -40,6 +43,7 @@ class Service {
   std::vector<std::shared_ptr<Waiter>> incoming_;
   bool stop_ = false;
   std::unique_ptr<Engine> engine_;
+  QueueStats stats_;
   std::thread thread_;
 };
 

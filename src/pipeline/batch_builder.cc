@@ -12,15 +12,27 @@ namespace sluice::pipeline {
 using detail::fail;
 
 BatchBuilder::BatchBuilder(std::shared_ptr<const Dataset> dataset, const BuildOptions& options,
-                           PeerSet& peers, io::Service* service, const std::atomic<bool>* cancel)
+                           PeerSet& peers, io::Service* service, const std::atomic<bool>* cancel,
+                           WorkerStats& stats)
     : dataset_(std::move(dataset)),
       options_(options),
       peers_(peers),
       service_(service),
       cancel_(cancel),
+      stats_(stats),
       plan_(*dataset_, options.direct) {}
 
 void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, BatchStorage& out) {
+  // What is not reading or waiting for peers is assembling (checks, copies, transforms).
+  const auto start = std::chrono::steady_clock::now();
+  waited_ = {};
+  struct Account {
+    BatchBuilder& b;
+    std::chrono::steady_clock::time_point start;
+    ~Account() {
+      b.stats_.add(WorkerStats::kAssemble, std::chrono::steady_clock::now() - start - b.waited_);
+    }
+  } account{*this, start};
   reads_in_flight_ = false;
   const size_t n = refs.size();
   extents_.resize(n);
@@ -75,7 +87,13 @@ void BatchBuilder::build(std::span<const SampleRef> refs, io::Engine* engine, Ba
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
   if (!plan_.empty()) read_local(engine, deadline);
   plan_.close_files();
-  if (any_remote) peer_reads_->finish();  // failed peers' samples go to their replicas
+  if (any_remote) {
+    const auto t = std::chrono::steady_clock::now();
+    peer_reads_->finish();  // failed peers' samples go to their replicas
+    const auto d = std::chrono::steady_clock::now() - t;
+    stats_.add(WorkerStats::kRemote, d);
+    waited_ += d;
+  }
 
   // Check and split every record, then lay the batch out field by field.
   const size_t nf = dataset_->fields().size();
@@ -187,8 +205,12 @@ void BatchBuilder::read_into_batch(std::span<const SampleRef> refs, io::Engine* 
 // one.
 void BatchBuilder::read_local(io::Engine* engine, std::chrono::steady_clock::time_point deadline) {
   auto& ops = plan_.ops();
+  const auto t = std::chrono::steady_clock::now();
   io::ReadFailure failure = service_ ? service_->read_all(ops, deadline, cancel_)
-                                     : io::read_all(*engine, ops, deadline, cancel_);
+                                     : io::read_all(*engine, ops, deadline, cancel_, &stats_.queue);
+  const auto d = std::chrono::steady_clock::now() - t;
+  stats_.add(WorkerStats::kRead, d);
+  waited_ += d;
   reads_in_flight_ = failure.in_flight;
   if (failure.error != 0) plan_.fail(failure, options_.timeout_ms);
 }

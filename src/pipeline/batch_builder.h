@@ -8,6 +8,7 @@
 // slots instead (no staging, no copy).
 
 #include "io/engine.h"
+#include "io/queue_stats.h"
 #include "pipeline/buffer_pool.h"
 #include "pipeline/peers.h"
 #include "read/record_reader.h"
@@ -16,7 +17,9 @@
 #include <sluice/dataset.h>
 #include <sluice/sampler.h>
 
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <span>
@@ -42,12 +45,40 @@ struct BuildOptions {
   std::atomic<uint64_t>* transform_skipped = nullptr;  // counts them (the loader's)
 };
 
+/// One loader thread's accounts, for Loader::stats(): the reads in flight on its own engine
+/// (through the page cache; under O_DIRECT the IO service keeps its own), and the time it spent
+/// in each stage of a batch. Written by that thread, read by any.
+struct WorkerStats {
+  enum Stage {
+    kWindow,    // waiting for the consumer: the step was past the prefetch window
+    kBuffer,    // waiting for a free batch buffer (or its last device copy)
+    kPlan,      // the sampler's order, extents and the read plan
+    kCache,     // waiting for the node cache's fetches (s3://, cache.dir)
+    kRead,      // local reads
+    kRemote,    // waiting for peers' replies
+    kAssemble,  // checksums, splitting records, copies into the batch, transforms
+    kDevice,    // queueing the copy to the GPU
+    kStages
+  };
+  static constexpr std::array<const char*, kStages> kNames = {
+      "window", "buffer", "plan", "cache", "read", "remote", "assemble", "device"};
+  io::QueueStats queue;
+  std::array<std::atomic<uint64_t>, kStages> ns{};
+  void add(Stage stage, std::chrono::steady_clock::duration d) {
+    ns[stage].fetch_add(
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()),
+        std::memory_order_relaxed);
+  }
+};
+
 /// One loader thread's batch building (not thread-safe); kept across epochs, so its staging
 /// buffer and peer connections are reused. Shares the loader's dataset, peer set and IO service.
 class BatchBuilder {
  public:
+  /// `stats`: this thread's accounts (kRead, kRemote and kAssemble are added here; `queue` is
+  /// noted by reads through `engine`). It must outlive the builder.
   BatchBuilder(std::shared_ptr<const Dataset> dataset, const BuildOptions& options, PeerSet& peers,
-               io::Service* service, const std::atomic<bool>* cancel);
+               io::Service* service, const std::atomic<bool>* cancel, WorkerStats& stats);
 
   /// Reads and lays out the samples `refs` into `out` (its data, field offsets and sizes; not
   /// its indices, epoch or step), with `engine`, or through the IO service when there is one.
@@ -75,7 +106,9 @@ class BatchBuilder {
   PeerSet& peers_;
   io::Service* service_;
   const std::atomic<bool>* cancel_;
-  std::unique_ptr<PeerReads> peer_reads_;  // made with the first remote sample
+  WorkerStats& stats_;
+  std::chrono::steady_clock::duration waited_{};  // this build's reads and peers so far
+  std::unique_ptr<PeerReads> peer_reads_;         // made with the first remote sample
 
   // Reused from batch to batch: nothing here is allocated per sample.
   AlignedBuffer staging_;

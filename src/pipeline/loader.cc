@@ -14,6 +14,7 @@
 
 #include "cache/mirror.h"
 #include "cache/sample_cache.h"
+#include "common/cpu_time.h"
 #include "common/errors.h"
 #include "common/file.h"
 #include "common/keep.h"
@@ -257,6 +258,8 @@ class LoaderImpl final : public Loader {
     s.batches_held = pool_->held();
     s.pinned_bytes = memory::pinned_bytes();
     s.device_bytes = memory::device_bytes();
+    s.cpu_seconds = detail::process_cpu_seconds() - cpu_at_open_;
+    io_stats(s);
     s.transform_skipped = transform_skipped_.load();
     const io::WriteCounters& w = io::write_counters();
     s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
@@ -273,6 +276,35 @@ class LoaderImpl final : public Loader {
   }
 
  private:
+  // The reads in flight and the stage times of stats(), from the IO service's queue or the loader
+  // threads' own, and their stage accounts.
+  void io_stats(LoaderStats& s) const {
+    io::QueueStats::Snapshot q;
+    double longest = 0;  // the queues ran side by side: their means add up over the same time
+    auto add = [&](const io::QueueStats& stats) {
+      io::QueueStats::Snapshot one = stats.snapshot();
+      longest = std::max(longest, one.total_seconds());
+      q += one;
+    };
+    if (service_) add(service_->stats());
+    double* stages[] = {&s.stage_seconds.window,   &s.stage_seconds.buffer, &s.stage_seconds.plan,
+                        &s.stage_seconds.cache,    &s.stage_seconds.read,   &s.stage_seconds.remote,
+                        &s.stage_seconds.assemble, &s.stage_seconds.device};
+    static_assert(std::size(stages) == WorkerStats::kStages);
+    for (uint32_t w = 0; w < options_.io.threads; ++w) {
+      add(workers_[w].queue);
+      for (size_t k = 0; k < WorkerStats::kStages; ++k)
+        *stages[k] += static_cast<double>(workers_[w].ns[k].load(std::memory_order_relaxed)) / 1e9;
+    }
+    const double total = q.total_seconds();
+    s.io_inflight_mean = longest > 0 ? q.read_seconds / longest : 0;
+    s.io_inflight_hist.assign(q.seconds.size(), 0);
+    if (total > 0)
+      for (size_t i = 0; i < q.seconds.size(); ++i) s.io_inflight_hist[i] = q.seconds[i] / total;
+    s.io_idle_fraction = s.io_inflight_hist[0];
+    s.io_completions = q.completions;
+  }
+
   // Starts the next epoch after the end of one was reported, and the loader threads. False
   // when the epoch is over (next() returns nullptr; `report_end`: it is doing so now). Rethrows
   // the error that stopped the loader.
@@ -419,6 +451,7 @@ class LoaderImpl final : public Loader {
     token_ = options_.distributed.resolved_token();
     peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify);
     builders_.resize(options_.io.threads);
+    workers_ = std::make_unique<WorkerStats[]>(options_.io.threads);
   }
 
   // O_DIRECT file descriptors when the file system takes them and an aligned read works;
@@ -569,18 +602,27 @@ class LoaderImpl final : public Loader {
       publish(worker, {nullptr, std::current_exception()});
       return;
     }
+    WorkerStats& stats = workers_[worker];
     auto& builder = builders_[worker];
     if (!builder)
       builder = std::make_unique<BatchBuilder>(dataset_, build_options_, *peers_, service_.get(),
-                                               &cancel_);
+                                               &cancel_, stats);
     std::vector<SampleRef> refs;
     std::unique_ptr<memory::Stream> stream;  // device: cuda:N, this thread's copies
+    auto t = std::chrono::steady_clock::now();
+    // The time since the last lap goes to `stage`.
+    auto lap = [&](WorkerStats::Stage stage) {
+      const auto now = std::chrono::steady_clock::now();
+      stats.add(stage, now - t);
+      t = now;
+    };
     for (uint64_t step = worker; step < plan_.num_batches(); step += threads) {
       {
         std::unique_lock lock(mu_);
         cv_.wait(lock, [&] { return stop_ || step < delivered_ + window; });
         if (stop_) return;
       }
+      lap(WorkerStats::kWindow);
       auto storage = pool_->acquire(stop_, mu_, cv_);
       if (!storage) return;
       try {
@@ -588,10 +630,13 @@ class LoaderImpl final : public Loader {
           storage->device->copied->synchronize();  // the last copy out of these host bytes
           storage->device->copy_pending = false;
         }
+        lap(WorkerStats::kBuffer);
         plan_.batch(step, refs);
         finish_metadata(step, refs, *storage);
+        lap(WorkerStats::kPlan);
         if (cache_) {
           cache_->acquire(refs, &cancel_);
+          lap(WorkerStats::kCache);
           struct Release {
             cache::SampleCache* cache;
             uint64_t step;
@@ -604,11 +649,14 @@ class LoaderImpl final : public Loader {
           io::ReadsWaiting reading;
           builder->build(refs, engine.get(), *storage);
         }
+        t = std::chrono::steady_clock::now();  // the builder accounted for its own time
         if (options_.device.kind == DeviceKind::kCuda) {
           if (!stream) stream = std::make_unique<memory::Stream>(options_.device.index);
           copy_to_device(*storage, *stream);
+          lap(WorkerStats::kDevice);
         }
         publish(step, {std::move(storage), nullptr});
+        t = std::chrono::steady_clock::now();
       } catch (...) {
         if (builder->reads_in_flight()) {
           detail::keep_forever(storage.release());
@@ -698,8 +746,10 @@ class LoaderImpl final : public Loader {
   // Per loader thread number: its batch building (staging buffer, peer connections), kept
   // across epochs (threads are restarted for each; one thread of a number runs at a time).
   std::vector<std::unique_ptr<BatchBuilder>> builders_;
+  std::unique_ptr<WorkerStats[]> workers_;     // per loader thread number, for stats()
   std::unique_ptr<ShardServer> server_;        // distributed.listen: this node's shards for others
   std::unique_ptr<cache::SampleCache> cache_;  // s3:// or cache.dir: the node cache
+  double cpu_at_open_ = detail::process_cpu_seconds();  // stats() reports the CPU used since
   // The process's checkpoint write counters when this loader opened (stats() reports since).
   uint64_t checkpoint_bytes_at_open_ = io::write_counters().bytes.load();
   uint64_t checkpoint_held_at_open_ = io::write_counters().held_ns.load();

@@ -2,6 +2,7 @@
 // timeouts and io_uring being unavailable, and the shared IO service with many callers.
 
 #include "io/engine.h"
+#include "io/queue_stats.h"
 #include "io/service.h"
 
 #include "common/file.h"
@@ -83,6 +84,54 @@ TEST_P(EngineTest, SameBytesAsPread) {
   auto e = engine();
   ASSERT_EQ(io::read_all(*e, ops, deadline()).error, 0);
   expect_contents(ops);
+}
+
+// The queue's accounts of reads in flight: every completion counted, never more in flight than
+// the queue holds, and the waits for completions at the level the queue was filled to (the
+// queue fills to its depth before it waits). Times are not compared with anything.
+TEST_P(EngineTest, ReadsInFlightAreAccountedAtTheLevelTheQueueHeld) {
+  std::vector<std::byte> buffer;
+  auto ops = random_ops(500, buffer);
+  std::erase_if(ops, [](const io::ReadOp& op) { return op.length == 0; });
+  constexpr uint32_t kDepth = 8;
+  auto e = engine(kDepth);
+  io::QueueStats stats;
+  ASSERT_EQ(io::read_all(*e, ops, deadline(), nullptr, &stats).error, 0);
+  expect_contents(ops);
+  io::QueueStats::Snapshot s = stats.snapshot();
+  EXPECT_EQ(s.completions, ops.size());  // a regular file: no short reads to continue
+  const size_t full = io::QueueStats::level_of(kDepth);
+  EXPECT_GT(s.seconds[full], 0) << "no time at the depth the queue was filled to";
+  for (size_t level = full + 1; level < io::QueueStats::kLevels; ++level)
+    EXPECT_EQ(s.seconds[level], 0)
+        << "more than " << kDepth << " in flight (level " << level << ")";
+  EXPECT_GT(s.read_seconds, 0);
+  EXPECT_LE(s.read_seconds, kDepth * s.total_seconds() * (1 + 1e-9));
+}
+
+TEST(QueueStats, TimeGoesToTheLevelNotedBeforeIt) {
+  using namespace std::chrono_literals;
+  io::QueueStats stats;
+  const auto t0 = std::chrono::steady_clock::time_point{} + 1h;
+  stats.note(t0, 5);         // starts the clock only
+  stats.note(t0 + 1s, 4);    // 1 s with 4 in flight: level 3 (4-7)
+  stats.note(t0 + 3s, 0);    // 2 s with none: level 0
+  stats.note(t0 + 4s, 300);  // 1 s with 300: the last level
+  stats.note(t0 + 4s, 1);    // no time
+  stats.add_completions(7);
+  io::QueueStats::Snapshot s = stats.snapshot();
+  EXPECT_DOUBLE_EQ(s.seconds[0], 2);
+  EXPECT_DOUBLE_EQ(s.seconds[3], 1);
+  EXPECT_DOUBLE_EQ(s.seconds[io::QueueStats::kLevels - 1], 1);
+  EXPECT_DOUBLE_EQ(s.total_seconds(), 4);
+  EXPECT_DOUBLE_EQ(s.read_seconds, 304);
+  EXPECT_EQ(s.completions, 7u);
+  EXPECT_EQ(io::QueueStats::level_of(0), 0u);
+  EXPECT_EQ(io::QueueStats::level_of(1), 1u);
+  EXPECT_EQ(io::QueueStats::level_of(3), 2u);
+  EXPECT_EQ(io::QueueStats::level_of(128), 8u);
+  EXPECT_EQ(io::QueueStats::level_of(255), 8u);
+  EXPECT_EQ(io::QueueStats::level_of(256), 9u);
 }
 
 TEST_P(EngineTest, RegisteredBufferReadsTheSame) {
@@ -237,10 +286,20 @@ TEST_P(ServiceTest, ManyCallersGetTheirOwnBytes) {
         if ((errors[t] = svc->read_all(ops[t], deadline()).error) != 0) break;
     });
   for (auto& th : threads) th.join();
+  size_t reads = 0;
   for (size_t t = 0; t < 4; ++t) {
     EXPECT_EQ(errors[t], 0) << "caller " << t;
     expect_contents(ops[t]);
+    reads += 3 * static_cast<size_t>(std::count_if(ops[t].begin(), ops[t].end(),
+                                                   [](const io::ReadOp& op) { return op.length; }));
   }
+  // One queue for every caller: each read completed at least once (short and EAGAIN ones
+  // again), never more in flight than its depth of 32.
+  io::QueueStats::Snapshot s = svc->stats().snapshot();
+  EXPECT_GT(s.completions, reads);
+  EXPECT_GT(s.seconds[io::QueueStats::level_of(32)], 0);
+  for (size_t level = io::QueueStats::level_of(32) + 1; level < io::QueueStats::kLevels; ++level)
+    EXPECT_EQ(s.seconds[level], 0) << "level " << level;
 }
 
 TEST_P(ServiceTest, OneCallersErrorIsItsOwn) {

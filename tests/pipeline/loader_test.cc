@@ -5,6 +5,7 @@
 
 #include "../io/fault_engine.h"
 #include "io/engine.h"
+#include "io/queue_stats.h"
 #include "pipeline/open.h"
 #include "test_util.h"
 
@@ -193,6 +194,34 @@ TEST_F(LoaderTest, EveryLoaderThreadBuildsABatchAtOnceEvenWithPrefetchOne) {
   std::lock_guard lock(gate->mu);
   EXPECT_EQ(gate->arrived, kThreads);
   EXPECT_EQ(gate->timed_out, 0u) << "a loader thread waited for the window instead of reading";
+}
+
+// stats() says where the time went: reads in flight (through the one IO thread under O_DIRECT,
+// the loader threads' own queues through the page cache), loader stages, process CPU.
+TEST_F(LoaderTest, StatsAccountForReadsInFlightStagesAndCpu) {
+  for (DirectIo direct : {testing::direct_where_possible(dir()), DirectIo::kOff}) {
+    LoaderOptions o = options();
+    o.io.direct = direct;
+    o.io.threads = 2;
+    auto loader = open(o);
+    while (loader->next()) {
+    }
+    LoaderStats s = loader->stats();
+    SCOPED_TRACE(s.direct_io ? "O_DIRECT" : "page cache");
+    EXPECT_GE(s.io_completions, kSamples / 16);  // at least one read per batch
+    ASSERT_EQ(s.io_inflight_hist.size(), io::QueueStats::kLevels);
+    double sum = 0;
+    for (double share : s.io_inflight_hist) sum += share;
+    EXPECT_NEAR(sum, 1, 1e-9);
+    EXPECT_DOUBLE_EQ(s.io_idle_fraction, s.io_inflight_hist[0]);
+    EXPECT_GT(s.io_inflight_mean, 0);
+    EXPECT_LE(s.io_inflight_mean, 2.0 * o.io.queue_depth);  // two queues at most
+    EXPECT_GT(s.stage_seconds.read, 0);
+    EXPECT_GT(s.stage_seconds.assemble, 0);
+    EXPECT_EQ(s.stage_seconds.remote, 0);
+    EXPECT_EQ(s.stage_seconds.device, 0);
+    EXPECT_GT(s.cpu_seconds, 0);
+  }
 }
 
 TEST_F(LoaderTest, OrderMatchesTheSampler) {

@@ -164,6 +164,20 @@ def test_state_of_another_dataset_or_seed_is_refused(mixed: Path, fixed: Path) -
         sluice.Loader(config(mixed)).load_state_dict({"epoch": 1})
 
 
+def test_stats_say_where_the_time_went(mixed: Path) -> None:
+    loader = sluice.Loader(config(mixed), rank=0, world_size=1)
+    for _ in loader:
+        pass
+    s = loader.stats()
+    assert s["io_completions"] > 0 and s["cpu_seconds"] > 0
+    assert len(s["io_inflight_hist"]) == 10 and abs(sum(s["io_inflight_hist"]) - 1) < 1e-9
+    assert s["io_idle_fraction"] == s["io_inflight_hist"][0]
+    assert 0 < s["io_inflight_mean"]
+    assert set(s["stage_seconds"]) == {"window", "buffer", "plan", "cache", "read", "remote",
+                                       "assemble", "device"}
+    assert s["stage_seconds"]["read"] > 0
+
+
 def test_tensors_are_views_that_outlive_the_loader(fixed: Path) -> None:
     loader = sluice.Loader(config(fixed, batch_size=64))
     batch = next(iter(loader))
