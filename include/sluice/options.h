@@ -176,8 +176,11 @@ struct SLUICE_EXPORT LoaderOptions {
   /// io.threads, or under auto the cores this process may use (its CPU affinity and its cgroup's
   /// CPU quota, v1 or v2) shared among this node's ranks ($LOCAL_WORLD_SIZE, as torchrun sets
   /// it), at least 1 and at most 4, or with `transforms` (decoding is CPU-bound) every one of
-  /// those cores; `why`, when given, says how it was found.
-  uint32_t resolved_io_threads(std::string* why = nullptr) const;
+  /// those cores. With `direct_io` (the loader reads with O_DIRECT through one IO thread) and
+  /// no transforms, at least enough to keep io.queue_depth reads queued while one thread
+  /// assembles: ceil(queue_depth / batch_size) + 1, at most 16. `why`, when given, says how it
+  /// was found.
+  uint32_t resolved_io_threads(std::string* why = nullptr, bool direct_io = false) const;
   /// distributed.peers, or when it is empty the peers in $SLUICE_PEERS, written
   /// "HOST:PORT=SHARDS;HOST:PORT=SHARDS" with SHARDS like "0-3,8"; throws kConfig naming the
   /// variable when it is malformed.

@@ -151,10 +151,15 @@ class LoaderImpl final : public Loader {
         sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options.resolved_rank()),
         world_(options.resolved_world_size()),
-        pin_(probe_device(options_.device)),
-        pool_(std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
-                                           options_.max_batches_held, pin_)) {
+        pin_(probe_device(options_.device)) {
     open_files();
+    if (options_.io.threads == 0) {  // auto: how many depends on direct I/O (open_files)
+      std::string why;
+      options_.io.threads = options_.resolved_io_threads(&why, direct_);
+      log_line(why);
+    }
+    pool_ = std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
+                                         options_.max_batches_held, pin_);
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
     if (source_) open_cache();
@@ -363,15 +368,10 @@ class LoaderImpl final : public Loader {
     return true;
   }
 
-  // What the environment decides, resolved once: peers from $SLUICE_PEERS, io.threads: auto
-  // (logged with its reason).
+  // What the environment decides, resolved once: peers from $SLUICE_PEERS (io.threads: auto
+  // once open_files() has chosen direct I/O or not).
   static LoaderOptions resolved(LoaderOptions o) {
     o.distributed.peers = o.resolved_peers();
-    if (o.io.threads == 0) {
-      std::string why;
-      o.io.threads = o.resolved_io_threads(&why);
-      log_line(why);
-    }
     return o;
   }
 

@@ -295,8 +295,22 @@ TEST(Config, LoaderThreadsFollowTheCoresThisRankMayUse) {
     EXPECT_EQ(decoding, std::min(cores, 64u)) << why;  // past the cap of 4
   }
 
+  // Under direct I/O: enough threads that the others' batches cover the queue while one
+  // assembles (ceil(queue_depth / batch_size) + 1), at most 16; never fewer than for reading.
+  o = LoaderOptions::from_yaml_string("batch_size: 64\nio: {queue_depth: 128}\n", "t.yaml");
+  EXPECT_EQ(o.resolved_io_threads(&why, true), std::max(3u, threads)) << why;
+  if (threads < 3) {
+    EXPECT_NE(why.find("under direct I/O"), std::string::npos) << why;
+  }
+  EXPECT_EQ(o.resolved_io_threads(nullptr, false), threads);
+  o.batch_size = 1;
+  EXPECT_EQ(o.resolved_io_threads(&why, true), 16u) << why;
+  o.batch_size = 4096;
+  EXPECT_EQ(o.resolved_io_threads(&why, true), std::max(2u, threads)) << why;
+
   o = LoaderOptions::from_yaml_string("io: {threads: 3}\n", "t.yaml");
   EXPECT_EQ(o.resolved_io_threads(), 3u);
+  EXPECT_EQ(o.resolved_io_threads(nullptr, true), 3u);  // a number is kept as it is
   o = LoaderOptions::from_yaml_string("dataset: /d\nio: {threads: auto}\n", "t.yaml");
   EXPECT_EQ(o.io.threads, 0u);
   EXPECT_EQ(LoaderOptions::from_yaml_string(o.to_yaml(), "again.yaml").io.threads, 0u);
