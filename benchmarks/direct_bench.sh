@@ -63,7 +63,12 @@ cg_setup() {  # cg_setup BYTES
     echo "$1" > "$cg/memory.max"
   fi
 }
-cg_cleanup() { [[ -n "$cg" && -d "$cg" ]] && rmdir "$cg" 2>/dev/null || true; }
+# A run's last process may still be leaving the cgroup at exit (rmdir: EBUSY): try a few times.
+cg_cleanup() {
+  [[ -n "$cg" ]] || return 0
+  for _ in 1 2 3 4 5; do [[ ! -d "$cg" ]] || rmdir "$cg" 2>/dev/null && return 0; sleep 1; done
+  echo "direct_bench: could not remove $cg" >&2
+}
 trap cg_cleanup EXIT
 
 run() {  # run DATASET STATE CONFIG -> samples/s
