@@ -110,6 +110,19 @@ struct LoaderStats {
     double remote = 0;    // waiting for peers
     double assemble = 0;  // checksums, copies into the batch, transforms
     double device = 0;    // queueing the copy to the GPU
+    /// f(name, seconds) for each stage in the order above (const or not): the one list that
+    /// printers and bindings walk.
+    template <class Self, class F>
+    static void each(Self& s, F&& f) {
+      f("window", s.window);
+      f("buffer", s.buffer);
+      f("plan", s.plan);
+      f("cache", s.cache);
+      f("read", s.read);
+      f("remote", s.remote);
+      f("assemble", s.assemble);
+      f("device", s.device);
+    }
   } stage_seconds;
 };
 

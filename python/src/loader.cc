@@ -110,11 +110,10 @@ class PyLoader {
     d["io_idle_fraction"] = s.io_idle_fraction;
     d["io_inflight_hist"] = s.io_inflight_hist;
     d["io_completions"] = s.io_completions;
-    const LoaderStats::Stages& st = s.stage_seconds;
-    d["stage_seconds"] = py::dict(py::arg("window") = st.window, py::arg("buffer") = st.buffer,
-                                  py::arg("plan") = st.plan, py::arg("cache") = st.cache,
-                                  py::arg("read") = st.read, py::arg("remote") = st.remote,
-                                  py::arg("assemble") = st.assemble, py::arg("device") = st.device);
+    py::dict stages;
+    LoaderStats::Stages::each(s.stage_seconds,
+                              [&](const char* name, double seconds) { stages[name] = seconds; });
+    d["stage_seconds"] = stages;
     if (!get().options().cache.dir.empty() ||
         get().options().dataset.path.string().starts_with("s3://")) {
       d["source_bytes"] = s.source_bytes;

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <csignal>
 #include <iostream>
+#include <string>
 
 namespace sluice::cli {
 
@@ -21,9 +22,9 @@ std::atomic<bool> g_interrupted{false};
 void on_sigint(int) { g_interrupted = true; }
 
 nlohmann::json stage_json(const LoaderStats::Stages& s) {
-  return {{"window", s.window},     {"buffer", s.buffer}, {"plan", s.plan},
-          {"cache", s.cache},       {"read", s.read},     {"remote", s.remote},
-          {"assemble", s.assemble}, {"device", s.device}};
+  nlohmann::json out = nlohmann::json::object();
+  LoaderStats::Stages::each(s, [&](const char* name, double seconds) { out[name] = seconds; });
+  return out;
 }
 }  // namespace
 
@@ -70,27 +71,27 @@ int run_bench(const BenchArgs& args) {
   double sps = static_cast<double>(stats.samples) / seconds,
          bps = static_cast<double>(stats.bytes) / seconds;
   double wait = seconds > 0 ? stats.wait_seconds / seconds : 0;
+  const double cpu_us = stats.samples ? cpu / static_cast<double>(stats.samples) * 1e6 : 0.0;
   const bool cached = stats.source_bytes + stats.cache_hits + stats.cache_misses > 0;
   if (args.json) {
-    nlohmann::json out{
-        {"samples_per_s", sps},
-        {"bytes_per_s", bps},
-        {"batches", stats.batches},
-        {"wait_fraction", wait},
-        {"samples", stats.samples},
-        {"bytes", stats.bytes},
-        {"seconds", seconds},
-        {"engine", stats.engine},
-        {"direct_io", stats.direct_io},
-        {"interrupted", g_interrupted.load()},
-        {"touch", checksum},
-        {"cpu_us_per_sample", stats.samples ? cpu / static_cast<double>(stats.samples) * 1e6 : 0.0},
-        {"cpu_cores", seconds > 0 ? cpu / seconds : 0.0},
-        {"io_inflight_mean", stats.io_inflight_mean},
-        {"io_idle_fraction", stats.io_idle_fraction},
-        {"io_inflight_hist", stats.io_inflight_hist},
-        {"io_completions", stats.io_completions},
-        {"stage_seconds", stage_json(stats.stage_seconds)}};
+    nlohmann::json out{{"samples_per_s", sps},
+                       {"bytes_per_s", bps},
+                       {"batches", stats.batches},
+                       {"wait_fraction", wait},
+                       {"samples", stats.samples},
+                       {"bytes", stats.bytes},
+                       {"seconds", seconds},
+                       {"engine", stats.engine},
+                       {"direct_io", stats.direct_io},
+                       {"interrupted", g_interrupted.load()},
+                       {"touch", checksum},
+                       {"cpu_us_per_sample", cpu_us},
+                       {"cpu_cores", seconds > 0 ? cpu / seconds : 0.0},
+                       {"io_inflight_mean", stats.io_inflight_mean},
+                       {"io_idle_fraction", stats.io_idle_fraction},
+                       {"io_inflight_hist", stats.io_inflight_hist},
+                       {"io_completions", stats.io_completions},
+                       {"stage_seconds", stage_json(stats.stage_seconds)}};
     if (cached) {
       out["source_bytes"] = stats.source_bytes;
       out["source_requests"] = stats.source_requests;
@@ -105,16 +106,15 @@ int run_bench(const BenchArgs& args) {
                sps, bps, bps / (1 << 20), wait);
     fmt::print("engine        {}{}\n", stats.engine,
                stats.direct_io ? ", O_DIRECT" : ", page cache");
-    fmt::print("cpu           {:.2f} us per sample, {:.2f} cores\n",
-               stats.samples ? cpu / static_cast<double>(stats.samples) * 1e6 : 0.0,
+    fmt::print("cpu           {:.2f} us per sample, {:.2f} cores\n", cpu_us,
                seconds > 0 ? cpu / seconds : 0.0);
     fmt::print("in flight     {:.1f} reads on average, none {:.1f}% of the time\n",
                stats.io_inflight_mean, 100 * stats.io_idle_fraction);
-    const auto& st = stats.stage_seconds;
-    fmt::print(
-        "loader s      window {:.2f}, buffer {:.2f}, plan {:.2f}, cache {:.2f}, read {:.2f}, "
-        "remote {:.2f}, assemble {:.2f}, device {:.2f}\n",
-        st.window, st.buffer, st.plan, st.cache, st.read, st.remote, st.assemble, st.device);
+    std::string stages;
+    LoaderStats::Stages::each(stats.stage_seconds, [&](const char* name, double s) {
+      stages += fmt::format("{}{} {:.2f}", stages.empty() ? "" : ", ", name, s);
+    });
+    fmt::print("loader s      {}\n", stages);
     if (cached)
       fmt::print("source        {} bytes in {} requests; cache hits {}, misses {}\n",
                  stats.source_bytes, stats.source_requests, stats.cache_hits, stats.cache_misses);

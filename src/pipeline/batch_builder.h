@@ -8,16 +8,15 @@
 // slots instead (no staging, no copy).
 
 #include "io/engine.h"
-#include "io/queue_stats.h"
 #include "pipeline/buffer_pool.h"
 #include "pipeline/peers.h"
+#include "pipeline/worker_stats.h"
 #include "read/record_reader.h"
 #include "transform/image.h"
 
 #include <sluice/dataset.h>
 #include <sluice/sampler.h>
 
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -43,32 +42,6 @@ struct BuildOptions {
   uint64_t seed = 0;                   // with the epoch and index: each sample's key
   bool skip_transform_errors = false;  // transform_errors: skip
   std::atomic<uint64_t>* transform_skipped = nullptr;  // counts them (the loader's)
-};
-
-/// One loader thread's accounts, for Loader::stats(): the reads in flight on its own engine
-/// (through the page cache; under O_DIRECT the IO service keeps its own), and the time it spent
-/// in each stage of a batch. Written by that thread, read by any.
-struct WorkerStats {
-  enum Stage {
-    kWindow,    // waiting for the consumer: the step was past the prefetch window
-    kBuffer,    // waiting for a free batch buffer (or its last device copy)
-    kPlan,      // the sampler's order, extents and the read plan
-    kCache,     // waiting for the node cache's fetches (s3://, cache.dir)
-    kRead,      // local reads
-    kRemote,    // waiting for peers' replies
-    kAssemble,  // checksums, splitting records, copies into the batch, transforms
-    kDevice,    // queueing the copy to the GPU
-    kStages
-  };
-  static constexpr std::array<const char*, kStages> kNames = {
-      "window", "buffer", "plan", "cache", "read", "remote", "assemble", "device"};
-  io::QueueStats queue;
-  std::array<std::atomic<uint64_t>, kStages> ns{};
-  void add(Stage stage, std::chrono::steady_clock::duration d) {
-    ns[stage].fetch_add(
-        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()),
-        std::memory_order_relaxed);
-  }
 };
 
 /// One loader thread's batch building (not thread-safe); kept across epochs, so its staging

@@ -264,7 +264,7 @@ class LoaderImpl final : public Loader {
     s.pinned_bytes = memory::pinned_bytes();
     s.device_bytes = memory::device_bytes();
     s.cpu_seconds = detail::process_cpu_seconds() - cpu_at_open_;
-    io_stats(s);
+    add_up(service_ ? &service_->stats() : nullptr, {workers_.get(), options_.io.threads}, s);
     s.transform_skipped = transform_skipped_.load();
     const io::WriteCounters& w = io::write_counters();
     s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
@@ -281,35 +281,6 @@ class LoaderImpl final : public Loader {
   }
 
  private:
-  // The reads in flight and the stage times of stats(), from the IO service's queue or the loader
-  // threads' own, and their stage accounts.
-  void io_stats(LoaderStats& s) const {
-    io::QueueStats::Snapshot q;
-    double longest = 0;  // the queues ran side by side: their means add up over the same time
-    auto add = [&](const io::QueueStats& stats) {
-      io::QueueStats::Snapshot one = stats.snapshot();
-      longest = std::max(longest, one.total_seconds());
-      q += one;
-    };
-    if (service_) add(service_->stats());
-    double* stages[] = {&s.stage_seconds.window,   &s.stage_seconds.buffer, &s.stage_seconds.plan,
-                        &s.stage_seconds.cache,    &s.stage_seconds.read,   &s.stage_seconds.remote,
-                        &s.stage_seconds.assemble, &s.stage_seconds.device};
-    static_assert(std::size(stages) == WorkerStats::kStages);
-    for (uint32_t w = 0; w < options_.io.threads; ++w) {
-      add(workers_[w].queue);
-      for (size_t k = 0; k < WorkerStats::kStages; ++k)
-        *stages[k] += static_cast<double>(workers_[w].ns[k].load(std::memory_order_relaxed)) / 1e9;
-    }
-    const double total = q.total_seconds();
-    s.io_inflight_mean = longest > 0 ? q.read_seconds / longest : 0;
-    s.io_inflight_hist.assign(q.seconds.size(), 0);
-    if (total > 0)
-      for (size_t i = 0; i < q.seconds.size(); ++i) s.io_inflight_hist[i] = q.seconds[i] / total;
-    s.io_idle_fraction = s.io_inflight_hist[0];
-    s.io_completions = q.completions;
-  }
-
   // Starts the next epoch after the end of one was reported, and the loader threads. False
   // when the epoch is over (next() returns nullptr; `report_end`: it is doing so now). Rethrows
   // the error that stopped the loader.
