@@ -101,12 +101,38 @@ SLUICE_EXPORT void read_checkpoint_file(const std::filesystem::path& path,
 SLUICE_EXPORT void publish_checkpoint_dir(const std::filesystem::path& staging,
                                           const std::filesystem::path& dir, bool durable = true);
 
-/// A fresh staging directory for `dir`: `.NAME.partial-XXXXXX` beside it.
-SLUICE_EXPORT std::filesystem::path make_partial_checkpoint_dir(const std::filesystem::path& dir);
+/// A save's staging directory, `.NAME.partial-XXXXXX` beside the checkpoint `NAME`, made with
+/// the umask's permissions (as mkdir makes the checkpoint's parent). While this object lives it
+/// holds an flock on the directory, so that remove_partial_checkpoints in any process leaves it
+/// alone; publish it before letting go.
+class SLUICE_EXPORT PartialCheckpointDir {
+ public:
+  PartialCheckpointDir(std::filesystem::path path, int lock_fd)
+      : path_(std::move(path)), fd_(lock_fd) {}
+  PartialCheckpointDir(PartialCheckpointDir&& other) noexcept;
+  PartialCheckpointDir& operator=(PartialCheckpointDir&& other) noexcept;
+  PartialCheckpointDir(const PartialCheckpointDir&) = delete;
+  PartialCheckpointDir& operator=(const PartialCheckpointDir&) = delete;
+  ~PartialCheckpointDir() { release(); }
 
-/// Removes the staging directories beside `dir` that saves which never finished left behind
-/// (killed mid-save); returns how many. Call when no save of `dir` is running.
-SLUICE_EXPORT size_t remove_partial_checkpoints(const std::filesystem::path& dir);
+  const std::filesystem::path& path() const { return path_; }
+  operator const std::filesystem::path&() const { return path_; }
+  /// Lets go of the lock (a published directory is no longer a partial one).
+  void release();
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
+};
+
+/// A fresh staging directory for `dir`, locked (see PartialCheckpointDir).
+SLUICE_EXPORT PartialCheckpointDir make_partial_checkpoint_dir(const std::filesystem::path& dir);
+
+/// Removes the staging directories that saves which never finished (killed mid-save) left in
+/// `dir`'s parent, under any checkpoint name: each one no process holds (its flock is free).
+/// Where the file system has no flock, only `dir`'s own are removed, so call it when no save of
+/// `dir` is running. Returns their names.
+SLUICE_EXPORT std::vector<std::string> remove_partial_checkpoints(const std::filesystem::path& dir);
 
 /// For C++ trainers: writes `parts` as the checkpoint directory `dir` (`data`: the parts one
 /// after another; `index.json`: each part's name, offset, length and checksum). Written in a

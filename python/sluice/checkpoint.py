@@ -1,11 +1,22 @@
 """torch.distributed.checkpoint storage on sluice's IO engine.
 
+    import sluice.checkpoint
+
+    sluice.checkpoint.save(state, "/nvme/ckpt/step-1000")  # dcp.save with a Writer
+    sluice.checkpoint.load(state, "/nvme/ckpt/step-1000")  # dcp.load with a Reader
+
+    # or DCP itself, with sluice's storage:
     import torch.distributed.checkpoint as dcp
     from sluice.checkpoint import Reader, Writer
 
     dcp.save(state, storage_writer=Writer("/nvme/ckpt/step-1000"))
     dcp.async_save(state, storage_writer=Writer("/nvme/ckpt/step-2000"))
     dcp.load(state, storage_reader=Reader("/nvme/ckpt/step-2000"))
+
+DCP wraps every rank's failure in its ``CheckpointException``, which derives from
+``BaseException``: ``except Exception`` misses it. ``save`` and ``load`` raise what failed
+instead (``sluice.CorruptionError`` for a damaged file, ``OSError`` for a full disk or a
+missing checkpoint), the ``CheckpointException`` chained as its cause.
 
 Every rank writes its tensors into one file of its own (``rank-00003.data``) with large aligned
 O_DIRECT writes through io_uring from reused staging buffers, a checksum per tensor. The files
@@ -59,7 +70,7 @@ from torch.futures import Future
 
 from . import _C
 
-__all__ = ["Reader", "StorageInfo", "Writer"]
+__all__ = ["Reader", "StorageInfo", "Writer", "load", "save"]
 
 _METADATA = ".metadata"
 
@@ -152,6 +163,7 @@ class Writer(StorageWriter):
         self.rank = 0
         self.last_result: dict | None = None  # this rank's last write: bytes, seconds, held, direct
         self._staging = ""  # the coordinator's: where this save is written
+        self._staging_dir: _C.PartialCheckpointDir | None = None
 
     # -- the StorageWriter protocol -------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -178,9 +190,11 @@ class Writer(StorageWriter):
         # staging directory, and tell each rank its file.
         removed = _C.remove_partial_checkpoints(str(self.path))
         if removed:
-            print(f"sluice: checkpoint: removed {removed} unfinished save(s) of {self.path}",
-                  file=sys.stderr)
-        self._staging = staging = _C.make_partial_checkpoint_dir(str(self.path))
+            print(f"sluice: checkpoint: removed {len(removed)} unfinished save(s) in "
+                  f"{self.path.parent}: {', '.join(removed)}", file=sys.stderr)
+        # Held (its flock) until published, so that other saves in this directory leave it be.
+        self._staging_dir = _C.make_partial_checkpoint_dir(str(self.path))
+        self._staging = staging = self._staging_dir.path
         return [dataclasses.replace(p, storage_data=_Staging(staging, f"rank-{i:05d}.data"))
                 for i, p in enumerate(plans)]
 
@@ -237,6 +251,8 @@ class Writer(StorageWriter):
             finally:
                 os.close(fd)
         _C.publish_checkpoint_dir(staging, str(self.path), durable=self._io["durable"])
+        self._staging_dir.release()
+        self._staging_dir = None
         if self._replica:
             # Every rank copied its file before its results were gathered; a rank whose copy
             # failed makes the publish fail (its file is missing there), saying which.
@@ -365,3 +381,36 @@ class Reader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return (Path(checkpoint_id) / _METADATA).exists()
+
+
+def _unwrapped(call):
+    """Runs a DCP call and raises the first rank's own error in place of DCP's
+    CheckpointException (a BaseException, which ``except Exception`` does not catch)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        return call()
+    except CheckpointException as e:
+        failures = getattr(e, "failures", None) or {}
+        for rank in sorted(failures):
+            failure = failures[rank]
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, Exception):
+                raise error from e
+        raise
+
+
+def save(state_dict: dict, path: str | os.PathLike, **writer_options: Any) -> None:
+    """``dcp.save(state_dict, storage_writer=Writer(path, **writer_options))``, raising a rank's
+    own error (``OSError``: a full disk, ...) rather than DCP's ``CheckpointException``."""
+    import torch.distributed.checkpoint as dcp
+    _unwrapped(lambda: dcp.save(state_dict, storage_writer=Writer(path, **writer_options)))
+
+
+def load(state_dict: dict, path: str | os.PathLike, **reader_options: Any) -> None:
+    """``dcp.load(state_dict, storage_reader=Reader(path, **reader_options))`` (in place, as
+    DCP loads), raising ``sluice.CorruptionError`` for a damaged file and ``FileNotFoundError``
+    for a missing checkpoint rather than DCP's ``CheckpointException``."""
+    import torch.distributed.checkpoint as dcp
+    reader = Reader(path, **reader_options)
+    reader.read_metadata()  # a missing checkpoint: ours, not DCP's rewording (AssertionError)
+    _unwrapped(lambda: dcp.load(state_dict, storage_reader=reader))

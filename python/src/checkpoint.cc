@@ -159,8 +159,13 @@ void bind_checkpoint(py::module_& m) {
   m.def(
       "checkpoint_copy_name", [](const std::string& dir) { return checkpoint_copy_name(dir); },
       "The name of `dir`'s copy on a peer: its name and a hash of its absolute path.");
+  py::class_<PartialCheckpointDir>(m, "PartialCheckpointDir",
+                                   "A save's staging directory, locked while this object lives.")
+      .def_property_readonly("path",
+                             [](const PartialCheckpointDir& d) { return d.path().string(); })
+      .def("release", &PartialCheckpointDir::release, "Lets go of the lock (after publishing).");
   m.def("make_partial_checkpoint_dir",
-        [](const std::string& dir) { return make_partial_checkpoint_dir(dir).string(); });
+        [](const std::string& dir) { return make_partial_checkpoint_dir(dir); });
   m.def("remove_partial_checkpoints",
         [](const std::string& dir) { return remove_partial_checkpoints(dir); });
 }

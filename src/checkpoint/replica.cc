@@ -331,7 +331,8 @@ bool restore_checkpoint_dir(const CheckpointReplica& r, const std::string& name,
   FileLock lock(parent / fmt::format(".{}.restore-lock", dir.filename().string()));
   if (matches(dir, files)) return false;  // another process restored it meanwhile
   remove_partial_checkpoints(dir);        // what a killed restore or save left
-  const fs::path staging = make_partial_checkpoint_dir(dir);
+  const PartialCheckpointDir staging_dir = make_partial_checkpoint_dir(dir);
+  const fs::path& staging = staging_dir.path();
   try {
     fetch(replica, files, staging);
   } catch (...) {

@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <chrono>
@@ -161,6 +162,36 @@ TEST(CheckpointTest, ASaveKilledAtRandomPointsLeavesThePreviousOneLoadable) {
   EXPECT_EQ(partials_beside(dir), 0u);
   expect_loaded(dir, v1);
   std::cout << "killed saves: v2 published in some round: " << saw_v2 << "\n";
+}
+
+TEST(CheckpointTest, TheNextSaveClearsKilledSavesOfAnyNameButNotLiveOnesOrDatasets) {
+  testing::TempDir tmp;
+  const fs::path ck = tmp / "ck";
+  std::vector<std::vector<std::byte>> v = {bytes(1 << 20, 7)};
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // a save of step-4 killed after making its staging directory
+    PartialCheckpointDir staging = make_partial_checkpoint_dir(ck / "step-4");
+    raise(SIGKILL);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  ASSERT_EQ(partials_beside(ck / "step-4"), 1u);
+  PartialCheckpointDir live = make_partial_checkpoint_dir(ck / "step-5");  // still saving
+  fs::create_directories(ck / ".data.partial-123-0badcafe");  // a DatasetWriter's staging
+  const mode_t umask_was = ::umask(022);
+  save_checkpoint(ck / "step-6", as_parts(v));
+  ::umask(umask_was);
+  EXPECT_EQ(partials_beside(ck / "step-4"), 0u) << "the killed save's staging was left";
+  EXPECT_TRUE(fs::exists(live.path())) << "a live save's staging was removed";
+  EXPECT_TRUE(fs::exists(ck / ".data.partial-123-0badcafe")) << "a dataset's staging was removed";
+  EXPECT_EQ(fs::status(ck / "step-6").permissions(),
+            fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                fs::perms::others_read | fs::perms::others_exec);
+  live.release();  // now it is a killed save's, as far as the next save can tell
+  save_checkpoint(ck / "step-7", as_parts(v));
+  EXPECT_FALSE(fs::exists(live.path()));
+  expect_loaded(ck / "step-7", v);
 }
 
 TEST(CheckpointTest, ASaveIntoAFullDiskFailsUpFrontAndKeepsThePreviousOne) {

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
 import sluice  # noqa: E402
+import sluice.checkpoint  # noqa: E402
 from sluice.checkpoint import Reader, Writer  # noqa: E402
 
 CLI = Path(__file__).resolve().parents[2] / "build" / "sluice"
@@ -121,6 +122,25 @@ def test_a_truncated_file_fails_naming_it(tmp_path: Path) -> None:
     assert re.search(r"rank-00000\.data: part .*truncated", str(err)), err
 
 
+def test_the_helpers_raise_what_the_readme_says_to_catch(tmp_path: Path) -> None:
+    # dcp.load raises CheckpointException, a BaseException: `except Exception` misses it.
+    sluice.checkpoint.save(state(8), tmp_path / "ckpt")
+    got = empty_like(state(8))
+    sluice.checkpoint.load(got, tmp_path / "ckpt")
+    assert_same(state(8), got)
+    data = tmp_path / "ckpt" / "rank-00000.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    data.write_bytes(bytes(raw))
+    try:
+        sluice.checkpoint.load(empty_like(state(8)), tmp_path / "ckpt")
+        raise AssertionError("a flipped byte went unnoticed")
+    except sluice.CorruptionError as e:
+        assert "rank-00000.data: part model." in str(e), e
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        sluice.checkpoint.load(empty_like(state(8)), tmp_path / "nothing")
+
+
 def test_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     err = dcp_error(lambda: dcp.load(empty_like(state(1)),
                                      storage_reader=Reader(tmp_path / "nothing")))
@@ -162,6 +182,34 @@ def test_a_save_killed_at_random_points_leaves_the_previous_checkpoint(tmp_path:
         assert got["step"] == int(fill)
     dcp.save(old, storage_writer=Writer(ckpt))  # clears what the killed saves left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_save_killed_under_a_new_name_is_cleared_by_the_next_save_beside_it(
+        tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    dcp.save(state(2), storage_writer=Writer(ck / "step-2"))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(ck / "step-4"),
+                              str(Path(__file__).parent)], stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 60
+    while not list(ck.glob(".step-4.partial-*")):  # killed mid-save: its staging is there
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    live = sluice._C.make_partial_checkpoint_dir(str(ck / "step-5"))  # a save still running
+    umask = os.umask(0o022)
+    try:
+        dcp.save(state(6), storage_writer=Writer(ck / "step-6"))
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in ck.iterdir()) == sorted(
+        [Path(live.path).name, "step-2", "step-6"])
+    assert (ck / "step-6").stat().st_mode & 0o777 == 0o755, "DCP's own are 0755 under umask 022"
+    live.release()
+    got = empty_like(state(6))
+    dcp.load(got, storage_reader=Reader(ck / "step-6"))
+    assert_same(state(6), got)
 
 
 TORCHRUN_SAVER = textwrap.dedent("""
