@@ -79,7 +79,48 @@ std::string jpeg_error(tjhandle h) { return tjGetErrorStr2(h); }
 
 struct Dims {
   int width = 0, height = 0;
+  bool cmyk = false;  // a JPEG stored as CMYK or YCCK (print files, Photoshop's)
 };
+
+// Whether a JPEG carries Adobe's APP14 marker: Photoshop (and libjpeg, Pillow) store CMYK
+// inverted under it (255: no ink), as Pillow reads it. Walks the marker segments up to the scan.
+bool adobe_marker(std::span<const std::byte> b) {
+  const auto* p = reinterpret_cast<const unsigned char*>(b.data());
+  const size_t n = b.size();
+  size_t at = 2;  // past SOI
+  while (at + 4 <= n && p[at] == 0xFF) {
+    const unsigned char marker = p[at + 1];
+    if (marker == 0xFF) {  // fill byte
+      ++at;
+      continue;
+    }
+    if (marker == 0xDA || marker == 0xD9) break;  // start of scan, end of image
+    const size_t length = (size_t{p[at + 2]} << 8) | p[at + 3];
+    if (length < 2 || at + 2 + length > n) break;
+    if (marker == 0xEE && length >= 2 + 5 && std::memcmp(p + at + 4, "Adobe", 5) == 0) return true;
+    at += 2 + length;
+  }
+  return false;
+}
+
+// CMYK as libjpeg gives it to RGB as Pillow converts it: R = (255 - C)(255 - K) / 255, with
+// C and K as ink (inverted first under Adobe's marker).
+cv::Mat cmyk_to_rgb(const cv::Mat& cmyk, bool inverted) {
+  cv::Mat rgb(cmyk.rows, cmyk.cols, CV_8UC3);
+  auto mul255 = [](int a, int b) {  // a * b / 255, rounded
+    const int t = a * b + 128;
+    return static_cast<unsigned char>((t + (t >> 8)) >> 8);
+  };
+  for (int y = 0; y < cmyk.rows; ++y) {
+    const unsigned char* in = cmyk.ptr<unsigned char>(y);
+    unsigned char* out = rgb.ptr<unsigned char>(y);
+    for (int x = 0; x < cmyk.cols; ++x, in += 4, out += 3) {
+      const int k = inverted ? in[3] : 255 - in[3];  // 255 - ink
+      for (int c = 0; c < 3; ++c) out[c] = mul255(inverted ? in[c] : 255 - in[c], k);
+    }
+  }
+  return rgb;
+}
 
 Dims header(Format f, std::span<const std::byte> b) {
   Dims d;
@@ -90,6 +131,7 @@ Dims header(Format f, std::span<const std::byte> b) {
       if (tjDecompressHeader3(jpeg_handle(), p, b.size(), &d.width, &d.height, &subsamp,
                               &colorspace) != 0)
         fail(ErrorCode::kCorruption, "JPEG: {}", jpeg_error(jpeg_handle()));
+      d.cmyk = colorspace == TJCS_CMYK || colorspace == TJCS_YCCK;
       break;
     }
     case Format::kPng: {
@@ -128,12 +170,19 @@ cv::Mat decode(Format f, std::span<const std::byte> b, Dims full, bool gray, dou
       const int w = TJSCALED(full.width, best), h = TJSCALED(full.height, best);
       if (static_cast<uint64_t>(w) * static_cast<uint64_t>(h) > kMaxPixels)
         fail(ErrorCode::kCorruption, "JPEG of {}x{} pixels is too large", full.width, full.height);
-      cv::Mat m(h, w, gray ? CV_8UC1 : CV_8UC3);
+      // libjpeg-turbo gives CMYK and YCCK files only as CMYK; the conversion is ours.
+      cv::Mat m(h, w, full.cmyk ? CV_8UC4 : gray ? CV_8UC1 : CV_8UC3);
+      const TJPF pixels = full.cmyk ? TJPF_CMYK : gray ? TJPF_GRAY : TJPF_RGB;
       // A damaged or truncated stream is an error, not a grey patch.
-      if (tjDecompress2(jpeg_handle(), p, b.size(), m.data, w, static_cast<int>(m.step), h,
-                        gray ? TJPF_GRAY : TJPF_RGB, TJFLAG_STOPONWARNING) != 0)
+      if (tjDecompress2(jpeg_handle(), p, b.size(), m.data, w, static_cast<int>(m.step), h, pixels,
+                        TJFLAG_STOPONWARNING) != 0)
         fail(ErrorCode::kCorruption, "JPEG: {}", jpeg_error(jpeg_handle()));
-      return m;
+      if (!full.cmyk) return m;
+      cv::Mat rgb = cmyk_to_rgb(m, adobe_marker(b));
+      if (!gray) return rgb;
+      cv::Mat g;
+      cv::cvtColor(rgb, g, cv::COLOR_RGB2GRAY);
+      return g;
     }
     case Format::kPng: {
       png_image img{};

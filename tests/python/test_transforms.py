@@ -171,6 +171,30 @@ def test_png_webp_and_gray(tmp_path: Path) -> None:
         assert diff.mean() < (0.6 if k != 1 else 3.0), f"image {k}: {diff.mean():.2f}"
 
 
+def test_cmyk_jpegs_decode_as_pillow_converts_them(tmp_path: Path) -> None:
+    # Print files and Photoshop's are CMYK (Pillow writes them with Adobe's marker, inverted).
+    rng = np.random.default_rng(11)
+    want = []
+    with wds.TarWriter(str(tmp_path / "cmyk.tar")) as w:
+        for i in range(3):
+            b = io.BytesIO()
+            Image.fromarray(picture(rng)).convert("CMYK").save(b, format="JPEG", quality=95)
+            im = Image.open(io.BytesIO(b.getvalue()))
+            assert im.mode == "CMYK"
+            want.append(np.asarray(im.convert("RGB")))
+            w.write({"__key__": f"k{i}", "jpg": b.getvalue()})
+    cfg = {"dataset": {"path": str(tmp_path), "format": "tar"}, "batch_size": 3,
+           "shuffle": {"mode": "none"},
+           "transforms": {"jpg": [{"decode": "rgb"}, {"center_crop": [200, 250]}]}}
+    batch = next(iter(sluice.Loader(cfg)))
+    for k, a in enumerate(want):
+        h, w = a.shape[:2]
+        top, left = round((h - 200) / 2), round((w - 250) / 2)
+        diff = np.abs(batch["jpg"][k].numpy().astype(int) -
+                      a[top:top + 200, left:left + 250].astype(int))
+        assert diff.mean() < 1.0, f"image {k}: mean difference {diff.mean():.2f} from Pillow"
+
+
 def test_a_damaged_image_is_named_or_skipped_and_counted(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     with wds.TarWriter(str(tmp_path / "bad.tar")) as w:

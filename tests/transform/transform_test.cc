@@ -38,11 +38,13 @@ std::vector<uint8_t> picture(int w, int h, int seed) {
   return p;
 }
 
-std::vector<std::byte> jpeg(const std::vector<uint8_t>& rgb, int w, int h) {
+// TurboJPEG's encoding of `pixels` (TJPF_RGB: RGB; TJPF_CMYK: a YCCK JPEG, Adobe's way).
+std::vector<std::byte> jpeg(const std::vector<uint8_t>& pixels, int w, int h,
+                            TJPF format = TJPF_RGB, TJSAMP subsamp = TJSAMP_420) {
   tjhandle t = tjInitCompress();
   unsigned char* out = nullptr;
   unsigned long size = 0;
-  EXPECT_EQ(tjCompress2(t, rgb.data(), w, 0, h, TJPF_RGB, &out, &size, TJSAMP_420, 95, 0), 0);
+  EXPECT_EQ(tjCompress2(t, pixels.data(), w, 0, h, format, &out, &size, subsamp, 95, 0), 0);
   std::vector<std::byte> v(reinterpret_cast<std::byte*>(out),
                            reinterpret_cast<std::byte*>(out) + size);
   tjFree(out);
@@ -143,6 +145,41 @@ TEST(TransformTest, JpegDecodesScaledAsCloseAsAFullDecode) {
   for (size_t i = 0; i < scaled.size(); ++i)
     diff += std::abs(static_cast<int>(scaled[i]) - static_cast<int>(reference[i]));
   EXPECT_LT(diff / static_cast<double>(scaled.size()), 2.0);
+}
+
+TEST(TransformTest, AYcckJpegDecodesToRgbAsPillowConvertsCmyk) {
+  // TurboJPEG writes CMYK pixels as a YCCK JPEG with Adobe's marker (Photoshop's way: the
+  // stored CMYK is inverted, 255 meaning no ink). What it decodes back, converted as Pillow
+  // converts CMYK (R = (255 - C)(255 - K) / 255 of the ink), is what the transform must give.
+  const int w = 96, h = 64;
+  std::vector<uint8_t> cmyk(static_cast<size_t>(w) * h * 4);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      uint8_t* px = &cmyk[(static_cast<size_t>(y) * w + x) * 4];
+      px[0] = static_cast<uint8_t>(x * 255 / w);
+      px[1] = static_cast<uint8_t>(y * 255 / h);
+      px[2] = static_cast<uint8_t>(128 + 100 * std::sin(x / 7.0));
+      px[3] = static_cast<uint8_t>(200 + 50 * std::cos(y / 11.0));
+    }
+  auto encoded = jpeg(cmyk, w, h, TJPF_CMYK, TJSAMP_444);
+  auto* bytes = reinterpret_cast<unsigned char*>(encoded.data());
+  tjhandle d = tjInitDecompress();
+  int hw = 0, hh = 0, subsamp = 0, colorspace = -1;
+  ASSERT_EQ(tjDecompressHeader3(d, bytes, encoded.size(), &hw, &hh, &subsamp, &colorspace), 0);
+  EXPECT_EQ(colorspace, TJCS_YCCK);
+  std::vector<uint8_t> stored(cmyk.size());
+  ASSERT_EQ(tjDecompress2(d, bytes, encoded.size(), stored.data(), w, 0, h, TJPF_CMYK, 0), 0);
+  tjDestroy(d);
+  transform::ImageTransform rgb(steps({decode(), step(K::kCenterCrop, h, w)}));
+  auto got = run(rgb, encoded);
+  ASSERT_EQ(got.size(), static_cast<size_t>(w) * h * 3);
+  int worst = 0;
+  for (size_t i = 0; i < static_cast<size_t>(w) * h; ++i)
+    for (int c = 0; c < 3; ++c) {  // inverted storage: the ink is 255 - stored
+      const int want = (stored[i * 4 + c] * stored[i * 4 + 3] + 127) / 255;
+      worst = std::max(worst, std::abs(static_cast<int>(got[i * 3 + c]) - want));
+    }
+  EXPECT_LE(worst, 1);
 }
 
 TEST(TransformTest, DamagedBytesAreRefused) {
