@@ -126,6 +126,15 @@ struct LoaderStats {
   } stage_seconds;
 };
 
+/// The dataset a Loader with `options` reads, opened as Loader::open opens it: a local
+/// dataset.path in place; an s3:// one on a local mirror of its source that holds the metadata
+/// only (in memory, or under cache.dir), for tools that look at a dataset without loading it
+/// (`sluice inspect`, `order`). `fetch_all`: every byte of the source copied into the mirror
+/// first, so that Dataset::verify checks what the source holds. A mirror made in memory is
+/// removed when the last reference goes; errors name the source, as the Loader's do.
+SLUICE_EXPORT std::shared_ptr<Dataset> open_dataset(const LoaderOptions& options,
+                                                    bool fetch_all = false);
+
 /// Turns the sampler's order into ready batches: `prefetch` batches are read ahead with the IO
 /// engine by loader threads, each batch assembled in a pooled buffer. Not thread-safe: one
 /// consumer thread calls next(). Throws sluice::Error.

@@ -173,6 +173,9 @@ struct SLUICE_EXPORT LoaderOptions {
   /// those variables are malformed or rank >= world_size.
   uint32_t resolved_rank() const;
   uint32_t resolved_world_size() const;
+  /// The ranks on this node ($LOCAL_WORLD_SIZE, as torchrun sets it; 1 without it): node-wide
+  /// defaults (loader threads, the memory cache's size) are shared among them.
+  uint32_t resolved_local_world_size() const;
   /// io.threads, or under auto the cores this process may use (its CPU affinity and its cgroup's
   /// CPU quota, v1 or v2) shared among this node's ranks ($LOCAL_WORLD_SIZE, as torchrun sets
   /// it), at least 1 and at most 4, or with `transforms` (decoding is CPU-bound) every one of

@@ -204,18 +204,24 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options) {
     paths.push_back(single ? m.dir / "data" / fs::path(url).filename()
                            : object_path(m.dir, o.key, url));
   m.path = single ? paths[0] : m.dir / "data";
+  m.files = paths;
 
+  // An object's name as the dataset sees it: its key, or for a single object the URL's file.
+  auto name_of = [&](uint32_t i) {
+    return single ? fs::path(url).filename().string()
+                  : fs::path(objects[i].key).filename().string();
+  };
   const bool packed = source.find("manifest.sluice").has_value();
   std::vector<uint32_t> tars;
   for (uint32_t i = 0; i < objects.size(); ++i)
-    if (!packed && objects[i].key.ends_with(".tar")) tars.push_back(i);
+    if (!packed && name_of(i).ends_with(".tar")) tars.push_back(i);
 
   // The metadata: packed shards' header blocks first (they say where each index is).
   std::vector<Region> regions;
   std::vector<uint32_t> shards;
   for (uint32_t i = 0; i < objects.size(); ++i) {
     const auto& o = objects[i];
-    std::string name = fs::path(o.key).filename().string();
+    const std::string name = name_of(i);
     if (packed && name == "manifest.sluice") {
       regions.push_back({i, 0, o.size});
     } else if (packed && name.ends_with(".sluice")) {
@@ -330,6 +336,51 @@ void remove_mirror(const Mirror& mirror) {
   if (!mirror.temporary) return;
   std::error_code ec;
   fs::remove_all(mirror.dir, ec);
+}
+
+void fill_mirror(source::Source& source, const Mirror& mirror, uint64_t chunk) {
+  std::vector<std::byte> buffer(chunk);
+  for (uint32_t i = 0; i < source.objects().size(); ++i) {
+    const uint64_t size = source.objects()[i].size;
+    auto fd = detail::open_file(mirror.files[i], O_WRONLY);
+    for (uint64_t at = 0; at < size; at += chunk) {
+      const uint64_t n = std::min(chunk, size - at);
+      source::Range r{i, at, n, buffer.data()};
+      source.read({&r, 1});
+      detail::write_full(fd.get(), std::span(buffer.data(), n), mirror.files[i].string(),
+                         static_cast<int64_t>(at));
+    }
+  }
+}
+
+std::string name_source(std::string text, const Mirror& mirror, const std::string& url) {
+  const std::string local = mirror.path.string();
+  for (size_t at; (at = text.find(local)) != std::string::npos;)
+    text.replace(at, local.size(), url);
+  return text;
+}
+
+RemoteDataset open_remote_dataset(const LoaderOptions& o, const DatasetOpenOptions& open) {
+  const std::string path = o.dataset.path.string();
+  source::SourceOptions so;
+  so.endpoint = o.dataset.s3.endpoint;
+  so.region = o.dataset.s3.region;
+  so.access_key_id = o.dataset.s3.access_key_id;
+  so.secret_access_key = o.dataset.s3.secret_access_key;
+  so.session_token = o.dataset.s3.session_token;
+  so.timeout_ms = o.io.timeout_ms;
+  RemoteDataset r;
+  r.source = source::open_source(path, so);
+  r.mirror = open_mirror(*r.source, o.cache);
+  DatasetOptions d = o.dataset;
+  d.path = r.mirror.path;
+  try {
+    r.dataset = Dataset::open_source(d, open);
+  } catch (const Error& e) {
+    remove_mirror(r.mirror);
+    throw Error(e.code(), name_source(e.what(), r.mirror, path), e.sys_errno());
+  }
+  return r;
 }
 
 }  // namespace sluice::cache

@@ -8,13 +8,16 @@
 // the SampleCache fills in samples as they are needed and punches them out again when it evicts
 // them.
 
+#include <sluice/dataset.h>
 #include <sluice/options.h>
 
 #include "common/file.h"
 #include "source/source.h"
 
 #include <filesystem>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace sluice::cache {
 
@@ -25,6 +28,7 @@ struct Mirror {
   bool temporary = false;      // memory only: removed when the cache closes
   bool reused = false;         // found from an earlier run, with the same metadata
   uint64_t room = 0;           // free bytes on the mirror's file system when it was opened
+  std::vector<std::filesystem::path> files;  // each source object's file, in source order
 };
 
 /// Opens (or makes) the mirror of `source` for a dataset: under `options.dir` in the first free
@@ -36,5 +40,22 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options);
 
 /// Removes a temporary mirror's directory (best effort).
 void remove_mirror(const Mirror& mirror);
+
+/// Copies every byte of every object into the mirror, `chunk` bytes per ranged read (what
+/// `sluice verify` of a remote dataset checks). Throws naming the object.
+void fill_mirror(source::Source& source, const Mirror& mirror, uint64_t chunk = 8 << 20);
+
+/// A dataset not on this node (an s3:// path, or any path with cache.dir) opened on its
+/// mirror, as the Loader and the command line open it. Errors name the source, not the mirror.
+struct RemoteDataset {
+  std::unique_ptr<source::Source> source;
+  Mirror mirror;
+  std::shared_ptr<Dataset> dataset;
+};
+RemoteDataset open_remote_dataset(const LoaderOptions& options,
+                                  const DatasetOpenOptions& open = {});
+
+/// `text` with the mirror's paths written as the source's URL.
+std::string name_source(std::string text, const Mirror& mirror, const std::string& url);
 
 }  // namespace sluice::cache

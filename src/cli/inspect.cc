@@ -8,8 +8,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <stdlib.h>
+
 #include <cstdio>
 #include <iostream>
+#include <memory>
 
 namespace sluice::cli {
 
@@ -25,13 +28,37 @@ std::string shape_text(const FieldSpec& f) {
   return s + "]";
 }
 
+bool is_remote(const fs::path& path) { return path.string().starts_with("s3://"); }
+
 // Whatever the Loader would read at `path` with `dataset: PATH`: packed shards, or a source read
-// in place (a directory of .tar shards or one .tar, a tree of files, a .npy array).
-std::shared_ptr<Dataset> open_any(const fs::path& path) {
-  DatasetOptions source;
-  source.path = path;
-  return Dataset::open_source(source);
+// in place (a directory of .tar shards or one .tar, a tree of files, a .npy array), here or in an
+// object store (s3://; `cache_dir`: where its mirror goes, else memory).
+std::shared_ptr<Dataset> open_any(const fs::path& path, bool fetch_all = false,
+                                  const fs::path& cache_dir = {}) {
+  LoaderOptions options;
+  options.dataset.path = path;
+  options.cache.dir = cache_dir;
+  return open_dataset(options, fetch_all);
 }
+
+// What to call the dataset: its path, or for an object store's its URL (not its mirror's path).
+std::string name_of(const Dataset& ds, const fs::path& path) {
+  return is_remote(path) ? path.string() : ds.path().string();
+}
+
+// A directory for a remote dataset's bytes while `sluice verify` checks them, removed after.
+struct ScratchDir {
+  fs::path path;
+  ScratchDir() {
+    std::string tmpl = (fs::temp_directory_path() / "sluice-verify-XXXXXX").string();
+    if (!mkdtemp(tmpl.data())) detail::fail_errno(errno, "make " + tmpl);
+    path = tmpl;
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
 
 std::string format_text(const Dataset& ds) {
   switch (ds.format()) {
@@ -64,7 +91,7 @@ int run_inspect(const fs::path& path, bool as_json) {
                         {"first_sample", s.first_sample},
                         {"samples", s.num_samples},
                         {"file_bytes", s.file_bytes}});
-    json out = {{"path", ds->path().string()},
+    json out = {{"path", name_of(*ds, path)},
                 {"format", to_string(ds->format())},
                 {"format_version", ds->format_version()},
                 {"samples", ds->num_samples()},
@@ -77,7 +104,7 @@ int run_inspect(const fs::path& path, bool as_json) {
     std::cout << out.dump(2) << "\n";
     return 0;
   }
-  fmt::print("dataset   {}\n", ds->path().string());
+  fmt::print("dataset   {}\n", name_of(*ds, path));
   fmt::print("format    {}\n", format_text(*ds));
   fmt::print("samples   {}\nshards    {}\nbytes     {}\n", ds->num_samples(), ds->shards().size(),
              ds->total_bytes());
@@ -97,8 +124,12 @@ int run_inspect(const fs::path& path, bool as_json) {
 int run_verify(const fs::path& path, bool as_json) {
   std::shared_ptr<Dataset> ds;
   std::vector<std::string> problems;
+  // An object store's dataset is copied whole into a scratch directory first, then checked
+  // there as a local one is: its problems named by the object's URL.
+  std::unique_ptr<ScratchDir> scratch;
+  if (is_remote(path)) scratch = std::make_unique<ScratchDir>();
   try {
-    ds = open_any(path);
+    ds = open_any(path, /*fetch_all=*/true, scratch ? scratch->path : fs::path());
   } catch (const Error& e) {
     if (e.code() != ErrorCode::kCorruption && e.code() != ErrorCode::kNotFound) throw;
     problems.push_back(e.what());
@@ -107,6 +138,10 @@ int run_verify(const fs::path& path, bool as_json) {
     Progress progress("verify", ds->total_bytes(), "B", !as_json);
     problems = ds->verify([&](uint64_t done, uint64_t) { progress.update(done); });
     progress.finish();
+    if (is_remote(path))
+      for (auto& p : problems)
+        for (size_t at; (at = p.find(ds->path().string())) != std::string::npos;)
+          p.replace(at, ds->path().string().size(), path.string());
   }
   if (as_json) {
     json out = {{"ok", problems.empty()}, {"problems", problems}};
@@ -136,7 +171,7 @@ int run_order(const OrderArgs& args) {
   LoaderOptions options = LoaderOptions::from_yaml(args.config);
   if (options.dataset.path.empty())
     detail::fail(ErrorCode::kConfig, "{}: dataset.path: missing", args.config.string());
-  auto ds = Dataset::open_source(options.dataset);
+  auto ds = open_dataset(options);
   uint32_t world =
       args.world_size >= 0 ? static_cast<uint32_t>(args.world_size) : options.resolved_world_size();
   uint32_t rank = args.rank >= 0 ? static_cast<uint32_t>(args.rank) : options.resolved_rank();

@@ -797,6 +797,10 @@ uint32_t LoaderOptions::resolved_world_size() const {
   return env_uint("WORLD_SIZE", 1).value_or(1);
 }
 
+uint32_t LoaderOptions::resolved_local_world_size() const {
+  return env_uint("LOCAL_WORLD_SIZE", 1).value_or(1);
+}
+
 uint32_t LoaderOptions::resolved_rank() const {
   uint32_t rank = distributed.rank ? *distributed.rank : env_uint("RANK", 0).value_or(0);
   uint32_t world = resolved_world_size();
@@ -845,7 +849,7 @@ uint32_t LoaderOptions::resolved_io_threads(std::string* why, bool direct_io) co
     cores = *quota;
     how = fmt::format("a cgroup CPU quota of {} cores", cores);
   }
-  const uint32_t ranks = env_uint("LOCAL_WORLD_SIZE", 1).value_or(1);
+  const uint32_t ranks = resolved_local_world_size();
   uint32_t threads = std::clamp<uint32_t>(cores / ranks, 1, kMost);
   std::string rule = transforms.empty() ? "at most 4 for reading" : "one per core for transforms";
   // Under direct I/O the threads mostly wait on the one IO thread, and the device's queue stays

@@ -540,6 +540,22 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   if (format == DatasetFormat::kFiles) return open_files(path);
   if (format == DatasetFormat::kTar) return open_tar(path, source.optional_fields);
 
+  if (std::error_code dec; fs::is_directory(path, dec)) {
+    // One array per file: a directory (a prefix of an object store) is not one. Its files are
+    // named so that the path of one can be given instead.
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(path, dec))
+      if (e.is_regular_file(dec)) files.push_back(e.path().filename().string());
+    std::sort(files.begin(), files.end());
+    std::string listed;
+    for (size_t i = 0; i < std::min<size_t>(files.size(), 3); ++i)
+      listed += (i ? ", " : "") + files[i];
+    if (files.size() > 3) listed += fmt::format(", ... ({} files)", files.size());
+    fail(ErrorCode::kInvalidArgument,
+         "{}: format {} reads one file, and this is a directory{}: give one file's path{}",
+         path.string(), to_string(format), listed.empty() ? " without files" : " of " + listed,
+         files.empty() ? "" : fmt::format(" (dataset.path: {})", (path / files.front()).string()));
+  }
   auto impl = std::make_unique<Impl>();
   impl->dir = fs::absolute(path);
   const std::string name = path.string();

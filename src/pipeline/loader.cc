@@ -363,26 +363,10 @@ class LoaderImpl final : public Loader {
            "{}: a cached dataset (s3:// or cache.dir) cannot also use distributed.peers or "
            "distributed.listen",
            path);
-    source::SourceOptions so;
-    so.endpoint = o.dataset.s3.endpoint;
-    so.region = o.dataset.s3.region;
-    so.access_key_id = o.dataset.s3.access_key_id;
-    so.secret_access_key = o.dataset.s3.secret_access_key;
-    so.session_token = o.dataset.s3.session_token;
-    so.timeout_ms = o.io.timeout_ms;
-    source = source::open_source(path, so);
-    mirror = cache::open_mirror(*source, o.cache);
-    DatasetOptions d = o.dataset;
-    d.path = mirror.path;
-    try {
-      return Dataset::open_source(d, open);
-    } catch (const Error& e) {  // name the source, not the mirror
-      std::string what = e.what();
-      for (size_t at; (at = what.find(mirror.path.string())) != std::string::npos;)
-        what.replace(at, mirror.path.string().size(), path);
-      cache::remove_mirror(mirror);
-      throw Error(e.code(), what, e.sys_errno());
-    }
+    cache::RemoteDataset remote = cache::open_remote_dataset(o, open);
+    source = std::move(remote.source);
+    mirror = std::move(remote.mirror);
+    return remote.dataset;
   }
 
   void open_cache() {
@@ -390,8 +374,14 @@ class LoaderImpl final : public Loader {
     uint64_t capacity = c.dir.empty() ? c.memory : c.capacity;
     std::string why;
     if (capacity == 0 && c.dir.empty()) {
-      capacity = std::max<uint64_t>(memory_room().bytes / 4, 64 << 20);
-      why = " (a quarter of the free memory)";
+      // Each rank on the node has a memory cache of its own: the quarter is the node's.
+      const uint32_t ranks = options_.resolved_local_world_size();
+      capacity = std::max<uint64_t>(memory_room().bytes / 4 / ranks, 64 << 20);
+      why = ranks > 1 ? fmt::format(
+                            " (a quarter of the free memory, shared by {} ranks on this "
+                            "node)",
+                            ranks)
+                      : " (a quarter of the free memory)";
     } else if (capacity == 0) {
       capacity = std::max<uint64_t>(mirror_.room / 2, 64 << 20);
       why = " (half the free space there)";

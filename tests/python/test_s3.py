@@ -3,7 +3,9 @@ loopback (started here, stopped after), uploaded with boto3 as users upload them
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -113,6 +115,22 @@ def test_without_a_cache_section_the_cache_is_in_memory(bucket: str) -> None:
     assert loader.stats()["source_bytes"] > 0
 
 
+def test_the_default_memory_cache_is_split_among_the_nodes_ranks(
+        bucket: str, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    megabytes = {}
+    for ranks in (1, 2, 4):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        capfd.readouterr()
+        sluice.Loader(config(bucket, drop_last=False))
+        err = capfd.readouterr().err
+        shared = f", shared by {ranks} ranks on this node" if ranks > 1 else ""
+        m = re.search(rf"cache: (\d+) MB \(a quarter of the free memory{shared}\)", err)
+        assert m, err
+        megabytes[ranks] = int(m[1])
+    for ranks in (2, 4):  # free memory moves a little between the loaders
+        assert megabytes[ranks] * ranks == pytest.approx(megabytes[1], rel=0.1), megabytes
+
+
 def test_a_restart_reuses_the_cache_directory(bucket: str, tmp_path: Path) -> None:
     cfg = config(bucket, drop_last=False, cache={"dir": str(tmp_path / "cache"), "capacity": "64M"})
     first = sluice.Loader(cfg)
@@ -123,6 +141,36 @@ def test_a_restart_reuses_the_cache_directory(bucket: str, tmp_path: Path) -> No
     assert sorted(check_epoch(again)) == list(range(N))
     assert again.stats()["source_bytes"] == 0, "the first run's samples were fetched again"
     assert fetched > 0
+
+
+def test_inspect_verify_and_order_take_s3_paths(bucket: str, mixed: Path, s3,
+                                               tmp_path: Path) -> None:
+    cli = Path(__file__).resolve().parents[2] / "build" / "sluice"
+    run = lambda *args: subprocess.run([str(cli), *args], capture_output=True, text=True,
+                                       timeout=120)
+    r = run("inspect", bucket, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["path"] == bucket and info["samples"] == N
+    r = run("verify", bucket)
+    assert r.returncode == 0 and f"OK: {N} samples" in r.stdout, r.stdout + r.stderr
+    (tmp_path / "order.yaml").write_text(f"dataset: {{path: {bucket}}}\nbatch_size: 8\n")
+    r = run("order", str(tmp_path / "order.yaml"), "--rank", "0", "--world-size", "1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(int(line) for line in r.stdout.split()) == list(range(N - N % 8))
+    # A byte flipped in one object at the source: verify names the object and the sample.
+    file, offset, size = sluice.Dataset(str(mixed)).extent(N // 2)
+    shard = Path(file)
+    raw = bytearray(shard.read_bytes())
+    raw[offset + size // 2] ^= 0x40
+    (tmp_path / "bad").mkdir()
+    for f in mixed.iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(raw if f == shard else f.read_bytes())
+    upload(s3, tmp_path / "bad", "train", "bad")
+    r = run("verify", "s3://train/bad")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"s3://train/bad/{shard.name}" in r.stderr and f"sample {N // 2}" in r.stderr, r.stderr
+    assert "verify FAILED" in r.stderr and "sluice-verify-" not in r.stderr, r.stderr
 
 
 def test_missing_bucket_and_prefix_are_errors_naming_them(s3, tmp_path: Path) -> None:
@@ -166,6 +214,46 @@ def test_tokens_file_in_a_bucket(s3, tmp_path: Path) -> None:
     assert len(seen) == 100
     for i, row in seen.items():
         assert np.array_equal(row, tokens[i * 100:(i + 1) * 100])
+
+
+def test_a_single_tar_or_npy_object_reads_as_the_local_file_does(s3, tmp_path: Path) -> None:
+    from test_sources import write_shards
+
+    samples = write_shards(tmp_path / "wds", shards=1)
+    array = np.arange(300 * 7, dtype=np.float32).reshape(300, 7)
+    (tmp_path / "one").mkdir()
+    np.save(tmp_path / "one" / "a201.npy", array)
+    upload(s3, tmp_path / "wds", "single", "wds")
+    upload(s3, tmp_path / "one", "single", "one")
+    got = {}
+    cfg = {"dataset": {"path": "s3://single/wds/shard-0000.tar"}, "batch_size": 10,
+           "drop_last": False}
+    for b in sluice.Loader(cfg, rank=0, world_size=1):
+        jpg, jo = b["jpg"].numpy(), b["jpg_offsets"].numpy()
+        for k, i in enumerate(b["index"].tolist()):
+            got[i] = jpg[jo[k]:jo[k + 1]].tobytes()
+    assert got == {i: s["jpg"] for i, s in enumerate(samples)}
+    rows = {}
+    cfg = {"dataset": {"path": "s3://single/one/a201.npy"}, "batch_size": 64, "drop_last": False}
+    for b in sluice.Loader(cfg, rank=0, world_size=1):
+        for k, i in enumerate(b["index"].tolist()):
+            rows[i] = b["data"][k].numpy()
+    assert sorted(rows) == list(range(300))
+    assert all(np.array_equal(rows[i], array[i]) for i in rows)
+
+
+def test_tokens_under_a_prefix_name_the_file_to_give(s3, tmp_path: Path) -> None:
+    # A directory of token files is not one token array, locally or in a bucket: the error
+    # names the file to give instead (a wrong count or EISDIR on the first batch before).
+    (tmp_path / "t").mkdir()
+    np.arange(10_000, dtype=np.uint16).tofile(tmp_path / "t" / "train.bin")
+    upload(s3, tmp_path / "t", "tok", "dir")
+    for path in ("s3://tok/dir", str(tmp_path / "t")):
+        cfg = {"dataset": {"path": path, "format": "tokens", "seq_len": 100}, "batch_size": 4}
+        with pytest.raises(ValueError, match=re.escape(
+                f"{path}: format tokens reads one file, and this is a directory of train.bin: "
+                f"give one file's path (dataset.path: {path}/train.bin)")):
+            sluice.Loader(cfg)
 
 
 @pytest.mark.parametrize("capacity", ["256K", "64M"])
