@@ -120,7 +120,15 @@ class Loader:
             # writer do not need it), and not at the first batch, where it would cost a second
             # of the epoch. torch._C._from_dlpack is what torch.utils.dlpack.from_dlpack calls
             # for a capsule (torch 1.10 and later), minus a few microseconds of Python per tensor.
-            import torch.utils.dlpack
+            try:
+                import torch.utils.dlpack
+            except ModuleNotFoundError as e:
+                if e.name != "torch":
+                    raise
+                raise ModuleNotFoundError(
+                    "sluice.Loader gives torch tensors by default and torch is not installed: "
+                    "pip install torch, or sluice.Loader(..., output=\"numpy\") for numpy "
+                    "arrays", name="torch") from None
 
             self._from_dlpack = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
         elif output == "numpy":

@@ -15,20 +15,55 @@ namespace py = pybind11;
 namespace sluice::python {
 namespace {
 
-FieldSpec field_spec(const py::handle& f) {
-  py::dict d = py::reinterpret_borrow<py::dict>(f);
+[[noreturn]] void bad_fields(const std::string& why) {
+  throw py::type_error(
+      "DatasetWriter fields: " + why +
+      "; expected a list of {\"name\": N, \"dtype\": \"uint8\", \"shape\": [-1]} (in field "
+      "order), or a dict {name: (dtype, shape)} (-1 in a shape: any length)");
+}
+
+// One field: {"name", "dtype", "shape"}, or with `name` given (a dict's key) (dtype, shape) or
+// {"dtype", "shape"}. A dtype is its name ("float32") or anything whose str() is (np.dtype).
+FieldSpec field_spec(const py::handle& f, const std::string& name = "") {
   FieldSpec spec;
-  spec.name = d["name"].cast<std::string>();
-  if (d.contains("dtype")) {
-    auto name = d["dtype"].cast<std::string>();
-    auto dtype = dtype_from_name(name);
-    if (!dtype)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "field \"" + spec.name + "\": unknown dtype \"" + name + "\"");
-    spec.dtype = *dtype;
+  py::object dtype = py::none(), shape = py::none();
+  if (py::isinstance<py::dict>(f)) {
+    py::dict d = py::reinterpret_borrow<py::dict>(f);
+    if (name.empty() && !d.contains("name")) bad_fields("a field without \"name\"");
+    spec.name = name.empty() ? py::str(d["name"]).cast<std::string>() : name;
+    if (d.contains("dtype")) dtype = d["dtype"];
+    if (d.contains("shape")) shape = d["shape"];
+  } else if (!name.empty() && py::isinstance<py::tuple>(f) && py::len(f) == 2) {
+    spec.name = name;
+    dtype = py::reinterpret_borrow<py::tuple>(f)[0];
+    shape = py::reinterpret_borrow<py::tuple>(f)[1];
+  } else {
+    bad_fields("field " + (name.empty() ? py::repr(f).cast<std::string>() : "\"" + name + "\"") +
+               " is a " + py::str(py::type::of(f).attr("__name__")).cast<std::string>());
   }
-  if (d.contains("shape")) spec.shape = d["shape"].cast<std::vector<int64_t>>();
+  if (!dtype.is_none()) {
+    auto dname = py::str(dtype).cast<std::string>();
+    auto parsed = dtype_from_name(dname);
+    if (!parsed)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "field \"" + spec.name + "\": unknown dtype \"" + dname + "\"");
+    spec.dtype = *parsed;
+  }
+  if (!shape.is_none()) spec.shape = shape.cast<std::vector<int64_t>>();
   return spec;
+}
+
+std::vector<FieldSpec> field_specs(const py::object& fields) {
+  std::vector<FieldSpec> specs;
+  if (py::isinstance<py::dict>(fields)) {
+    for (auto [k, v] : py::reinterpret_borrow<py::dict>(fields))
+      specs.push_back(field_spec(v, py::str(k).cast<std::string>()));
+  } else if (py::isinstance<py::list>(fields) || py::isinstance<py::tuple>(fields)) {
+    for (auto f : fields) specs.push_back(field_spec(f));
+  } else {
+    bad_fields("a " + py::str(py::type::of(fields).attr("__name__")).cast<std::string>());
+  }
+  return specs;
 }
 
 // Element kinds as Python's struct format names them: 'i' signed, 'u' unsigned, 'f' float,
@@ -260,10 +295,10 @@ class FieldValue {
 // sequence in field order; each value is converted and checked by FieldValue.
 class PyWriter {
  public:
-  PyWriter(const std::string& path, const py::list& fields, uint64_t shard_bytes,
+  PyWriter(const std::string& path, const py::object& fields, uint64_t shard_bytes,
            uint32_t alignment, const std::vector<std::string>& classes, bool overwrite) {
     WriterOptions o;
-    for (auto f : fields) o.fields.push_back(field_spec(f));
+    o.fields = field_specs(fields);
     o.shard_bytes = shard_bytes;
     o.alignment = alignment;
     o.classes = classes;
@@ -331,7 +366,7 @@ class PyWriter {
 
 void bind_dataset(py::module_& m) {
   py::class_<PyWriter>(m, "DatasetWriter")
-      .def(py::init<const std::string&, const py::list&, uint64_t, uint32_t,
+      .def(py::init<const std::string&, const py::object&, uint64_t, uint32_t,
                     const std::vector<std::string>&, bool>(),
            py::arg("path"), py::arg("fields"), py::arg("shard_bytes") = 256ull << 20,
            py::arg("alignment") = 4096, py::arg("classes") = std::vector<std::string>{},

@@ -162,6 +162,12 @@ class LoaderImpl final : public Loader {
                                          options_.max_batches_held, pin_);
     plan_peers();
     plan_ = sampler_.plan({0, 0}, rank_, world_);
+    if (sampler_.num_batches(world_) == 0 && dataset_->num_samples() > 0)
+      log_line(fmt::format(
+          "drop_last: true and {} samples, fewer than one global batch of {} ({} rank{} x "
+          "batch_size {}): every epoch is empty (drop_last: false delivers them)",
+          dataset_->num_samples(), uint64_t{world_} * options_.batch_size, world_,
+          world_ == 1 ? "" : "s", options_.batch_size));
     if (source_) open_cache();
     if (!options.distributed.listen.empty()) {
       ServerOptions so;

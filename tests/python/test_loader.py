@@ -424,6 +424,25 @@ def test_dataset_reader_and_writer(mixed: Path, tmp_path: Path) -> None:
         sluice.DatasetWriter(str(dest), [{"name": "x", "dtype": "float128"}])
 
 
+def test_writer_fields_as_a_dict_of_dtype_and_shape(tmp_path: Path) -> None:
+    fields = {"image": ("uint8", [-1]), "label": ("int64", []), "box": (np.dtype("float32"), [4])}
+    with sluice.DatasetWriter(str(tmp_path / "d"), fields) as w:
+        w.add({"image": b"abc", "label": 7, "box": np.ones(4, np.float32)})
+    ds = sluice.Dataset(str(tmp_path / "d"))
+    assert [(f["name"], f["dtype"], f["shape"]) for f in ds.fields] == [
+        ("image", "uint8", [-1]), ("label", "int64", []), ("box", "float32", [4])]
+    with pytest.raises(TypeError, match=r"a dict \{name: \(dtype, shape\)\}"):
+        sluice.DatasetWriter(str(tmp_path / "e"), {"x": "uint8"})
+
+
+def test_a_dataset_smaller_than_a_global_batch_says_every_epoch_is_empty(
+        mixed: Path, capfd: pytest.CaptureFixture) -> None:
+    loader = sluice.Loader(config(mixed, batch_size=N + 1, drop_last=True))
+    assert len(loader) == 0 and list(loader) == []
+    assert (f"drop_last: true and {N} samples, fewer than one global batch of {N + 1}"
+            in capfd.readouterr().err)
+
+
 def test_one_epoch_per_loop_whatever_the_previous_loop_did(mixed: Path) -> None:
     loader = sluice.Loader(config(mixed))
     n = len(loader)

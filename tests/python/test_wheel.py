@@ -138,6 +138,12 @@ def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
             assert "torch" in str(e)
         else:
             sys.exit("sluice.torch imported without torch installed")
+        try:
+            sluice.Loader({{"dataset": {{"path": "ds"}}, "batch_size": 10}})
+        except ModuleNotFoundError as e:
+            assert 'output="numpy"' in str(e), e
+        else:
+            sys.exit("a torch loader made without torch installed")
         cli = {str(venv / "bin/sluice")!r}
         out = subprocess.run([cli, "inspect", "ds", "--json"], capture_output=True, text=True)
         assert out.returncode == 0 and '"samples":100' in out.stdout.replace(" ", ""), out
