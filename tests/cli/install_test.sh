@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the build into a temporary prefix, builds examples/ (cpp_trainer) against it with
-# find_package(sluice), and runs it on a freshly packed dataset, killing it once mid-epoch.
+# find_package(sluice) (and against the build tree), and runs it on a freshly packed dataset, killing it once mid-epoch.
 # Usage: install_test.sh SOURCE_DIR BUILD_DIR
 set -euo pipefail
 SRC=$1 BUILD=$2
@@ -11,6 +11,9 @@ test -x "$TMP/prefix/bin/sluice"
 test -f "$TMP/prefix/include/sluice/sluice.h"
 cmake -S "$SRC/examples" -B "$TMP/examples" -G Ninja -DCMAKE_PREFIX_PATH="$TMP/prefix" >/dev/null
 cmake --build "$TMP/examples" >/dev/null
+# The build tree is a package too, without an install.
+cmake -S "$SRC/examples" -B "$TMP/examples-build-tree" -G Ninja -DCMAKE_PREFIX_PATH="$BUILD" >/dev/null
+cmake --build "$TMP/examples-build-tree" >/dev/null
 # Public headers must not drag in third-party headers.
 if grep -rEl '#include <(liburing|ucp|yaml-cpp|fmt|cuda|pybind11|xxhash)' "$TMP/prefix/include"; then
   echo "FAIL: public headers include third-party headers"; exit 1
@@ -20,6 +23,9 @@ python3 "$SRC/examples/make_image_folder.py" "$TMP/images" --classes 3 --per-cla
 printf 'dataset: {path: ds}\nbatch_size: 5\ndistributed: {rank: 0, world_size: 1}\n' > "$TMP/t.yaml"
 out=$("$TMP/examples/cpp_trainer" "$TMP/t.yaml" 2 2>/dev/null)
 echo "$out" | grep -q "epoch 1: 120 batches, 600 samples" || { echo "FAIL: cpp_trainer: $out"; exit 1; }
+out=$("$TMP/examples-build-tree/cpp_trainer" "$TMP/t.yaml" 1 2>/dev/null)
+echo "$out" | grep -q "epoch 0: 120 batches, 600 samples" ||
+  { echo "FAIL: cpp_trainer built against the build tree: $out"; exit 1; }
 # Killed with SIGKILL ten times at different points, it always finds a whole state file and
 # resumes exactly where that file says; then it finishes. A damaged state file is an error.
 state="$TMP/state"
