@@ -402,8 +402,14 @@ TarIndex load_tar_index(const fs::path& tar, int fd, uint64_t size) {
   }
   TarIndex t = scan_tar(tar.string(), fd, size);
   std::string bytes = encode(t, stamp);
-  if (!write_atomically(tar_index_cache_path(tar), bytes))  // read-only beside the data
-    write_atomically(user_cache_path(tar), bytes);          // best effort: a rescan is correct
+  // Beside the tar only in a directory meant to be written: root writes through a mode without
+  // write bits (0555), which says the dataset is read-only all the same.
+  const fs::path dir = tar.parent_path().empty() ? fs::path(".") : tar.parent_path();
+  struct stat dst {};
+  const bool writable = ::stat(dir.c_str(), &dst) == 0 && (dst.st_mode & 0222) != 0 &&
+                        ::access(dir.c_str(), W_OK) == 0;
+  if (!writable || !write_atomically(tar_index_cache_path(tar), bytes))
+    write_atomically(user_cache_path(tar), bytes);  // best effort: a rescan is correct
   return t;
 }
 

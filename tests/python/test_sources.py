@@ -284,6 +284,22 @@ def test_tar_shards_read_in_place(tmp_path: Path, direct: bool) -> None:
     assert sorted(seen) == list(range(len(samples)))
 
 
+def test_a_read_only_dataset_directory_is_not_written(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run as root, which writes through a mode of 0555: the mode must decide.
+    write_shards(tmp_path / "wds", shards=2, per_shard=10)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = sorted(p.name for p in (tmp_path / "wds").iterdir())
+    (tmp_path / "wds").chmod(0o555)
+    try:
+        assert len(sluice.Dataset(str(tmp_path / "wds"))) == 20
+        assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == before
+        assert len(list((tmp_path / "xdg" / "sluice").glob("shard-*.tar-*.sluice-index"))) == 2
+        assert len(sluice.Dataset(str(tmp_path / "wds"))) == 20  # from the user's cache
+    finally:
+        (tmp_path / "wds").chmod(0o755)
+
+
 def test_tar_index_is_cached_and_a_changed_tar_rescanned(tmp_path: Path) -> None:
     import webdataset as wds
 
