@@ -6,7 +6,7 @@
 # config (no io: section) and with io.direct: true. Prints per-round lines with sluice's own
 # accounts (CPU per sample, reads in flight, idle share, loader stages) and a table of medians:
 # each sluice figure against the best fio configuration of the same round.
-#   benchmarks/device_ceiling.sh [WORKDIR] [SECONDS] [ROUNDS] [GIB]
+#   [DEVICES="disk loop"] [SIZES="4k 64k"] benchmarks/device_ceiling.sh [WORKDIR] [SECONDS] [ROUNDS] [GIB]
 # Needs root (drop_caches, losetup, mount), fio, and a Release build in build/. The loop device
 # lives in /dev/shm (GIB x 2 + 10%); it is unmounted, detached and deleted on exit.
 set -euo pipefail
@@ -15,6 +15,8 @@ work=${1:-/var/tmp/sluice-ceiling}
 secs=${2:-5}
 rounds=${3:-3}
 gib=${4:-1}
+devices=${DEVICES:-disk loop}
+sizes=${SIZES:-4k 64k}
 command -v fio >/dev/null || { echo "device_ceiling: needs fio (apt-get install fio)"; exit 1; }
 cmake --build build --target sluice_cli make_dataset >/dev/null
 mkdir -p "$work"
@@ -64,10 +66,10 @@ print(j["bytes_per_s"], "%.2f %.1f %.3f %s %s" % (j["cpu_us_per_sample"], j["io_
 results=$work/results.txt
 : > "$results"
 for r in $(seq 1 "$rounds"); do
-  for dev in disk loop; do
+  for dev in $devices; do
     root=$work/disk
     [ "$dev" = loop ] && root=$mnt
-    for size in 4k 64k; do
+    for size in $sizes; do
       ds=$root/p$size batch=256
       [ "$size" = 64k ] && batch=64
       for qd in 32 64 128 256; do
