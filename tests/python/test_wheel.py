@@ -3,13 +3,14 @@ repaired with auditwheel, pip-installed into a new venv in an empty directory (n
 and run in a mount namespace where the system's copies of every library the wheel bundles, UCX,
 and the GL and X11 libraries a slim container lacks are replaced by empty files: it imports,
 packs, decodes a JPEG, iterates, runs the CLI, and says what to install when a command needs UCX.
-The wheel is built from the sdist alone (scripts/python-env.sh), which holds the sources, not
-builds."""
+The same for the wheel of every other CPython 3.10-3.13 on the machine (pyenv's). The wheel is
+built from the sdist alone (scripts/python-env.sh), which holds the sources, not builds."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,12 +28,31 @@ UCX = ["libucp.so.0", "libucs.so.0", "libuct.so.0", "libucm.so.0"]
 DISPLAY = ["libGLX.so.0", "libGLdispatch.so.0", "libGL.so.1", "libX11.so.6", "libxcb.so.1"]
 
 
-def the_wheel() -> Path:
-    wheels = sorted(WHEELHOUSE.glob("sluice-*-manylinux_*.whl"))
+THIS = f"{sys.version_info[0]}.{sys.version_info[1]}"
+# The CPythons a wheel is made for (scripts/python-env.sh: this venv's and $SLUICE_WHEEL_PYTHONS).
+PYTHONS = sorted({THIS, "3.10", "3.12", "3.13"}, key=lambda v: tuple(map(int, v.split("."))))
+
+
+def interpreter(version: str) -> str | None:
+    """An interpreter of `version` as python-env.sh finds it: pyenv's, else one on PATH."""
+    if version == THIS:
+        return sys.executable
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    found = sorted(root.glob(f"versions/{version}.*/bin/python{version}"),
+                   key=lambda p: [int(x) for x in re.findall(r"\d+", p.parts[-3])])
+    if found:
+        return str(found[-1])
+    on_path = shutil.which(f"python{version}")
+    return on_path if on_path and "/shims/" not in on_path else None
+
+
+def the_wheel(version: str = THIS) -> Path:
+    tag = "cp" + version.replace(".", "")
+    wheels = sorted(WHEELHOUSE.glob(f"sluice-*-{tag}-{tag}-manylinux_*.whl"))
     if not wheels:
         if os.environ.get("CI"):
-            pytest.fail(f"no repaired wheel in {WHEELHOUSE}: scripts/python-env.sh makes it")
-        pytest.skip(f"no repaired wheel in {WHEELHOUSE} (scripts/python-env.sh makes it)")
+            pytest.fail(f"no repaired {tag} wheel in {WHEELHOUSE}: scripts/python-env.sh makes it")
+        pytest.skip(f"no repaired {tag} wheel in {WHEELHOUSE} (scripts/python-env.sh makes it)")
     return wheels[-1]
 
 
@@ -48,7 +68,8 @@ def linked_from_the_system() -> list[Path]:
     """The system files of the libraries sluice._C links itself (the -dev packages' libraries:
     liburing, yaml-cpp, fmt, curl, ...; read from the wheel before auditwheel repaired it),
     UCX's, and GL's and X11's. Not the others' dependencies: Python needs some (libffi, libssl)."""
-    raw = next((WHEELHOUSE / "raw").glob("sluice-*.whl"))
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    raw = next((WHEELHOUSE / "raw").glob(f"sluice-*-{tag}-*.whl"))
     with zipfile.ZipFile(raw) as z:
         module = next(n for n in z.namelist() if re.match(r"sluice/_C\..*\.so$", n))
         needed = dt_needed(z.read(module), WHEELHOUSE / "raw" / "_C.so")
@@ -82,13 +103,17 @@ def test_wheel_is_manylinux_and_bundles_its_libraries() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="hiding libraries needs a mount namespace (root)")
-def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
-    wheel = the_wheel()
+@pytest.mark.parametrize("version", PYTHONS)
+def test_fresh_venv_without_the_system_libraries(tmp_path: Path, version: str) -> None:
+    python = interpreter(version)
+    if python is None:
+        pytest.skip(f"no Python {version} on this machine (pyenv install {version})")
+    wheel = the_wheel(version)
     hidden = linked_from_the_system()
     for lib in ("liburing", "libyaml-cpp", "libfmt", "libcurl", "libucp", "libGLX", "libX11"):
         assert any(p.name.startswith(lib) for p in hidden), (lib, hidden)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
     subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q",
                     "--disable-pip-version-check", "numpy", str(wheel)], check=True)
     work = tmp_path / "empty"
@@ -112,6 +137,7 @@ def test_fresh_venv_without_the_system_libraries(tmp_path: Path) -> None:
         import sluice
         assert "torch" not in sys.modules
         assert sluice.__file__.startswith({str(venv)!r}), sluice.__file__
+        assert "%d.%d" % sys.version_info[:2] == {version!r}, sys.version
         with sluice.DatasetWriter("ds", [{{"name": "x", "dtype": "int64", "shape": [3]}}]) as w:
             for i in range(100):
                 w.add({{"x": np.arange(3) + i}})
