@@ -553,7 +553,8 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
     if (files.size() > 3) listed += fmt::format(", ... ({} files)", files.size());
     fail(ErrorCode::kInvalidArgument,
          "{}: format {} reads one file, and this is a directory{}: give one file's path{}",
-         path.string(), to_string(format), listed.empty() ? " without files" : " of " + listed,
+         path.string(), format == DatasetFormat::kTokens ? "tokens" : "npy",
+         listed.empty() ? " without files" : " of " + listed,
          files.empty() ? "" : fmt::format(" (dataset.path: {})", (path / files.front()).string()));
   }
   auto impl = std::make_unique<Impl>();
