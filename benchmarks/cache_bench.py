@@ -11,8 +11,15 @@ Measures, in one run:
 - everything cached (a second process on a filled cache directory) against the same dataset
   read from local disk.
 
+With --ranks 1,2,4 it measures instead the ranks of one node (torchrun --nproc-per-node R,
+each rank a sluice.Loader reading the epochs) over one cache.dir, against each rank with a
+cache.dir of its own (what ranks got before the node's cache was shared), for the default
+capacity (all fits) and half the dataset: the bytes all ranks fetched from the source.
+
   .venv/bin/python benchmarks/cache_bench.py --sluice build/sluice --work /var/tmp/cache-bench \
       [--n 8192 --size 65536 --epochs 3 --rounds 2] [--peers .venv-bench/bin/python]
+  .venv/bin/python benchmarks/cache_bench.py --sluice build/sluice --work /var/tmp/cache-ranks \
+      --ranks 1,2,4 --n 3000 --size 10000 --rounds 2
 
 Starts moto_server (next to this Python) on a free loopback port and stops it at the end.
 """
@@ -109,7 +116,79 @@ def write_config(path: Path, dataset: str, cache: dict | None, batch: int) -> Pa
     return path
 
 
+def rank_worker(config: str, out: Path, epochs: int, own: bool) -> None:
+    """One torchrun rank: reads `epochs` epochs and writes its stats to out/rank-N.json. `own`:
+    a cache directory of its own under the configured one."""
+    import sluice
+    cfg = json.loads(config)
+    rank = int(os.environ["RANK"])
+    if own:
+        cfg["cache"]["dir"] += f"/rank-{rank}"
+    loader = sluice.Loader(cfg)
+    start = time.monotonic()
+    for _ in range(epochs):
+        for _ in loader:
+            pass
+    stats = dict(loader.stats(), seconds=time.monotonic() - start)
+    (out / f"rank-{rank}.json").write_text(json.dumps(stats))
+
+
+def ranks_bench(args, url: str, total: int) -> None:
+    """Source bytes of R ranks on one node: one shared cache against one per rank."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    rows: dict[tuple, list[int]] = {}
+    for r in range(args.rounds):
+        for ranks in [int(x) for x in args.ranks.split(",")]:
+            for capacity, fetch in [(c, f) for c in (None, total // 2)
+                                    for f in [None] + [x for x in args.fetch_sizes.split(",") if x]]:
+                for own in (False, True):
+                    cache_dir = args.work / "cache"
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                    out = args.work / "ranks-out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir()
+                    cache = {"dir": str(cache_dir)}
+                    if capacity:
+                        cache["capacity"] = capacity // (ranks if own else 1)
+                    if fetch is not None:
+                        cache["fetch_size"] = fetch
+                    cfg = {"dataset": {"path": url}, "batch_size": args.batch, "seed": 0,
+                           "cache": cache}
+                    subprocess.run([str(torchrun), "--standalone", f"--nproc-per-node={ranks}",
+                                    __file__, "--rank-worker", json.dumps(cfg), "--work", str(out),
+                                    "--epochs", str(args.epochs)] + (["--own"] if own else []),
+                                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    stats = [json.loads(f.read_text()) for f in sorted(out.glob("rank-*.json"))]
+                    assert len(stats) == ranks
+                    key = (ranks, capacity, fetch, own)
+                    rows.setdefault(key, []).append(sum(s["source_bytes"] for s in stats))
+        print(f"round {r} done", file=sys.stderr)
+    print(f"dataset: {args.n} samples x {args.size} B = {total / 2**20:.1f} MiB at {url}; "
+          f"{args.epochs} epochs, batch {args.batch}, {args.rounds} rounds (medians); "
+          "source MiB, all ranks together")
+    print(f"{'ranks':>5} {'capacity':>14} {'fetch_size':>10} {'shared':>8} {'per rank':>9} "
+          f"{'ratio':>6}")
+    for (ranks, capacity, fetch, own), values in sorted(rows.items(), key=lambda kv: (
+            kv[0][1] or 0, kv[0][2] or "", kv[0][0])):
+        if own:
+            continue
+        shared = statistics.median(values)
+        apart = statistics.median(rows[(ranks, capacity, fetch, True)])
+        cap = "default (all)" if capacity is None else f"{capacity / 2**20:.1f} MiB"
+        print(f"{ranks:5d} {cap:>14} {fetch or 'default':>10} {shared / 2**20:8.1f} "
+              f"{apart / 2**20:9.1f} {shared / apart:6.2f}")
+
+
 def main() -> None:
+    if "--rank-worker" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--rank-worker", required=True)
+        ap.add_argument("--work", type=Path, required=True)
+        ap.add_argument("--epochs", type=int, required=True)
+        ap.add_argument("--own", action="store_true")
+        a = ap.parse_args()
+        rank_worker(a.rank_worker, a.work, a.epochs, a.own)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--sluice", required=True)
     ap.add_argument("--work", type=Path, required=True)
@@ -124,6 +203,7 @@ def main() -> None:
                     help="more arguments for cache_peers.py, e.g. \"--max-seconds 240\"")
     ap.add_argument("--fetch-sizes", default="0",
                     help="cache.fetch_size values to run beside the default, comma-separated")
+    ap.add_argument("--ranks", help="measure R ranks of one node instead, e.g. 1,2,4")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     total = args.n * args.size
@@ -147,6 +227,9 @@ def main() -> None:
         make_dataset(local, args.n, args.size)
         upload(client, local, "bench", "sluice")
         url = "s3://bench/sluice"
+        if args.ranks:
+            ranks_bench(args, url, total)
+            return
 
         # The order each policy sees, and Belady's fetches for it.
         cfg = write_config(args.work / "order.yaml", str(local), None, args.batch)

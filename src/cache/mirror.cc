@@ -30,7 +30,6 @@ namespace {
 
 constexpr uint64_t kShardHeader = 4096;  // a packed shard's header block
 constexpr uint64_t kNpyHead = 64 << 10;  // enough for any .npy header sluice reads
-constexpr size_t kMaxSlots = 256;
 
 uint64_t free_bytes(const fs::path& dir) {
   struct statvfs st {};
@@ -38,25 +37,38 @@ uint64_t free_bytes(const fs::path& dir) {
   return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
 }
 
-// Takes the first slot directory under `root` that no other process holds.
-Mirror claim_slot(const fs::path& root) {
-  std::error_code ec;
-  fs::create_directories(root, ec);
-  if (ec) fail(ErrorCode::kIo, "cache.dir: cannot create {}: {}", root.string(), ec.message());
-  for (size_t i = 0; i < kMaxSlots; ++i) {
-    fs::path slot = root / fmt::format("slot-{}", i);
-    auto fd = detail::open_file(root / fmt::format("slot-{}.lock", i), O_RDWR | O_CREAT);
-    if (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;
-    fs::create_directories(slot, ec);
-    if (ec) fail(ErrorCode::kIo, "cache.dir: cannot create {}: {}", slot.string(), ec.message());
-    Mirror m;
-    m.dir = slot;
-    m.lock = std::move(fd);
-    m.reused = fs::exists(slot / "journal");
-    return m;
+// Takes `file`'s flock in `mode` (LOCK_EX or LOCK_SH), waiting at most `timeout`.
+void take_lock(int fd, int mode, const fs::path& file, std::chrono::seconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (flock(fd, mode | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK && errno != EINTR) detail::fail_errno(errno, "lock " + file.string());
+    if (std::chrono::steady_clock::now() > until)
+      fail(ErrorCode::kIo, "cache.dir: {} still held by another process after {} s", file.string(),
+           timeout.count());
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  fail(ErrorCode::kIo, "cache.dir: all {} slots under {} are held by other processes", kMaxSlots,
-       root.string());
+}
+
+// Joins the shared cache under `root`: open.lock taken (exclusive) for the opening, and
+// users.lock (shared) for as long as the process uses it. The first user (nobody else holds
+// users.lock) removes the slot directories that earlier versions made, one per process.
+void join_cache(Mirror& m, const fs::path& root) {
+  m.open_lock = detail::open_file(root / "open.lock", O_RDWR | O_CREAT);
+  take_lock(m.open_lock.get(), LOCK_EX, root / "open.lock", std::chrono::minutes(10));
+  m.lock = detail::open_file(root / "users.lock", O_RDWR | O_CREAT);
+  m.first_user = flock(m.lock.get(), LOCK_EX | LOCK_NB) == 0;
+  take_lock(m.lock.get(), LOCK_SH, root / "users.lock", std::chrono::seconds(10));
+  if (!m.first_user) return;
+  std::error_code ec;
+  bool removed = false;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    if (!e.path().filename().string().starts_with("slot-")) continue;
+    std::error_code rec;
+    removed |= fs::remove_all(e.path(), rec) > 0;
+  }
+  if (removed)
+    detail::log_line(fmt::format(
+        "cache: removed the per-process slots of an earlier version from {}", root.string()));
 }
 
 // Where a source object lands in the mirror, refusing keys that would leave it.
@@ -189,8 +201,11 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options) {
       detail::fail_errno(errno, "lock " + (m.dir / "lock").string());
   } else {
     // One directory per source: the URL's hash names it, the URL itself is written inside.
-    fs::path root = options.dir / fmt::format("{:016x}", std::hash<std::string>{}(url));
-    m = claim_slot(root);
+    m.dir = options.dir / fmt::format("{:016x}", std::hash<std::string>{}(url));
+    std::error_code ec;
+    fs::create_directories(m.dir, ec);
+    if (ec) fail(ErrorCode::kIo, "cache.dir: cannot create {}: {}", m.dir.string(), ec.message());
+    const fs::path& root = m.dir;
     auto fd = detail::open_file(root / "source", O_WRONLY | O_CREAT | O_TRUNC);
     std::string line = url + "\n";
     detail::write_full(fd.get(), std::as_bytes(std::span(line)), (root / "source").string());
@@ -269,66 +284,68 @@ Mirror open_mirror(source::Source& source, const CacheOptions& options) {
     }
   }
 
-  // Lay the files out; an object whose size or metadata differs from what the slot held loses
-  // its cached bytes (it changed at the source), and the slot's journal goes with it.
+  // The objects' versions (ETags, file times): a rewrite that left the metadata as it was (an
+  // .npy's head, a tar's headers) still changed the samples.
+  std::string versions;
+  for (const auto& o : objects) versions += fmt::format("{}\t{}\t{}\n", o.key, o.size, o.version);
+  m.identity = std::hash<std::string>{}(versions);
+  if (!m.temporary) join_cache(m, m.dir);
+
+  // Compare with what the mirror holds: the object sizes, the metadata, the versions.
+  const bool reused = fs::exists(m.dir / "state");
+  bool same = reused;
   std::vector<detail::UniqueFd> fds(objects.size());
-  bool same = m.reused;
   for (uint32_t i = 0; i < objects.size(); ++i) {
     std::error_code ec;
     fs::create_directories(paths[i].parent_path(), ec);
     fds[i] = detail::open_file(paths[i], O_RDWR | O_CREAT);
-    uint64_t had = detail::file_size(fds[i].get(), paths[i].string());
-    if (had != objects[i].size) {
-      same = false;
-      if (ftruncate(fds[i].get(), 0) != 0 ||
-          ftruncate(fds[i].get(), static_cast<off_t>(objects[i].size)) != 0)
-        detail::fail_errno(errno, "size " + paths[i].string());
-    }
+    same = same && detail::file_size(fds[i].get(), paths[i].string()) == objects[i].size;
   }
-  for (size_t k = 0; k < regions.size(); ++k) {
+  for (size_t k = 0; same && k < regions.size(); ++k) {
     const Region& r = regions[k];
-    int fd = fds[r.object].get();
-    if (same) {
-      // A hole punched over metadata inside a sample's span (a tar member's header between its
-      // fields) reads as zeros: that byte was evicted, not changed.
-      std::vector<std::byte> old(r.length);
-      size_t n = detail::pread_full(fd, old, r.offset, paths[r.object].string());
-      same = n == r.length;
-      for (size_t i = 0; same && i < n; ++i) same = old[i] == got[k][i] || old[i] == std::byte{0};
-    }
-    detail::write_full(fd, got[k], paths[r.object].string(), static_cast<int64_t>(r.offset));
+    // A hole punched over metadata inside a sample's span (a tar member's header between its
+    // fields) reads as zeros: that byte was evicted, not changed.
+    std::vector<std::byte> old(r.length);
+    size_t n = detail::pread_full(fds[r.object].get(), old, r.offset, paths[r.object].string());
+    same = n == r.length;
+    for (size_t i = 0; same && i < n; ++i) same = old[i] == got[k][i] || old[i] == std::byte{0};
   }
-  // The objects' versions (ETags, file times): a rewrite that left the metadata as it was (an
-  // .npy's head, a tar's headers) still changed the samples.
-  std::string versions;
-  for (const auto& o : objects) versions += o.key + '\t' + o.version + '\n';
-  if (!m.temporary) {
+  if (same) {
     std::ifstream in(m.dir / "versions", std::ios::binary);
     std::string had((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    same = same && had == versions;
-    std::ofstream out(m.dir / "versions.tmp", std::ios::binary | std::ios::trunc);
-    out << versions;
-    if (!out.flush())
-      fail(ErrorCode::kIo, "cache: cannot write {}", (m.dir / "versions.tmp").string());
-    out.close();
-    fs::rename(m.dir / "versions.tmp", m.dir / "versions");
+    same = had == versions;
   }
-  if (m.reused && !same) {
-    detail::log_line(
-        fmt::format("cache: {} changed at the source since {} was filled; starting it over", url,
-                    m.dir.string()));
+  if (!same && !m.first_user)
+    fail(ErrorCode::kIo,
+         "cache: {} changed at the source since {} was filled, and another process still reads "
+         "that cache; stop it, or give this one another cache.dir",
+         url, m.dir.string());
+  if (!same) {
+    if (reused)
+      detail::log_line(
+          fmt::format("cache: {} changed at the source since {} was filled; starting it over", url,
+                      m.dir.string()));
+    fs::remove(m.dir / "state");  // what it listed is gone
     for (uint32_t i = 0; i < objects.size(); ++i) {
-      // Drop every cached sample: keep only the metadata just written.
+      // Drop every cached sample: keep only the metadata written next.
       uint64_t size = objects[i].size;
       if (ftruncate(fds[i].get(), 0) != 0 || ftruncate(fds[i].get(), static_cast<off_t>(size)) != 0)
         detail::fail_errno(errno, "size " + paths[i].string());
     }
-    for (size_t k = 0; k < regions.size(); ++k)
-      detail::write_full(fds[regions[k].object].get(), got[k], paths[regions[k].object].string(),
-                         static_cast<int64_t>(regions[k].offset));
-    fs::remove(m.dir / "journal");
+    if (!m.temporary) {
+      std::ofstream out(m.dir / "versions.tmp", std::ios::binary | std::ios::trunc);
+      out << versions;
+      if (!out.flush())
+        fail(ErrorCode::kIo, "cache: cannot write {}", (m.dir / "versions.tmp").string());
+      out.close();
+      fs::rename(m.dir / "versions.tmp", m.dir / "versions");
+    }
   }
-  m.reused = m.reused && same;
+  // Written also when the same: it puts back headers punched out with an evicted sample, for
+  // the scan of the mirror at Dataset::open (nothing is punched out while open.lock is held).
+  for (size_t k = 0; k < regions.size(); ++k)
+    detail::write_full(fds[regions[k].object].get(), got[k], paths[regions[k].object].string(),
+                       static_cast<int64_t>(regions[k].offset));
   return m;
 }
 

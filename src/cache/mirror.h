@@ -24,18 +24,22 @@ namespace sluice::cache {
 struct Mirror {
   std::filesystem::path dir;   // open the Dataset here (its path mirrors the source's root)
   std::filesystem::path path;  // dataset.path inside dir (dir itself, or the one object's file)
-  detail::UniqueFd lock;       // the slot's flock: one process per slot
+  detail::UniqueFd lock;       // held (shared) while this process uses the cache
+  detail::UniqueFd open_lock;  // held (exclusive) from the metadata's check until the
+                               // SampleCache has mapped the shared state; then released
   bool temporary = false;      // memory only: removed when the cache closes
-  bool reused = false;         // found from an earlier run, with the same metadata
+  bool first_user = true;      // no other process had the cache open
+  uint64_t identity = 0;       // a hash of the objects' keys, sizes and versions
   uint64_t room = 0;           // free bytes on the mirror's file system when it was opened
   std::vector<std::filesystem::path> files;  // each source object's file, in source order
 };
 
-/// Opens (or makes) the mirror of `source` for a dataset: under `options.dir` in the first free
-/// slot directory (several processes on a node share one cache dir, each in its own slot,
-/// which a restarted process finds again), or in a fresh directory in memory (/dev/shm) when
-/// no dir is given. Fetches the metadata and compares it with what the slot held: an object
-/// whose metadata changed loses what was cached of it. Throws naming the object.
+/// Opens (or makes) the mirror of `source` for a dataset: under `options.dir`, shared by every
+/// process of the node that reads the same source (cache/shared_state.h says what they share),
+/// or in a fresh directory in memory (/dev/shm) of this process alone when no dir is given.
+/// Fetches the metadata and compares it with what the mirror held: the first process to open
+/// it drops what was cached of objects that changed; a later one, while others use the cache,
+/// refuses them. Throws naming the object.
 Mirror open_mirror(source::Source& source, const CacheOptions& options);
 
 /// Removes a temporary mirror's directory (best effort).

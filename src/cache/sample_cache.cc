@@ -7,14 +7,11 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
-#include <deque>
-#include <fstream>
-#include <optional>
-#include <sstream>
 
 namespace sluice::cache {
 
@@ -26,7 +23,12 @@ constexpr size_t kMaxFetchSamples = 1024;      // samples per fetch round
 constexpr uint64_t kMaxFetchBytes = 64 << 20;  // bytes per fetch round
 constexpr uint64_t kMaxRange = 8 << 20;        // one ranged read at most
 constexpr uint64_t kMinWindow = 256;           // samples the fetch walk may run ahead, at least
-constexpr auto kJournalEvery = std::chrono::seconds(10);
+// A process that does not lead looks this often whether it can (the leader ended).
+constexpr auto kSlice = std::chrono::milliseconds(100);
+// A batch still waiting asks the leader again this often (a new leader knows no demand).
+constexpr auto kAskAgain = std::chrono::seconds(1);
+// The leader looks this often which processes ended (their futures no longer count).
+constexpr auto kAliveEvery = std::chrono::seconds(1);
 }  // namespace
 
 SampleCache::SampleCache(std::shared_ptr<const Dataset> dataset,
@@ -39,7 +41,8 @@ SampleCache::SampleCache(std::shared_ptr<const Dataset> dataset,
       capacity_(capacity),
       fetch_size_(fetch_size),
       timeout_(timeout_ms),
-      packed_(dataset_->packed()) {
+      packed_(dataset_->packed()),
+      future_(mirror_.dir, dataset_->num_samples()) {
   const auto& objects = source_->objects();
   const fs::path data = mirror_.dir / "data";
   auto key_of = [&](const fs::path& p) -> uint32_t {
@@ -62,29 +65,50 @@ SampleCache::SampleCache(std::shared_ptr<const Dataset> dataset,
     for (const auto& s : dataset_->shards()) shard_object_.push_back(key_of(s.path));
   }
   const uint64_t n = dataset_->num_samples();
-  state_.assign(n, kAbsent);
-  checksum_.assign(packed_ ? 0 : n, 0);
-  next_.assign(n, kNever);
   last_used_.assign(n, 0);
-  if (mirror_.reused) load_journal();
+
+  // When no other process holds a slot, nobody maps the shared state (a process that only
+  // opened the mirror, as `sluice inspect` does, does not): it is taken over as the first would.
+  bool alone = true;
+  slot_lock_ = NodeFuture::claim_slot(mirror_.dir, slot_, alone);
+  shared_ =
+      std::make_unique<SharedState>(mirror_.dir, n, mirror_.identity, mirror_.first_user || alone);
+  if (shared_->restored())
+    detail::log_line(fmt::format(
+        "cache: {} samples found in {} from an earlier run (each checked before its first use)",
+        shared_->restored(), mirror_.dir.string()));
+  leader_lock_ = detail::open_file(mirror_.dir / "leader.lock", O_RDWR | O_CREAT);
+  // The mirror's open lock: released now that the state is mapped; taken shared to evict, so
+  // that nothing is punched out while another process opens the mirror (mirror.cc).
+  open_lock_ = std::move(mirror_.open_lock);
+  if (open_lock_)
+    flock(open_lock_.get(), LOCK_UN);
+  else
+    open_lock_ = detail::open_file(mirror_.dir / "open.lock", O_RDWR | O_CREAT);
+  {
+    std::unique_lock lock(*shared_);
+    shared_->header().processes[slot_] = {static_cast<int32_t>(getpid()), 0, 0};
+  }
   base_bytes_ = source_->bytes_read();  // the metadata that open_mirror fetched is not counted
   base_requests_ = source_->requests();
-  saved_at_ = std::chrono::steady_clock::now();
   thread_ = std::thread([this] { fetch_loop(); });
 }
 
 SampleCache::~SampleCache() {
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(*shared_);
     stop_ = true;
+    shared_->notify();
   }
-  work_cv_.notify_all();
-  thread_.join();
-  try {
-    if (!mirror_.temporary) save_journal();
-  } catch (const std::exception& e) {
-    detail::log_line(std::string("cache: ") + e.what());
+  thread_.join();  // a leader finishes its fetch round, then hands over
+  {
+    std::unique_lock lock(*shared_);
+    shared_->header().processes[slot_] = {};
+    shared_->notify();
   }
+  shared_.reset();
+  leader_lock_.reset();
+  slot_lock_.reset();
   owned_fds_.clear();
   remove_mirror(mirror_);
 }
@@ -103,7 +127,8 @@ std::string SampleCache::name(uint64_t sample, uint64_t offset, uint64_t length)
 
 uint64_t SampleCache::priority(uint64_t sample) const {
   if (policy_ == CachePolicy::kLru) return UINT64_MAX - 1 - last_used_[sample];
-  return next_[sample] == kNever ? UINT64_MAX : next_[sample];
+  const uint32_t next = future_.next_use(sample);
+  return next == NodeFuture::kNever ? UINT64_MAX : next;
 }
 
 void SampleCache::push(uint64_t sample) {
@@ -111,48 +136,122 @@ void SampleCache::push(uint64_t sample) {
   std::push_heap(heap_.begin(), heap_.end());
 }
 
+void SampleCache::fail_all(const std::exception_ptr& error) {
+  auto& h = shared_->header();
+  if (h.error_code) return;
+  std::string what;
+  uint32_t code = static_cast<uint32_t>(ErrorCode::kIo);
+  try {
+    std::rethrow_exception(error);
+  } catch (const Error& e) {
+    code = static_cast<uint32_t>(e.code());
+    what = e.what();
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  what.resize(std::min(what.size(), sizeof(h.error) - 1));
+  std::memcpy(h.error, what.c_str(), what.size() + 1);
+  h.error_code = code;
+  shared_->notify();
+}
+
+void SampleCache::rethrow() const {
+  const auto& h = shared_->header();
+  if (h.error_code) throw Error(static_cast<ErrorCode>(h.error_code), std::string(h.error));
+}
+
+bool SampleCache::disk_given_up() const {
+  return __atomic_load_n(&shared_->header().bypass, __ATOMIC_ACQUIRE) != 0;
+}
+
 void SampleCache::set_future(const RankPlan& current, const RankPlan& next) {
-  std::lock_guard lock(mu_);
-  order_.clear();
-  step_start_.clear();
+  std::vector<uint64_t> steps, order;
   std::vector<SampleRef> refs;
-  for (uint64_t s = 0; s < current.num_batches(); ++s) {
-    step_start_.push_back(order_.size());
-    current.batch(s, refs);
-    for (const auto& r : refs) order_.push_back(r.index);
+  for (const RankPlan* plan : {&current, &next}) {
+    for (uint64_t s = 0; s < plan->num_batches(); ++s) {
+      steps.push_back(order.size());
+      plan->batch(s, refs);
+      for (const auto& r : refs) order.push_back(r.index);
+    }
   }
-  step_start_.push_back(order_.size());
-  for (uint64_t s = 0; s < next.num_batches(); ++s) {
-    next.batch(s, refs);
-    for (const auto& r : refs) order_.push_back(r.index);
+  steps.push_back(order.size());
+  if (order.size() >= NodeFuture::kNever)
+    fail(ErrorCode::kUnsupported, "{}: the cache plans at most {} samples per node and two epochs",
+         source_->url(), NodeFuture::kNever - 1);
+  std::string why;
+  {
+    std::unique_lock lock(*shared_);
+    released_.assign(current.num_batches(), 0);
+    first_unbuilt_ = 0;
+    ProcessRecord& me = shared_->header().processes[slot_];
+    me.first_unbuilt = 0;
+    try {
+      if (!disk_given_up()) {
+        NodeFuture::write(mirror_.dir, slot_, me.gen + 1, steps, order);
+        me.gen += 1;
+      }
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    shared_->notify();
   }
-  if (order_.size() >= kNever)
-    fail(ErrorCode::kUnsupported, "{}: the cache plans at most {} samples per rank and two epochs",
-         source_->url(), kNever - 1);
-  std::fill(next_.begin(), next_.end(), kNever);
-  succ_.assign(order_.size(), kNever);
-  for (size_t t = order_.size(); t-- > 0;) {
-    succ_[t] = next_[order_[t]];
-    next_[order_[t]] = static_cast<uint32_t>(t);
-  }
-  released_.assign(current.num_batches(), 0);
-  now_ = cursor_ = first_unbuilt_ = 0;
-  demand_.clear();
+  if (!why.empty()) give_up_disk("cannot write this process's future order: " + why);
+}
+
+// The node's future was built again: its positions start over.
+void SampleCache::replan() {
+  cursor_ = 0;
   heap_.clear();
-  for (uint64_t s = 0; s < state_.size(); ++s)
-    if (state_[s] == kPresent || state_[s] == kUnchecked) push(s);
+  for (uint64_t s = 0; s < shared_->samples(); ++s)
+    if ((*shared_)[s].state == kPresent || (*shared_)[s].state == kUnchecked) push(s);
   // Prefetching far ahead costs fetches even with the future known: a sample brought in long
   // before its use displaces one needed a little later, where fetching at its use would have
   // displaced one used in between (no longer needed this epoch). So the walk runs at most an
   // eighth of the capacity ahead of the oldest batch being built: enough requests in flight to
-  // hide an object store's latency, close to Belady's count of fetches.
+  // hide an object store's latency, close to Belady's count of fetches. At least kMinWindow
+  // per process: a step of the union holds a batch of each.
   const uint64_t n = std::max<uint64_t>(dataset_->num_samples(), 1);
   const uint64_t each = std::max<uint64_t>(dataset_->total_bytes() / n, 1);
-  window_ = std::max<uint64_t>(capacity_ / 8 / each, kMinWindow);
-  work_cv_.notify_all();
+  window_ = std::max<uint64_t>(capacity_ / 8 / each,
+                               kMinWindow * std::max<uint64_t>(future_.processes(), 1));
+}
+
+// Taking the lead: what an earlier leader left in flight (it was killed) is absent again.
+void SampleCache::lead() {
+  used_ = in_flight_ = 0;
+  for (uint64_t s = 0; s < shared_->samples(); ++s) {
+    SampleRecord& r = (*shared_)[s];
+    if (r.state == kFetching) r.state = kAbsent;
+    if (r.state == kPresent || r.state == kUnchecked) used_ += dataset_->extent(s).size;
+  }
+  shared_->header().cached_bytes = used_;
+  demand_.clear();
+  checked_alive_ = {};
+}
+
+bool SampleCache::refresh() {
+  auto& h = shared_->header();
+  const auto now = std::chrono::steady_clock::now();
+  const bool check = now - checked_alive_ > kAliveEvery;
+  if (check) checked_alive_ = now;
+  const uint64_t was = future_.now();
+  const bool rebuilt = future_.refresh(h.processes, slot_, check);
+  if (rebuilt) replan();
+  future_.advance(h.processes, [&](uint64_t s) {
+    last_used_[s] = ++tick_;
+    const uint8_t state = (*shared_)[s].state;
+    if (state == kPresent || state == kUnchecked) push(s);
+  });
+  cursor_ = std::max(cursor_, future_.now());
+  for (uint32_t k = 0; k < h.demand_count; ++k) demand_.push_back(h.demand[k]);
+  h.demand_count = 0;
+  return rebuilt || future_.now() != was;
 }
 
 bool SampleCache::make_room(uint64_t bytes, uint64_t key, bool force) {
+  if (used_ + in_flight_ + bytes <= capacity_) return true;
+  // Nothing is punched out while another process opens the mirror (it scans its metadata).
+  if (flock(open_lock_.get(), LOCK_SH | LOCK_NB) != 0) return force;
   std::vector<std::pair<uint64_t, uint64_t>> held;  // pinned: back in the heap afterwards
   bool ok = true;
   while (used_ + in_flight_ + bytes > capacity_) {
@@ -163,8 +262,9 @@ bool SampleCache::make_room(uint64_t bytes, uint64_t key, bool force) {
     std::pop_heap(heap_.begin(), heap_.end());
     auto [p, s] = heap_.back();
     heap_.pop_back();
-    if ((state_[s] != kPresent && state_[s] != kUnchecked) || priority(s) != p) continue;
-    if (pinned_.count(s)) {
+    const SampleRecord& r = (*shared_)[s];
+    if ((r.state != kPresent && r.state != kUnchecked) || priority(s) != p) continue;
+    if (r.pins) {
       held.emplace_back(p, s);
       continue;
     }
@@ -175,6 +275,7 @@ bool SampleCache::make_room(uint64_t bytes, uint64_t key, bool force) {
     }
     evict(s);
   }
+  flock(open_lock_.get(), LOCK_UN);
   for (auto& h : held) {
     heap_.push_back(h);
     std::push_heap(heap_.begin(), heap_.end());
@@ -184,7 +285,7 @@ bool SampleCache::make_room(uint64_t bytes, uint64_t key, bool force) {
 
 void SampleCache::evict(uint64_t sample) {
   SampleExtent x = dataset_->extent(sample);
-  // The hole reads as zeros, which no checksum matches: a stale journal cannot pass it off.
+  // The hole reads as zeros, which no checksum matches: a stale state file cannot pass it off.
   if (fallocate(fd_of(sample), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 static_cast<off_t>(x.offset), static_cast<off_t>(x.size)) != 0 &&
       !degraded_) {
@@ -195,8 +296,63 @@ void SampleCache::evict(uint64_t sample) {
                     mirror_.dir.string(), detail::errno_text(errno)));
   }
   used_ -= x.size;
-  state_[sample] = kAbsent;
+  (*shared_)[sample].state = kAbsent;
   stats_.evictions += 1;
+}
+
+void SampleCache::plan_fetch(std::vector<uint64_t>& out, std::vector<uint64_t>& recheck) {
+  uint64_t bytes = 0;
+  std::vector<std::pair<uint32_t, uint64_t>> blocks;  // this round's, to visit each once
+  const bool blocked = fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles;
+  auto take = [&](uint64_t s, const SampleExtent& x) {
+    (*shared_)[s].state = kFetching;
+    in_flight_ += x.size;
+    bytes += x.size;
+    out.push_back(s);
+    if (!blocked) return;
+    // The block around it: its other samples that the policy would keep come along in the
+    // same ranged read; the read spans only from the first of them to the last.
+    uint64_t begin = x.offset / fetch_size_ * fetch_size_;
+    std::pair<uint32_t, uint64_t> id{object_of(s), begin};
+    if (std::find(blocks.begin(), blocks.end(), id) != blocks.end()) return;
+    blocks.push_back(id);
+    const size_t before = out.size();
+    take_neighbours(s, begin, begin + fetch_size_, out);
+    for (size_t i = before; i < out.size(); ++i) bytes += dataset_->extent(out[i]).size;
+  };
+  // Cached by an earlier run: read back and checked (outside the lock) before it is present.
+  auto check = [&](uint64_t s) {
+    (*shared_)[s].state = kFetching;
+    bytes += dataset_->extent(s).size;
+    recheck.push_back(s);
+  };
+  for (uint64_t s : demand_) {
+    if (s >= shared_->samples()) continue;
+    const uint8_t state = (*shared_)[s].state;
+    if (state == kUnchecked) check(s);
+    if (state != kAbsent) continue;
+    SampleExtent x = dataset_->extent(s);
+    make_room(x.size, 0, true);
+    take(s, x);
+  }
+  demand_.clear();
+  const std::vector<uint64_t>& order = future_.order();
+  const uint64_t limit = std::min<uint64_t>(order.size(), future_.now() + window_);
+  while (cursor_ < limit && out.size() + recheck.size() < kMaxFetchSamples &&
+         bytes < kMaxFetchBytes) {
+    uint64_t s = order[cursor_];
+    const uint8_t state = (*shared_)[s].state;
+    if (state == kUnchecked) check(s);
+    if (state != kAbsent) {
+      ++cursor_;
+      continue;
+    }
+    SampleExtent x = dataset_->extent(s);
+    if (!make_room(x.size, future_.next_use(s), false))
+      break;  // all that is cached is needed sooner
+    take(s, x);
+    ++cursor_;
+  }
 }
 
 void SampleCache::take_neighbours(uint64_t sample, uint64_t begin, uint64_t end,
@@ -214,61 +370,34 @@ void SampleCache::take_neighbours(uint64_t sample, uint64_t begin, uint64_t end,
       count = half;
     }
   }
+  const SampleExtent own = dataset_->extent(sample);
+  uint64_t span_begin = own.offset, span_end = own.offset + own.size;
   for (uint64_t s = first; s < hi; ++s) {
     SampleExtent x = dataset_->extent(s);
     if (x.offset + x.size > end) break;
-    if (state_[s] != kAbsent || next_[s] == kNever) continue;
+    if ((*shared_)[s].state != kAbsent || future_.next_use(s) == NodeFuture::kNever) continue;
     // lru knows no future to weigh them by: they take only free room.
     if (policy_ == CachePolicy::kLru ? used_ + in_flight_ + x.size > capacity_
-                                     : !make_room(x.size, next_[s], false))
+                                     : !make_room(x.size, future_.next_use(s), false))
       continue;
-    state_[s] = kFetching;
+    (*shared_)[s].state = kFetching;
+    in_flight_ += x.size;
+    out.push_back(s);
+    span_begin = std::min(span_begin, x.offset);
+    span_end = std::max(span_end, x.offset + x.size);
+  }
+  // What lies between them is read anyway: kept too where there is free room, though no known
+  // future needs it (another rank's future not yet told, an epoch beyond the next). It is the
+  // first to go when room is needed.
+  for (uint64_t s = first; s < hi; ++s) {
+    SampleExtent x = dataset_->extent(s);
+    if (x.offset + x.size > span_end) break;
+    if (x.offset < span_begin || (*shared_)[s].state != kAbsent) continue;
+    if (used_ + in_flight_ + x.size > capacity_) break;
+    (*shared_)[s].state = kFetching;
     in_flight_ += x.size;
     out.push_back(s);
   }
-}
-
-std::vector<uint64_t> SampleCache::plan_fetch() {
-  std::vector<uint64_t> out;
-  uint64_t bytes = 0;
-  std::vector<std::pair<uint32_t, uint64_t>> blocks;  // this round's, to visit each once
-  const bool blocked = fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles;
-  auto take = [&](uint64_t s, const SampleExtent& x) {
-    state_[s] = kFetching;
-    in_flight_ += x.size;
-    bytes += x.size;
-    out.push_back(s);
-    if (!blocked) return;
-    // The block around it: its other samples that the policy would keep come along in the
-    // same ranged read; the read spans only from the first of them to the last.
-    uint64_t begin = x.offset / fetch_size_ * fetch_size_;
-    std::pair<uint32_t, uint64_t> id{object_of(s), begin};
-    if (std::find(blocks.begin(), blocks.end(), id) != blocks.end()) return;
-    blocks.push_back(id);
-    const size_t before = out.size();
-    take_neighbours(s, begin, begin + fetch_size_, out);
-    for (size_t i = before; i < out.size(); ++i) bytes += dataset_->extent(out[i]).size;
-  };
-  for (uint64_t s : demand_) {
-    if (state_[s] != kAbsent) continue;
-    SampleExtent x = dataset_->extent(s);
-    make_room(x.size, 0, true);
-    take(s, x);
-  }
-  demand_.clear();
-  const uint64_t limit = std::min<uint64_t>(order_.size(), now_ + window_);
-  while (cursor_ < limit && out.size() < kMaxFetchSamples && bytes < kMaxFetchBytes) {
-    uint64_t s = order_[cursor_];
-    if (state_[s] != kAbsent) {
-      ++cursor_;
-      continue;
-    }
-    SampleExtent x = dataset_->extent(s);
-    if (!make_room(x.size, next_[s], false)) break;  // all that is cached is needed sooner
-    take(s, x);
-    ++cursor_;
-  }
-  return out;
 }
 
 void SampleCache::fetch(const std::vector<uint64_t>& picked) {
@@ -292,7 +421,9 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
     uint64_t begin, end;
     uint64_t at = 0;  // where its bytes land in `buffer`
   };
-  const uint64_t max_gap = packed_ ? dataset_->alignment() - 1 : 0;
+  // A packed record's padding runs to the next aligned offset; a wider gap holds other records
+  // (another round's, another rank's), which are not read twice.
+  const uint64_t align = packed_ ? std::max<uint64_t>(dataset_->alignment(), 1) : 1;
   const bool blocked = fetch_size_ > 0 && dataset_->format() != DatasetFormat::kFiles;
   std::vector<Block> merged;
   std::vector<size_t> block_of_item;
@@ -300,8 +431,8 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
     uint64_t begin = it.x.offset, end = it.x.offset + it.x.size;
     if (!merged.empty()) {
       Block& b = merged.back();
-      const bool near =
-          begin <= b.end + max_gap || (blocked && begin / fetch_size_ == (b.end - 1) / fetch_size_);
+      const bool near = begin <= (b.end + align - 1) / align * align ||
+                        (blocked && begin / fetch_size_ == (b.end - 1) / fetch_size_);
       if (b.object == it.object && near && end - b.begin <= kMaxRange) {
         b.end = std::max(b.end, end);
         block_of_item.push_back(merged.size() - 1);
@@ -336,7 +467,7 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
              "{}: checksum mismatch (stored {:08x}, fetched {:08x}): the object changed at the "
              "source since the dataset was opened, or the source returned wrong bytes",
              name(it.sample, it.x.offset, it.x.size), it.x.checksum, it.sum);
-      if (!bypass_) {
+      if (!disk_given_up()) {
         try {
           detail::write_full(object_fds_[it.object], record, "cache file",
                              static_cast<int64_t>(it.x.offset));
@@ -349,154 +480,37 @@ void SampleCache::fetch(const std::vector<uint64_t>& picked) {
   } catch (...) {
     error = std::current_exception();
   }
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(*shared_);
+  const bool bypass = disk_given_up();
   for (const Item& it : items) {
     in_flight_ -= it.x.size;
-    if (error || bypass_) {
-      state_[it.sample] = kAbsent;
+    SampleRecord& r = (*shared_)[it.sample];
+    if (error || bypass) {
+      r.state = kAbsent;
       continue;
     }
-    state_[it.sample] = kPresent;
-    if (!packed_) checksum_[it.sample] = it.sum;
+    r.state = kPresent;
+    if (!packed_) r.checksum = it.sum;
     used_ += it.x.size;
     last_used_[it.sample] = ++tick_;
     push(it.sample);
   }
-  if (error && !error_ && !bypass_) error_ = error;
-  cv_.notify_all();
+  shared_->header().cached_bytes = used_;
+  if (error && !bypass) fail_all(error);
+  shared_->notify();
 }
 
 void SampleCache::give_up_disk(const std::string& why) {
-  if (!bypass_.exchange(true))
+  if (!told_bypass_.exchange(true))
     detail::log_line(fmt::format("cache: {}: {}; reading {} directly from now on, caching nothing",
                                  mirror_.dir.string(), why, source_->url()));
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(*shared_);
+  __atomic_store_n(&shared_->header().bypass, 1u, __ATOMIC_RELEASE);
   demand_.clear();
-  cv_.notify_all();
-  work_cv_.notify_all();
+  shared_->notify();
 }
 
-void SampleCache::read_source(std::span<SourceRead> reads) {
-  const auto& objects = source_->objects();
-  const fs::path data = mirror_.dir / "data";
-  std::vector<source::Range> ranges;
-  std::vector<size_t> which;
-  for (size_t i = 0; i < reads.size(); ++i) {
-    SourceRead& r = reads[i];
-    // The descriptor's path names the object: the mirror holds each at its key.
-    std::error_code ec;
-    fs::path p = fs::read_symlink(fmt::format("/proc/self/fd/{}", r.fd), ec);
-    std::optional<uint32_t> object;
-    if (!ec && objects.size() == 1 && objects[0].key.empty() && p == mirror_.path)
-      object = 0;
-    else if (!ec)
-      object = source_->find(p.lexically_relative(data).generic_string());
-    if (!object) {
-      detail::log_line(
-          fmt::format("cache: [internal] {}:{}: descriptor {} ({}) is not a mirror "
-                      "file of {}",
-                      __FILE__, __LINE__, r.fd, p.string(), source_->url()));
-      r.result = -EIO;
-      continue;
-    }
-    const uint64_t size = objects[*object].size;
-    const uint64_t length = r.offset >= size ? 0 : std::min<uint64_t>(r.length, size - r.offset);
-    r.result = static_cast<int32_t>(length);
-    if (length == 0) continue;
-    ranges.push_back({*object, r.offset, length, r.dest});
-    which.push_back(i);
-  }
-  try {
-    source_->read(ranges);
-  } catch (const Error& e) {
-    detail::log_line(fmt::format("cache: {}", e.what()));
-    for (size_t i : which) reads[i].result = -(e.sys_errno() ? e.sys_errno() : EIO);
-  }
-}
-
-namespace {
-// See SampleCache::layer. Reads given up on the disk are answered at the next flush or reap,
-// all of one batch in one Source::read (many ranged reads in flight).
-class FallbackEngine final : public io::Engine {
- public:
-  FallbackEngine(std::unique_ptr<io::Engine> inner, SampleCache& cache, std::vector<int> files)
-      : inner_(std::move(inner)), cache_(cache), files_(std::move(files)) {}
-
-  std::string describe() const override { return inner_->describe(); }
-  uint32_t queue_depth() const override { return inner_->queue_depth(); }
-  bool register_buffer(std::span<std::byte> b) override { return inner_->register_buffer(b); }
-
-  int submit(const io::Request& r) override {
-    if (cache_.disk_given_up()) {
-      pending_.push_back(r);
-      return 0;
-    }
-    int rc = inner_->submit(r);
-    if (rc == 0) sent_.emplace(r.tag, r);
-    return rc;
-  }
-  int flush() override {
-    serve();
-    return inner_->flush();
-  }
-  int reap(std::span<io::Completion> out, std::chrono::milliseconds timeout) override {
-    serve();
-    size_t n = 0;
-    if (!sent_.empty()) {
-      int got = inner_->reap(out, ready_.empty() ? timeout : std::chrono::milliseconds(0));
-      if (got < 0) return got;
-      for (int i = 0; i < got; ++i) {
-        auto it = sent_.find(out[i].tag);
-        if (it == sent_.end()) {  // not ours to judge
-          out[n++] = out[i];
-          continue;
-        }
-        io::Request r = it->second;
-        sent_.erase(it);
-        const int32_t rc = out[i].result;
-        if (rc < 0 && rc != -EAGAIN && rc != -EINTR && rc != -ECANCELED) {
-          cache_.give_up_disk(
-              fmt::format("a read of the cache failed: {}", detail::errno_text(-rc)));
-          pending_.push_back(r);
-          continue;
-        }
-        out[n++] = out[i];
-      }
-      serve();
-    }
-    while (n < out.size() && !ready_.empty()) {
-      out[n++] = ready_.front();
-      ready_.pop_front();
-    }
-    return static_cast<int>(n);
-  }
-
- private:
-  void serve() {
-    if (pending_.empty()) return;
-    std::vector<SampleCache::SourceRead> reads;
-    for (const io::Request& r : pending_)
-      reads.push_back({r.fd >= 0 ? r.fd : files_.at(r.file), r.offset, r.length, r.dest});
-    cache_.read_source(reads);
-    for (size_t i = 0; i < reads.size(); ++i) ready_.push_back({pending_[i].tag, reads[i].result});
-    pending_.clear();
-  }
-
-  std::unique_ptr<io::Engine> inner_;
-  SampleCache& cache_;
-  std::vector<int> files_;
-  std::unordered_map<uint64_t, io::Request> sent_;  // to the disk, not yet completed
-  std::vector<io::Request> pending_;                // for the source
-  std::deque<io::Completion> ready_;
-};
-}  // namespace
-
-std::unique_ptr<io::Engine> SampleCache::layer(std::unique_ptr<io::Engine> engine,
-                                               std::vector<int> files) {
-  return std::make_unique<FallbackEngine>(std::move(engine), *this, std::move(files));
-}
-
-bool SampleCache::check_cached(uint64_t sample) {
+bool SampleCache::check_cached(uint64_t sample, uint32_t checksum) {
   SampleExtent x = dataset_->extent(sample);
   std::vector<std::byte> bytes(x.size);
   try {
@@ -505,206 +519,169 @@ bool SampleCache::check_cached(uint64_t sample) {
     return false;
   }
   uint32_t sum = format::record_checksum(bytes.data(), bytes.size(), sample);
-  std::lock_guard lock(mu_);
-  return sum == (packed_ ? x.checksum : checksum_[sample]);
+  return sum == (packed_ ? x.checksum : checksum);
 }
 
 void SampleCache::wake() {
-  std::lock_guard lock(mu_);
-  cv_.notify_all();
+  std::unique_lock lock(*shared_);
+  shared_->notify();
 }
 
 void SampleCache::acquire(std::span<const SampleRef> refs, const std::atomic<bool>* cancel) {
-  std::unique_lock lock(mu_);
-  if (error_) std::rethrow_exception(error_);
-  if (bypass_) {  // the batch reads the source (layer())
-    for (const auto& r : refs) pinned_[r.index] += 1;
+  std::unique_lock lock(*shared_);
+  rethrow();
+  auto& h = shared_->header();
+  for (const auto& r : refs) {
+    SampleRecord& rec = (*shared_)[r.index];
+    if (rec.pins < UINT16_MAX) rec.pins += 1;
+  }
+  if (disk_given_up()) {  // the batch reads the source (layer())
+    if (!told_bypass_.exchange(true))
+      detail::log_line(fmt::format("cache: {} was given up by another process; reading {} directly",
+                                   mirror_.dir.string(), source_->url()));
     stats_.misses += refs.size();
     return;
   }
-  std::vector<uint64_t> unchecked;
-  bool asked = false;
-  for (const auto& r : refs) {
-    uint64_t s = r.index;
-    pinned_[s] += 1;
-    switch (state_[s]) {
-      case kPresent:
-        stats_.hits += 1;
-        break;
-      case kUnchecked:
-        state_[s] = kFetching;  // nobody else takes it while it is read back
-        unchecked.push_back(s);
-        break;
-      case kAbsent:
-        demand_.push_back(s);
-        asked = true;
-        [[fallthrough]];
-      case kFetching:
-        stats_.misses += 1;
-        break;
+  // The missing samples go to the leader (this process's fetch thread, or another's).
+  auto ask = [&] {
+    bool asked = false;
+    for (const auto& r : refs) {
+      const uint8_t state = (*shared_)[r.index].state;
+      if (state != kAbsent && state != kUnchecked) continue;
+      if (h.demand_count < SharedState::kDemand) h.demand[h.demand_count++] = r.index;
+      asked = true;
     }
-  }
-  if (!unchecked.empty()) {
-    lock.unlock();
-    std::vector<uint8_t> ok;
-    for (uint64_t s : unchecked) ok.push_back(check_cached(s));
-    lock.lock();
-    for (size_t i = 0; i < unchecked.size(); ++i) {
-      uint64_t s = unchecked[i];
-      if (ok[i]) {
-        state_[s] = kPresent;
-        stats_.hits += 1;
-      } else {  // not what the journal said: fetch it again
-        state_[s] = kAbsent;
-        used_ -= dataset_->extent(s).size;
-        demand_.push_back(s);
-        stats_.misses += 1;
-        asked = true;
-      }
-    }
-  }
-  if (asked) work_cv_.notify_all();
-  auto all_present = [&] {
-    if (error_ || bypass_ || (cancel && *cancel)) return true;
-    for (const auto& r : refs)
-      if (state_[r.index] != kPresent) return false;
-    return true;
+    if (asked) shared_->notify();
   };
-  bool done = cv_.wait_for(lock, timeout_, all_present);
-  if (bypass_ && !error_) return;
-  const bool cancelled = cancel && *cancel;
-  if (!done || error_ || cancelled) {
-    for (const auto& r : refs)
-      if (--pinned_[r.index] == 0) pinned_.erase(r.index);
-    if (error_) std::rethrow_exception(error_);
-    if (cancelled) fail(ErrorCode::kIo, "{}: cancelled", source_->url());
-    uint64_t missing = 0;
-    for (const auto& r : refs)
-      if (state_[r.index] != kPresent) missing = r.index;
-    fail(ErrorCode::kIo, "{}: sample {} not fetched within {} ms", source_->url(), missing,
-         timeout_.count());
+  for (const auto& r : refs) {
+    if ((*shared_)[r.index].state == kPresent)
+      stats_.hits += 1;
+    else
+      stats_.misses += 1;
   }
+  ask();
+  const auto start = std::chrono::steady_clock::now();
+  auto asked_at = start;
+  bool done = false;
+  while (true) {
+    done = true;
+    for (const auto& r : refs) done = done && (*shared_)[r.index].state == kPresent;
+    if (done || h.error_code || disk_given_up() || (cancel && *cancel)) break;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - start >= timeout_) break;
+    if (now - asked_at >= kAskAgain) {
+      ask();
+      asked_at = now;
+    }
+    shared_->wait(lock, std::min<std::chrono::milliseconds>(
+                            kSlice, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                        timeout_ - (now - start))));
+  }
+  if (done || (disk_given_up() && !h.error_code)) return;
+  for (const auto& r : refs) {
+    SampleRecord& rec = (*shared_)[r.index];
+    if (rec.pins) rec.pins -= 1;
+  }
+  rethrow();
+  if (cancel && *cancel) fail(ErrorCode::kIo, "{}: cancelled", source_->url());
+  uint64_t missing = 0;
+  for (const auto& r : refs)
+    if ((*shared_)[r.index].state != kPresent) missing = r.index;
+  fail(ErrorCode::kIo, "{}: sample {} not fetched within {} ms", source_->url(), missing,
+       timeout_.count());
 }
 
 void SampleCache::release(uint64_t step, std::span<const SampleRef> refs) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(*shared_);
   for (const auto& r : refs) {
-    auto it = pinned_.find(r.index);
-    if (it != pinned_.end() && --it->second == 0) pinned_.erase(it);
-    last_used_[r.index] = ++tick_;
+    SampleRecord& rec = (*shared_)[r.index];
+    if (rec.pins) rec.pins -= 1;
   }
   if (step < released_.size() && !released_[step]) {
     released_[step] = 1;
-    for (uint64_t t = step_start_[step]; t < step_start_[step + 1]; ++t) {
-      uint64_t s = order_[t];
-      if (next_[s] == t) next_[s] = succ_[t];
-    }
     while (first_unbuilt_ < released_.size() && released_[first_unbuilt_]) ++first_unbuilt_;
-    now_ = step_start_[first_unbuilt_];
+    shared_->header().processes[slot_].first_unbuilt = first_unbuilt_;
   }
-  for (const auto& r : refs)
-    if (state_[r.index] == kPresent) push(r.index);
-  work_cv_.notify_all();
+  shared_->notify();
 }
 
 CacheStats SampleCache::stats() const {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(*shared_);
   CacheStats s = stats_;
   s.source_bytes = source_->bytes_read() - base_bytes_;
   s.source_requests = source_->requests() - base_requests_;
-  s.cached_bytes = used_;
+  s.cached_bytes = shared_->header().cached_bytes;
   return s;
 }
 
 void SampleCache::fetch_loop() {
-  std::unique_lock lock(mu_);
+  std::unique_lock lock(*shared_);
+  auto& h = shared_->header();
   bool blocked = false;  // the last walk stopped: the cache is full of sooner needs
-  uint64_t seen_now = 0;
+  auto walk_end = [&] {
+    return std::min<uint64_t>(future_.order().size(), future_.now() + window_);
+  };
   while (!stop_) {
-    auto has_work = [&] {
-      if (stop_) return true;
-      if (bypass_) return false;
-      if (!demand_.empty()) return true;
-      if (error_ || order_.empty()) return false;
-      if (blocked && now_ == seen_now) return false;
-      return cursor_ < std::min<uint64_t>(order_.size(), now_ + window_);
-    };
-    work_cv_.wait_for(lock, std::chrono::seconds(1), has_work);
-    if (stop_) break;
-    if (!has_work()) continue;
-    seen_now = now_;
-    std::vector<uint64_t> samples;
-    try {  // a bad index entry (an extent outside its shard) stops the cache, not the process
-      samples = plan_fetch();
+    if (!leader_) {
+      if (flock(leader_lock_.get(), LOCK_EX | LOCK_NB) != 0) {
+        shared_->wait(lock, kSlice);
+        continue;
+      }
+      leader_ = true;
+      lead();
+    }
+    try {
+      if (refresh()) blocked = false;  // the future moved: look again
     } catch (...) {
-      if (!error_) error_ = std::current_exception();
-      cv_.notify_all();
+      fail_all(std::current_exception());
+    }
+    const bool bypass = disk_given_up();
+    auto has_work = [&] {
+      if (bypass || h.error_code) return false;
+      if (!demand_.empty()) return true;
+      return !blocked && cursor_ < walk_end();
+    };
+    if (!has_work()) {
+      demand_.clear();
+      shared_->wait(lock, kSlice);
       continue;
     }
-    blocked = samples.empty() || cursor_ < std::min<uint64_t>(order_.size(), now_ + window_);
-    if (samples.empty()) continue;
-    lock.unlock();
-    try {
-      fetch(samples);
+    std::vector<uint64_t> picked, recheck;
+    try {  // a bad index entry (an extent outside its shard) stops the cache, not the process
+      plan_fetch(picked, recheck);
     } catch (...) {
-      std::lock_guard relock(mu_);
-      if (!error_) error_ = std::current_exception();
-      cv_.notify_all();
+      fail_all(std::current_exception());
+      continue;
     }
-    if (!mirror_.temporary && std::chrono::steady_clock::now() - saved_at_ > kJournalEvery) {
-      try {
-        save_journal();
-      } catch (const std::exception& e) {
-        detail::log_line(std::string("cache: ") + e.what());
-      }
-      saved_at_ = std::chrono::steady_clock::now();
+    blocked = (picked.empty() && recheck.empty()) || cursor_ < walk_end();
+    if (picked.empty() && recheck.empty()) continue;
+    std::vector<uint32_t> sums;
+    for (uint64_t s : recheck) sums.push_back((*shared_)[s].checksum);
+    lock.unlock();
+    std::vector<uint8_t> ok;
+    for (size_t i = 0; i < recheck.size(); ++i) ok.push_back(check_cached(recheck[i], sums[i]));
+    try {
+      fetch(picked);
+    } catch (...) {
+      std::unique_lock relock(*shared_);
+      fail_all(std::current_exception());
     }
     lock.lock();
+    for (size_t i = 0; i < recheck.size(); ++i) {
+      const uint64_t s = recheck[i];
+      if (ok[i]) {
+        (*shared_)[s].state = kPresent;
+        push(s);
+      } else {  // not what it was when cached: fetched again
+        (*shared_)[s].state = kAbsent;
+        used_ -= dataset_->extent(s).size;
+        demand_.push_back(s);
+      }
+    }
+    h.cached_bytes = used_;
+    shared_->notify();
   }
-}
-
-// The journal: which samples the mirror holds (and, for formats without stored checksums, what
-// they hash to), so that a restarted process reuses them. Written whole and renamed into
-// place; each entry is checked again before its first use, so a stale one costs a fetch.
-void SampleCache::save_journal() {
-  std::ostringstream out;
-  {
-    std::lock_guard lock(mu_);
-    out << "sluice-cache 1 " << state_.size() << "\n";
-    for (uint64_t s = 0; s < state_.size(); ++s)
-      if (state_[s] == kPresent || state_[s] == kUnchecked)
-        out << s << ' ' << (packed_ ? 0 : checksum_[s]) << '\n';
-  }
-  fs::path tmp = mirror_.dir / "journal.tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << out.str();
-    if (!f.flush()) fail(ErrorCode::kIo, "cache: cannot write {}", tmp.string());
-  }
-  fs::rename(tmp, mirror_.dir / "journal");
-}
-
-void SampleCache::load_journal() {
-  std::ifstream in(mirror_.dir / "journal");
-  std::string magic;
-  uint64_t version = 0, n = 0;
-  if (!(in >> magic >> version >> n) || magic != "sluice-cache" || version != 1 ||
-      n != state_.size())
-    return;  // another dataset's or an older layout: start empty
-  uint64_t s = 0;
-  uint32_t sum = 0;
-  uint64_t count = 0;
-  while (in >> s >> sum) {
-    if (s >= n || state_[s] != kAbsent) continue;
-    uint64_t size = dataset_->extent(s).size;
-    if (used_ + size > capacity_) break;
-    state_[s] = kUnchecked;
-    if (!packed_) checksum_[s] = sum;
-    used_ += size;
-    ++count;
-  }
-  detail::log_line(fmt::format("cache: {} samples ({} MB) found in {} from an earlier run", count,
-                               used_ >> 20, mirror_.dir.string()));
+  if (leader_) flock(leader_lock_.get(), LOCK_UN);
 }
 
 }  // namespace sluice::cache

@@ -3,26 +3,31 @@
 // The node cache of a dataset read from a source (an object store, a slow shared file system).
 //
 // Samples live in the mirror (cache/mirror.h) at their own offsets, so a batch reads cached
-// samples exactly as it reads a local dataset. One fetch thread walks the rank's future order
-// (the rest of this epoch, then the next: the sampler knows both) from the oldest batch not yet
-// built, and fetches what is missing, many coalesced ranged reads at a time. When the cache is
-// full it drops the cached sample needed furthest in the future (policy clairvoyant, Belady's
-// rule), and stops prefetching where everything cached is needed sooner than what comes next;
-// policy lru drops the least recently used instead. Every fetched sample is checked before it
-// is marked present: against its stored checksum (packed datasets), else the checksum computed
-// now is kept, and a cached sample found again after a restart is checked again before use.
+// samples exactly as it reads a local dataset. The processes of a node that share a cache.dir
+// share one mirror (cache/shared_state.h): a sample fetched for one rank is there for the
+// others. One of them, the leader (whoever holds leader.lock; another takes over when it ends),
+// fetches and evicts for all: its fetch thread walks the union of the processes' future orders
+// (each publishes its own: the rest of this epoch, then the next; the sampler knows both),
+// aligned step by step, from the oldest batch not yet built, and fetches what is missing, many
+// coalesced ranged reads at a time. When the cache is full it drops the cached sample needed
+// furthest in that future (policy clairvoyant, Belady's rule), and stops prefetching where
+// everything cached is needed sooner than what comes next; policy lru drops the least recently
+// used instead. Every fetched sample is checked before it is marked present: against its
+// stored checksum (packed datasets), else the checksum computed now is kept, and a cached
+// sample found again after a restart is checked again before use.
 
 #include <sluice/dataset.h>
 #include <sluice/options.h>
 #include <sluice/sampler.h>
 
 #include "cache/mirror.h"
+#include "cache/node_future.h"
+#include "cache/shared_state.h"
 #include "io/engine.h"
 #include "source/source.h"
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -45,12 +50,13 @@ struct CacheStats {
 
 class SampleCache {
  public:
-  /// `dataset` is opened on mirror.dir; `capacity` bytes of samples are kept. Starts the fetch
-  /// thread, which waits for set_future().
+  /// `dataset` is opened on mirror.dir; `capacity` bytes of samples are kept (the leader's
+  /// capacity is the node's). Maps the shared state, releases the mirror's open lock, takes a
+  /// process slot and starts the fetch thread, which leads when it can take leader.lock.
   SampleCache(std::shared_ptr<const Dataset> dataset, std::unique_ptr<source::Source> source,
               Mirror mirror, CachePolicy policy, uint64_t capacity, uint64_t fetch_size,
               uint32_t timeout_ms);
-  /// Stops fetching and writes the journal (what is cached, for the next run).
+  /// Stops fetching (handing the lead to another process) and leaves the shared state.
   ~SampleCache();
   SampleCache(const SampleCache&) = delete;
   SampleCache& operator=(const SampleCache&) = delete;
@@ -59,10 +65,10 @@ class SampleCache {
   /// Call with no batch being built (the loader's threads stopped).
   void set_future(const RankPlan& current, const RankPlan& next);
 
-  /// Blocks until every sample of a batch (`refs`) is in the mirror, and keeps
-  /// them there until release(step). Throws the fetch's error (naming object and sample), or
-  /// kIo when the source has not delivered within the timeout.
-  /// Also returns (throwing) when `*cancel` is set and wake() called.
+  /// Blocks until every sample of a batch (`refs`) is in the mirror (asking the leader for the
+  /// missing ones), and keeps them there until release(step). Throws the fetch's error (naming
+  /// object and sample), or kIo when the source has not delivered within the timeout. Also returns
+  /// (throwing) when `*cancel` is set and wake() called.
   void acquire(std::span<const SampleRef> refs, const std::atomic<bool>* cancel);
   /// Wakes the batches waiting in acquire() to look at their cancel flag.
   void wake();
@@ -79,7 +85,7 @@ class SampleCache {
   /// A write to or read from the cache disk failed (full, read-only, failing): from now on
   /// nothing is cached and every read goes to the source. Logs one line, the first time.
   void give_up_disk(const std::string& why);
-  bool disk_given_up() const { return bypass_.load(); }
+  bool disk_given_up() const;
 
   /// Reads what `reads` ask of the mirror's files from the source instead.
   struct SourceRead {
@@ -92,25 +98,30 @@ class SampleCache {
   void read_source(std::span<SourceRead> reads);
 
  private:
-  enum State : uint8_t { kAbsent, kFetching, kPresent, kUnchecked };
-  static constexpr uint32_t kNever = UINT32_MAX;
-
   void fetch_loop();
-  // Picks the next samples to fetch (under mu_); empty when there is nothing to do now.
-  std::vector<uint64_t> plan_fetch();
-  // Makes room for `bytes` (under mu_); `force`: for a batch waiting now, whatever the policy.
+  // The leader's, under the shared lock: takes over (after another leader or none); follows the
+  // processes' futures and progress and takes their demand (true: the future moved); starts
+  // the walk over when the node's future was built again.
+  void lead();
+  bool refresh();
+  void replan();
+  // Picks the next samples to fetch (`recheck`: cached from an earlier run, to read back and
+  // check); nothing when there is nothing to do now.
+  void plan_fetch(std::vector<uint64_t>& fetch, std::vector<uint64_t>& recheck);
+  // Makes room for `bytes` (under the lock); `force`: for a batch waiting now, whatever the
+  // policy.
   bool make_room(uint64_t bytes, uint64_t key, bool force);
   void evict(uint64_t sample);
   void fetch(const std::vector<uint64_t>& picked);
-  // Marks for fetching (under mu_) the absent samples of `sample`'s shard lying in
-  // [begin, end) that the policy would keep, appending them to `out`.
+  // Marks for fetching the absent samples of `sample`'s shard lying in [begin, end) that the
+  // policy would keep, appending them to `out`.
   void take_neighbours(uint64_t sample, uint64_t begin, uint64_t end, std::vector<uint64_t>& out);
   // Reads a restored sample back from the mirror and checks it; false when it is not intact.
-  bool check_cached(uint64_t sample);
+  bool check_cached(uint64_t sample, uint32_t checksum);
   uint64_t priority(uint64_t sample) const;  // larger: dropped first
   void push(uint64_t sample);
-  void load_journal();
-  void save_journal();
+  void fail_all(const std::exception_ptr& error);  // under the lock: every process sees it
+  void rethrow() const;                            // ... and throws it
   uint32_t object_of(uint64_t sample) const;
   std::string name(uint64_t sample, uint64_t offset, uint64_t length) const;
   int fd_of(uint64_t sample) const;
@@ -127,34 +138,33 @@ class SampleCache {
   std::vector<uint32_t> shard_object_;  // per shard, its source object
   std::vector<detail::UniqueFd> owned_fds_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;       // a sample became present, or an error
-  std::condition_variable work_cv_;  // something for the fetch thread
+  std::unique_ptr<SharedState> shared_;  // its lock guards what follows
+  detail::UniqueFd slot_lock_;           // futures/N.lock: this process's slot, held
+  detail::UniqueFd leader_lock_;         // leader.lock, held while leading
+  detail::UniqueFd open_lock_;           // the mirror's open.lock, taken shared to evict
+  uint32_t slot_ = 0;
   bool stop_ = false;
-  std::exception_ptr error_;
-  std::vector<State> state_;         // per sample
-  std::vector<uint32_t> checksum_;   // per sample: what it must hash to (in-place formats)
-  std::vector<uint32_t> next_;       // per sample: its next position in the future, or kNever
+  std::atomic<bool> told_bypass_{false};
+  CacheStats stats_;  // this process's (the source's counters: its own fetches)
+  uint64_t base_bytes_ = 0, base_requests_ = 0;
+
+  // This process's future: its current plan's batches (release() marks them built).
+  std::vector<uint8_t> released_;
+  uint64_t first_unbuilt_ = 0;
+
+  // The leader's, under the lock.
+  bool leader_ = false;
+  NodeFuture future_;
+  std::chrono::steady_clock::time_point checked_alive_;
   std::vector<uint64_t> last_used_;  // per sample (lru): tick of its last use
-  std::unordered_map<uint64_t, uint32_t> pinned_;  // samples of batches being built
-  std::vector<uint64_t> order_;                    // the future: positions -> samples
-  std::vector<uint32_t> succ_;        // position -> the same sample's next position, or kNever
-  std::vector<uint64_t> step_start_;  // current plan: batch -> its first position
-  std::vector<uint8_t> released_;     // current plan: batch built
-  uint64_t first_unbuilt_ = 0;        // the oldest batch not yet built
-  uint64_t now_ = 0;                  // ... its first position
-  uint64_t cursor_ = 0;               // where the fetch walk stands
-  uint64_t window_ = 0;               // positions the walk may run ahead of now_
-  std::vector<uint64_t> demand_;      // samples a batch waits for, fetched first
+  uint64_t cursor_ = 0;              // where the fetch walk stands (a position of future_)
+  uint64_t window_ = 0;              // positions the walk may run ahead of future_.now()
+  std::vector<uint64_t> demand_;     // samples a batch waits for, fetched first
   uint64_t tick_ = 0;
   uint64_t used_ = 0, in_flight_ = 0;
   // Eviction candidates: (priority, sample), max first; stale entries are skipped.
   std::vector<std::pair<uint64_t, uint64_t>> heap_;
-  CacheStats stats_;
-  uint64_t base_bytes_ = 0, base_requests_ = 0;
   bool degraded_ = false;
-  std::atomic<bool> bypass_{false};  // the disk is given up: reads go to the source
-  std::chrono::steady_clock::time_point saved_at_;
   std::thread thread_;
 };
 

@@ -17,6 +17,8 @@ std::shared_ptr<Dataset> open_dataset(const LoaderOptions& options, bool fetch_a
   };
   auto held = std::make_shared<Held>();
   held->remote = cache::open_remote_dataset(options);
+  // Opened: a loader sharing the cache may go on (this process reads no sample of the mirror).
+  held->remote.mirror.open_lock.reset();
   if (fetch_all) cache::fill_mirror(*held->remote.source, held->remote.mirror);
   Dataset* dataset = held->remote.dataset.get();
   return std::shared_ptr<Dataset>(std::move(held), dataset);

@@ -356,3 +356,86 @@ def test_the_memory_cache_of_a_killed_process_is_removed_by_the_next(bucket: str
     next(iter(loader))
     assert not left.exists(), "a killed process's memory cache was left behind"
     del loader
+
+
+RANK_CHILD = r"""
+import json, sys
+import numpy as np
+import sluice
+from conftest import sample_fields
+rank, epochs, pause, cfg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+loader = sluice.Loader(cfg, rank=rank, world_size=2)
+seen, batches = [], 0
+for epoch in range(epochs):
+    for batch in loader:
+        data, offsets = batch["data"], batch["data_offsets"]
+        for j, i in enumerate(batch["index"].tolist()):
+            assert np.array_equal(data[offsets[j]:offsets[j + 1]].numpy(), sample_fields(i)["data"]), i
+            seen.append(i)
+        batches += 1
+        if batches == pause:
+            print("paused", flush=True)
+            sys.stdin.readline()
+print(json.dumps({"seen": seen, **loader.stats()}), flush=True)
+"""
+
+
+def rank_process(rank: int, epochs: int, cfg: dict, pause: int = -1) -> subprocess.Popen:
+    env = dict(os.environ, LOCAL_WORLD_SIZE="2",
+               PYTHONPATH=":".join([str(Path(__file__).parent), *sys.path]))
+    return subprocess.Popen([sys.executable, "-c", RANK_CHILD, str(rank), str(epochs), str(pause),
+                             json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().splitlines()[-1])
+
+
+def test_the_ranks_of_a_node_share_one_cache(bucket: str, s3, tmp_path: Path) -> None:
+    """Two rank processes over one cache.dir that holds the dataset, reading side by side: each
+    sample comes from the source once for both over 3 epochs (with a cache per rank, each
+    fetches what the other read in the epochs before). fetch_size 0: no gap bytes counted."""
+    stored = sum(o["Size"] for o in s3.list_objects_v2(Bucket="train", Prefix="mixed/")["Contents"])
+    cfg = config(bucket, drop_last=False, cache={"dir": str(tmp_path / "cache"), "capacity": "64M",
+                                                 "fetch_size": 0})
+    ranks = [rank_process(r, 3, cfg, pause=1) for r in (0, 1)]
+    for p in ranks:  # both open before either reads on
+        assert p.stdout.readline().strip() == b"paused"
+    for p in ranks:
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+    stats = [finish(p) for p in ranks]
+    for epoch in range(3):
+        got = []
+        for s in stats:
+            share = len(s["seen"]) // 3
+            got += s["seen"][epoch * share:(epoch + 1) * share]
+        assert sorted(set(got)) == list(range(N))
+    fetched = [s["source_bytes"] for s in stats]
+    assert sum(fetched) <= stored, (fetched, stored)
+    assert sum(s["cache_hits"] for s in stats) > 2 * N
+
+
+def test_a_rank_killed_while_it_fetches_for_the_node_is_taken_over(bucket: str,
+                                                                   tmp_path: Path) -> None:
+    """The first rank process leads (fetches and evicts for both); killed with -9 in the middle
+    of the other's epoch, the other takes the fetching over and delivers every sample."""
+    cfg = config(bucket, drop_last=False, cache={"dir": str(tmp_path / "cache"), "capacity": "1M"})
+    first = rank_process(0, 1, cfg, pause=1)
+    try:
+        assert first.stdout.readline().strip() == b"paused"
+        second = rank_process(1, 2, cfg, pause=4)
+        assert second.stdout.readline().strip() == b"paused"
+    finally:
+        first.kill()
+        first.wait()
+    second.stdin.write(b"go\n")
+    second.stdin.flush()
+    stats = finish(second)
+    share = len(stats["seen"]) // 2
+    assert len(stats["seen"]) == 2 * share and share >= N // 2
+    for epoch in range(2):
+        assert len(set(stats["seen"][epoch * share:(epoch + 1) * share])) == share
