@@ -23,6 +23,7 @@ constexpr size_t kMaxFetchSamples = 1024;      // samples per fetch round
 constexpr uint64_t kMaxFetchBytes = 64 << 20;  // bytes per fetch round
 constexpr uint64_t kMaxRange = 8 << 20;        // one ranged read at most
 constexpr uint64_t kMinWindow = 256;           // samples the fetch walk may run ahead, at least
+constexpr size_t kCheckThreads = 4;            // threads that check a restarted cache's samples
 // A process that does not lead looks this often whether it can (the leader ended).
 constexpr auto kSlice = std::chrono::milliseconds(100);
 // A batch still waiting asks the leader again this often (a new leader knows no demand).
@@ -658,8 +659,17 @@ void SampleCache::fetch_loop() {
     std::vector<uint32_t> sums;
     for (uint64_t s : recheck) sums.push_back((*shared_)[s].checksum);
     lock.unlock();
-    std::vector<uint8_t> ok;
-    for (size_t i = 0; i < recheck.size(); ++i) ok.push_back(check_cached(recheck[i], sums[i]));
+    // Read back and hashed on several cores: a restarted job's first epoch waits on these.
+    std::vector<uint8_t> ok(recheck.size());
+    {
+      const size_t n = std::min<size_t>(
+          {kCheckThreads, std::thread::hardware_concurrency(), (recheck.size() + 15) / 16});
+      std::vector<std::jthread> pool;
+      for (size_t t = 0; t < n; ++t)
+        pool.emplace_back([&, t] {
+          for (size_t i = t; i < recheck.size(); i += n) ok[i] = check_cached(recheck[i], sums[i]);
+        });
+    }
     try {
       fetch(picked);
     } catch (...) {
