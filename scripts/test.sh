@@ -10,6 +10,8 @@
 #   SLUICE_SKIP_SANITIZERS=1 ./scripts/test.sh   # the plain pass only
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== each subsystem README's \"Depends on\" names what its CMake target links"
+python3 scripts/check_depends.py
 ./scripts/install-deps.sh
 # The test servers the C++ tests start (moto_server, an S3-compatible store) live in .venv.
 SLUICE_PYTHON_DEPS_ONLY=1 ./scripts/python-env.sh
