@@ -137,8 +137,8 @@ enum class TransformErrors {
   kSkip,  // the sample becomes padding (zeros, marked), counted in stats
 };
 
-/// Everything a Loader needs, as in the YAML config (CONTRACT.md). Plain values with defaults;
-/// every key can be set from YAML, from set() with a dotted key, or directly in C++.
+/// Everything a Loader needs, as in the YAML config (README.md, "Config"). Plain values with
+/// defaults; every key can be set from YAML, from set() with a dotted key, or directly in C++.
 struct SLUICE_EXPORT LoaderOptions {
   DatasetOptions dataset;
   uint64_t batch_size = 256;
