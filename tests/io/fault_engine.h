@@ -25,10 +25,16 @@ inline constexpr std::byte kLateByte{0xAB};
 class FaultEngine final : public io::Engine {
  public:
   /// `decide(request)` picks the fault for each submitted request; `error` is the -errno
-  /// kError answers with.
+  /// kError answers with; `late_written` is called when a kLate read's bytes have landed (a
+  /// test waits on that, not on a sleep).
   FaultEngine(std::unique_ptr<io::Engine> inner, std::function<Fault(const io::Request&)> decide,
-              int error = -EIO, std::chrono::milliseconds late = std::chrono::milliseconds(600))
-      : inner_(std::move(inner)), decide_(std::move(decide)), error_(error), late_(late) {}
+              int error = -EIO, std::chrono::milliseconds late = std::chrono::milliseconds(600),
+              std::function<void()> late_written = {})
+      : inner_(std::move(inner)),
+        decide_(std::move(decide)),
+        error_(error),
+        late_(late),
+        late_written_(std::move(late_written)) {}
   ~FaultEngine() override {
     for (auto& t : late_writers_) t.join();
   }
@@ -63,8 +69,11 @@ class FaultEngine final : public io::Engine {
         late_writers_.emplace_back([this, r] {
           std::this_thread::sleep_for(late_);
           std::memset(r.dest, static_cast<int>(kLateByte), r.length);
-          std::lock_guard lock(late_mu_);
-          late_done_.push_back({r.tag, static_cast<int32_t>(r.length)});
+          {
+            std::lock_guard lock(late_mu_);
+            late_done_.push_back({r.tag, static_cast<int32_t>(r.length)});
+          }
+          if (late_written_) late_written_();
         });
         return 0;
     }
@@ -95,6 +104,7 @@ class FaultEngine final : public io::Engine {
   std::function<Fault(const io::Request&)> decide_;
   int error_;
   std::chrono::milliseconds late_;
+  std::function<void()> late_written_;
   std::deque<io::Completion> synthetic_;
   std::vector<std::thread> late_writers_;
   std::mutex late_mu_;

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <random>
 #include <set>
@@ -376,11 +377,13 @@ TEST_F(LoaderTest, EioAtRandomPointsThenResumeLosesNoSample) {
 TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
   for (DirectIo direct : {testing::direct_where_possible(dir()), DirectIo::kOff}) {
     std::atomic<int> submits{0};
+    std::promise<void> late_written;
+    std::future<void> written = late_written.get_future();
     set_engine_wrapper([&](std::unique_ptr<io::Engine> e) -> std::unique_ptr<io::Engine> {
       return std::make_unique<FaultEngine>(
           std::move(e),
           [&](const io::Request&) { return ++submits == 5 ? Fault::kLate : Fault::kNone; }, -EIO,
-          std::chrono::milliseconds(600));
+          std::chrono::milliseconds(600), [&] { late_written.set_value(); });
     });
     auto o = options();
     o.io.timeout_ms = 200;
@@ -397,7 +400,8 @@ TEST_F(LoaderTest, AReadCompletingAfterItsDeadlineNeverLandsInAReusedBuffer) {
     loader->set_epoch(1);
     std::vector<std::shared_ptr<const Batch>> kept;
     while (auto b = loader->next()) kept.push_back(b);
-    std::this_thread::sleep_for(std::chrono::milliseconds(700));  // the late write is long done
+    ASSERT_EQ(written.wait_for(std::chrono::seconds(20)), std::future_status::ready)
+        << "the late read never landed";
     std::vector<uint64_t> seen;
     for (const auto& b : kept) {
       auto real = check_batch(*b);
