@@ -10,11 +10,13 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -366,6 +368,17 @@ void send_partial(int fd, const std::string& data, size_t first, size_t last, si
   send_all(fd, head + body.substr(0, std::min(send, body.size())));
 }
 
+// Waits until the peer's kernel has acknowledged every byte sent on `fd` (the send queue is
+// empty): what was sent has arrived, whatever the peer's thread is doing.
+void wait_delivered(int fd) {
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  int queued = 0;
+  while (::ioctl(fd, SIOCOUTQ, &queued) == 0 && queued > 0 &&
+         std::chrono::steady_clock::now() < until)
+    std::this_thread::yield();
+  EXPECT_EQ(queued, 0) << "the client never received the first bytes";
+}
+
 void reset_connection(int fd) {
   linger l{1, 0};  // close with RST
   ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
@@ -451,7 +464,7 @@ TEST(FakeS3Test, RetriesAConnectionResetMidBody) {
     handled = true;
     EXPECT_EQ(header(r, "range"), "bytes=10-509");
     send_partial(fd, kObj, 10, 509, 200);
-    std::this_thread::sleep_for(50ms);  // let the first bytes arrive
+    wait_delivered(fd);  // the first bytes have arrived
     reset_connection(fd);
     return false;
   });
