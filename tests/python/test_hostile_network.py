@@ -40,6 +40,27 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pid: int, timeout: float = 10.0) -> int:
+    """The server's descriptor count once the connections of a finished epoch are closed: the
+    same count read five times in a row, 20 ms apart."""
+    deadline = time.monotonic() + timeout
+    last, same = open_fds(pid), 0
+    while same < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = open_fds(pid)
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 10.0) -> None:
+    """Waits until the server's log at `path` holds a line containing `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"no \"{text}\" in {path} after {timeout} s"
+        time.sleep(0.02)
+
+
 def drain_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
     """Reads until the server closes the connection; fails the test if it does not in time."""
     s.settimeout(timeout)
@@ -140,8 +161,7 @@ def target(request, mixed: Path, tmp_path: Path):
     wait_listening(proc, port)
     t = Target(proc, f"127.0.0.1:{port}", local, odd)
     assert sorted(t.epoch()) == list(range(N))
-    time.sleep(0.2)
-    t.baseline = open_fds(proc.pid)
+    t.baseline = settled_fds(proc.pid)
     yield t
     proc.kill()
     proc.wait()
@@ -388,8 +408,7 @@ def test_out_of_descriptors_sheds_new_connections_and_recovers(mixed: Path, tmp_
     t = Target(proc, f"127.0.0.1:{port}", local, odd)
     try:
         assert sorted(t.epoch()) == list(range(N))
-        time.sleep(0.2)
-        t.baseline = open_fds(proc.pid)
+        t.baseline = settled_fds(proc.pid)
         # Room for the server's own descriptors and a few clients, not for hundreds (and fewer
         # than its 64 handshakes: the descriptors run out first).
         limit = t.baseline + 24
@@ -400,7 +419,7 @@ def test_out_of_descriptors_sheds_new_connections_and_recovers(mixed: Path, tmp_
                 held.append(t.connect())
             except OSError:
                 break
-        time.sleep(1.5)
+        wait_for_line(tmp_path / "serve.err", "out of file descriptors")
         assert t.alive()
         assert open_fds(proc.pid) <= limit
         for s in held:
