@@ -122,8 +122,8 @@ class ClientImpl final : public PeerClient {
     const auto until = deadline();
     Session session;
     try {
-      session =
-          client_handshake(connect_tcp(addr, until), options_.token, worker_.address(), until);
+      session = client_handshake(connect_tcp(addr, until, options_.cancel), options_.token,
+                                 worker_.address(), until, options_.cancel);
     } catch (const Error& e) {
       if (e.code() == ErrorCode::kConfig)
         throw Error(ErrorCode::kConfig, fmt::format("peer {}: {}", address_, e.what()));
@@ -336,7 +336,8 @@ class ClientImpl final : public PeerClient {
         if (!p->complete()) return false;
       return true;
     };
-    while (!failed_ && !all_done() && Clock::now() < until) {
+    auto cancelled = [&] { return options_.cancel && options_.cancel->load(); };
+    while (!failed_ && !all_done() && Clock::now() < until && !cancelled()) {
       resend_due(pendings);
       if (wait_step(lock)) control_event();
     }
@@ -344,10 +345,12 @@ class ClientImpl final : public PeerClient {
     if (failed_ || !all_done()) {
       size_t outstanding = 0;
       for (auto& p : pendings) outstanding += p->complete() ? 0 : 1;
-      std::string why = failed_
-                            ? failure_
-                            : fmt::format("no reply within {} ms ({} of {} requests outstanding)",
-                                          options_.timeout_ms, outstanding, pendings.size());
+      std::string why = failed_       ? failure_
+                        : cancelled() ? std::string("cancelled")
+                                      : fmt::format(
+                                            "no reply within {} ms ({} of {} requests "
+                                            "outstanding)",
+                                            options_.timeout_ms, outstanding, pendings.size());
       abandon(pendings, lock);
       failure_ = why;
       broken_ = true;

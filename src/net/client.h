@@ -6,6 +6,7 @@
 
 #include "net/wire.h"
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -23,6 +24,9 @@ struct ClientOptions {
   // Records at least this long come in messages of their own, each moved from where it lies on
   // the server straight into its own destination (ReadRequest::record_destination); 0: never.
   uint32_t separate_bytes = 256 << 10;
+  // Once set, a client waiting to connect or for replies gives up within 100 ms ("cancelled"):
+  // the loader stopping. Must outlive the client.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 /// One request: which samples, where their bytes go, and (after read()) what came back.

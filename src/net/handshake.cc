@@ -119,10 +119,12 @@ Digest session_key(const Mac& token, const Nonce& server, const Nonce& client, u
 }
 
 Session client_handshake(detail::UniqueFd control, const std::string& token,
-                         std::span<const std::byte> worker_address, Clock::time_point deadline) {
+                         std::span<const std::byte> worker_address, Clock::time_point deadline,
+                         const std::atomic<bool>* cancel) {
   const int fd = control.get();
   ServerHello sh;
-  read_exact(fd, std::as_writable_bytes(std::span(&sh, 1)), deadline, "handshake: server hello");
+  read_exact(fd, std::as_writable_bytes(std::span(&sh, 1)), deadline, "handshake: server hello",
+             cancel);
   if (auto checked = parse_server_hello(bytes_of_value(sh)); !checked)
     fail(ErrorCode::kIo, "handshake: {}", checked.error());
   const bool open = sh.flags & kServerOpen;
@@ -138,13 +140,14 @@ Session client_handshake(detail::UniqueFd control, const std::string& token,
   std::vector<std::byte> out(sizeof ch + worker_address.size());
   std::memcpy(out.data(), &ch, sizeof ch);
   std::memcpy(out.data() + sizeof ch, worker_address.data(), worker_address.size());
-  write_all(fd, out, deadline, "handshake: client hello");
+  write_all(fd, out, deadline, "handshake: client hello", cancel);
   Accept a;
-  read_exact(fd, std::as_writable_bytes(std::span(&a, 1)), deadline, "handshake: server answer");
+  read_exact(fd, std::as_writable_bytes(std::span(&a, 1)), deadline, "handshake: server answer",
+             cancel);
   if (auto checked = parse_accept(bytes_of_value(a)); !checked)
     fail(ErrorCode::kIo, "handshake: {}", checked.error());
   std::vector<std::byte> data(a.data_bytes);
-  read_exact(fd, data, deadline, "handshake: server answer");
+  read_exact(fd, data, deadline, "handshake: server answer", cancel);
   if (a.status != AcceptStatus::kOk) {
     std::string why(reinterpret_cast<const char*>(data.data()), data.size());
     if (a.status == AcceptStatus::kUnauthorized)

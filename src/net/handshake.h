@@ -115,8 +115,10 @@ struct Session {
 
 /// Runs the client side on a connected socket by `deadline`. Throws Error: kConfig when the
 /// token does not match (either way), kIo for anything else (timeouts, a refusal, a server that
-/// is not a sluice shard server or does not prove the token), with a message saying which.
+/// is not a sluice shard server or does not prove the token), with a message saying which;
+/// "cancelled" once `*cancel` is set.
 Session client_handshake(detail::UniqueFd control, const std::string& token,
-                         std::span<const std::byte> worker_address, Clock::time_point deadline);
+                         std::span<const std::byte> worker_address, Clock::time_point deadline,
+                         const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace sluice::net

@@ -96,26 +96,31 @@ int ms_left(Clock::time_point deadline) {
 }
 
 // Waits until `fd` is ready for `events` or the deadline passes; returns whether it is.
-bool wait_for(int fd, short events, Clock::time_point deadline) {
+// Throws "WHAT: cancelled" once `*cancel` is set (looked at every 100 ms).
+bool wait_for(int fd, short events, Clock::time_point deadline, const std::atomic<bool>* cancel,
+              const std::string& what) {
   while (true) {
+    if (cancel && cancel->load()) fail(ErrorCode::kIo, "{}: cancelled", what);
     pollfd p{fd, events, 0};
-    int rc = ::poll(&p, 1, ms_left(deadline));
+    const int left = ms_left(deadline);
+    int rc = ::poll(&p, 1, cancel ? std::min(left, 100) : left);
     if (rc > 0) return true;
-    if (rc == 0) return false;
-    if (errno != EINTR) return false;
+    if (rc == 0 && (!cancel || left <= 100)) return false;
+    if (rc < 0 && errno != EINTR) return false;
   }
 }
 
 }  // namespace
 
-UniqueFd connect_tcp(const SocketAddress& addr, Clock::time_point deadline) {
+UniqueFd connect_tcp(const SocketAddress& addr, Clock::time_point deadline,
+                     const std::atomic<bool>* cancel) {
   UniqueFd fd(::socket(addr.get()->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd) detail::fail_errno(errno, "socket");
   int err = 0;
   if (::connect(fd.get(), addr.get(), addr.length) != 0) {
     if (errno != EINPROGRESS) {
       err = errno;
-    } else if (!wait_for(fd.get(), POLLOUT, deadline)) {
+    } else if (!wait_for(fd.get(), POLLOUT, deadline, cancel, "connect")) {
       fail(ErrorCode::kIo, "connect: no answer in time");
     } else {
       socklen_t n = sizeof err;
@@ -130,10 +135,11 @@ UniqueFd connect_tcp(const SocketAddress& addr, Clock::time_point deadline) {
 }
 
 void read_exact(int fd, std::span<std::byte> out, Clock::time_point deadline,
-                const std::string& what) {
+                const std::string& what, const std::atomic<bool>* cancel) {
   size_t got = 0;
   while (got < out.size()) {
-    if (!wait_for(fd, POLLIN, deadline)) fail(ErrorCode::kIo, "{}: no answer in time", what);
+    if (!wait_for(fd, POLLIN, deadline, cancel, what))
+      fail(ErrorCode::kIo, "{}: no answer in time", what);
     ssize_t n = ::recv(fd, out.data() + got, out.size() - got, MSG_DONTWAIT);
     if (n > 0) {
       got += static_cast<size_t>(n);
@@ -146,10 +152,11 @@ void read_exact(int fd, std::span<std::byte> out, Clock::time_point deadline,
 }
 
 void write_all(int fd, std::span<const std::byte> data, Clock::time_point deadline,
-               const std::string& what) {
+               const std::string& what, const std::atomic<bool>* cancel) {
   size_t sent = 0;
   while (sent < data.size()) {
-    if (!wait_for(fd, POLLOUT, deadline)) fail(ErrorCode::kIo, "{}: peer not reading", what);
+    if (!wait_for(fd, POLLOUT, deadline, cancel, what))
+      fail(ErrorCode::kIo, "{}: peer not reading", what);
     ssize_t n = ::send(fd, data.data() + sent, data.size() - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n > 0)
       sent += static_cast<size_t>(n);

@@ -7,6 +7,7 @@
 
 #include <sys/socket.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <span>
@@ -36,15 +37,17 @@ detail::UniqueFd listen_tcp(const SocketAddress& addr, const std::string& text, 
 std::string local_address(int fd);
 
 /// Connects to `addr` by `deadline`. Returns a blocking socket with TCP_NODELAY; throws
-/// Error(kIo) "connect: ..." (refused, unreachable, "no answer within N ms").
-detail::UniqueFd connect_tcp(const SocketAddress& addr, Clock::time_point deadline);
+/// Error(kIo) "connect: ..." (refused, unreachable, "no answer within N ms"). Each of these
+/// waits also ends, within 100 ms, when `*cancel` is set (Error(kIo) "...: cancelled").
+detail::UniqueFd connect_tcp(const SocketAddress& addr, Clock::time_point deadline,
+                             const std::atomic<bool>* cancel = nullptr);
 
 /// Reads exactly out.size() bytes by `deadline`; throws Error(kIo) naming `what` on a timeout,
 /// an error, or the peer closing first.
 void read_exact(int fd, std::span<std::byte> out, Clock::time_point deadline,
-                const std::string& what);
+                const std::string& what, const std::atomic<bool>* cancel = nullptr);
 /// Writes all of `data` by `deadline`; throws Error(kIo) naming `what`.
 void write_all(int fd, std::span<const std::byte> data, Clock::time_point deadline,
-               const std::string& what);
+               const std::string& what, const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace sluice::net

@@ -416,7 +416,8 @@ class LoaderImpl final : public Loader {
   // absent shard needs one.
   void plan_peers() {
     token_ = options_.distributed.resolved_token();
-    peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify);
+    peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify,
+                                       &cancel_);
     builders_.resize(options_.io.threads);
     workers_ = std::make_unique<WorkerStats[]>(options_.io.threads);
   }

@@ -15,8 +15,12 @@ using detail::fail;
 using detail::log_line;
 
 PeerSet::PeerSet(std::shared_ptr<const Dataset> dataset, const DistributedOptions& options,
-                 std::string token, bool verify)
-    : dataset_(std::move(dataset)), options_(options), token_(std::move(token)), verify_(verify) {
+                 std::string token, bool verify, const std::atomic<bool>* cancel)
+    : dataset_(std::move(dataset)),
+      options_(options),
+      token_(std::move(token)),
+      verify_(verify),
+      cancel_(cancel) {
   const auto& shards = dataset_->shards();
   shard_peers_.assign(shards.size(), {});
   for (size_t p = 0; p < options_.peers.size(); ++p)
@@ -224,6 +228,8 @@ bool PeerReads::call(Call& c, bool start) {
     // damage on its disk or in transit) is dropped for its replicas.
     c.call.reset();
     if (c.client) peers_.drop(c.peer, c.client);
+    // The loader stopping cut the wait short: the peer is not to blame.
+    if (peers_.cancelled()) throw;
     if (e.code() != ErrorCode::kIo && e.code() != ErrorCode::kCorruption) throw;
     peers_.mark_dead(c.peer, e.what());
     return false;

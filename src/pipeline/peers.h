@@ -26,8 +26,9 @@ class PeerSet {
  public:
   /// Throws Error(kConfig) for a peer's shard past the dataset's and for a shard that is
   /// neither on this node nor served by any peer.
+  /// `cancel`: the loader's flag, set when it stops (waits for peers end then).
   PeerSet(std::shared_ptr<const Dataset> dataset, const DistributedOptions& options,
-          std::string token, bool verify);
+          std::string token, bool verify, const std::atomic<bool>* cancel = nullptr);
 
   /// Whether sample `index` is read from a peer (its shard is not on this node).
   bool remote(uint64_t index) const;
@@ -42,17 +43,24 @@ class PeerSet {
   /// Marks `peer` dead (the first reason sticks, and is logged once): its shards go to their
   /// replicas from now on, in every thread.
   void mark_dead(size_t peer, const std::string& why);
+  /// The loader is stopping (its cancel flag is set).
+  bool cancelled() const { return cancel_ && cancel_->load(); }
   bool dead(size_t peer) const;
 
   const Dataset& dataset() const { return *dataset_; }
 
  private:
-  net::ClientOptions client_options() const { return {token_, options_.peer_timeout_ms, verify_}; }
+  net::ClientOptions client_options() const {
+    net::ClientOptions o{token_, options_.peer_timeout_ms, verify_};
+    o.cancel = cancel_;
+    return o;
+  }
 
   std::shared_ptr<const Dataset> dataset_;
   DistributedOptions options_;
   std::string token_;
   bool verify_;
+  const std::atomic<bool>* cancel_;               // the loader's: set when it stops
   std::vector<std::vector<size_t>> shard_peers_;  // per shard: peers serving it, replicas in order
   mutable std::mutex mu_;
   std::vector<std::string> failure_;           // per peer: why it is dead ("" = alive)

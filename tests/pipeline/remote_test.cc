@@ -5,12 +5,17 @@
 #include <sluice/loader.h>
 #include <sluice/server.h>
 
+#include "common/file.h"
 #include "net/server.h"
 #include "test_util.h"
 
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -171,6 +176,47 @@ TEST_F(RemoteLoaderTest, APeerSlowerThanTheTimeoutFailsOverToItsReplica) {
   expect_exactly_once(epoch(*loader));
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
   EXPECT_GT(servers_[1]->stats().requests, 0u);
+}
+
+// A loader that stops (closed, or set_epoch / load_state) while a thread waits on a peer ends
+// that wait at once, however long distributed.peer_timeout_ms: a silent peer (the kernel
+// accepts, nobody answers the handshake) held a closing loader for the whole timeout.
+TEST_F(RemoteLoaderTest, AStoppingLoaderDoesNotWaitOutASilentPeer) {
+  detail::UniqueFd silent(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(silent.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(silent.get(), 16), 0);
+  socklen_t n = sizeof a;
+  ::getsockname(silent.get(), reinterpret_cast<sockaddr*>(&a), &n);
+  LoaderOptions o = options({});
+  o.distributed.peers.push_back({fmt::format("127.0.0.1:{}", ntohs(a.sin_port)), odd_});
+  o.distributed.peer_timeout_ms = 60000;
+  auto loader = Loader::open(o);
+  EXPECT_FALSE(loader->wait(std::chrono::milliseconds(300)));  // its threads wait on the peer
+  auto t0 = std::chrono::steady_clock::now();
+  loader.reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10))
+      << "closing the loader waited out the peer timeout";
+}
+
+// A wait cut short by set_epoch is not the peer's fault: it is not marked dead, and (without a
+// replica) the next epoch reads from it.
+TEST_F(RemoteLoaderTest, AReadCutShortBySetEpochLeavesThePeerAlive) {
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  fault_on(0, [first](net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds& delay) {
+    if (first->exchange(false)) delay = std::chrono::milliseconds(3000);
+  });
+  LoaderOptions o = options({0});
+  o.distributed.peer_timeout_ms = 60000;
+  auto loader = Loader::open(o);
+  EXPECT_FALSE(loader->wait(std::chrono::milliseconds(300)));  // the first reply is held
+  auto t0 = std::chrono::steady_clock::now();
+  loader->set_epoch(1);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2))
+      << "set_epoch waited for the held reply";
+  expect_exactly_once(epoch(*loader));
 }
 
 TEST_F(RemoteLoaderTest, APeerThatSendsGarbageFailsOverToItsReplica) {
