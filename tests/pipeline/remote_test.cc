@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <set>
 
 namespace sluice {
@@ -194,7 +195,7 @@ TEST_F(RemoteLoaderTest, AStoppingLoaderDoesNotWaitOutASilentPeer) {
   o.distributed.peers.push_back({fmt::format("127.0.0.1:{}", ntohs(a.sin_port)), odd_});
   o.distributed.peer_timeout_ms = 60000;
   auto loader = Loader::open(o);
-  EXPECT_FALSE(loader->wait(std::chrono::milliseconds(300)));  // its threads wait on the peer
+  loader->wait(std::chrono::milliseconds(300));  // its threads start and wait on the peer
   auto t0 = std::chrono::steady_clock::now();
   loader.reset();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10))
@@ -204,14 +205,21 @@ TEST_F(RemoteLoaderTest, AStoppingLoaderDoesNotWaitOutASilentPeer) {
 // A wait cut short by set_epoch is not the peer's fault: it is not marked dead, and (without a
 // replica) the next epoch reads from it.
 TEST_F(RemoteLoaderTest, AReadCutShortBySetEpochLeavesThePeerAlive) {
+  // The server holds its first reply for 3 s and says when it does.
   auto first = std::make_shared<std::atomic<bool>>(true);
-  fault_on(0, [first](net::ReplyHeader&, std::span<std::byte>, std::chrono::milliseconds& delay) {
-    if (first->exchange(false)) delay = std::chrono::milliseconds(3000);
+  auto holding = std::make_shared<std::promise<void>>();
+  std::future<void> held = holding->get_future();
+  fault_on(0, [first, holding](net::ReplyHeader&, std::span<std::byte>,
+                               std::chrono::milliseconds& delay) {
+    if (!first->exchange(false)) return;
+    delay = std::chrono::milliseconds(3000);
+    holding->set_value();
   });
   LoaderOptions o = options({0});
   o.distributed.peer_timeout_ms = 60000;
   auto loader = Loader::open(o);
-  EXPECT_FALSE(loader->wait(std::chrono::milliseconds(300)));  // the first reply is held
+  loader->wait(std::chrono::milliseconds(0));  // starts its threads
+  ASSERT_EQ(held.wait_for(std::chrono::seconds(20)), std::future_status::ready);
   auto t0 = std::chrono::steady_clock::now();
   loader->set_epoch(1);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2))
