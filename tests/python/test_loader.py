@@ -369,7 +369,10 @@ def test_ctrl_c_interrupts_a_blocked_wait_promptly(fixed: Path, tmp_path: Path) 
             os.symlink(f, local / f.name)
     script = tmp_path / "hold.py"
     script.write_text(textwrap.dedent(f"""
-        import socket, sys, sluice
+        import signal, socket, sys, sluice
+        # A background job's shell leaves SIGINT ignored, and Python then raises no
+        # KeyboardInterrupt: take the interactive default back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
         peer = "127.0.0.1:%d" % silent.getsockname()[1]
         loader = sluice.Loader({{"dataset": {{"path": {str(local)!r}}}, "batch_size": 16,
