@@ -97,7 +97,7 @@ ReadFailure read_all(Engine& engine, std::span<const ReadOp> ops,
                      const std::atomic<bool>* cancel = nullptr, QueueStats* stats = nullptr);
 
 /// The io layer's own options (the config's io.engine and io.queue_depth, mapped in
-/// config/io_options.h: nothing here reads <sluice/options.h>).
+/// read/dataset_files.h: nothing here reads <sluice/options.h>).
 enum class EngineKind { kAuto, kUring, kThreads };
 
 /// Test seams, carried per instance in the options of what is tested (as leveldb's Env is), so

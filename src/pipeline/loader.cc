@@ -8,6 +8,7 @@
 // The consumer takes batches in step order; a thread may start step s only while
 // s < delivered + max(prefetch, threads), which bounds memory and read-ahead and still lets
 // every thread build a batch (prefetch 4 left 12 of 16 decoding threads idle, issue 34).
+// What a loader is made of (dataset, files, cache, server) is set up in loader_setup.cc.
 
 #include <sluice/loader.h>
 #include <sluice/server.h>
@@ -19,7 +20,6 @@
 #include "common/file.h"
 #include "common/keep.h"
 #include "common/log.h"
-#include "config/io_options.h"
 #include "format/layout.h"
 #include "index/internals.h"
 #include "io/engine.h"
@@ -28,9 +28,10 @@
 #include "memory/cuda.h"
 #include "pipeline/batch_builder.h"
 #include "pipeline/buffer_pool.h"
+#include "pipeline/loader_setup.h"
 #include "pipeline/open.h"
 #include "pipeline/peers.h"
-#include "read/direct.h"
+#include "read/dataset_files.h"
 #include "read/record_reader.h"
 #include "source/source.h"
 
@@ -143,24 +144,27 @@ struct StepResult {
 
 class LoaderImpl final : public Loader {
  public:
-  LoaderImpl(const LoaderOptions& options, std::shared_ptr<const io::Faults> faults)
-      : options_(resolved(options)),
+  LoaderImpl(LoaderParts parts, std::shared_ptr<const io::Faults> faults)
+      : options_(std::move(parts.options)),
         faults_(std::move(faults)),
-        dataset_(open_dataset(options_, source_, mirror_)),
-        fields_(std::make_shared<const std::vector<FieldSpec>>(dataset_->fields())),
-        sampler_(options.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
-        rank_(options.resolved_rank()),
-        world_(options.resolved_world_size()),
-        pin_(probe_device(options_.device)) {
-    open_files();
-    if (options_.io.threads == 0) {  // auto: how many depends on direct I/O (open_files)
-      std::string why;
-      options_.io.threads = options_.resolved_io_threads(&why, direct_);
-      log_line(why);
-    }
+        dataset_(std::move(parts.dataset)),
+        files_(std::move(parts.files)),
+        fields_(std::move(parts.fields)),
+        build_options_(std::move(parts.build)),
+        pin_(parts.pin),
+        token_(std::move(parts.token)),
+        cache_(std::move(parts.cache)),
+        server_(std::move(parts.server)),
+        sampler_(options_.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
+        rank_(options_.resolved_rank()),
+        world_(options_.resolved_world_size()) {
+    build_options_.transform_skipped = &transform_skipped_;
     pool_ = std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
                                          options_.max_batches_held, pin_);
-    plan_peers();
+    peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify,
+                                       &cancel_);
+    builders_.resize(options_.io.threads);
+    workers_ = std::make_unique<WorkerStats[]>(options_.io.threads);
     plan_ = sampler_.plan({0, 0}, rank_, world_);
     if (sampler_.num_batches(world_) == 0 && dataset_->num_samples() > 0)
       log_line(fmt::format(
@@ -168,26 +172,10 @@ class LoaderImpl final : public Loader {
           "batch_size {}): every epoch is empty (drop_last: false delivers them)",
           dataset_->num_samples(), uint64_t{world_} * options_.batch_size, world_,
           world_ == 1 ? "" : "s", options_.batch_size));
-    if (source_) open_cache();
-    if (!options.distributed.listen.empty()) {
-      ServerOptions so;
-      so.listen = options.distributed.listen;
-      so.token = token_;
-      so.no_token = options.distributed.no_token;
-      so.io = options_.io;
-      if (token_.empty() && !so.no_token)
-        fail(ErrorCode::kConfig,
-             "distributed.listen: no token: set distributed.token or distributed.token_file (or "
-             "$SLUICE_TOKEN), or distributed.no_token: true to serve without one (a single "
-             "trusted host only)");
-      server_ = ShardServer::start(dataset_, so);
-      log_line(fmt::format("serving this node's shards on {}", server_->address()));
-    }
+    set_future();
   }
 
   ~LoaderImpl() override {
-    warm_stop_ = true;
-    if (warm_thread_.joinable()) warm_thread_.join();
     stop_threads();
     pool_->detach();
   }
@@ -264,7 +252,7 @@ class LoaderImpl final : public Loader {
     LoaderStats s = stats_;
     std::lock_guard lock(mu_);
     s.engine = engine_;
-    s.direct_io = direct_;
+    s.direct_io = files_->direct();
     s.pinned = pin_;
     s.batches_held = pool_->held();
     s.pinned_bytes = memory::pinned_bytes();
@@ -325,177 +313,18 @@ class LoaderImpl final : public Loader {
     return where + ": reads are not completing";
   }
 
-  // Whether batch buffers are to be page-locked: yes for cuda:N (which needs that device) and
-  // for pinned when there is a device to pin for; pinned without one falls back, saying so.
-  static bool probe_device(const DeviceOptions& d) {
-    if (d.kind == DeviceKind::kCpu) return false;
-    auto found = memory::cuda_devices();
-    const int devices = found ? *found : 0;
-    if (d.kind == DeviceKind::kCuda) {
-      if (!found) fail(ErrorCode::kUnsupported, "device: cuda:{}: {}", d.index, found.error());
-      if (d.index >= devices)
-        fail(ErrorCode::kConfig, "device: cuda:{}: this machine has {} CUDA device{}", d.index,
-             devices, devices == 1 ? "" : "s");
-      return true;
-    }
-    if (devices == 0) {
-      log_line("device: pinned: " + found.error() + "; batches stay in ordinary (pageable) memory");
-      return false;
-    }
-    return true;
-  }
-
-  // What the environment decides, resolved once: peers from $SLUICE_PEERS (io.threads: auto
-  // once open_files() has chosen direct I/O or not).
-  static LoaderOptions resolved(LoaderOptions o) {
-    o.distributed.peers = o.resolved_peers();
-    return o;
-  }
-
-  // A dataset not on this node (s3://, or any path with cache.dir) is opened on its mirror,
-  // a local stand-in that the cache fills (cache/mirror.h); `source` and `mirror` are kept for
-  // open_cache().
-  static std::shared_ptr<Dataset> open_dataset(const LoaderOptions& o,
-                                               std::unique_ptr<source::Source>& source,
-                                               cache::Mirror& mirror) {
-    if (o.dataset.path.empty()) fail(ErrorCode::kConfig, "dataset.path: missing");
-    DatasetOpenOptions open;
-    open.allow_absent_shards = !o.distributed.peers.empty();
-    const std::string path = o.dataset.path.string();
-    if (!source::is_remote(path) && o.cache.dir.empty())
-      return Dataset::open_source(o.dataset, open);
-    if (!o.distributed.peers.empty() || !o.distributed.listen.empty())
-      fail(ErrorCode::kConfig,
-           "{}: a cached dataset (s3:// or cache.dir) cannot also use distributed.peers or "
-           "distributed.listen",
-           path);
-    cache::RemoteDataset remote = cache::open_remote_dataset(o, open);
-    source = std::move(remote.source);
-    mirror = std::move(remote.mirror);
-    return remote.dataset;
-  }
-
-  void open_cache() {
-    const CacheOptions& c = options_.cache;
-    uint64_t capacity = c.dir.empty() ? c.memory : c.capacity;
-    std::string why;
-    if (capacity == 0 && c.dir.empty()) {
-      // Each rank on the node has a memory cache of its own: the quarter is the node's.
-      const uint32_t ranks = options_.resolved_local_world_size();
-      capacity = std::max<uint64_t>(memory_room().bytes / 4 / ranks, 64 << 20);
-      why = ranks > 1 ? fmt::format(
-                            " (a quarter of the free memory, shared by {} ranks on this "
-                            "node)",
-                            ranks)
-                      : " (a quarter of the free memory)";
-    } else if (capacity == 0) {
-      capacity = std::max<uint64_t>(mirror_.room / 2, 64 << 20);
-      why = " (half the free space there)";
-    }
-    const std::string where =
-        c.dir.empty() ? "in memory (" + mirror_.dir.string() + ")" : mirror_.dir.string();
-    cache_ = std::make_unique<cache::SampleCache>(dataset_, std::move(source_), std::move(mirror_),
-                                                  c.policy, capacity, c.fetch_size,
-                                                  options_.io.timeout_ms);
-    log_line(fmt::format("cache: {} MB{} {}, policy {}, fetch_size {}", capacity >> 20, why, where,
-                         to_string(c.policy), c.fetch_size));
-    if (!c.dir.empty() && c.memory)
-      log_line(
-          "cache.memory: with cache.dir the page cache is the memory tier; cache.memory "
-          "applies to a memory-only cache");
-    set_future();
-  }
-
   // The cache's view of what comes: this plan, then the next epoch from its start.
   void set_future() {
     if (!cache_) return;
     cache_->set_future(plan_, sampler_.plan({plan_.state_after(0).epoch + 1, 0}, rank_, world_));
   }
 
-  // Which peers serve each shard that is not on this node (replicas in config order); every
-  // absent shard needs one.
-  void plan_peers() {
-    token_ = options_.distributed.resolved_token();
-    peers_ = std::make_unique<PeerSet>(dataset_, options_.distributed, token_, options_.io.verify,
-                                       &cancel_);
-    builders_.resize(options_.io.threads);
-    workers_ = std::make_unique<WorkerStats[]>(options_.io.threads);
-  }
-
-  // O_DIRECT file descriptors when the file system takes them and an aligned read works;
-  // otherwise the dataset's own (buffered) descriptors. dataset.format files opens each
-  // sample's file when its batch is read.
-  void open_files() {
-    const auto& shards = dataset_->shards();
-    files_ = dataset_->format() == DatasetFormat::kFiles;
-    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
-    direct_ = direct.on;
-    warm_ = direct.warm && !source_;  // a mirror's holes are not worth reading ahead
-    if (warm_) direct.why += "; warming it in the background";
-    direct_fds_ = std::move(direct.fds);
-    if (files_)  // the tree's root; reads use each op's own descriptor
-      fds_ = {index::shard_fd(*dataset_, 0)};
-    else
-      for (uint32_t i = 0; i < shards.size(); ++i)
-        fds_.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
-    const uint64_t io_alignment = direct_ ? dataset_->alignment() : 1;
-    const auto& fields = dataset_->fields();
-    bool all_local = std::all_of(shards.begin(), shards.end(), [](auto& s) { return s.local; });
-    BuildOptions& b = build_options_;
-    b.verify = options_.io.verify;
-    b.timeout_ms = options_.io.timeout_ms;
-    b.direct = direct_;
-    b.one_field_bytes = dataset_->packed() && fields.size() == 1 && fields[0].fixed_size()
-                            ? fields[0].fixed_bytes()
-                            : 0;
-    b.direct_to_batch = all_local && b.one_field_bytes > 0 &&
-                        b.one_field_bytes % io_alignment == 0 && b.one_field_bytes <= UINT32_MAX &&
-                        options_.transforms.empty();
-    compile_transforms();
-    if (options_.io.direct == DirectIo::kAuto)
-      log_line((direct_ ? "direct I/O (O_DIRECT) on: "
-                        : "direct I/O off, reading through the page cache: ") +
-               direct.why);
-    else if (options_.io.direct == DirectIo::kOn)
-      log_line("direct I/O (O_DIRECT) on");
-  }
-
-  // Config `transforms`: each named field's transform, and the batch's fields as they come out
-  // of it (a fixed-shape tensor instead of the stored bytes).
-  void compile_transforms() {
-    if (options_.transforms.empty()) return;
-    const auto& stored = dataset_->fields();
-    auto fields = std::make_shared<std::vector<FieldSpec>>(stored);
-    BuildOptions& b = build_options_;
-    b.transforms.assign(stored.size(), nullptr);
-    b.seed = options_.seed;
-    b.skip_transform_errors = options_.transform_errors == TransformErrors::kSkip;
-    b.transform_skipped = &transform_skipped_;
-    for (const FieldTransform& t : options_.transforms) {
-      auto it = std::find_if(stored.begin(), stored.end(),
-                             [&](const FieldSpec& f) { return f.name == t.field; });
-      if (it == stored.end()) {
-        std::vector<std::string> names;
-        for (const auto& f : stored) names.push_back(f.name);
-        fail(ErrorCode::kConfig, "transforms.{}: {} has no field \"{}\" (its fields: {})", t.field,
-             dataset_->path().string(), t.field, fmt::join(names, ", "));
-      }
-      const size_t f = static_cast<size_t>(it - stored.begin());
-      auto compiled = std::make_shared<const transform::ImageTransform>(t);
-      (*fields)[f].dtype = compiled->dtype();
-      (*fields)[f].shape = compiled->shape();
-      b.transforms[f] = std::move(compiled);
-    }
-    fields_ = std::move(fields);
-  }
-
   void start_threads() {
     // Started with the first batch (a loader that reads nothing warms nothing), and joined by
     // the destructor; one pass per loader.
-    if (warm_ && !warm_thread_.joinable())
-      warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
-    if (direct_ && !service_)
-      service_ = std::make_unique<io::Service>(engine_options(), fds_,
+    files_->start_warming();
+    if (files_->direct() && !service_)
+      service_ = std::make_unique<io::Service>(engine_options(), files_->fds(),
                                                [&](const std::string& line) { note_engine(line); });
     stop_ = false;
     cancel_ = false;
@@ -549,10 +378,10 @@ class LoaderImpl final : public Loader {
   }
 
   io::EngineOptions engine_options() const {
-    io::EngineOptions o = config::engine_options(options_.io);
+    io::EngineOptions o = read::engine_options(options_.io);
     o.faults = faults_;
     if (cache_)  // a failing cache disk: reads go to the source
-      o.layer = [cache = cache_.get(), files = fds_](std::unique_ptr<io::Engine> e) {
+      o.layer = [cache = cache_.get(), files = files_->fds()](std::unique_ptr<io::Engine> e) {
         return cache->layer(std::move(e), files);
       };
     return o;
@@ -564,7 +393,7 @@ class LoaderImpl final : public Loader {
     const uint64_t window = std::max(options_.prefetch, threads);  // steps in flight
     try {
       if (!service_)
-        engine = io::make_engine(engine_options(), fds_,
+        engine = io::make_engine(engine_options(), files_->fds(),
                                  [&](const std::string& line) { note_engine(line); });
     } catch (...) {
       publish(worker, {nullptr, std::current_exception()});
@@ -693,30 +522,27 @@ class LoaderImpl final : public Loader {
     d.copy_pending = true;
   }
 
+  // Set up once (loader_setup.h), in this order.
   LoaderOptions options_;
   std::shared_ptr<const io::Faults> faults_;  // tests only
-  std::unique_ptr<source::Source> source_;    // a cached dataset's source, until open_cache()
-  cache::Mirror mirror_;                      // ... and its mirror
   std::shared_ptr<Dataset> dataset_;
-  std::atomic<uint64_t> transform_skipped_{0};  // samples transform_errors: skip replaced
+  std::unique_ptr<read::DatasetFiles> files_;  // what the threads read through
   std::shared_ptr<const std::vector<FieldSpec>> fields_;
-  Sampler sampler_;
-  uint32_t rank_, world_;
-  std::vector<detail::UniqueFd> direct_fds_;
-  std::vector<int> fds_;
-  bool direct_ = false;
   BuildOptions build_options_;  // what every thread's BatchBuilder is given
   bool pin_ = false;            // batch buffers page-locked (device: pinned / cuda:N)
-  bool files_ = false;          // dataset.format files: one file per sample, opened per batch
+  std::string token_;           // the cluster's shared token
+  std::unique_ptr<cache::SampleCache> cache_;  // s3:// or cache.dir: the node cache
+  std::unique_ptr<ShardServer> server_;        // distributed.listen: this node's shards for others
+  Sampler sampler_;
+  uint32_t rank_, world_;
+
+  std::atomic<uint64_t> transform_skipped_{0};  // samples transform_errors: skip replaced
   std::shared_ptr<BufferPool> pool_;
-  std::string token_;               // the cluster's shared token
   std::unique_ptr<PeerSet> peers_;  // distributed.peers: who serves the shards not on this node
   // Per loader thread number: its batch building (staging buffer, peer connections), kept
   // across epochs (threads are restarted for each; one thread of a number runs at a time).
   std::vector<std::unique_ptr<BatchBuilder>> builders_;
-  std::unique_ptr<WorkerStats[]> workers_;     // per loader thread number, for stats()
-  std::unique_ptr<ShardServer> server_;        // distributed.listen: this node's shards for others
-  std::unique_ptr<cache::SampleCache> cache_;  // s3:// or cache.dir: the node cache
+  std::unique_ptr<WorkerStats[]> workers_;              // per loader thread number, for stats()
   double cpu_at_open_ = detail::process_cpu_seconds();  // stats() reports the CPU used since
   // The process's checkpoint write counters when this loader opened (stats() reports since).
   uint64_t checkpoint_bytes_at_open_ = io::write_counters().bytes.load();
@@ -743,9 +569,6 @@ class LoaderImpl final : public Loader {
   std::vector<std::thread> threads_;
   // Direct I/O: one IO thread with one engine serves every loader thread (see io/service.h).
   std::unique_ptr<io::Service> service_;
-  bool warm_ = false;
-  std::atomic<bool> warm_stop_{false};
-  std::thread warm_thread_;  // warm_page_cache, when io.direct: auto chose the page cache
 };
 
 }  // namespace
@@ -753,7 +576,7 @@ class LoaderImpl final : public Loader {
 
 std::unique_ptr<Loader> pipeline::open_loader(const LoaderOptions& options,
                                               std::shared_ptr<const io::Faults> faults) {
-  return std::make_unique<pipeline::LoaderImpl>(options, std::move(faults));
+  return std::make_unique<pipeline::LoaderImpl>(set_up_loader(options), std::move(faults));
 }
 
 std::unique_ptr<Loader> Loader::open(const LoaderOptions& options) {
