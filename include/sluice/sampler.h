@@ -45,14 +45,13 @@ struct SampleRef {
   bool operator==(const SampleRef&) const = default;
 };
 
-class EpochOrder;
-
 /// What one rank reads in one epoch from a start position: `num_batches()` batches, the same
 /// count on every rank. Global batch s is the slice [start + s*W*B, start + (s+1)*W*B) of the
 /// epoch order; rank r takes its r-th run of B positions. Cheap to copy; thread-safe.
 class SLUICE_EXPORT RankPlan {
  public:
-  uint64_t num_batches() const { return num_batches_; }
+  /// Batches of this plan (0 for a default-constructed, empty plan).
+  uint64_t num_batches() const;
   /// Samples in batch `step` (batch_size, except possibly the padded last batch).
   uint64_t batch_samples(uint64_t step) const;
   /// Fills `out` with batch `step` in delivery order; O(batch size), no allocation if `out` has
@@ -65,13 +64,8 @@ class SLUICE_EXPORT RankPlan {
 
  private:
   friend class Sampler;
-  std::shared_ptr<const EpochOrder> order_;
-  uint64_t epoch_ = 0, start_ = 0, remaining_ = 0;
-  uint64_t batch_ = 0, world_ = 0, rank_ = 0;
-  uint64_t full_batches_ = 0;  // global batches of W*B real samples
-  uint64_t tail_ = 0;          // real samples in the padded last global batch (0: none)
-  uint64_t tail_per_rank_ = 0;
-  uint64_t num_batches_ = 0;
+  struct Data;
+  std::shared_ptr<const Data> d_;
 };
 
 /// Deterministic, sharded sample order: the same options, N, shard sizes, epoch and world size

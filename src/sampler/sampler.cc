@@ -131,6 +131,17 @@ uint64_t Sampler::at(uint64_t epoch, uint64_t position) const {
   return EpochOrder(options_, num_samples_, shard_sizes_, epoch)(position);
 }
 
+// A plan's figures, shared by its copies (a plan is cheap to copy and immutable).
+struct RankPlan::Data {
+  std::shared_ptr<const EpochOrder> order;
+  uint64_t epoch = 0, start = 0, remaining = 0;
+  uint64_t batch = 0, world = 0, rank = 0;
+  uint64_t full_batches = 0;  // global batches of W*B real samples
+  uint64_t tail = 0;          // real samples in the padded last global batch (0: none)
+  uint64_t tail_per_rank = 0;
+  uint64_t num_batches = 0;
+};
+
 RankPlan Sampler::plan(const SamplerState& state, uint32_t rank, uint32_t world_size) const {
   if (world_size == 0) fail(ErrorCode::kInvalidArgument, "world_size must be at least 1");
   if (rank >= world_size)
@@ -138,68 +149,78 @@ RankPlan Sampler::plan(const SamplerState& state, uint32_t rank, uint32_t world_
   if (state.position > num_samples_)
     fail(ErrorCode::kInvalidArgument, "resume position {} is past the epoch's {} samples",
          state.position, num_samples_);
-  RankPlan p;
-  p.order_ = std::make_shared<EpochOrder>(options_, num_samples_, shard_sizes_, state.epoch);
-  p.epoch_ = state.epoch;
-  p.start_ = state.position;
-  p.remaining_ = num_samples_ - state.position;
-  p.batch_ = options_.batch_size;
-  p.world_ = world_size;
-  p.rank_ = rank;
-  uint64_t global = p.batch_ * p.world_;
-  p.full_batches_ = p.remaining_ / global;
-  uint64_t rest = p.remaining_ % global;
+  auto p = std::make_shared<RankPlan::Data>();
+  p->order = std::make_shared<EpochOrder>(options_, num_samples_, shard_sizes_, state.epoch);
+  p->epoch = state.epoch;
+  p->start = state.position;
+  p->remaining = num_samples_ - state.position;
+  p->batch = options_.batch_size;
+  p->world = world_size;
+  p->rank = rank;
+  uint64_t global = p->batch * p->world;
+  p->full_batches = p->remaining / global;
+  uint64_t rest = p->remaining % global;
   if (!options_.drop_last && rest > 0) {
-    p.tail_ = rest;
-    p.tail_per_rank_ = ceil_div(rest, p.world_);
+    p->tail = rest;
+    p->tail_per_rank = ceil_div(rest, p->world);
   }
-  p.num_batches_ = p.full_batches_ + (p.tail_ > 0);
-  return p;
+  p->num_batches = p->full_batches + (p->tail > 0);
+  RankPlan plan;
+  plan.d_ = std::move(p);
+  return plan;
 }
 
 uint64_t Sampler::num_batches(uint32_t world_size, uint64_t position) const {
   return plan({0, position}, 0, world_size).num_batches();
 }
 
+uint64_t RankPlan::num_batches() const { return d_ ? d_->num_batches : 0; }
+
 uint64_t RankPlan::batch_samples(uint64_t step) const {
-  if (step < full_batches_) return batch_;
-  return step == full_batches_ && tail_ > 0 ? tail_per_rank_ : 0;
+  if (!d_) return 0;
+  const Data& d = *d_;
+  if (step < d.full_batches) return d.batch;
+  return step == d.full_batches && d.tail > 0 ? d.tail_per_rank : 0;
 }
 
 void RankPlan::batch(uint64_t step, std::vector<SampleRef>& out) const {
   out.clear();
-  const EpochOrder& order = *order_;
-  if (step < full_batches_) {
-    uint64_t base = start_ + step * batch_ * world_ + rank_ * batch_;
+  if (!d_) fail(ErrorCode::kInvalidArgument, "batch {} out of range (an empty plan)", step);
+  const Data& d = *d_;
+  const EpochOrder& order = *d.order;
+  if (step < d.full_batches) {
+    uint64_t base = d.start + step * d.batch * d.world + d.rank * d.batch;
     // Map in chunks into a small stack buffer, then widen into SampleRefs.
     uint64_t chunk[64];
-    out.resize(batch_);
-    for (uint64_t j = 0; j < batch_; j += 64) {
-      size_t n = static_cast<size_t>(std::min<uint64_t>(64, batch_ - j));
+    out.resize(d.batch);
+    for (uint64_t j = 0; j < d.batch; j += 64) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(64, d.batch - j));
       order.map_range(base + j, n, chunk);
       for (size_t k = 0; k < n; ++k) out[j + k] = {chunk[k], false};
     }
     return;
   }
-  if (step != full_batches_ || tail_ == 0)
+  if (step != d.full_batches || d.tail == 0)
     fail(ErrorCode::kInvalidArgument, "batch {} out of range (epoch {} has {} batches per rank)",
-         step, epoch_, num_batches_);
-  // The last global batch holds tail_ real samples split into equal runs of tail_per_rank_;
+         step, d.epoch, d.num_batches);
+  // The last global batch holds `tail` real samples split into equal runs of tail_per_rank;
   // runs past the end repeat real samples of that batch and are marked as padding.
-  uint64_t base = start_ + full_batches_ * batch_ * world_;
-  for (uint64_t j = 0; j < tail_per_rank_; ++j) {
-    uint64_t q = rank_ * tail_per_rank_ + j;
-    if (q < tail_)
+  uint64_t base = d.start + d.full_batches * d.batch * d.world;
+  for (uint64_t j = 0; j < d.tail_per_rank; ++j) {
+    uint64_t q = d.rank * d.tail_per_rank + j;
+    if (q < d.tail)
       out.push_back({order(base + q), false});
     else
-      out.push_back({order(base + q % tail_), true});
+      out.push_back({order(base + q % d.tail), true});
   }
 }
 
 SamplerState RankPlan::state_after(uint64_t steps) const {
-  uint64_t consumed = std::min(steps, full_batches_) * batch_ * world_;
-  if (steps > full_batches_ && tail_ > 0) consumed += tail_;
-  return {epoch_, start_ + consumed};
+  if (!d_) return {};
+  const Data& d = *d_;
+  uint64_t consumed = std::min(steps, d.full_batches) * d.batch * d.world;
+  if (steps > d.full_batches && d.tail > 0) consumed += d.tail;
+  return {d.epoch, d.start + consumed};
 }
 
 uint64_t RankPlan::worker_batches(uint64_t num_batches, uint32_t worker, uint32_t workers) {
