@@ -173,28 +173,11 @@ class SLUICE_EXPORT Dataset {
       const std::function<void(uint64_t, uint64_t)>& progress = {}) const;
 
  private:
-  // What the loader, the shard server and the read planner use, and users need not: reached
-  // through src/index/internals.h.
+  // What the loader, the shard server and the read planner use, and users need not, is
+  // Impl's, reached through src/index/internals.h.
   friend struct detail::DatasetInternals;
-  // File descriptor of shard `shard`, opened read-only; owned by the Dataset (-1 when absent).
-  int shard_fd(uint32_t shard) const;
-  // The shard that holds sample `index` (no I/O, also for absent shards).
-  uint32_t shard_of(uint64_t index) const;
-  // parse_record into `fields` (reused storage); "" or why the record does not split.
-  std::string split_record(uint64_t index, std::span<const std::byte> record,
-                           std::vector<std::span<const std::byte>>& fields) const;
-  // `files` datasets (a tree read in place): sample `index`'s file, relative to path(); empty
-  // for other datasets. Its record is the file's bytes; its label comes from its directory.
-  std::string_view sample_file(uint64_t index) const;
-  // `files` datasets: opens sample `index`'s file read-only (with O_DIRECT when `direct`);
-  // the caller owns the descriptor. Throws naming the file and the sample.
-  int open_sample(uint64_t index, bool direct) const;
-
   struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
-  static std::shared_ptr<Dataset> open_files(const std::filesystem::path& root);
-  static std::shared_ptr<Dataset> open_tar(const std::filesystem::path& path,
-                                           const std::vector<std::string>& optional_fields);
   std::unique_ptr<Impl> impl_;
 };
 

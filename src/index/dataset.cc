@@ -7,6 +7,7 @@
 #include "common/file.h"
 #include "format/layout.h"
 #include "index/dataset_impl.h"
+#include "index/internals.h"
 
 #include <fcntl.h>
 #include <linux/openat2.h>
@@ -150,22 +151,22 @@ std::vector<uint64_t> Dataset::shard_sizes() const {
   return sizes;
 }
 
-int Dataset::shard_fd(uint32_t shard) const {
-  SLUICE_CHECK(shard < impl_->shards.size());
-  return impl_->shards[shard].fd.get();
+int Dataset::Impl::shard_fd(uint32_t shard) const {
+  SLUICE_CHECK(shard < shards.size());
+  return shards[shard].fd.get();
 }
 
-uint32_t Dataset::shard_of(uint64_t index) const {
-  if (index >= num_samples())
-    fail(ErrorCode::kInvalidArgument, "{}: sample {} out of range (dataset has {})",
-         impl_->dir.string(), index, num_samples());
-  const auto& firsts = impl_->first_samples;
+uint32_t Dataset::Impl::shard_of(uint64_t index) const {
+  if (index >= manifest.num_samples)
+    fail(ErrorCode::kInvalidArgument, "{}: sample {} out of range (dataset has {})", dir.string(),
+         index, manifest.num_samples);
+  const auto& firsts = first_samples;
   return static_cast<uint32_t>(std::upper_bound(firsts.begin(), firsts.end(), index) -
                                firsts.begin() - 1);
 }
 
 SampleExtent Dataset::extent(uint64_t index) const {
-  const uint32_t shard = shard_of(index);
+  const uint32_t shard = impl_->shard_of(index);
   if (const auto& a = impl_->array)
     return {0, a->base + index * a->stride, static_cast<uint32_t>(a->item), 0};
   if (const auto& f = impl_->files) return {0, 0, f->sizes[index], 0};
@@ -203,8 +204,9 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
          index, x.size, dest.size());
   auto record = dest.first(x.size);
   detail::UniqueFd file;
-  if (impl_->files) file = detail::UniqueFd(open_sample(index, false));
-  size_t n = detail::pread_full(file ? file.get() : shard_fd(x.shard), record, x.offset, path);
+  if (impl_->files) file = detail::UniqueFd(impl_->open_sample(index, false));
+  size_t n =
+      detail::pread_full(file ? file.get() : impl_->shard_fd(x.shard), record, x.offset, path);
   if (n != x.size)
     fail(ErrorCode::kCorruption, "{}: sample {}: truncated: read {} of {} bytes at offset {}", path,
          index, n, x.size, x.offset);
@@ -216,21 +218,21 @@ size_t Dataset::read_record_into(uint64_t index, std::span<std::byte> dest) cons
 
 SampleFields Dataset::parse_record(uint64_t index, std::span<const std::byte> record) const {
   SampleFields out;
-  if (auto why = split_record(index, record, out.fields); !why.empty())
+  if (auto why = impl_->split_record(index, record, out.fields); !why.empty())
     fail(ErrorCode::kCorruption, "{}: sample {}: {}", impl_->dir.string(), index, why);
   return out;
 }
 
-std::string Dataset::split_record(uint64_t index, std::span<const std::byte> record,
-                                  std::vector<std::span<const std::byte>>& fields) const {
-  if (const auto& f = impl_->files) {  // the file's bytes, and the label from its directory
+std::string Dataset::Impl::split_record(uint64_t index, std::span<const std::byte> record,
+                                        std::vector<std::span<const std::byte>>& fields) const {
+  if (const auto& f = files) {  // the file's bytes, and the label from its directory
     fields.assign({record, std::as_bytes(std::span(&f->labels[index], 1))});
     return "";
   }
-  if (!impl_->tars.empty()) {  // each member's place in the sample's span, from the index
+  if (!tars.empty()) {  // each member's place in the sample's span, from the index
     const uint32_t shard = shard_of(index);
-    const auto& t = impl_->tars[shard];
-    const uint64_t local = index - impl_->first_samples[shard];
+    const auto& t = tars[shard];
+    const uint64_t local = index - first_samples[shard];
     const size_t nf = t.fields.size();
     fields.resize(nf);
     for (size_t f = 0; f < nf; ++f) {
@@ -245,38 +247,37 @@ std::string Dataset::split_record(uint64_t index, std::span<const std::byte> rec
     return "";
   }
   // The public header cannot name Status (common/result.h); index::split_record gives one.
-  auto split = impl_->layout.split(record, fields);
+  auto split = layout.split(record, fields);
   return split ? "" : split.error();
 }
 
 std::string Dataset::sample_key(uint64_t index) const {
-  if (impl_->files) return std::string(sample_file(index));
+  if (impl_->files) return std::string(impl_->sample_file(index));
   if (impl_->tars.empty()) return {};
-  const uint32_t shard = shard_of(index);
+  const uint32_t shard = impl_->shard_of(index);
   return impl_->tars[shard].keys[index - impl_->first_samples[shard]];
 }
 
-std::string_view Dataset::sample_file(uint64_t index) const {
-  const auto& f = impl_->files;
-  if (!f || index >= num_samples()) return {};
+std::string_view Dataset::Impl::sample_file(uint64_t index) const {
+  const auto& f = files;
+  if (!f || index >= manifest.num_samples) return {};
   return std::string_view(f->names).substr(f->name_at[index],
                                            f->name_at[index + 1] - f->name_at[index]);
 }
 
-int Dataset::open_sample(uint64_t index, bool direct) const {
+int Dataset::Impl::open_sample(uint64_t index, bool direct) const {
   std::string name(sample_file(index));
   if (name.empty())
-    fail(ErrorCode::kInvalidArgument, "{}: sample {}: not a files dataset", impl_->dir.string(),
-         index);
+    fail(ErrorCode::kInvalidArgument, "{}: sample {}: not a files dataset", dir.string(), index);
   // RESOLVE_BENEATH: no path (nor a link replaced since the listing) leads out of the tree.
   open_how how{};
   how.flags = O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0);
   how.resolve = RESOLVE_BENEATH;
-  int fd = static_cast<int>(
-      ::syscall(SYS_openat2, impl_->shards[0].fd.get(), name.c_str(), &how, sizeof how));
+  int fd =
+      static_cast<int>(::syscall(SYS_openat2, shards[0].fd.get(), name.c_str(), &how, sizeof how));
   if (fd < 0 && errno == ENOSYS)  // before Linux 5.6: the listing's check stands alone
-    fd = ::openat(impl_->shards[0].fd.get(), name.c_str(), static_cast<int>(how.flags));
-  const std::string path = (impl_->dir / name).string();
+    fd = ::openat(shards[0].fd.get(), name.c_str(), static_cast<int>(how.flags));
+  const std::string path = (dir / name).string();
   if (fd < 0) {
     int err = errno;
     throw Error(err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIo,
@@ -287,7 +288,7 @@ int Dataset::open_sample(uint64_t index, bool direct) const {
   // The listing's size is what the sample is: a file that has changed since would be read cut
   // short or cut off without a word.
   struct stat st {};
-  const uint64_t listed = impl_->files->sizes[index];
+  const uint64_t listed = files->sizes[index];
   if (::fstat(fd, &st) != 0) {
     int err = errno;
     ::close(fd);
@@ -314,12 +315,12 @@ std::vector<std::string> Dataset::verify(
       try {
         record.resize(extent(index).size);
         read_record_into(index, record);
-        if (auto why = split_record(index, record, fields); !why.empty())
-          problems.push_back(fmt::format(
-              "{}: sample {}: {}",
-              (impl_->files ? impl_->dir / sample_file(index) : impl_->infos[shard_of(index)].path)
-                  .string(),
-              index, why));
+        if (auto why = impl_->split_record(index, record, fields); !why.empty())
+          problems.push_back(fmt::format("{}: sample {}: {}",
+                                         (impl_->files ? impl_->dir / impl_->sample_file(index)
+                                                       : impl_->infos[impl_->shard_of(index)].path)
+                                             .string(),
+                                         index, why));
       } catch (const Error& e) {
         problems.push_back(e.what());
       }
@@ -373,5 +374,32 @@ std::vector<std::string> Dataset::verify(
   if (progress) progress(done, total);
   return problems;
 }
+
+std::shared_ptr<Dataset> detail::DatasetInternals::make(std::unique_ptr<Impl> impl) {
+  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+}
+
+namespace index {
+
+int shard_fd(const Dataset& d, uint32_t shard) {
+  return detail::DatasetInternals::impl(d).shard_fd(shard);
+}
+uint32_t shard_of(const Dataset& d, uint64_t index) {
+  return detail::DatasetInternals::impl(d).shard_of(index);
+}
+Status split_record(const Dataset& d, uint64_t index, std::span<const std::byte> record,
+                    std::vector<std::span<const std::byte>>& fields) {
+  std::string why = detail::DatasetInternals::impl(d).split_record(index, record, fields);
+  if (!why.empty()) return failure(std::move(why));
+  return {};
+}
+std::string_view sample_file(const Dataset& d, uint64_t index) {
+  return detail::DatasetInternals::impl(d).sample_file(index);
+}
+int open_sample(const Dataset& d, uint64_t index, bool direct) {
+  return detail::DatasetInternals::impl(d).open_sample(index, direct);
+}
+
+}  // namespace index
 
 }  // namespace sluice

@@ -92,6 +92,21 @@ struct Dataset::Impl {
   // Packed shards: opens shard `id` of the manifest, checks its header against the manifest
   // and the file, and maps its index (dataset.cc). Absent and `allow_absent`: not local.
   void open_shard(uint32_t id, bool allow_absent);
+
+  // What sluice's own layers use and users do not (src/index/internals.h; dataset.cc).
+  // File descriptor of shard `shard`, opened read-only; owned here (-1 when absent).
+  int shard_fd(uint32_t shard) const;
+  // The shard that holds sample `index` (no I/O, also for absent shards).
+  uint32_t shard_of(uint64_t index) const;
+  // parse_record into `fields` (reused storage); "" or why the record does not split.
+  std::string split_record(uint64_t index, std::span<const std::byte> record,
+                           std::vector<std::span<const std::byte>>& fields) const;
+  // `files` datasets (a tree read in place): sample `index`'s file, relative to dir; empty
+  // for other datasets. Its record is the file's bytes; its label comes from its directory.
+  std::string_view sample_file(uint64_t index) const;
+  // `files` datasets: opens sample `index`'s file read-only (with O_DIRECT when `direct`);
+  // the caller owns the descriptor. Throws naming the file and the sample.
+  int open_sample(uint64_t index, bool direct) const;
 };
 
 }  // namespace sluice

@@ -8,6 +8,7 @@
 #include "common/log.h"
 #include "format/layout.h"
 #include "index/dataset_impl.h"
+#include "index/internals.h"
 #include "index/tar_index.h"
 
 #include <fcntl.h>
@@ -82,6 +83,12 @@ DType npy_dtype(std::string descr, const std::string& path) {
     if (code == name) return dtype;
   fail(ErrorCode::kUnsupported, "{}: dtype {}: not a numeric dtype sluice reads", path, descr);
 }
+
+using Impl = detail::DatasetInternals::Impl;
+
+std::shared_ptr<Dataset> open_files(const fs::path& root);
+std::shared_ptr<Dataset> open_tar(const fs::path& path,
+                                  const std::vector<std::string>& optional_fields);
 
 }  // namespace
 
@@ -222,15 +229,17 @@ std::shared_ptr<Dataset> Dataset::open_source(const DatasetOptions& source,
   impl->array = a;
   impl->describe_in_place(format, {field}, count, count * a.item);
   impl->add_single_shard(std::move(s), count, size);
-  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+  return detail::DatasetInternals::make(std::move(impl));
 }
+
+namespace {
 
 // A files tree is listed once. Labels are torchvision's ImageFolder's: the first directory
 // under the root (ROOT/cat/train/a.jpg is a "cat"). Symbolic links are followed while they stay
 // inside the root (a class directory linked from elsewhere in the tree, a deduplicated file);
 // one that leads out of it is skipped, with a warning, and never read (reads open files with
 // RESOLVE_BENEATH, so a link changed later cannot lead out either). Hidden entries are skipped.
-std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
+std::shared_ptr<Dataset> open_files(const fs::path& root) {
   std::error_code ec;
   if (!fs::exists(root, ec))
     throw Error(ErrorCode::kNotFound, fmt::format("{}: no such directory", root.string()), ENOENT);
@@ -330,11 +339,11 @@ std::shared_ptr<Dataset> Dataset::open_files(const fs::path& root) {
   Shard s;  // the root directory: files open relative to it
   s.fd = detail::open_file(impl->dir, O_RDONLY | O_DIRECTORY);
   impl->add_single_shard(std::move(s), entries.size(), total);
-  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+  return detail::DatasetInternals::make(std::move(impl));
 }
 
-std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path,
-                                           const std::vector<std::string>& optional_fields) {
+std::shared_ptr<Dataset> open_tar(const fs::path& path,
+                                  const std::vector<std::string>& optional_fields) {
   std::error_code ec;
   std::vector<fs::path> tars;
   if (fs::is_directory(path, ec)) {
@@ -377,7 +386,9 @@ std::shared_ptr<Dataset> Dataset::open_tar(const fs::path& path,
     fields.push_back(t0.is_int[f] ? FieldSpec{t0.fields[f], DType::kInt64, {}}
                                   : FieldSpec{t0.fields[f], DType::kUInt8, {-1}});
   impl->describe_in_place(DatasetFormat::kTar, std::move(fields), first, total);
-  return std::shared_ptr<Dataset>(new Dataset(std::move(impl)));
+  return detail::DatasetInternals::make(std::move(impl));
 }
+
+}  // namespace
 
 }  // namespace sluice

@@ -1,13 +1,14 @@
 #pragma once
 
-// The parts of a Dataset that sluice's own layers use and users do not (private members of
-// <sluice/dataset.h>, reached only from here): its descriptors, a sample's shard, a record
+// The parts of a Dataset that sluice's own layers use and users do not (its Impl, private in
+// <sluice/dataset.h> and reached only from here): its descriptors, a sample's shard, a record
 // split into reused storage, and a files tree's per-sample files.
 
 #include <sluice/dataset.h>
 
 #include "common/result.h"
 
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -17,48 +18,26 @@ namespace sluice {
 
 namespace detail {
 struct DatasetInternals {
-  static int shard_fd(const Dataset& d, uint32_t shard) { return d.shard_fd(shard); }
-  static uint32_t shard_of(const Dataset& d, uint64_t index) { return d.shard_of(index); }
-  static std::string split_record(const Dataset& d, uint64_t index,
-                                  std::span<const std::byte> record,
-                                  std::vector<std::span<const std::byte>>& fields) {
-    return d.split_record(index, record, fields);
-  }
-  static std::string_view sample_file(const Dataset& d, uint64_t index) {
-    return d.sample_file(index);
-  }
-  static int open_sample(const Dataset& d, uint64_t index, bool direct) {
-    return d.open_sample(index, direct);
-  }
+  using Impl = Dataset::Impl;  // defined in src/index/dataset_impl.h
+  static const Dataset::Impl& impl(const Dataset& d) { return *d.impl_; }
+  static std::shared_ptr<Dataset> make(std::unique_ptr<Impl> impl);  // dataset.cc
 };
 }  // namespace detail
 
 namespace index {
 
 /// File descriptor of shard `shard`, opened read-only and owned by the Dataset (-1: absent).
-inline int shard_fd(const Dataset& d, uint32_t shard) {
-  return detail::DatasetInternals::shard_fd(d, shard);
-}
+int shard_fd(const Dataset& d, uint32_t shard);
 /// The shard that holds sample `index` (no I/O, also for shards not on this node).
-inline uint32_t shard_of(const Dataset& d, uint64_t index) {
-  return detail::DatasetInternals::shard_of(d, index);
-}
+uint32_t shard_of(const Dataset& d, uint64_t index);
 /// Splits a record into its fields in reused storage; ok, or why it does not split.
-inline Status split_record(const Dataset& d, uint64_t index, std::span<const std::byte> record,
-                           std::vector<std::span<const std::byte>>& fields) {
-  std::string why = detail::DatasetInternals::split_record(d, index, record, fields);
-  if (!why.empty()) return failure(std::move(why));
-  return {};
-}
+Status split_record(const Dataset& d, uint64_t index, std::span<const std::byte> record,
+                    std::vector<std::span<const std::byte>>& fields);
 /// A files tree's sample `index`: its file relative to the root; empty for other formats.
-inline std::string_view sample_file(const Dataset& d, uint64_t index) {
-  return detail::DatasetInternals::sample_file(d, index);
-}
+std::string_view sample_file(const Dataset& d, uint64_t index);
 /// A files tree's sample `index`, opened (O_DIRECT when `direct`) beneath the root; the caller
 /// owns the descriptor. Throws naming the file and the sample.
-inline int open_sample(const Dataset& d, uint64_t index, bool direct) {
-  return detail::DatasetInternals::open_sample(d, index, direct);
-}
+int open_sample(const Dataset& d, uint64_t index, bool direct);
 
 }  // namespace index
 }  // namespace sluice
