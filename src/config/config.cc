@@ -1,20 +1,17 @@
 #include <sluice/options.h>
 
 #include "common/errors.h"
+#include "common/host.h"
 
 #include <fmt/ranges.h>
 
 #include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
-#include <sched.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -661,18 +658,6 @@ void apply_map(LoaderOptions& o, const YAML::Node& map, const std::string& prefi
   }
 }
 
-std::optional<uint32_t> env_uint(const char* name, uint64_t min) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return std::nullopt;
-  uint64_t value = 0;
-  std::string_view s(v);
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
-  if (ec != std::errc() || end != s.data() + s.size() || value < min || value > UINT32_MAX)
-    detail::fail(ErrorCode::kConfig, "environment variable {}=\"{}\": expected an integer >= {}",
-                 name, s, min);
-  return static_cast<uint32_t>(value);
-}
-
 }  // namespace
 
 LoaderOptions LoaderOptions::from_yaml_string(std::string_view text, const std::string& source,
@@ -794,42 +779,21 @@ std::vector<PeerOptions> LoaderOptions::resolved_peers() const {
 
 uint32_t LoaderOptions::resolved_world_size() const {
   if (distributed.world_size) return *distributed.world_size;
-  return env_uint("WORLD_SIZE", 1).value_or(1);
+  return detail::env_uint("WORLD_SIZE", 1).value_or(1);
 }
 
 uint32_t LoaderOptions::resolved_local_world_size() const {
-  return env_uint("LOCAL_WORLD_SIZE", 1).value_or(1);
+  return detail::env_uint("LOCAL_WORLD_SIZE", 1).value_or(1);
 }
 
 uint32_t LoaderOptions::resolved_rank() const {
-  uint32_t rank = distributed.rank ? *distributed.rank : env_uint("RANK", 0).value_or(0);
+  uint32_t rank = distributed.rank ? *distributed.rank : detail::env_uint("RANK", 0).value_or(0);
   uint32_t world = resolved_world_size();
   if (rank >= world)
     detail::fail(ErrorCode::kConfig, "distributed.rank: rank {} is not below world_size {}", rank,
                  world);
   return rank;
 }
-
-namespace {
-
-// CPUs the cgroup's quota allows (cpu.max in v2, cfs_quota_us / cfs_period_us in v1), rounded
-// up; nullopt when there is no quota or it cannot be read.
-std::optional<uint32_t> cgroup_cpus() {
-  auto ratio = [](double quota, double period) -> std::optional<uint32_t> {
-    if (quota <= 0 || period <= 0) return std::nullopt;
-    return static_cast<uint32_t>(std::ceil(quota / period));
-  };
-  std::ifstream v2("/sys/fs/cgroup/cpu.max");
-  std::string quota;
-  double period = 0;
-  if (v2 >> quota >> period) return quota == "max" ? std::nullopt : ratio(std::stod(quota), period);
-  std::ifstream q("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), p("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
-  double v1_quota = 0;
-  if (q >> v1_quota && p >> period) return ratio(v1_quota, period);
-  return std::nullopt;
-}
-
-}  // namespace
 
 uint32_t LoaderOptions::resolved_io_threads(std::string* why, bool direct_io) const {
   if (io.threads) {
@@ -840,15 +804,7 @@ uint32_t LoaderOptions::resolved_io_threads(std::string* why, bool direct_io) co
   // work that scales with threads: 4 of 16 cores gave a quarter of the images (issue 34).
   const uint32_t kMost = transforms.empty() ? 4 : 64;
   constexpr uint32_t kMostWaiting = 16;
-  cpu_set_t set;
-  uint32_t cores = ::sched_getaffinity(0, sizeof set, &set) == 0
-                       ? static_cast<uint32_t>(CPU_COUNT(&set))
-                       : static_cast<uint32_t>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
-  std::string how = fmt::format("{} cores in this process's CPU affinity", cores);
-  if (auto quota = cgroup_cpus(); quota && *quota < cores) {
-    cores = *quota;
-    how = fmt::format("a cgroup CPU quota of {} cores", cores);
-  }
+  const auto [cores, how] = detail::cpu_room();
   const uint32_t ranks = resolved_local_world_size();
   uint32_t threads = std::clamp<uint32_t>(cores / ranks, 1, kMost);
   std::string rule = transforms.empty() ? "at most 4 for reading" : "one per core for transforms";

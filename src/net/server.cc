@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/host.h"
 #include "common/log.h"
 #include "config/io_options.h"
 #include "format/layout.h"
@@ -929,7 +930,7 @@ class ServerImpl final : public ShardServer {
   // loader does), so reads of records skip the page cache and its copy.
   void open_io() {
     DirectFiles direct =
-        open_direct(*dataset_, options_.io.direct, "server io.direct", memory_room());
+        open_direct(*dataset_, options_.io.direct, "server io.direct", detail::memory_room());
     direct_ = direct.on;
     direct_fds_ = std::move(direct.fds);
     warm_ = direct.warm;

@@ -17,6 +17,7 @@
 #include "common/cpu_time.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/host.h"
 #include "common/keep.h"
 #include "common/log.h"
 #include "config/io_options.h"
@@ -382,7 +383,7 @@ class LoaderImpl final : public Loader {
     if (capacity == 0 && c.dir.empty()) {
       // Each rank on the node has a memory cache of its own: the quarter is the node's.
       const uint32_t ranks = options_.resolved_local_world_size();
-      capacity = std::max<uint64_t>(memory_room().bytes / 4 / ranks, 64 << 20);
+      capacity = std::max<uint64_t>(detail::memory_room().bytes / 4 / ranks, 64 << 20);
       why = ranks > 1 ? fmt::format(
                             " (a quarter of the free memory, shared by {} ranks on this "
                             "node)",
@@ -428,7 +429,8 @@ class LoaderImpl final : public Loader {
   void open_files() {
     const auto& shards = dataset_->shards();
     files_ = dataset_->format() == DatasetFormat::kFiles;
-    DirectFiles direct = open_direct(*dataset_, options_.io.direct, "io.direct", memory_room());
+    DirectFiles direct =
+        open_direct(*dataset_, options_.io.direct, "io.direct", detail::memory_room());
     direct_ = direct.on;
     warm_ = direct.warm && !source_;  // a mirror's holes are not worth reading ahead
     if (warm_) direct.why += "; warming it in the background";
