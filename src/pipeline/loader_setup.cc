@@ -2,6 +2,7 @@
 
 #include "cache/mirror.h"
 #include "common/errors.h"
+#include "common/host.h"
 #include "common/log.h"
 #include "memory/cuda.h"
 #include "read/direct.h"
@@ -132,7 +133,7 @@ std::unique_ptr<cache::SampleCache> open_cache(const LoaderParts& p,
   if (capacity == 0 && c.dir.empty()) {
     // Each rank on the node has a memory cache of its own: the quarter is the node's.
     const uint32_t ranks = p.options.resolved_local_world_size();
-    capacity = std::max<uint64_t>(memory_room().bytes / 4 / ranks, 64 << 20);
+    capacity = std::max<uint64_t>(detail::memory_room().bytes / 4 / ranks, 64 << 20);
     why = ranks > 1 ? fmt::format(
                           " (a quarter of the free memory, shared by {} ranks on this "
                           "node)",

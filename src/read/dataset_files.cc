@@ -1,5 +1,6 @@
 #include "read/dataset_files.h"
 
+#include "common/host.h"
 #include "index/internals.h"
 #include "read/direct.h"
 
@@ -11,7 +12,7 @@ namespace sluice::read {
 DatasetFiles::DatasetFiles(std::shared_ptr<const Dataset> dataset, DirectIo mode,
                            const std::string& setting, bool may_warm)
     : dataset_(std::move(dataset)), per_sample_(dataset_->format() == DatasetFormat::kFiles) {
-  DirectFiles direct = open_direct(*dataset_, mode, setting, memory_room());
+  DirectFiles direct = open_direct(*dataset_, mode, setting, detail::memory_room());
   direct_ = direct.on;
   direct_fds_ = std::move(direct.fds);
   warm_ = direct.warm && may_warm;

@@ -7,6 +7,7 @@
 #include <sluice/options.h>
 
 #include "common/file.h"
+#include "common/host.h"
 
 #include <atomic>
 #include <string>
@@ -25,21 +26,13 @@ struct DirectFiles {
   bool warm = false;
 };
 
-/// The memory this process may fill with page cache: /proc/meminfo's MemAvailable, or less
-/// when its memory cgroup (v1 or v2) allows less beside what the cgroup's processes hold.
-struct MemoryRoom {
-  uint64_t bytes = 0;
-  std::string where;  // "MemAvailable" or "memory cgroup /PATH"
-};
-MemoryRoom memory_room();
-
 /// Opens `dataset`'s shards with O_DIRECT and probes one aligned read (for a files tree: of its
 /// first file). kOff: off. kOn: on; throws Error(kUnsupported) "SETTING: true, but ..." when
 /// the probe fails. kAuto: what is fast: through the page cache when the local data fits in
 /// `room` (it stays cached, and readahead brings neighbours an epoch soon needs), O_DIRECT when
 /// it does not (the cache would thrash) and the probe works.
 DirectFiles open_direct(const Dataset& dataset, DirectIo mode, const std::string& setting,
-                        const MemoryRoom& room);
+                        const detail::MemoryRoom& room);
 
 /// Asks the kernel to read `dataset`'s local shards into the page cache (POSIX_FADV_WILLNEED:
 /// large sequential reads, in the background of the caller's own random ones), shard by shard

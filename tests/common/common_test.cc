@@ -1,19 +1,24 @@
 // src/common: descriptors and whole reads and writes, directory replacement, the open-file
-// limit, errno wording, Result, the rate-limited log.
+// limit, errno wording, Result, the rate-limited log, the host's memory, CPUs and environment.
 
 #include "common/cpu_time.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/host.h"
 #include "common/log.h"
 #include "common/result.h"
 #include "test_util.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <string>
+#include <thread>
 
 namespace sluice::detail {
 namespace {
@@ -173,6 +178,81 @@ TEST(CpuTimeTest, GrowsWithWork) {
   for (uint64_t i = 0; i < 200'000'000 && process_cpu_seconds() - before < 0.02; ++i)
     sink = sink + i;
   EXPECT_GT(process_cpu_seconds(), before);
+}
+
+// /proc/meminfo's MemAvailable in bytes, read here apart from the code under test; 0 without it.
+uint64_t mem_available() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kb = 0;
+  while (in >> key >> kb) {  // "MemTotal:  16318888 kB"; HugePages_Total: and others have no unit
+    if (key == "MemAvailable:") return kb << 10;
+    if (in.peek() != '\n') in >> unit;
+  }
+  return 0;
+}
+
+TEST(HostTest, MemoryRoomIsSomeMemoryAndNamesWhereItCameFrom) {
+  const uint64_t before = mem_available();
+  const MemoryRoom room = memory_room();
+  const uint64_t after = mem_available();
+  EXPECT_GT(room.bytes, 0u) << room.where;
+  const bool named = room.where == "MemAvailable" || room.where.starts_with("memory cgroup /") ||
+                     room.where.starts_with("sysinfo: ");
+  EXPECT_TRUE(named) << "where: \"" << room.where << "\"";
+  if (before > 0 && after > 0) {
+    // Never more than the machine has free; exactly MemAvailable when it says so (other
+    // processes move it between the reads: a slack of 256 MiB).
+    constexpr uint64_t kSlack = 256 << 20;
+    EXPECT_LE(room.bytes, std::max(before, after) + kSlack) << room.where;
+    if (room.where == "MemAvailable") {
+      EXPECT_GE(room.bytes + kSlack, std::min(before, after))
+          << room.bytes << " bytes; MemAvailable " << before << " then " << after;
+    }
+  } else {
+    EXPECT_NE(room.where, "MemAvailable") << "no MemAvailable in /proc/meminfo, yet named";
+  }
+}
+
+TEST(HostTest, CpuRoomIsWithinTheAffinityAndSaysWhy) {
+  const CpuRoom cpus = cpu_room();
+  EXPECT_GE(cpus.cores, 1u);
+  cpu_set_t set;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof set, &set), 0);
+  EXPECT_LE(cpus.cores, static_cast<uint32_t>(CPU_COUNT(&set)));
+  if (const unsigned hw = std::thread::hardware_concurrency(); hw > 0) {
+    EXPECT_LE(cpus.cores, hw);
+  }
+  EXPECT_TRUE(cpus.how == fmt::format("{} cores in this process's CPU affinity", cpus.cores) ||
+              cpus.how == fmt::format("a cgroup CPU quota of {} cores", cpus.cores))
+      << cpus.how;
+}
+
+TEST(HostTest, EnvUintParsesWholeNumbersAndRejectsTheRest) {
+  const char* name = "SLUICE_HOST_TEST_UINT";
+  ::unsetenv(name);
+  EXPECT_EQ(env_uint(name, 0), std::nullopt) << "unset";
+  ::setenv(name, "", 1);
+  EXPECT_EQ(env_uint(name, 0), std::nullopt) << "empty";
+  ::setenv(name, "42", 1);
+  EXPECT_EQ(env_uint(name, 1), 42u);
+  ::setenv(name, "4294967295", 1);
+  EXPECT_EQ(env_uint(name, 0), 4294967295u);
+  ::setenv(name, "0", 1);
+  EXPECT_EQ(env_uint(name, 0), 0u);
+  for (const char* bad : {"two", "4x", "-1", " 4", "4294967296", "0"}) {
+    ::setenv(name, bad, 1);
+    try {
+      const auto got = env_uint(name, 1);
+      ADD_FAILURE() << "\"" << bad << "\" read as " << got.value_or(0);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kConfig);
+      EXPECT_EQ(std::string(e.what()), fmt::format("environment variable SLUICE_HOST_TEST_UINT="
+                                                   "\"{}\": expected an integer >= 1",
+                                                   bad));
+    }
+  }
+  ::unsetenv(name);
 }
 
 }  // namespace
