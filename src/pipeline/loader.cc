@@ -142,6 +142,47 @@ struct StepResult {
   std::exception_ptr error;
 };
 
+// A bare std::bad_alloc says nothing a user can act on: name the batch and what it needs.
+std::exception_ptr out_of_memory_named(std::exception_ptr error, const Dataset& dataset,
+                                       const LoaderOptions& options, uint64_t step) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::bad_alloc&) {
+    const uint64_t n = std::max<uint64_t>(dataset.num_samples(), 1);
+    const uint64_t per_batch = dataset.total_bytes() / n * options.batch_size;
+    return std::make_exception_ptr(
+        Error(ErrorCode::kIo,
+              fmt::format("{}: out of memory building batch {} (batch_size {}, about {} MB each, "
+                          "{} in flight): lower batch_size, prefetch or io.threads",
+                          dataset.path().string(), step, options.batch_size, per_batch >> 20,
+                          options.prefetch + options.io.threads),
+              ENOMEM));
+  } catch (...) {
+    return error;
+  }
+}
+
+// Queues the batch's copy to the device on this thread's stream; the consumer's stream waits
+// for `copied` (Batch::use_on_stream), the host never does.
+void copy_to_device(BatchStorage& s, memory::Stream& stream, int index) {
+  if (!s.device) {
+    s.device = std::make_unique<DeviceCopy>();
+    s.device->copied = std::make_unique<memory::Event>(index);
+    s.device->released = std::make_unique<memory::Event>(index);
+  }
+  DeviceCopy& d = *s.device;
+  if (d.release_pending) {  // the consumer's last work on the device buffer
+    d.released->synchronize();
+    d.release_pending = false;
+  }
+  const size_t bytes = s.used_bytes();
+  if (!d.buffer || d.buffer->size() < bytes)
+    d.buffer = std::make_unique<memory::DeviceBuffer>(index, std::max<size_t>(bytes, 1));
+  stream.copy_to_device(d.buffer->data(), s.data.data(), bytes);
+  d.copied->record(stream.handle());
+  d.copy_pending = true;
+}
+
 class LoaderImpl final : public Loader {
  public:
   LoaderImpl(LoaderParts parts, std::shared_ptr<const io::Faults> faults)
@@ -449,7 +490,7 @@ class LoaderImpl final : public Loader {
         t = std::chrono::steady_clock::now();  // the builder accounted for its own time
         if (options_.device.kind == DeviceKind::kCuda) {
           if (!stream) stream = std::make_unique<memory::Stream>(options_.device.index);
-          copy_to_device(*storage, *stream);
+          copy_to_device(*storage, *stream, options_.device.index);
           lap(WorkerStats::kDevice);
         }
         publish(step, {std::move(storage), nullptr});
@@ -463,28 +504,10 @@ class LoaderImpl final : public Loader {
           pool_->release(std::move(storage));
         }
         if (cancel_) return;
-        publish(step, {nullptr, out_of_memory_named(std::current_exception(), step)});
+        publish(step, {nullptr,
+                       out_of_memory_named(std::current_exception(), *dataset_, options_, step)});
         return;
       }
-    }
-  }
-
-  // A bare std::bad_alloc says nothing a user can act on: name the batch and what it needs.
-  std::exception_ptr out_of_memory_named(std::exception_ptr error, uint64_t step) const {
-    try {
-      std::rethrow_exception(error);
-    } catch (const std::bad_alloc&) {
-      const uint64_t n = std::max<uint64_t>(dataset_->num_samples(), 1);
-      const uint64_t per_batch = dataset_->total_bytes() / n * options_.batch_size;
-      return std::make_exception_ptr(
-          Error(ErrorCode::kIo,
-                fmt::format("{}: out of memory building batch {} (batch_size {}, about {} MB each, "
-                            "{} in flight): lower batch_size, prefetch or io.threads",
-                            dataset_->path().string(), step, options_.batch_size, per_batch >> 20,
-                            options_.prefetch + options_.io.threads),
-                ENOMEM));
-    } catch (...) {
-      return error;
     }
   }
 
@@ -498,28 +521,6 @@ class LoaderImpl final : public Loader {
     }
     out.epoch = plan_.state_after(0).epoch;
     out.step = step;
-  }
-
-  // Queues the batch's copy to the device on this thread's stream; the consumer's stream waits
-  // for `copied` (Batch::use_on_stream), the host never does.
-  void copy_to_device(BatchStorage& s, memory::Stream& stream) {
-    const int index = options_.device.index;
-    if (!s.device) {
-      s.device = std::make_unique<DeviceCopy>();
-      s.device->copied = std::make_unique<memory::Event>(index);
-      s.device->released = std::make_unique<memory::Event>(index);
-    }
-    DeviceCopy& d = *s.device;
-    if (d.release_pending) {  // the consumer's last work on the device buffer
-      d.released->synchronize();
-      d.release_pending = false;
-    }
-    const size_t bytes = s.used_bytes();
-    if (!d.buffer || d.buffer->size() < bytes)
-      d.buffer = std::make_unique<memory::DeviceBuffer>(index, std::max<size_t>(bytes, 1));
-    stream.copy_to_device(d.buffer->data(), s.data.data(), bytes);
-    d.copied->record(stream.handle());
-    d.copy_pending = true;
   }
 
   // Set up once (loader_setup.h), in this order.
