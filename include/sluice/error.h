@@ -35,4 +35,8 @@ class SLUICE_EXPORT Error : public std::runtime_error {
   int sys_errno_;
 };
 
+/// The Error for a failed system call: "WHAT: ENAME (strerror)" (`EIO (Input/output error)`),
+/// kNotFound for ENOENT and kIo otherwise; sys_errno() carries `err`.
+SLUICE_EXPORT Error errno_error(int err, const std::string& what);
+
 }  // namespace sluice

@@ -4,7 +4,6 @@
 
 #include "cli/commands.h"
 #include "cli/progress.h"
-#include "common/cpu_time.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -39,7 +38,6 @@ int run_bench(const BenchArgs& args) {
       by_epochs ? args.epochs * loader->num_batches() : static_cast<uint64_t>(args.seconds),
       by_epochs ? "batches" : "s", !args.json);
   auto start = std::chrono::steady_clock::now();
-  const double cpu_start = detail::process_cpu_seconds();
   auto elapsed = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
@@ -64,10 +62,10 @@ int run_bench(const BenchArgs& args) {
     if (!by_epochs && elapsed() >= args.seconds) break;
   }
   double seconds = elapsed();
-  const double cpu = detail::process_cpu_seconds() - cpu_start;
   progress.finish();
   LoaderStats stats = loader->stats();
-  loader.reset();  // joins the loader threads before we report
+  const double cpu = stats.cpu_seconds;  // the process's, since the loader opened
+  loader.reset();                        // joins the loader threads before we report
   double sps = static_cast<double>(stats.samples) / seconds,
          bps = static_cast<double>(stats.bytes) / seconds;
   double wait = seconds > 0 ? stats.wait_seconds / seconds : 0;

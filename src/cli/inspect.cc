@@ -51,7 +51,7 @@ struct ScratchDir {
   fs::path path;
   ScratchDir() {
     std::string tmpl = (fs::temp_directory_path() / "sluice-verify-XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) detail::fail_errno(errno, "make " + tmpl);
+    if (!mkdtemp(tmpl.data())) throw errno_error(errno, "make " + tmpl);
     path = tmpl;
   }
   ~ScratchDir() {

@@ -7,7 +7,6 @@
 #include "cli/commands.h"
 #include "cli/progress.h"
 #include "common/errors.h"
-#include "common/file.h"
 
 #include <fcntl.h>
 #include <nlohmann/json.hpp>

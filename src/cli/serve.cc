@@ -5,7 +5,6 @@
 #include <sluice/server.h>
 
 #include "cli/commands.h"
-#include "common/file.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
