@@ -1,4 +1,4 @@
-// sluice._C's checkpoint file layer (include/sluice/checkpoint.h), for
+// sluice._C's checkpoint file layer (src/checkpoint/files.h), for
 // python/sluice/checkpoint.py's torch.distributed.checkpoint Writer and Reader. Buffers come in
 // as contiguous byte buffers (a tensor's `.view(torch.uint8).reshape(-1).numpy()`); the GIL is
 // released while the IO runs.
@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "checkpoint/files.h"
 
 namespace py = pybind11;
 

@@ -1,6 +1,7 @@
 #include <sluice/checkpoint.h>
 #include <sluice/error.h>
 
+#include "checkpoint/files.h"
 #include "common/errors.h"
 #include "common/file.h"
 #include "common/log.h"

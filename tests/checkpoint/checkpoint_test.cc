@@ -4,6 +4,7 @@
 
 #include <sluice/checkpoint.h>
 
+#include "checkpoint/files.h"
 #include "io/priority.h"
 #include "test_util.h"
 

@@ -7,6 +7,7 @@
 #include <sluice/checkpoint.h>
 #include <sluice/error.h>
 
+#include "checkpoint/files.h"
 #include "net/client.h"
 #include "net/server.h"
 #include "net/wire.h"

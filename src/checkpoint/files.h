@@ -1,0 +1,98 @@
+#pragma once
+
+// The checkpoint file layer under save_checkpoint / load_checkpoint
+// (include/sluice/checkpoint.h): files written and read through the IO engine, staging
+// directories and their publication, and copies to a replica. sluice._C binds it for
+// python/sluice/checkpoint.py (torch.distributed.checkpoint's StorageWriter and StorageReader);
+// it is not part of the public C++ API.
+
+#include <sluice/checkpoint.h>
+
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace sluice {
+
+/// The name a checkpoint directory's copy has on a peer unless CheckpointReplica::name says
+/// otherwise: its name (outside [A-Za-z0-9._-] as '_') and 16 hex digits of XXH3 of its
+/// absolute path ("step-100-3f2a..."), so that two jobs' "step-100" never share a copy while a
+/// replaced node, mounting the same path, finds its own.
+std::string checkpoint_copy_name(const std::filesystem::path& dir);
+
+/// Writes `parts` one after another into a new file `path` (an existing one is truncated), a
+/// checksum per part, and fsyncs it when options.durable. The file's space is reserved first,
+/// so a full disk fails before any write: kIo with ENOSPC naming the path and the bytes needed.
+/// Blocks until done; calls for different paths may run in parallel.
+CheckpointWriteResult write_checkpoint_file(const std::filesystem::path& path,
+                                            std::span<const CheckpointPart> parts,
+                                            const CheckpointOptions& options = {});
+
+/// One part to read back: `extent` of the file into `dest` (of extent.length bytes).
+struct CheckpointReadPart {
+  std::string name;  // what errors call it
+  PartExtent extent;
+  std::span<std::byte> dest;
+};
+
+/// Reads each part into its dest and checks its checksum: kCorruption naming the file, the part
+/// and its range for a mismatch or a file that ends inside the part; kNotFound / kIo as the
+/// system says.
+void read_checkpoint_file(const std::filesystem::path& path,
+                          std::span<const CheckpointReadPart> parts,
+                          const CheckpointOptions& options = {});
+
+/// Makes the complete, durable directory `staging` visible as `dir` in one step: renamed into
+/// place, or exchanged with an existing `dir` (renameat2 RENAME_EXCHANGE), which is then
+/// removed. The parent directory is fsynced when `durable`.
+void publish_checkpoint_dir(const std::filesystem::path& staging, const std::filesystem::path& dir,
+                            bool durable = true);
+
+/// A save's staging directory, `.NAME.partial-XXXXXX` beside the checkpoint `NAME`, made with
+/// the umask's permissions (as mkdir makes the checkpoint's parent). While this object lives it
+/// holds an flock on the directory, so that remove_partial_checkpoints in any process leaves it
+/// alone; publish it before letting go.
+class PartialCheckpointDir {
+ public:
+  PartialCheckpointDir(std::filesystem::path path, int lock_fd)
+      : path_(std::move(path)), fd_(lock_fd) {}
+  PartialCheckpointDir(PartialCheckpointDir&& other) noexcept;
+  PartialCheckpointDir& operator=(PartialCheckpointDir&& other) noexcept;
+  PartialCheckpointDir(const PartialCheckpointDir&) = delete;
+  PartialCheckpointDir& operator=(const PartialCheckpointDir&) = delete;
+  ~PartialCheckpointDir() { release(); }
+
+  const std::filesystem::path& path() const { return path_; }
+  operator const std::filesystem::path&() const { return path_; }
+  /// Lets go of the lock (a published directory is no longer a partial one).
+  void release();
+
+ private:
+  std::filesystem::path path_;
+  int fd_ = -1;
+};
+
+/// A fresh staging directory for `dir`, locked (see PartialCheckpointDir).
+PartialCheckpointDir make_partial_checkpoint_dir(const std::filesystem::path& dir);
+
+/// Removes the staging directories that saves which never finished (killed mid-save) left in
+/// `dir`'s parent, under any checkpoint name: each one no process holds (its flock is free).
+/// Where the file system has no flock, only `dir`'s own are removed, so call it when no save of
+/// `dir` is running. Returns their names.
+std::vector<std::string> remove_partial_checkpoints(const std::filesystem::path& dir);
+
+/// Copies the files `files` of the local checkpoint directory `dir` to the replica as
+/// checkpoint `name` (8 MiB chunks, 4 in flight, each with its XXH3 checksum). A copied file is
+/// durable on the peer but not visible until publish_checkpoint_copy names it. Throws
+/// Error naming the peer, the checkpoint and the file: kConfig without a token, kIo when the
+/// peer is down or fails, kInvalidArgument when it refuses (a bad name, no --checkpoint-dir).
+void copy_checkpoint_files(const CheckpointReplica& replica, const std::string& name,
+                           const std::filesystem::path& dir, std::span<const std::string> files);
+
+/// Makes the copied `files` the replica's checkpoint `name` in one step (replacing an older
+/// copy of it); every file must have been copied. Errors as copy_checkpoint_files.
+void publish_checkpoint_copy(const CheckpointReplica& replica, const std::string& name,
+                             std::span<const std::string> files);
+
+}  // namespace sluice
