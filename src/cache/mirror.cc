@@ -387,7 +387,7 @@ RemoteDataset open_remote_dataset(const LoaderOptions& o, const DatasetOpenOptio
   so.session_token = o.dataset.s3.session_token;
   so.timeout_ms = o.io.timeout_ms;
   RemoteDataset r;
-  r.source = source::open_source(path, so);
+  r.source = source::open_store(path, so);
   r.mirror = open_mirror(*r.source, o.cache);
   DatasetOptions d = o.dataset;
   d.path = r.mirror.path;

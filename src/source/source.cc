@@ -33,7 +33,7 @@ void Source::check(const Range& r) const {
 
 bool is_remote(std::string_view path) { return path.starts_with("s3://"); }
 
-std::unique_ptr<Source> open_source(const std::string& url, const SourceOptions& options) {
+std::unique_ptr<Source> open_store(const std::string& url, const SourceOptions& options) {
   if (is_remote(url)) return detail::open_s3(url, options, {});
   return detail::open_dir(url, options);
 }

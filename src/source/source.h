@@ -83,11 +83,12 @@ class Source {
 /// True for "s3://..." paths.
 bool is_remote(std::string_view path);
 
+/// Opens a store of objects (not a Dataset: Dataset::open_source reads a dataset in place).
 /// "s3://bucket[/prefix]" -> S3 (lists the prefix with ListObjectsV2, paginated, at open; an
 /// empty listing is kNotFound naming the URL; 403/404 as in read()); anything else -> a local
 /// directory read with pread (a "slow shared file system" source; listing recursive, regular
 /// files only; an empty directory is kNotFound too).
-std::unique_ptr<Source> open_source(const std::string& url, const SourceOptions& options = {});
+std::unique_ptr<Source> open_store(const std::string& url, const SourceOptions& options = {});
 
 /// One ListObjectsV2 response page.
 struct ListPage {

@@ -797,7 +797,7 @@ TEST_F(MotoTest, MissingKeyAndMissingBucketAreNotFound) {
   make_bucket("nf-b");
   put("nf-b", "p/a", content(100, 1));
   put("nf-b", "p/gone", content(100, 2));
-  auto src = open_source("s3://nf-b/p");
+  auto src = open_store("s3://nf-b/p");
   ASSERT_EQ(http("DELETE", endpoint_ + "/nf-b/p/gone"), 204);
   std::vector<std::byte> buf(10);
   Range r{src->find("gone").value(), 5, 10, buf.data()};
@@ -808,13 +808,13 @@ TEST_F(MotoTest, MissingKeyAndMissingBucketAreNotFound) {
       << e.what();
   EXPECT_EQ(src->retries(), 0u);
 
-  Error b = expect_error([] { open_source("s3://no-such-bucket-here/x"); });
+  Error b = expect_error([] { open_store("s3://no-such-bucket-here/x"); });
   EXPECT_EQ(b.code(), ErrorCode::kNotFound);
   EXPECT_NE(std::string(b.what()).find("list s3://no-such-bucket-here/x: HTTP 404 NoSuchBucket"),
             std::string::npos)
       << b.what();
 
-  Error empty = expect_error([] { open_source("s3://nf-b/nothing/here"); });
+  Error empty = expect_error([] { open_store("s3://nf-b/nothing/here"); });
   EXPECT_EQ(empty.code(), ErrorCode::kNotFound);
   EXPECT_NE(std::string(empty.what()).find("s3://nf-b/nothing/here: no objects"), std::string::npos)
       << empty.what();
@@ -840,7 +840,7 @@ TEST(DirSourceTest, ListsRecursivelyAndReads) {
   ::mkfifo((dir / "fifo").c_str(), 0644);  // not a regular file: not listed
   SourceOptions options;
   options.max_in_flight = 4;
-  auto src = open_source(dir.path().string(), options);
+  auto src = open_store(dir.path().string(), options);
   EXPECT_FALSE(is_remote(dir.path().string()));
   EXPECT_TRUE(is_remote("s3://b/p"));
   ASSERT_EQ(src->objects().size(), want.size());
@@ -881,10 +881,10 @@ TEST(DirSourceTest, ListsRecursivelyAndReads) {
 
 TEST(DirSourceTest, MissingAndEmptyDirectoriesAreNotFound) {
   TempDir dir;
-  Error missing = expect_error([&] { open_source((dir / "nope").string()); });
+  Error missing = expect_error([&] { open_store((dir / "nope").string()); });
   EXPECT_EQ(missing.code(), ErrorCode::kNotFound);
   EXPECT_NE(std::string(missing.what()).find("nope"), std::string::npos);
-  Error empty = expect_error([&] { open_source(dir.path().string()); });
+  Error empty = expect_error([&] { open_store(dir.path().string()); });
   EXPECT_EQ(empty.code(), ErrorCode::kNotFound);
 }
 

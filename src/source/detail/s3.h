@@ -15,11 +15,11 @@ struct S3Tuning {
   unsigned list_page_size = 1000;  // ListObjectsV2 max-keys (1000 is S3's own maximum)
 };
 
-/// open_source() for an "s3://" URL, with `tuning`.
+/// open_store() for an "s3://" URL, with `tuning`.
 std::unique_ptr<Source> open_s3(const std::string& url, const SourceOptions& options,
                                 const S3Tuning& tuning);
 
-/// open_source() for a directory.
+/// open_store() for a directory.
 std::unique_ptr<Source> open_dir(const std::string& path, const SourceOptions& options);
 
 /// The S3 error body's <Code> and <Message> ("NoSuchKey", "The specified key does not
