@@ -22,7 +22,6 @@
 #include <mutex>
 #include <optional>
 #include <span>
-#include <string_view>
 #include <thread>
 #include <vector>
 

@@ -2,7 +2,6 @@
 
 #include "common/host.h"
 #include "index/internals.h"
-#include "read/direct.h"
 
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -11,18 +10,16 @@ namespace sluice::read {
 
 DatasetFiles::DatasetFiles(std::shared_ptr<const Dataset> dataset, DirectIo mode,
                            const std::string& setting, bool may_warm)
-    : dataset_(std::move(dataset)), per_sample_(dataset_->format() == DatasetFormat::kFiles) {
-  DirectFiles direct = open_direct(*dataset_, mode, setting, detail::memory_room());
-  direct_ = direct.on;
-  direct_fds_ = std::move(direct.fds);
-  warm_ = direct.warm && may_warm;
-  why_ = std::move(direct.why);
-  if (warm_) why_ += "; warming it in the background";
+    : dataset_(std::move(dataset)),
+      per_sample_(dataset_->format() == DatasetFormat::kFiles),
+      direct_(open_direct(*dataset_, mode, setting, detail::memory_room())) {
+  direct_.warm = direct_.warm && may_warm;
+  if (direct_.warm) direct_.why += "; warming it in the background";
   if (per_sample_) {
     fds_ = {index::shard_fd(*dataset_, 0)};
   } else {
     for (uint32_t i = 0; i < dataset_->shards().size(); ++i)
-      fds_.push_back(direct_ ? direct_fds_[i].get() : index::shard_fd(*dataset_, i));
+      fds_.push_back(direct_.on ? direct_.fds[i].get() : index::shard_fd(*dataset_, i));
   }
 }
 
@@ -33,15 +30,15 @@ DatasetFiles::~DatasetFiles() {
     if (!m.empty()) ::munmap(const_cast<std::byte*>(m.data()), m.size());
 }
 
-uint64_t DatasetFiles::alignment() const { return direct_ ? dataset_->alignment() : 1; }
+uint64_t DatasetFiles::alignment() const { return direct_.on ? dataset_->alignment() : 1; }
 
 void DatasetFiles::start_warming() {
-  if (warm_ && !warm_thread_.joinable())
+  if (direct_.warm && !warm_thread_.joinable())
     warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
 }
 
 void DatasetFiles::map_shards() {
-  if (direct_ || per_sample_ || !dataset_->packed() || !maps_.empty()) return;
+  if (direct_.on || per_sample_ || !dataset_->packed() || !maps_.empty()) return;
   maps_.resize(fds_.size());
   for (size_t i = 0; i < fds_.size(); ++i) {
     struct stat st {};

@@ -10,6 +10,7 @@
 
 #include "common/file.h"
 #include "io/engine.h"
+#include "read/direct.h"
 
 #include <atomic>
 #include <cstddef>
@@ -48,7 +49,7 @@ class DatasetFiles {
 
   const Dataset& dataset() const { return *dataset_; }
   /// Reads go through O_DIRECT descriptors (and must be aligned to alignment()).
-  bool direct() const { return direct_; }
+  bool direct() const { return direct_.on; }
   /// A files tree: each sample is its own file, which a read opens (ReadPlan) and closes.
   bool per_sample_files() const { return per_sample_; }
   /// The IO engine's descriptor table, by io::ReadOp::file: one per shard (-1: absent), or a
@@ -57,7 +58,7 @@ class DatasetFiles {
   /// What reads align to: the dataset's block under direct I/O, else 1.
   uint64_t alignment() const;
   /// Under io.direct auto: why it chose what it chose, and that it warms; else "".
-  const std::string& why() const { return why_; }
+  const std::string& why() const { return direct_.why; }
 
   /// Starts reading the local shards into the page cache on a thread of its own (once; nothing
   /// unless `auto` chose the page cache and `may_warm`).
@@ -72,11 +73,8 @@ class DatasetFiles {
 
  private:
   std::shared_ptr<const Dataset> dataset_;
-  bool direct_ = false;
   bool per_sample_ = false;
-  bool warm_ = false;
-  std::string why_;
-  std::vector<detail::UniqueFd> direct_fds_;
+  DirectFiles direct_;  // the io.direct choice (warm: and may_warm) and its descriptors
   std::vector<int> fds_;
   std::vector<std::span<const std::byte>> maps_;
   std::atomic<bool> warm_stop_{false};
