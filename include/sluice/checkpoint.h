@@ -34,9 +34,9 @@ struct CheckpointOptions {
   uint64_t chunk_bytes = 8ull << 20;  // bytes per IO, each from its own 4 KiB-aligned staging
                                       // buffer, reused
   bool durable = true;                // fsync the files and the directories that name them
-  // While a Loader in this process has reads waiting, checkpoint writes take at most this share
-  // of the device's time (one write of at most 1 MiB at a time, then a pause): the loader's
-  // reads go first. 1: no priority for reads.
+  // While a Loader in this process has reads waiting on the same device, checkpoint writes take at
+  // most this share of the device's time (one write of at most 1 MiB at a time, then a pause): the
+  // loader's reads go first. 1: no priority for reads.
   double share = 0.05;
   // save_checkpoint also copies the checkpoint to this peer; load_checkpoint restores from it
   // when the local copy is gone.

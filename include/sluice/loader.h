@@ -83,9 +83,9 @@ struct LoaderStats {
   uint64_t source_requests = 0;
   uint64_t cache_hits = 0;
   uint64_t cache_misses = 0;
-  // Checkpoints written in this process since the loader opened (sluice's checkpoint writer):
-  // their bytes, and how long their writes were held back so that this loader's reads went
-  // first (CheckpointOptions::share).
+  // Checkpoints written in this process since the loader opened (sluice's checkpoint writer)
+  // to the device the loader reads its dataset from: their bytes, and how long their writes
+  // were held back so that the reads went first (CheckpointOptions::share).
   uint64_t checkpoint_bytes = 0;
   double checkpoint_held_seconds = 0;
 

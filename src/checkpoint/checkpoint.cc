@@ -4,10 +4,12 @@
 #include "checkpoint/files.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/keep.h"
 #include "common/log.h"
 #include "format/layout.h"
 #include "io/engine.h"
 #include "io/priority.h"
+#include "io/read_queue.h"
 
 #include <fcntl.h>
 #include <stdio.h>
@@ -90,11 +92,24 @@ std::string range(const fs::path& path, uint64_t offset, uint64_t length) {
   return fmt::format("{} [{}+{}]", path.string(), offset, length);
 }
 
+// Throws what the io driver's failure of `op` ("write" or "read") says, naming file and range.
+[[noreturn]] void fail_io(const fs::path& path, const char* what, const io::ReadOp& op,
+                          const io::ReadFailure& f) {
+  const std::string where = range(path, op.offset, op.length);
+  if (f.error == -ETIMEDOUT)
+    fail(ErrorCode::kIo, "{} {}: not done in {} s (device hung?)", what, where, kStall.count());
+  if (f.error == -ENODATA)
+    fail(ErrorCode::kCorruption, "{}: ends before {} bytes while reading (truncated meanwhile?)",
+         path.string(), op.offset + op.required);
+  detail::fail_errno(-f.error, fmt::format("{} {}", what, where));
+}
+
 }  // namespace
 
 CheckpointWriteResult write_checkpoint_file(const fs::path& path,
                                             std::span<const CheckpointPart> parts,
-                                            const CheckpointOptions& options) {
+                                            const CheckpointOptions& options,
+                                            io::DeviceTraffic* traffic) {
   const auto start = Clock::now();
   const uint32_t depth = std::max<uint32_t>(1, options.queue_depth);
   const uint64_t chunk = std::clamp<uint64_t>(round_down(options.chunk_bytes), kAlign, 1ull << 30);
@@ -122,29 +137,24 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
       detail::fail_errno(rc, "reserve " + std::to_string(total) + " bytes for " + path.string());
   }
 
+  // Each write is a job of the io driver's queue (io/read_queue.h: short writes continued,
+  // EAGAIN retried, a write that does not complete within kStall fails); a job per staging
+  // buffer, so that a buffer is refilled as soon as its write is done.
   auto engine = make_checkpoint_engine(fd.get(), depth);
-  std::vector<Staging> staging;
-  std::vector<uint32_t> free_buffers;
-  struct Io {
-    uint64_t offset = 0, length = 0, done = 0;
+  io::ReadQueue queue(*engine);
+  struct Write {
+    Staging buffer;
+    io::ReadOp op;
+    io::ReadJob job;
     Clock::time_point submitted;
+    bool busy = false;
   };
-  std::vector<Io> ios(depth);
+  std::vector<Write> writes(depth);
   size_t part = 0;
   uint64_t part_at = 0, file_at = 0, in_flight = 0;
-  io::WriteCounters& counters = io::write_counters();
-  auto progress = Clock::now();
-  auto submit = [&](uint32_t b) {
-    const Io& io = ios[b];
-    io::Request r;
-    r.tag = b;
-    r.offset = io.offset + io.done;
-    r.length = static_cast<uint32_t>(io.length - io.done);
-    r.dest = staging[b].get() + io.done;
-    r.write = true;
-    if (int rc = engine->submit(r); rc < 0)
-      detail::fail_errno(-rc, "write " + range(path, r.offset, r.length));
-  };
+  std::shared_ptr<io::DeviceTraffic> own_traffic;
+  if (!traffic) own_traffic = io::DeviceTraffic::for_fd(fd.get());
+  io::DeviceTraffic& t = traffic ? *traffic : *own_traffic;
   // The loader's reads first. While a Loader's reads wait, one write of at most kYieldIo is in
   // flight at a time, and after each the writer holds for as long as the write took times
   // (1 - share) / share: the writes take at most `share` of the device's time, the reads the
@@ -153,39 +163,32 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
   auto next_write = Clock::now();
   auto hold = [&] {
     const auto begin = Clock::now();
-    while (Clock::now() < next_write && io::reads_waiting() > 0)
+    while (Clock::now() < next_write && t.reads_waiting() > 0)
       std::this_thread::sleep_for(std::chrono::microseconds(500));
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - begin);
     result.held_seconds += std::chrono::duration<double>(ns).count();
-    counters.held_ns += static_cast<uint64_t>(ns.count());
+    t.held_ns += static_cast<uint64_t>(ns.count());
   };
   while (file_at < padded || in_flight > 0) {
-    bool yield = share < 1 && io::reads_waiting() > 0;
+    bool yield = share < 1 && t.reads_waiting() > 0;
     if (yield && in_flight == 0 && file_at < padded) {
       hold();
-      yield = io::reads_waiting() > 0;
+      yield = t.reads_waiting() > 0;
     }
     const uint64_t limit = yield ? 1 : depth;
     const uint64_t io_size = yield ? std::min(chunk, kYieldIo) : chunk;
-    while (file_at < padded && in_flight < limit) {
-      uint32_t b;
-      if (!free_buffers.empty()) {
-        b = free_buffers.back();
-        free_buffers.pop_back();
-      } else if (staging.size() < depth) {
-        b = static_cast<uint32_t>(staging.size());
-        staging.push_back(aligned_buffer(chunk));
-      } else {
-        break;
-      }
-      // Fill the buffer from the parts, one after another; the last IO is padded to the
+    for (Write& w : writes) {
+      if (file_at >= padded || in_flight >= limit) break;
+      if (w.busy) continue;
+      if (!w.buffer) w.buffer = aligned_buffer(chunk);
+      // Fill the buffer from the parts, one after another; the last write is padded to the
       // alignment with zeros, cut off again by ftruncate.
       const uint64_t want = std::min(io_size, total - file_at);
       uint64_t filled = 0;
       while (filled < want) {
         const auto& bytes = parts[part].bytes;
         uint64_t n = std::min(want - filled, bytes.size() - part_at);
-        if (n > 0) std::memcpy(staging[b].get() + filled, bytes.data() + part_at, n);
+        if (n > 0) std::memcpy(w.buffer.get() + filled, bytes.data() + part_at, n);
         filled += n;
         part_at += n;
         if (part_at == bytes.size()) {
@@ -194,41 +197,35 @@ CheckpointWriteResult write_checkpoint_file(const fs::path& path,
         }
       }
       const uint64_t length = round_up(want);
-      std::memset(staging[b].get() + want, 0, length - want);
-      ios[b] = {file_at, length, 0, Clock::now()};
-      submit(b);
+      std::memset(w.buffer.get() + want, 0, length - want);
+      w.op = {};
+      w.op.offset = file_at;
+      w.op.length = static_cast<uint32_t>(length);
+      w.op.dest = w.buffer.get();
+      w.op.write = true;
+      w.job.ops = std::span(&w.op, 1);
+      w.submitted = Clock::now();
+      w.job.deadline = w.submitted + kStall;
+      queue.add(&w.job);
+      w.busy = true;
       file_at += length;
       ++in_flight;
     }
-    if (int rc = engine->flush(); rc < 0) detail::fail_errno(-rc, "write " + path.string());
-    if (in_flight == 0) continue;
-    io::Completion done[16];
-    int n = engine->reap(done, kReapWait);
-    if (n < 0) detail::fail_errno(-n, "write " + path.string());
-    if (n > 0) {
-      progress = Clock::now();
-    } else if (Clock::now() - progress > kStall) {
-      fail(ErrorCode::kIo, "write {}: no write completed in {} s (device hung?)", path.string(),
-           kStall.count());
-    }
-    for (int i = 0; i < n; ++i) {
-      const uint32_t b = static_cast<uint32_t>(done[i].tag);
-      Io& io = ios[b];
-      if (done[i].result < 0)
-        detail::fail_errno(-done[i].result, "write " + range(path, io.offset, io.length));
-      if (done[i].result == 0)
-        fail(ErrorCode::kIo, "write {}: the device took no bytes",
-             range(path, io.offset, io.length));
-      io.done += static_cast<uint64_t>(done[i].result);
-      counters.bytes += static_cast<uint64_t>(done[i].result);
-      if (io.done < io.length) {  // a short write: the rest goes again
-        submit(b);
-        continue;
+    if (queue.run_once(kReapWait) == 0) continue;
+    for (Write& w : writes) {
+      if (!w.busy || !w.job.complete) continue;
+      if (w.job.failure.error != 0) {
+        if (w.job.failure.in_flight) {  // writes may still read their buffers: leave them be
+          detail::keep_forever(engine.release());
+          for (Write& x : writes) detail::keep_forever(x.buffer.release());
+        }
+        fail_io(path, "write", w.op, w.job.failure);
       }
+      w.busy = false;
       --in_flight;
-      free_buffers.push_back(b);
+      t.written_bytes += w.op.length;
       if (yield) {
-        const auto took = Clock::now() - io.submitted;
+        const auto took = Clock::now() - w.submitted;
         next_write = Clock::now() +
                      std::chrono::duration_cast<Clock::duration>(took * ((1 - share) / share));
       }
@@ -264,7 +261,7 @@ void read_checkpoint_file(const fs::path& path, std::span<const CheckpointReadPa
             [&](size_t a, size_t b) { return parts[a].extent.offset < parts[b].extent.offset; });
   // The aligned covers of the parts, merged where they touch, cut into chunk-sized IOs.
   struct Io {
-    uint64_t offset = 0, length = 0, needed = 0, done = 0;
+    uint64_t offset = 0, length = 0, needed = 0;
   };
   std::vector<Io> plan;
   for (size_t i : order) {
@@ -274,77 +271,63 @@ void read_checkpoint_file(const fs::path& path, std::span<const CheckpointReadPa
       begin = plan.back().offset + plan.back().length;
     for (uint64_t at = begin; at < end; at += chunk) {
       uint64_t length = std::min(chunk, end - at);
-      plan.push_back({at, length, std::min(at + length, size) - at, 0});
+      plan.push_back({at, length, std::min(at + length, size) - at});
     }
   }
+  // Each read a job of the io driver's queue, as the writes above.
   auto engine = make_checkpoint_engine(fd.get(), depth);
-  std::vector<Staging> staging;
-  std::vector<uint32_t> free_buffers;
-  std::vector<size_t> io_of(depth);  // buffer -> index into plan
-  size_t next = 0, in_flight = 0;
-  auto progress = Clock::now();
-  auto submit = [&](uint32_t b) {
-    const Io& io = plan[io_of[b]];
-    io::Request r;
-    r.tag = b;
-    r.offset = io.offset + io.done;
-    r.length = static_cast<uint32_t>(io.length - io.done);
-    r.dest = staging[b].get() + io.done;
-    if (int rc = engine->submit(r); rc < 0)
-      detail::fail_errno(-rc, "read " + range(path, r.offset, r.length));
+  io::ReadQueue queue(*engine);
+  struct Read {
+    Staging buffer;
+    io::ReadOp op;
+    io::ReadJob job;
+    bool busy = false;
   };
+  std::vector<Read> reads(depth);
+  size_t next = 0, in_flight = 0;
   while (next < plan.size() || in_flight > 0) {
-    while (next < plan.size() && in_flight < depth) {
-      uint32_t b;
-      if (!free_buffers.empty()) {
-        b = free_buffers.back();
-        free_buffers.pop_back();
-      } else {
-        b = static_cast<uint32_t>(staging.size());
-        staging.push_back(aligned_buffer(chunk));
-      }
-      io_of[b] = next++;
-      submit(b);
+    for (Read& r : reads) {
+      if (next >= plan.size()) break;
+      if (r.busy) continue;
+      if (!r.buffer) r.buffer = aligned_buffer(chunk);
+      const Io& io = plan[next++];
+      r.op = {};
+      r.op.offset = io.offset;
+      r.op.length = static_cast<uint32_t>(io.length);
+      r.op.required = static_cast<uint32_t>(io.needed);
+      r.op.dest = r.buffer.get();
+      r.job.ops = std::span(&r.op, 1);
+      r.job.deadline = Clock::now() + kStall;
+      queue.add(&r.job);
+      r.busy = true;
       ++in_flight;
     }
-    if (int rc = engine->flush(); rc < 0) detail::fail_errno(-rc, "read " + path.string());
-    io::Completion done[16];
-    int n = engine->reap(done, kReapWait);
-    if (n < 0) detail::fail_errno(-n, "read " + path.string());
-    if (n > 0) {
-      progress = Clock::now();
-    } else if (Clock::now() - progress > kStall) {
-      fail(ErrorCode::kIo, "read {}: no read completed in {} s (device hung?)", path.string(),
-           kStall.count());
-    }
-    for (int i = 0; i < n; ++i) {
-      const uint32_t b = static_cast<uint32_t>(done[i].tag);
-      Io& io = plan[io_of[b]];
-      if (done[i].result < 0)
-        detail::fail_errno(-done[i].result, "read " + range(path, io.offset, io.length));
-      io.done += static_cast<uint64_t>(done[i].result);
-      if (io.done < io.needed) {
-        if (done[i].result == 0)
-          fail(ErrorCode::kCorruption, "{}: ends at {} bytes while reading (truncated meanwhile?)",
-               path.string(), io.offset + io.done);
-        submit(b);
-        continue;
+    if (queue.run_once(kReapWait) == 0) continue;
+    for (Read& r : reads) {
+      if (!r.busy || !r.job.complete) continue;
+      if (r.job.failure.error != 0) {
+        if (r.job.failure.in_flight) {  // reads may still land in their buffers
+          detail::keep_forever(engine.release());
+          for (Read& x : reads) detail::keep_forever(x.buffer.release());
+        }
+        fail_io(path, "read", r.op, r.job.failure);
       }
+      r.busy = false;
+      --in_flight;
       // Hand the bytes to every part they overlap (parts sorted by offset, disjoint).
+      const uint64_t io_offset = r.op.offset, io_end = r.op.offset + r.op.length;
       auto first = std::partition_point(order.begin(), order.end(), [&](size_t k) {
-        return parts[k].extent.offset + parts[k].extent.length <= io.offset;
+        return parts[k].extent.offset + parts[k].extent.length <= io_offset;
       });
       for (size_t k = static_cast<size_t>(first - order.begin()); k < order.size(); ++k) {
         const auto& p = parts[order[k]];
-        if (p.extent.offset >= io.offset + io.length) break;
-        uint64_t from = std::max(p.extent.offset, io.offset);
-        uint64_t to = std::min(p.extent.offset + p.extent.length, io.offset + io.length);
+        if (p.extent.offset >= io_end) break;
+        uint64_t from = std::max(p.extent.offset, io_offset);
+        uint64_t to = std::min(p.extent.offset + p.extent.length, io_end);
         if (from < to)
-          std::memcpy(p.dest.data() + (from - p.extent.offset),
-                      staging[b].get() + (from - io.offset), to - from);
+          std::memcpy(p.dest.data() + (from - p.extent.offset), r.buffer.get() + (from - io_offset),
+                      to - from);
       }
-      --in_flight;
-      free_buffers.push_back(b);
     }
   }
   for (const auto& p : parts) {

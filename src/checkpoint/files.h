@@ -8,6 +8,8 @@
 
 #include <sluice/checkpoint.h>
 
+#include "io/priority.h"
+
 #include <filesystem>
 #include <span>
 #include <string>
@@ -24,10 +26,13 @@ std::string checkpoint_copy_name(const std::filesystem::path& dir);
 /// Writes `parts` one after another into a new file `path` (an existing one is truncated), a
 /// checksum per part, and fsyncs it when options.durable. The file's space is reserved first,
 /// so a full disk fails before any write: kIo with ENOSPC naming the path and the bytes needed.
-/// Blocks until done; calls for different paths may run in parallel.
+/// Blocks until done; calls for different paths may run in parallel. The writes give way to a
+/// Loader's reads on the same device (`traffic`; null: the file's device's, found by
+/// io::DeviceTraffic::for_fd).
 CheckpointWriteResult write_checkpoint_file(const std::filesystem::path& path,
                                             std::span<const CheckpointPart> parts,
-                                            const CheckpointOptions& options = {});
+                                            const CheckpointOptions& options = {},
+                                            io::DeviceTraffic* traffic = nullptr);
 
 /// One part to read back: `extent` of the file into `dest` (of extent.length bytes).
 struct CheckpointReadPart {

@@ -60,7 +60,7 @@ class Engine {
   }
 };
 
-/// What one read covers, for read_all.
+/// What one read covers, for read_all (or, with `write`, one write: checkpoints).
 struct ReadOp {
   uint32_t file = 0;
   uint64_t offset = 0;
@@ -69,7 +69,8 @@ struct ReadOp {
   // Bytes that must be read (0: all of `length`); past them, end of file ends the op early
   // (a block-aligned cover of a file whose size is not block-aligned).
   uint32_t required = 0;
-  int fd = -1;  // as Request::fd
+  int fd = -1;         // as Request::fd
+  bool write = false;  // write `length` bytes from `dest` to the file; no bytes taken is -EIO
 };
 
 struct ReadFailure {

@@ -40,8 +40,8 @@ int ReadQueue::submit(uint32_t slot, size_t i) {
   ReadJob& job = *slots_[slot];
   const ReadOp& op = job.ops[i];
   uint32_t done = job.done[i];
-  int ret = engine_.submit(
-      {tag_of(slot, i), op.file, op.offset + done, op.length - done, op.dest + done, op.fd});
+  int ret = engine_.submit({tag_of(slot, i), op.file, op.offset + done, op.length - done,
+                            op.dest + done, op.fd, op.write});
   if (ret < 0) return ret;
   ++job.in_flight;
   ++slot_in_flight_[slot];
@@ -65,7 +65,9 @@ void ReadQueue::settle(const Completion& c) {
     if (failure.error == 0) failure = {i, c.result};
   } else if (c.result == 0) {  // end of file: fine once the required bytes are in
     const ReadOp& op = job->ops[i];
-    if (job->done[i] < (op.required ? op.required : op.length) && failure.error == 0)
+    if (failure.error == 0 && op.write)  // a device that takes no bytes would be asked forever
+      failure = {i, -EIO};
+    else if (job->done[i] < (op.required ? op.required : op.length) && failure.error == 0)
       failure = {i, -ENODATA};
   } else {
     job->done[i] += static_cast<uint32_t>(c.result);

@@ -2,8 +2,9 @@
 
 // ReadQueue: keeps one engine's queue full from a FIFO of jobs (each job is one caller's list of
 // reads), oldest job first, so the device sees a steady queue across job boundaries. It owns the
-// policy every read shares: short reads continued, EAGAIN/EINTR retried, the first failure of a
-// job kept and its other reads drained, deadlines enforced. One thread drives it.
+// policy every read shares, and the checkpoint's writes (ReadOp::write) with it: short ones
+// continued, EAGAIN/EINTR retried, the first failure of a job kept and its other ops drained,
+// deadlines enforced. One thread drives it.
 
 #include "io/engine.h"
 #include "io/queue_stats.h"

@@ -198,7 +198,10 @@ class LoaderImpl final : public Loader {
         server_(std::move(parts.server)),
         sampler_(options_.sampler_options(), dataset_->num_samples(), dataset_->shard_sizes()),
         rank_(options_.resolved_rank()),
-        world_(options_.resolved_world_size()) {
+        world_(options_.resolved_world_size()),
+        traffic_(io::DeviceTraffic::for_path(dataset_->path())),
+        checkpoint_bytes_at_open_(traffic_->written_bytes.load()),
+        checkpoint_held_at_open_(traffic_->held_ns.load()) {
     build_options_.transform_skipped = &transform_skipped_;
     pool_ = std::make_shared<BufferPool>(options_.prefetch + options_.io.threads,
                                          options_.max_batches_held, pin_);
@@ -301,10 +304,9 @@ class LoaderImpl final : public Loader {
     s.cpu_seconds = detail::process_cpu_seconds() - cpu_at_open_;
     add_up(service_ ? &service_->stats() : nullptr, {workers_.get(), options_.io.threads}, s);
     s.transform_skipped = transform_skipped_.load();
-    const io::WriteCounters& w = io::write_counters();
-    s.checkpoint_bytes = w.bytes.load() - checkpoint_bytes_at_open_;
+    s.checkpoint_bytes = traffic_->written_bytes.load() - checkpoint_bytes_at_open_;
     s.checkpoint_held_seconds =
-        static_cast<double>(w.held_ns.load() - checkpoint_held_at_open_) / 1e9;
+        static_cast<double>(traffic_->held_ns.load() - checkpoint_held_at_open_) / 1e9;
     if (cache_) {
       cache::CacheStats c = cache_->stats();
       s.source_bytes = c.source_bytes;
@@ -481,10 +483,10 @@ class LoaderImpl final : public Loader {
             std::span<const SampleRef> refs;
             ~Release() { cache->release(step, refs); }
           } release{cache_.get(), step, refs};
-          io::ReadsWaiting reading;  // checkpoint writes give way (io/priority.h)
+          io::DeviceTraffic::ReadsWaiting reading(*traffic_);  // checkpoint writes give way
           builder->build(refs, engine.get(), *storage);
         } else {
-          io::ReadsWaiting reading;
+          io::DeviceTraffic::ReadsWaiting reading(*traffic_);
           builder->build(refs, engine.get(), *storage);
         }
         t = std::chrono::steady_clock::now();  // the builder accounted for its own time
@@ -545,9 +547,11 @@ class LoaderImpl final : public Loader {
   std::vector<std::unique_ptr<BatchBuilder>> builders_;
   std::unique_ptr<WorkerStats[]> workers_;              // per loader thread number, for stats()
   double cpu_at_open_ = detail::process_cpu_seconds();  // stats() reports the CPU used since
-  // The process's checkpoint write counters when this loader opened (stats() reports since).
-  uint64_t checkpoint_bytes_at_open_ = io::write_counters().bytes.load();
-  uint64_t checkpoint_held_at_open_ = io::write_counters().held_ns.load();
+  // The device the dataset's files are on: checkpoint writes to it give way to this loader's
+  // reads (io/priority.h); its write counters when this loader opened (stats() reports since).
+  std::shared_ptr<io::DeviceTraffic> traffic_;
+  uint64_t checkpoint_bytes_at_open_ = 0;
+  uint64_t checkpoint_held_at_open_ = 0;
 
   // Consumer-side state (the consumer thread only).
   RankPlan plan_;

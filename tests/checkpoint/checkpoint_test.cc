@@ -221,18 +221,36 @@ TEST(CheckpointTest, WritesGiveWayWhileALoadersReadsWait) {
   CheckpointOptions o = small_chunks(true);
   o.queue_depth = 8;
   o.share = 0.25;
+  // What a Loader reading a dataset in `tmp` holds: the traffic of its device.
+  auto traffic = io::DeviceTraffic::for_path(tmp.path());
   CheckpointWriteResult free = write_checkpoint_file(tmp / "a", as_parts(data), o);
   EXPECT_EQ(free.held_seconds, 0) << "no reads waited, yet writes were held";
-  uint64_t counted = io::write_counters().held_ns.load();
+  uint64_t counted = traffic->held_ns.load();
   {
-    io::ReadsWaiting reading;  // as a loader's batch in flight
+    io::DeviceTraffic::ReadsWaiting reading(*traffic);  // as a loader's batch in flight
     CheckpointWriteResult held = write_checkpoint_file(tmp / "b", as_parts(data), o);
     EXPECT_GT(held.held_seconds, 0);
     o.share = 1;  // no priority
     CheckpointWriteResult even = write_checkpoint_file(tmp / "c", as_parts(data), o);
     EXPECT_EQ(even.held_seconds, 0);
   }
-  EXPECT_GT(io::write_counters().held_ns.load(), counted);
+  EXPECT_GT(traffic->held_ns.load(), counted);
+  EXPECT_GE(traffic->written_bytes.load(), 3 * data[0].size());
+}
+
+TEST(CheckpointTest, WritesToAnotherDeviceDoNotWaitForTheReads) {
+  testing::TempDir tmp;
+  std::vector<std::vector<std::byte>> data = {bytes(8 << 20, 10)};
+  CheckpointOptions o = small_chunks(true);
+  o.share = 0.25;
+  io::DeviceTraffic other;  // a loader's reads on some other disk
+  io::DeviceTraffic::ReadsWaiting reading(other);
+  CheckpointWriteResult r = write_checkpoint_file(tmp / "a", as_parts(data), o);
+  EXPECT_EQ(r.held_seconds, 0);
+  // The same object passed in as the file's device's: held.
+  CheckpointWriteResult held = write_checkpoint_file(tmp / "b", as_parts(data), o, &other);
+  EXPECT_GT(held.held_seconds, 0);
+  EXPECT_EQ(other.written_bytes.load(), data[0].size());
 }
 
 }  // namespace

@@ -168,6 +168,40 @@ TEST_P(EngineTest, ShortReadsAreCompletedAndEagainRetried) {
   EXPECT_GT(calls, 300);  // the faults made it resubmit
 }
 
+// Checkpoint writes go through the same queue: cut short, refused with EAGAIN, continued.
+TEST_P(EngineTest, ShortWritesAreContinuedAndEagainRetried) {
+  const std::vector<std::byte> want = testing::sample_bytes(5, 6, 1 << 20);
+  detail::UniqueFd out = detail::open_file(tmp_ / "written", O_RDWR | O_CREAT | O_TRUNC);
+  const int files[1] = {out.get()};
+  io::EngineOptions o;
+  o.kind = GetParam();
+  o.queue_depth = 8;
+  int calls = 0;
+  FaultEngine e(io::make_engine(o, files, {}), [&](const io::Request& r) {
+    EXPECT_TRUE(r.write);
+    ++calls;
+    return calls % 3 == 0 ? Fault::kShort : calls % 5 == 0 ? Fault::kAgain : Fault::kNone;
+  });
+  std::vector<io::ReadOp> ops;
+  for (uint32_t at = 0; at < want.size(); at += 64 << 10) {
+    io::ReadOp op{0, at, 64 << 10, const_cast<std::byte*>(want.data()) + at};
+    op.write = true;
+    ops.push_back(op);
+  }
+  ASSERT_EQ(io::read_all(e, ops, deadline()).error, 0);
+  EXPECT_GT(calls, static_cast<int>(ops.size()));  // the faults made it resubmit
+  std::vector<std::byte> got(want.size());
+  detail::pread_full(out.get(), got, 0, "written");
+  EXPECT_TRUE(got == want);
+  // A device that takes no bytes fails the write instead of being asked again forever.
+  FaultEngine none(
+      io::make_engine(o, files, {}),
+      [&](const io::Request& r) { return r.tag == 2 ? Fault::kError : Fault::kNone; }, 0);
+  io::ReadFailure f = io::read_all(none, ops, deadline());
+  EXPECT_EQ(f.error, -EIO);
+  EXPECT_EQ(f.op, 2u);
+}
+
 TEST_P(EngineTest, ErrorsNameTheOpAndDrain) {
   std::vector<std::byte> buffer;
   auto ops = random_ops(100, buffer);
