@@ -8,6 +8,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <variant>
 #include <vector>
 
 namespace sluice {
@@ -137,6 +139,15 @@ enum class TransformErrors {
   kSkip,  // the sample becomes padding (zeros, marked), counted in stats
 };
 
+/// One config value, typed: how Python's sluice.Loader hands over its keyword arguments, with no
+/// YAML text in between (a string stays a string even when it reads as YAML: "a: b", "[x]",
+/// "null"). A mapping keeps its keys in order.
+struct ConfigValue {
+  using List = std::vector<ConfigValue>;
+  using Map = std::vector<std::pair<std::string, ConfigValue>>;
+  std::variant<std::monostate, bool, int64_t, uint64_t, double, std::string, List, Map> value;
+};
+
 /// Everything a Loader needs, as in the YAML config (README.md, "Config"). Plain values with
 /// defaults; every key can be set from YAML, from set() with a dotted key, or directly in C++.
 struct SLUICE_EXPORT LoaderOptions {
@@ -164,8 +175,12 @@ struct SLUICE_EXPORT LoaderOptions {
   static LoaderOptions from_yaml_string(std::string_view text, const std::string& source,
                                         const std::filesystem::path& base_dir = {});
   /// Sets one key by its dotted config name from a YAML scalar, e.g.
-  /// set("shuffle.mode", "block"), set("batch_size", "512"). Same errors as from_yaml.
+  /// set("shuffle.mode", "block"), set("batch_size", "512") (the CLI's --set). Same errors as
+  /// from_yaml.
   void set(std::string_view key, std::string_view yaml_value);
+  /// The same from a typed value: set("batch_size", {int64_t{512}}). The same setters check it
+  /// and word its errors.
+  void set(std::string_view key, const ConfigValue& value);
 
   /// The options as the sampler needs them.
   SamplerOptions sampler_options() const;

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Union
@@ -28,28 +27,16 @@ def _non_negative_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _scalar(value: Any) -> str:
-    """A Python value as the YAML scalar LoaderOptions.set() parses."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return json.dumps(value)  # JSON is YAML: distributed.peers=[{"address": ..., "shards": [...]}]
-    return str(value)
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """{"io": {"threads": 2}} -> [("io.threads", "2")]; dotted keys pass through."""
-    out: list[tuple[str, str]] = []
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """{"io": {"threads": 2}} -> [("io.threads", 2)]; dotted keys pass through. The values go
+    to LoaderOptions.set as they are (typed: no YAML text in between)."""
+    out: list[tuple[str, Any]] = []
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.extend(_flatten(value, name + "."))
         else:
-            out.append((name, _scalar(value)))
+            out.append((name, value))
     return out
 
 
@@ -103,7 +90,7 @@ class Loader:
         **overrides: Any,
     ) -> None:
         path: str | None = None
-        settings: list[tuple[str, str]] = []
+        settings: list[tuple[str, Any]] = []
         if isinstance(config, (str, os.PathLike)):
             path = os.fspath(config)
         elif isinstance(config, Mapping):
@@ -112,9 +99,9 @@ class Loader:
             raise TypeError(f"sluice.Loader: config must be a path or a dict, not {type(config).__name__}")
         settings += _flatten(overrides)
         if rank is not None:
-            settings.append(("distributed.rank", str(int(rank))))
+            settings.append(("distributed.rank", int(rank)))
         if world_size is not None:
-            settings.append(("distributed.world_size", str(int(world_size))))
+            settings.append(("distributed.world_size", int(world_size)))
         if output == "torch":
             # torch is imported here rather than with the package (sluice.Dataset and the
             # writer do not need it), and not at the first batch, where it would cost a second

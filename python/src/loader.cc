@@ -22,13 +22,54 @@ namespace py = pybind11;
 namespace sluice::python {
 namespace {
 
+// A keyword argument's value as the typed config value LoaderOptions::set takes: bool, int,
+// float, str, os.PathLike, None, list/tuple, mapping; a 0-d numpy array or tensor as its item.
+ConfigValue config_value(const std::string& key, const py::handle& v) {
+  if (v.is_none()) return {};
+  if (PyBool_Check(v.ptr())) return {v.cast<bool>()};
+  if (PyLong_Check(v.ptr())) {
+    int overflow = 0;
+    long long i = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow == 0) return {int64_t{i}};
+    if (overflow > 0) {
+      unsigned long long u = PyLong_AsUnsignedLongLong(v.ptr());
+      if (!PyErr_Occurred()) return {uint64_t{u}};
+      PyErr_Clear();
+    }
+    return {py::str(v).cast<std::string>()};  // out of range: the setter names it
+  }
+  if (PyFloat_Check(v.ptr())) return {v.cast<double>()};
+  if (PyUnicode_Check(v.ptr())) return {v.cast<std::string>()};
+  if (py::hasattr(v, "__fspath__"))
+    return {py::module_::import("os").attr("fspath")(v).cast<std::string>()};
+  if (py::isinstance<py::list>(v) || py::isinstance<py::tuple>(v)) {
+    ConfigValue::List list;
+    for (const py::handle item : v) list.push_back(config_value(key, item));
+    return {std::move(list)};
+  }
+  if (py::isinstance(v, py::module_::import("collections.abc").attr("Mapping"))) {
+    ConfigValue::Map map;
+    for (const py::handle k : v) {
+      if (!PyUnicode_Check(k.ptr()))
+        throw py::type_error("sluice.Loader: " + key + ": mapping keys must be strings, got " +
+                             py::repr(k).cast<std::string>());
+      map.emplace_back(k.cast<std::string>(), config_value(key, v[k]));
+    }
+    return {std::move(map)};
+  }
+  if (py::hasattr(v, "item") && py::hasattr(v, "ndim") && v.attr("ndim").cast<int>() == 0)
+    return config_value(key, v.attr("item")());
+  throw py::type_error("sluice.Loader: " + key + ": " + std::string(Py_TYPE(v.ptr())->tp_name) +
+                       " is not a config value");
+}
+
 // One consumer at a time: the C++ Loader is single-consumer, and Python threads may share it.
 class PyLoader {
  public:
   PyLoader(const std::optional<std::string>& config,
-           const std::vector<std::pair<std::string, std::string>>& settings) {
+           const std::vector<std::pair<std::string, py::object>>& settings) {
     LoaderOptions options = config ? LoaderOptions::from_yaml(*config) : LoaderOptions{};
-    for (const auto& [key, value] : settings) options.set(key, value);
+    for (const auto& [key, value] : settings) options.set(key, config_value(key, value));
     {
       py::gil_scoped_release nogil;
       loader_ = Loader::open(options);
@@ -225,7 +266,7 @@ class PyLoader {
 void bind_loader(py::module_& m) {
   py::class_<PyLoader>(m, "Loader")
       .def(py::init<const std::optional<std::string>&,
-                    const std::vector<std::pair<std::string, std::string>>&>(),
+                    const std::vector<std::pair<std::string, py::object>>&>(),
            py::arg("config"), py::arg("settings"))
       .def("next", &PyLoader::next, py::arg("stream") = 0)
       .def_property_readonly("cuda_device",

@@ -62,29 +62,46 @@ LoaderOptions LoaderOptions::from_yaml(const fs::path& path) {
   return from_yaml_string(text.str(), path.string(), fs::absolute(path).parent_path());
 }
 
-void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
+namespace {
+
+// A typed value as the node its key's setter reads: scalars as their text, so that the setters
+// see what the same value written in YAML gives them, strings never parsed as YAML.
+YAML::Node to_node(const ConfigValue& v) {
+  struct Visit {
+    YAML::Node operator()(std::monostate) const { return YAML::Node(YAML::NodeType::Null); }
+    YAML::Node operator()(bool b) const { return YAML::Node(b ? "true" : "false"); }
+    YAML::Node operator()(int64_t i) const { return YAML::Node(fmt::format("{}", i)); }
+    YAML::Node operator()(uint64_t u) const { return YAML::Node(fmt::format("{}", u)); }
+    YAML::Node operator()(double d) const { return YAML::Node(fmt::format("{}", d)); }
+    YAML::Node operator()(const std::string& s) const { return YAML::Node(s); }
+    YAML::Node operator()(const ConfigValue::List& list) const {
+      YAML::Node n(YAML::NodeType::Sequence);
+      for (const auto& item : list) n.push_back(to_node(item));
+      return n;
+    }
+    YAML::Node operator()(const ConfigValue::Map& map) const {
+      YAML::Node n(YAML::NodeType::Map);
+      for (const auto& [key, item] : map) n[key] = to_node(item);
+      return n;
+    }
+  };
+  return std::visit(Visit{}, v.value);
+}
+
+void set_node(LoaderOptions& o, std::string_view key, const YAML::Node& node) {
   const config::Setter* s = config::find_setter(key);
-  std::string source = fmt::format("override {}", key);
-  YAML::Node node;
-  try {
-    node = YAML::Load(std::string(yaml_value));
-  } catch (const YAML::Exception& e) {
-    detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
-  }
+  const std::string overrides = "override";
+  const fs::path cwd = fs::current_path();
+  const config::Context ctx{overrides, cwd, false};
   if (!s && key.starts_with("dataset.fields.")) {  // dataset.fields.json=optional
-    const std::string overrides = "override";
-    fs::path cwd = fs::current_path();
-    config::set_optional(*this, {overrides, cwd}, node,
+    config::set_optional(o, ctx, node,
                          std::string(key.substr(std::string_view("dataset.fields.").size())));
     return;
   }
   if (!s && key.starts_with("transforms.")) {  // one field's steps: transforms.jpg=[...]
-    const std::string overrides = "override";
-    fs::path cwd = fs::current_path();
-    config::set_transform(*this,
-                          config::parse_field_transform(
-                              {overrides, cwd}, node,
-                              std::string(key.substr(std::string_view("transforms.").size()))));
+    config::set_transform(
+        o, config::parse_field_transform(
+               ctx, node, std::string(key.substr(std::string_view("transforms.").size()))));
     return;
   }
   if (!s && key == "dataset" && node.IsScalar())
@@ -93,10 +110,23 @@ void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
     detail::fail(ErrorCode::kConfig, "{}: {}", key,
                  config::section_expected(std::string(key), node));
   if (!s) detail::fail(ErrorCode::kConfig, "{}: unknown key", key);
-  fs::path cwd = fs::current_path();
-  const std::string overrides = "override";
-  config::Context ctx{overrides, cwd};
-  (*s)(*this, node, ctx);
+  (*s)(o, node, ctx);
+}
+
+}  // namespace
+
+void LoaderOptions::set(std::string_view key, std::string_view yaml_value) {
+  YAML::Node node;
+  try {
+    node = YAML::Load(std::string(yaml_value));
+  } catch (const YAML::Exception& e) {
+    detail::fail(ErrorCode::kConfig, "{}: invalid value \"{}\": {}", key, yaml_value, e.msg);
+  }
+  set_node(*this, key, node);
+}
+
+void LoaderOptions::set(std::string_view key, const ConfigValue& value) {
+  set_node(*this, key, to_node(value));
 }
 
 SamplerOptions LoaderOptions::sampler_options() const {
@@ -131,7 +161,7 @@ std::vector<PeerOptions> LoaderOptions::resolved_peers() const {
   yaml += "]";
   std::string source = "environment variable SLUICE_PEERS";
   fs::path none;
-  config::Context ctx{source, none};
+  config::Context ctx{source, none, false};  // one line: its number says nothing
   YAML::Node node;
   try {
     node = YAML::Load(yaml);

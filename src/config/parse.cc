@@ -12,7 +12,7 @@ namespace sluice::config {
 [[noreturn]] void config_error(const Context& ctx, const YAML::Node& node, std::string_view key,
                                const std::string& what) {
   std::string where = ctx.source;
-  if (node.Mark().line >= 0) where += fmt::format(":{}", node.Mark().line + 1);
+  if (ctx.lines && node.Mark().line >= 0) where += fmt::format(":{}", node.Mark().line + 1);
   throw Error(ErrorCode::kConfig, fmt::format("{}: {}: {}", where, key, what));
 }
 

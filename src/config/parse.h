@@ -26,6 +26,7 @@ namespace sluice::config {
 struct Context {
   const std::string& source;
   const std::filesystem::path& base_dir;
+  bool lines = true;  // false for one-value overrides: their line is always 1
 };
 
 // Throws Error(kConfig) "SOURCE:LINE: KEY: WHAT" (no line when the node has no mark).

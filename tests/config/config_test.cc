@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <tuple>
 
 namespace sluice {
 namespace {
@@ -248,6 +249,56 @@ TEST(Config, OverridesByDottedKey) {
   EXPECT_EQ(o.batch_size, 64u);
   EXPECT_THROW(o.set("shuffle.mod", "global"), Error);
   EXPECT_THROW(o.set("batch_size", "-1"), Error);
+}
+
+// Python's keyword arguments come typed: a string is never read as YAML, and each value meets
+// the same setter (and error) as its YAML spelling.
+TEST(Config, TypedValuesMeetTheSameSettersWithoutYaml) {
+  LoaderOptions o;
+  o.set("dataset.path", ConfigValue{std::string("/data/a: [b] #c")});
+  EXPECT_EQ(o.dataset.path, "/data/a: [b] #c");
+  o.set("cache.dir", ConfigValue{std::string("null")});  // a directory called null
+  EXPECT_EQ(o.cache.dir, std::filesystem::current_path() / "null");
+  o.set("batch_size", ConfigValue{int64_t{64}});
+  o.set("drop_last", ConfigValue{false});
+  o.set("seed", ConfigValue{uint64_t{18446744073709551615u}});
+  o.set("io.direct", ConfigValue{std::string("auto")});
+  EXPECT_EQ(o.batch_size, 64u);
+  EXPECT_FALSE(o.drop_last);
+  EXPECT_EQ(o.seed, 18446744073709551615u);
+  ConfigValue::Map peer = {{"address", {std::string("10.0.0.2:7070")}},
+                           {"shards", {ConfigValue::List{{int64_t{0}}, {std::string("5-6")}}}}};
+  o.set("distributed.peers", ConfigValue{ConfigValue::List{{peer}}});
+  ASSERT_EQ(o.distributed.peers.size(), 1u);
+  EXPECT_EQ(o.distributed.peers[0].shards, (std::vector<uint32_t>{0, 5, 6}));
+  ConfigValue::List steps = {{ConfigValue::Map{{"decode", {std::string("rgb")}}}},
+                             {ConfigValue::Map{{"center_crop", {int64_t{64}}}}}};
+  o.set("transforms.jpg", ConfigValue{steps});
+  LoaderOptions t;
+  t.set("transforms.jpg", R"([{"decode": "rgb"}, {"center_crop": 64}])");
+  EXPECT_EQ(o.transforms, t.transforms);
+  auto error = [](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  // The errors are the text path's, word for word (an override's has no line: always 1).
+  for (const auto& [key, typed, text] :
+       std::vector<std::tuple<std::string, ConfigValue, std::string>>{
+           {"batch_size", {int64_t{-1}}, "-1"},
+           {"batch_size", {true}, "true"},
+           {"drop_last", {2.5}, "2.5"},
+           {"shuffle", {std::string("none")}, "none"},
+           {"shuffle.mod", {std::string("global")}, "global"},
+           {"io.threads", {}, "null"}}) {
+    LoaderOptions a, b;
+    std::string typed_error = error([&] { a.set(key, typed); });
+    EXPECT_NE(typed_error, "no error") << key;
+    EXPECT_EQ(typed_error, error([&] { b.set(key, std::string_view(text)); })) << key;
+  }
 }
 
 TEST(Config, RankAndWorldSizeFromTheEnvironment) {

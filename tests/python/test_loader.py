@@ -259,6 +259,19 @@ def test_config_file_and_overrides(mixed: Path, tmp_path: Path) -> None:
     assert epoch_indices(loader) == list(range(N // 50 * 50))
 
 
+def test_keyword_values_are_typed_not_yaml(mixed: Path, tmp_path: Path) -> None:
+    # A path that reads as YAML (a mapping, a list, a comment) stays a path.
+    odd = tmp_path / "ds: [x] #y"
+    odd.symlink_to(mixed)
+    loader = sluice.Loader({"batch_size": 32}, dataset=odd, seed=np.uint64(7), drop_last=np.bool_(True),
+                           io={"threads": np.int32(1)})
+    assert len(loader) == N // 32 and loader.dataset_path == str(odd)
+    with pytest.raises(TypeError, match=r"sluice.Loader: seed: object is not a config value"):
+        sluice.Loader(config(mixed), seed=object())
+    with pytest.raises(ValueError, match=r'override: batch_size: expected a positive integer, got "1.5"'):
+        sluice.Loader(config(mixed), batch_size=1.5)
+
+
 def test_config_errors_are_value_errors(mixed: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match='shuffle.mode: unknown value "globl"'):
         sluice.Loader(config(mixed), shuffle={"mode": "globl"})
