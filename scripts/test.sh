@@ -39,14 +39,14 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== tsan: configure and build the threaded tests (build-tsan)"
   cmake -S . -B build-tsan -G Ninja -DSLUICE_WERROR=ON "${sanitize_flags[@]}" \
     -DSLUICE_SANITIZE=thread -DSLUICE_BUILD_BENCHMARKS=OFF -DSLUICE_BUILD_PYTHON=OFF >/dev/null
-  cmake --build build-tsan -j "$jobs" --target io_test pipeline_test net_test cache_test source_test sluice_cli
+  cmake --build build-tsan -j "$jobs" --target io_test pipeline_test net_test cache_test source_test embed_test sluice_cli
   echo "== tsan: tests"
   # UCX's memory hooks (ucm) patch mmap/malloc in ways ThreadSanitizer's runtime cannot take.
   # They tell UCX's registration cache about freed memory; over TCP and shared memory nothing
   # is registered with a NIC, so turning them off here leaves nothing stale.
   (cd build-tsan && UCX_MEM_EVENTS=no TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" \
      --output-on-failure --timeout 600 \
-     -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|RemoteSlotsTest|PeersTest|ServerTest|ServerFilesTest|CacheTest|RanksTest|FakeS3Test|MotoTest|DirSourceTest)')
+     -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|RemoteSlotsTest|PeersTest|ServerTest|ServerFilesTest|CacheTest|RanksTest|FakeS3Test|MotoTest|DirSourceTest|EmbedTable\.ManyThreads|Shapes/EmbedModelTest)')
 fi
 if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== fuzz: every parser of outside bytes, ${SLUICE_FUZZ_SECONDS:-15} s each (build-fuzz)"

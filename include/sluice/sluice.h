@@ -4,6 +4,7 @@
 
 #include <sluice/checkpoint.h>
 #include <sluice/dataset.h>
+#include <sluice/embedding.h>
 #include <sluice/error.h>
 #include <sluice/export.h>
 #include <sluice/loader.h>

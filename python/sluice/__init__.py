@@ -8,7 +8,8 @@
 See README.md for the config keys and docs/python.md for the iterator's semantics.
 `sluice.torch` (DataLoader for Lightning, IterableDataset) and `sluice.checkpoint`
 (torch.distributed.checkpoint's Writer and Reader) are imported on first use, so that
-`import sluice` does not import torch. `sluice.pack(...)` packs parquet / Arrow data
+`import sluice` does not import torch; so is `sluice.EmbeddingTable` (embedding tables on NVMe,
+which needs numpy). `sluice.pack(...)` packs parquet / Arrow data
 (pyarrow) into a dataset.
 """
 
@@ -17,8 +18,8 @@ from . import distributed
 from ._arrow import pack
 from .loader import Loader
 
-__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "Loader", "__version__", "distributed",
-           "pack"]
+__all__ = ["CorruptionError", "Dataset", "DatasetWriter", "EmbeddingTable", "Loader", "__version__",
+           "distributed", "pack"]
 
 
 def __getattr__(name: str):
@@ -26,4 +27,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("." + name, __name__)
+    if name == "EmbeddingTable":
+        from .embedding import EmbeddingTable
+
+        return EmbeddingTable
     raise AttributeError(f"module 'sluice' has no attribute {name!r}")

@@ -9,5 +9,6 @@ PYBIND11_MODULE(_C, m) {
   sluice::python::bind_dataset(m);
   sluice::python::bind_loader(m);
   sluice::python::bind_checkpoint(m);
+  sluice::python::bind_embedding(m);
   sluice::python::bind_cli(m);
 }

@@ -48,6 +48,16 @@ struct ServeArgs {
   bool json = false;
 };
 
+struct EmbedCreateArgs {
+  std::filesystem::path path;
+  uint64_t rows = 0;
+  uint32_t dim = 0;
+  std::string dtype = "float32";
+  std::string init = "zeros";
+  uint64_t seed = 0;
+  std::string shard_size;  // empty: the default (1 GiB)
+};
+
 // Each returns the process exit code; user errors throw sluice::Error.
 /// Packs Arrow data (parquet files, a directory of them, a `datasets` save_to_disk directory):
 /// the Python package supplies it (pyarrow); the plain binary has none and says so.
@@ -67,6 +77,8 @@ int run_verify(const std::filesystem::path& dataset, bool json);
 int run_order(const OrderArgs& args);
 int run_bench(const BenchArgs& args);
 int run_serve(const ServeArgs& args);
+int run_embed_create(const EmbedCreateArgs& args);
+int run_embed_inspect(const std::filesystem::path& path, bool json);
 
 /// "256M", "1GiB", "4096" -> bytes; throws Error(kInvalidArgument) naming `text`.
 uint64_t parse_size(const std::string& text);

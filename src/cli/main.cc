@@ -1,4 +1,4 @@
-// The `sluice` command line: pack, inspect, verify, order, bench, serve. run() is shared by
+// The `sluice` command line: pack, inspect, verify, order, bench, serve, embed. run() is shared by
 // build/sluice (cli.cc) and the wheel's command (sluice._C.cli).
 
 #include <sluice/sluice.h>
@@ -11,6 +11,16 @@
 #include <cstdio>
 
 namespace sluice::cli {
+
+namespace {
+// "pack", or "embed create": the subcommands chosen, for errors.
+std::string command_name(const CLI::App& app) {
+  std::string name;
+  for (const CLI::App* a = &app; !a->get_subcommands().empty(); a = a->get_subcommands().front())
+    name += (name.empty() ? "" : " ") + a->get_subcommands().front()->get_name();
+  return name;
+}
+}  // namespace
 
 int run(int argc, char** argv, const ArrowPack& arrow) {
   CLI::App app{"sluice: a data loader that keeps GPUs fed"};
@@ -93,6 +103,23 @@ int run(int argc, char** argv, const ArrowPack& arrow) {
       ->check(CLI::IsMember({"auto", "on", "off"}));
   serve_cmd->add_flag("--json", serve.json, "Print the address as JSON once listening");
 
+  EmbedCreateArgs embed;
+  std::filesystem::path embed_path;
+  auto* embed_cmd = app.add_subcommand("embed", "Embedding tables on disk");
+  embed_cmd->require_subcommand(1);
+  auto* embed_create = embed_cmd->add_subcommand("create", "Make a new embedding table");
+  embed_create->add_option("PATH", embed.path, "Table directory (must not exist)")->required();
+  embed_create->add_option("--rows", embed.rows, "Rows")->required();
+  embed_create->add_option("--dim", embed.dim, "Elements per row")->required();
+  embed_create->add_option("--dtype", embed.dtype, "float32, float16 or bfloat16")
+      ->check(CLI::IsMember({"float32", "float16", "bfloat16"}));
+  embed_create->add_option("--init", embed.init, "zeros, normal:STD or uniform:A");
+  embed_create->add_option("--seed", embed.seed, "Seed of the init (default 0)");
+  embed_create->add_option("--shard-size", embed.shard_size, "Largest shard file (default 1G)");
+  auto* embed_inspect = embed_cmd->add_subcommand("inspect", "Describe an embedding table");
+  embed_inspect->add_option("PATH", embed_path, "Table directory")->required();
+  embed_inspect->add_flag("--json", json, "Machine-readable output");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (!shard_size.empty()) pack.shard_bytes = parse_size(shard_size);
@@ -102,11 +129,13 @@ int run(int argc, char** argv, const ArrowPack& arrow) {
     if (*order_cmd) return run_order(order);
     if (*bench_cmd) return run_bench(bench);
     if (*serve_cmd) return run_serve(serve);
+    if (*embed_create) return run_embed_create(embed);
+    if (*embed_inspect) return run_embed_inspect(embed_path, json);
   } catch (const sluice::Error& e) {
-    fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
+    fmt::print(stderr, "sluice {}: {}\n", command_name(app), e.what());
     return e.code() == sluice::ErrorCode::kInvalidArgument ? 2 : 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "sluice {}: {}\n", app.get_subcommands().front()->get_name(), e.what());
+    fmt::print(stderr, "sluice {}: {}\n", command_name(app), e.what());
     return 1;
   }
   return 0;

@@ -1,0 +1,109 @@
+#include "embed/row_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace sluice::embed {
+
+RowCache::RowCache(uint64_t capacity_rows, size_t row_bytes, CachePolicy policy)
+    : capacity_(capacity_rows), row_bytes_(row_bytes), policy_(policy) {
+  rows_.resize(capacity_ * row_bytes_);
+  free_slots_.reserve(capacity_);
+  for (uint64_t s = capacity_; s > 0; --s) free_slots_.push_back(s - 1);
+}
+
+uint64_t RowCache::next_use(int64_t id) const {
+  auto it = uses_.find(id);
+  return it == uses_.end() ? kNever : it->second.front();
+}
+
+void RowCache::set_next(int64_t id, Entry& e, uint64_t next) {
+  by_next_.erase({e.next, id});
+  e.next = next;
+  by_next_.insert({e.next, id});
+}
+
+const std::byte* RowCache::find(int64_t id) {
+  auto it = slot_of_.find(id);
+  if (it == slot_of_.end()) return nullptr;
+  if (policy_ == CachePolicy::kLru) recency_.splice(recency_.begin(), recency_, it->second.lru);
+  return rows_.data() + it->second.slot * row_bytes_;
+}
+
+void RowCache::overwrite(int64_t id, const std::byte* row) {
+  auto it = slot_of_.find(id);
+  if (it != slot_of_.end())
+    std::memcpy(rows_.data() + it->second.slot * row_bytes_, row, row_bytes_);
+}
+
+void RowCache::evict(int64_t id) {
+  auto it = slot_of_.find(id);
+  free_slots_.push_back(it->second.slot);
+  if (policy_ == CachePolicy::kLru)
+    recency_.erase(it->second.lru);
+  else
+    by_next_.erase({it->second.next, id});
+  slot_of_.erase(it);
+}
+
+void RowCache::offer(int64_t id, const std::byte* row) {
+  if (capacity_ == 0) return;
+  if (slot_of_.count(id)) {
+    overwrite(id, row);
+    return;
+  }
+  const uint64_t next = policy_ == CachePolicy::kClairvoyant ? next_use(id) : kNever;
+  if (free_slots_.empty()) {
+    if (policy_ == CachePolicy::kLru) {
+      evict(recency_.back());
+    } else {
+      auto farthest = std::prev(by_next_.end());
+      if (next >= farthest->first) return;  // used later than every cached row: bypass
+      evict(farthest->second);
+    }
+  }
+  Entry e{free_slots_.back(), kNever, {}};
+  free_slots_.pop_back();
+  std::memcpy(rows_.data() + e.slot * row_bytes_, row, row_bytes_);
+  if (policy_ == CachePolicy::kLru) {
+    recency_.push_front(id);
+    e.lru = recency_.begin();
+  } else {
+    e.next = next;
+    by_next_.insert({next, id});
+  }
+  slot_of_.emplace(id, e);
+}
+
+void RowCache::feed(std::span<const int64_t> ids) {
+  if (capacity_ == 0 || policy_ != CachePolicy::kClairvoyant) return;
+  const uint64_t at = consumed_ + future_.size();
+  future_.emplace_back(ids.begin(), ids.end());
+  for (int64_t id : ids) {
+    auto& uses = uses_[id];
+    uses.push_back(at);
+    if (uses.size() == 1) {  // its next use was never: now it is `at`
+      auto it = slot_of_.find(id);
+      if (it != slot_of_.end()) set_next(id, it->second, at);
+    }
+  }
+}
+
+bool RowCache::consume(std::span<const int64_t> ids) {
+  if (future_.empty() ||
+      !std::equal(ids.begin(), ids.end(), future_.front().begin(), future_.front().end()))
+    return false;
+  for (int64_t id : future_.front()) {
+    auto u = uses_.find(id);
+    u->second.pop_front();
+    const uint64_t next = u->second.empty() ? kNever : u->second.front();
+    if (u->second.empty()) uses_.erase(u);
+    auto it = slot_of_.find(id);
+    if (it != slot_of_.end()) set_next(id, it->second, next);
+  }
+  future_.pop_front();
+  ++consumed_;
+  return true;
+}
+
+}  // namespace sluice::embed

@@ -1,0 +1,67 @@
+#pragma once
+
+// Host-memory rows of one table, by id. Clairvoyant: told the ids of future gathers in order
+// (feed), it evicts the row whose next use is farthest and does not admit a row used later
+// than every cached one (Belady's MIN with bypass); LRU: the least recently used goes. Not
+// thread-safe: the table's state lock guards it.
+
+#include <sluice/options.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <list>
+#include <set>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace sluice::embed {
+
+class RowCache {
+ public:
+  RowCache(uint64_t capacity_rows, size_t row_bytes, CachePolicy policy);
+
+  /// The cached row, or null; a hit counts as a use for LRU.
+  const std::byte* find(int64_t id);
+  /// Overwrites a cached row (an update); no-op when `id` is not cached.
+  void overwrite(int64_t id, const std::byte* row);
+  /// Offers a row read from disk; the policy decides whether it stays.
+  void offer(int64_t id, const std::byte* row);
+
+  /// One future gather's ids (sorted, unique), after those fed before.
+  void feed(std::span<const int64_t> ids);
+  /// A gather of `ids` (sorted, unique): when they are the oldest fed batch's, that batch is
+  /// used now and every id's next use moves on. Returns whether it was.
+  bool consume(std::span<const int64_t> ids);
+
+  uint64_t size() const { return slot_of_.size(); }
+  uint64_t future_batches() const { return future_.size(); }
+
+ private:
+  static constexpr uint64_t kNever = UINT64_MAX;
+  struct Entry {
+    uint64_t slot;
+    uint64_t next = kNever;            // clairvoyant: its next use
+    std::list<int64_t>::iterator lru;  // LRU: its place in the recency list
+  };
+  uint64_t next_use(int64_t id) const;
+  void set_next(int64_t id, Entry& e, uint64_t next);
+  void evict(int64_t id);
+
+  uint64_t capacity_;
+  size_t row_bytes_;
+  CachePolicy policy_;
+  std::vector<std::byte> rows_;  // capacity_ x row_bytes_
+  std::vector<uint64_t> free_slots_;
+  std::unordered_map<int64_t, Entry> slot_of_;
+  std::set<std::pair<uint64_t, int64_t>> by_next_;  // clairvoyant: farthest last
+  std::list<int64_t> recency_;                      // LRU: most recent first
+  // The future: fed batches not yet gathered, and per id the positions it is used at.
+  std::deque<std::vector<int64_t>> future_;
+  uint64_t consumed_ = 0;  // position of future_.front()
+  std::unordered_map<int64_t, std::deque<uint64_t>> uses_;
+};
+
+}  // namespace sluice::embed
