@@ -87,6 +87,7 @@ class Loader:
         world_size: int | None = None,
         *,
         output: str = "torch",
+        embeddings: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
         path: str | None = None
@@ -136,6 +137,13 @@ class Loader:
             import torch.cuda
 
             torch.cuda.init()
+        self._as_torch = output == "torch"
+        self._embeddings = self._check_embeddings(dict(embeddings or {}))
+        self._lookahead: Any = None  # the loop's _lookahead.LookAhead, while it runs
+        self._lookahead_batches = 0  # batches the loop with a look-ahead delivers in all
+        # With embeddings: the C++ loader's state after the last batch the consumer was given
+        # (the look-ahead thread takes batches ahead of it); None: the C++ loader's own.
+        self._consumed_state: tuple[int, int] | None = None
         #: LOCAL_RANK as torchrun sets it (0 when unset): the GPU this process should use.
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # The loop in progress: a token its generator holds from its first batch until it has
@@ -145,6 +153,30 @@ class Loader:
         # load_state_dict placed the loader inside an epoch and no loop has started since:
         # set_epoch of that same epoch keeps the place (what Lightning does on resume).
         self._resumed = False
+
+    def _check_embeddings(self, embeddings: dict[str, Any]) -> dict[str, Any]:
+        """Each key an integer field of the dataset, each value an EmbeddingTable."""
+        from .embedding import EmbeddingTable
+
+        fields = {f["name"]: f for f in self._c.fields()}
+        taken = set(fields) | {f"{n}_offsets" for n in fields}
+        for name, table in embeddings.items():
+            if name not in fields:
+                raise ValueError(f"sluice.Loader: embeddings: {name!r} is not a field of the dataset "
+                                 f"(fields: {', '.join(sorted(fields))})")
+            dtype = fields[name]["dtype"]
+            if not dtype.startswith(("int", "uint")):
+                raise ValueError(f"sluice.Loader: embeddings: field {name!r} is {dtype}, not an integer id field")
+            if not isinstance(table, EmbeddingTable):
+                raise TypeError(f"sluice.Loader: embeddings[{name!r}] is a {type(table).__name__}, "
+                                "not a sluice.EmbeddingTable")
+            if table.dtype == "bfloat16" and not self._as_torch:
+                raise ValueError(f"sluice.Loader: embeddings[{name!r}] holds bfloat16, which numpy "
+                                 "has no type for: output=\"torch\"")
+            for key in (f"{name}_unique", f"{name}_inverse", f"{name}_rows"):
+                if key in taken:
+                    raise ValueError(f"sluice.Loader: embeddings: {key!r} is already a field of the dataset")
+        return embeddings
 
     def _loader(self) -> _C.Loader:
         if os.getpid() != self._pid:
@@ -169,6 +201,8 @@ class Loader:
         progress bars (`tqdm(loader, total=loader.batches_left)`) and schedules."""
         loader = self._loader()
         left = loader.batches_left
+        if self._lookahead is not None:  # its thread takes batches ahead of the consumer
+            left = self._lookahead_batches - self._delivered
         if self._running is None and left == 0:
             return loader.batches_per_epoch
         return left
@@ -205,6 +239,9 @@ class Loader:
                 tensors = loader.next(0)
                 if tensors is not None:  # pragma: no cover - the C++ loader's contract
                     raise RuntimeError("sluice.Loader: [internal] a batch past the epoch's end")
+            if self._embeddings:
+                yield from self._epoch_with_rows(loader, token)
+                return
             while True:
                 # device: cuda:N: the current stream waits for the batch's copy (no host sync),
                 # and the batch's device buffer is reused only after the work queued on it.
@@ -225,6 +262,56 @@ class Loader:
             if self._running is token:
                 self._running = None
 
+    def _epoch_with_rows(self, loader: _C.Loader, token: object) -> Iterator[dict[str, Any]]:
+        """_epoch with the embedding look-ahead (sluice/_lookahead.py) between the C++ loader
+        and the consumer."""
+        cuda_device = loader.cuda_device
+        stream = 0
+        if cuda_device >= 0:
+            import torch
+
+            stream = torch.cuda.current_stream(cuda_device).cuda_stream
+        from . import _lookahead  # numpy: only with embeddings
+
+        from_dlpack = self._from_dlpack
+
+        def next_batch() -> dict[str, Any] | None:
+            tensors = loader.next(stream)
+            if tensors is None:
+                return None
+            return {key: value if key == "__key__" else from_dlpack(value) for key, value in tensors}
+
+        device = (f"cuda:{cuda_device}" if cuda_device >= 0
+                  else "pinned" if loader.stats()["pinned"] else "cpu")
+        start = loader.state()
+        self._consumed_state = start
+        self._lookahead_batches = loader.batches_left
+        self._lookahead = _lookahead.LookAhead(next_batch, loader.state, self._lookahead_batches,
+                                               self._embeddings, loader.prefetch, device,
+                                               self._as_torch)
+        try:
+            while True:
+                got = self._lookahead.next()
+                if got is None:
+                    return
+                batch, self._consumed_state = got
+                self._delivered += 1
+                last = self._delivered == self._lookahead_batches
+                if last:
+                    self._running = None
+                yield batch
+                if last:
+                    return
+        finally:
+            taken = self._lookahead.taken
+            self._lookahead.close()
+            self._lookahead = None
+            if taken > self._delivered:  # batches read ahead and never given: back to the place
+                loader.load_state(*self._consumed_state)
+            self._consumed_state = None  # the C++ loader stands at the consumer's place again
+            if self._running is token:
+                self._running = None
+
     def set_epoch(self, epoch: int) -> None:
         """The next loop runs `epoch` from its start (batches read ahead are dropped). Right
         after load_state_dict of a state inside `epoch`, it keeps that place instead. Raises
@@ -239,6 +326,7 @@ class Loader:
         if self._resumed and epoch == loader.state()[0]:
             return  # resuming: the restored place is where this epoch continues
         self._resumed = False
+        self._consumed_state = None
         loader.set_epoch(epoch)
 
     @property
@@ -271,7 +359,7 @@ class Loader:
         """Where the consumer stands, as plain ints that torch.save stores. Loading it on any
         world size delivers exactly the samples not yet delivered in that epoch."""
         loader = self._loader()
-        epoch, position = loader.state()
+        epoch, position = self._consumed_state or loader.state()
         return {
             "version": _STATE_VERSION,
             "epoch": epoch,
@@ -302,6 +390,7 @@ class Loader:
                     f"sluice.Loader.load_state_dict: state is for {key} {state[key]}, this loader has {mine}"
                 )
         loader.load_state(epoch, position)
+        self._consumed_state = None
         self._resumed = True
 
     def stats(self) -> dict[str, Any]:

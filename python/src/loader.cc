@@ -296,6 +296,8 @@ void bind_loader(py::module_& m) {
       .def_property_readonly("dataset_path",
                              [](const PyLoader& l) { return l.get().dataset().path().string(); })
       .def_property_readonly("seed", [](const PyLoader& l) { return l.get().options().seed; })
+      .def_property_readonly("prefetch",
+                             [](const PyLoader& l) { return l.get().options().prefetch; })
       .def_property_readonly("config_yaml",
                              [](const PyLoader& l) { return l.get().options().to_yaml(); });
 }

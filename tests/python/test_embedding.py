@@ -146,3 +146,86 @@ def test_cli_create_and_inspect(tmp_path: Path) -> None:
     text = subprocess.run(cli + ["embed", "inspect", str(tmp_path / "t")], check=True,
                           capture_output=True, text=True).stdout
     assert "5000 rows x 128 float16" in text
+
+
+def id_table(path: Path, rows: int, dim: int, **kwargs) -> sluice.EmbeddingTable:
+    """Row i holds i in every column."""
+    return sluice.EmbeddingTable.from_array(
+        path, np.repeat(np.arange(rows, dtype=np.float32)[:, None], dim, 1), **kwargs)
+
+
+def test_loader_batches_carry_unique_ids_inverse_and_rows(mixed: Path, tmp_path: Path) -> None:
+    from conftest import config
+
+    tokens = id_table(tmp_path / "tokens", 30000, 8, cache_bytes=1 << 20)
+    labels = id_table(tmp_path / "labels", 10, 4)
+    loader = sluice.Loader(config(mixed, drop_last=False),
+                           embeddings={"tokens": tokens, "label": labels})
+    n = 0
+    for batch in loader:
+        for field, table in (("tokens", tokens), ("label", labels)):
+            ids, unique = batch[field], batch[f"{field}_unique"]
+            inverse, rows = batch[f"{field}_inverse"], batch[f"{field}_rows"]
+            assert torch.equal(unique, torch.unique(ids.to(torch.int64)))
+            assert inverse.shape == ids.shape and torch.equal(unique[inverse], ids.to(torch.int64))
+            assert rows.shape == (len(unique), table.dim) and torch.equal(rows[:, 0], unique.float())
+        n += 1
+    assert n == len(loader)
+    # The loader told the clairvoyant cache each batch's ids before gathering them.
+    assert tokens.stats()["gathers"] == n and tokens.stats()["future_batches"] == 0
+    with pytest.raises(ValueError, match=r"field 'feat' is float32, not an integer id field"):
+        sluice.Loader(config(mixed), embeddings={"feat": labels})
+    with pytest.raises(ValueError, match=r"'nope' is not a field of the dataset"):
+        sluice.Loader(config(mixed), embeddings={"nope": labels})
+
+
+def test_a_row_updated_after_its_batch_was_read_ahead_comes_updated(mixed: Path,
+                                                                    tmp_path: Path) -> None:
+    from conftest import config
+
+    tokens = id_table(tmp_path / "tokens", 30000, 8)
+    loader = sluice.Loader(config(mixed, prefetch=4), embeddings={"tokens": tokens})
+    it = iter(loader)
+    first = next(it)
+    assert torch.equal(first["tokens_rows"][:, 0], first["tokens_unique"].float())
+    import time
+
+    deadline = time.monotonic() + 10
+    while loader._lookahead._ready.qsize() < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the next batches gathered with the old rows
+    assert loader._lookahead._ready.qsize() >= 1
+    # Every row changes now; the batches read ahead must carry the new values.
+    tokens.update(np.arange(30000), np.full((30000, 8), -1, np.float32))
+    for batch in it:
+        assert (batch["tokens_rows"] == -1).all(), batch["tokens_unique"][:5]
+
+
+def test_resume_with_embeddings_is_exact(mixed: Path, tmp_path: Path) -> None:
+    from conftest import config
+    from test_loader import real_indices
+
+    tokens = id_table(tmp_path / "tokens", 30000, 8)
+    plain = [real_indices(b) for b in sluice.Loader(config(mixed, drop_last=False))]
+    loader = sluice.Loader(config(mixed, drop_last=False), embeddings={"tokens": tokens})
+    got = []
+    for k, batch in enumerate(loader):
+        got.append(real_indices(batch))
+        if k == 4:
+            # Inside the loop, as a training step saves it: the look-ahead has read further.
+            state = loader.state_dict()
+            break  # and the loader goes back to the consumer's place
+    assert loader.state_dict() == state
+    again = sluice.Loader(config(mixed, drop_last=False), embeddings={"tokens": tokens})
+    again.load_state_dict(state)
+    rest = [real_indices(b) for b in again]
+    assert got + rest == plain
+    # The first loader's next loop goes on from where its consumer stopped, too.
+    assert [real_indices(b) for b in loader] == rest
+    # Elastic: the rest on two ranks covers the same samples.
+    halves = []
+    for rank in (0, 1):
+        r = sluice.Loader(config(mixed, drop_last=False), rank=rank, world_size=2,
+                          embeddings={"tokens": tokens})
+        r.load_state_dict(state)
+        halves += [i for b in r for i in real_indices(b)]
+    assert sorted(halves) == sorted(i for b in rest for i in b)

@@ -1,0 +1,160 @@
+"""The Loader's embedding look-ahead (`sluice.Loader(cfg, embeddings={"FIELD": table})`).
+
+A thread takes batches from the C++ loader ahead of the consumer. For each it makes FIELD's ids
+unique (`FIELD_unique`, `FIELD_inverse`) and tells the table they are a future gather
+(`feed_future`, what the clairvoyant cache evicts by); `depth` batches later it gathers the
+rows (`FIELD_rows`), so each gather is made knowing the ids of the next `depth` batches, and
+the consumer finds `depth` batches with their rows ready. At delivery, rows updated since
+their gather are gathered again: a batch always carries its rows' latest values.
+
+The consumer's place is the C++ loader's state after the last batch it was given (not after
+the last batch the thread took), so state_dict() stays exact; a loop that stops early puts
+the C++ loader back there.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class LookAhead:
+    def __init__(self, next_batch: Callable[[], Any], state: Callable[[], tuple[int, int]],
+                 count: int, embeddings: dict[str, Any], depth: int, device: str,
+                 as_torch: bool) -> None:
+        self._next_batch = next_batch
+        self._state = state
+        self._count = count
+        self._embeddings = embeddings
+        self._depth = max(1, depth)
+        self._device = device
+        self._as_torch = as_torch
+        self._ready: queue.Queue = queue.Queue(maxsize=self._depth)
+        self._stop = threading.Event()
+        self.taken = 0  # batches taken from the C++ loader
+        self._thread = threading.Thread(target=self._run, name="sluice-embeddings", daemon=True)
+        self._thread.start()
+
+    # The thread.
+    def _run(self) -> None:
+        pending: collections.deque = collections.deque()
+        try:
+            for _ in range(self._count):
+                if self._stop.is_set():
+                    return
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                self.taken += 1
+                uniques = {}
+                for field, table in self._embeddings.items():
+                    ids = batch[field]
+                    flat = (ids.detach().cpu().numpy() if hasattr(ids, "detach")
+                            else np.asarray(ids)).reshape(-1)
+                    unique, inverse = np.unique(flat.astype(np.int64, copy=False),
+                                                return_inverse=True)
+                    table.feed_future(unique)
+                    uniques[field] = (unique, inverse.reshape(tuple(ids.shape)))
+                pending.append((batch, self._state(), uniques))
+                if len(pending) > self._depth:
+                    self._put(self._gather(*pending.popleft()))
+            while pending:
+                self._put(self._gather(*pending.popleft()))
+            self._put(_END)
+        except BaseException as e:  # to the consumer, who raises it
+            self._put(_Failed(e))
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        self._release(item)  # stopped: nobody will deliver it
+
+    def _release(self, item: Any) -> None:
+        if isinstance(item, tuple):
+            for field, mark in item[3].items():
+                self._embeddings[field]._updates.release(mark)
+
+    def _tensor(self, array: np.ndarray) -> Any:
+        if not self._as_torch:
+            return array
+        import torch
+
+        t = torch.from_numpy(array)
+        if self._device.startswith("cuda"):
+            return t.pin_memory().to(self._device, non_blocking=True)
+        return t.pin_memory() if self._device == "pinned" else t
+
+    def _ids(self, unique: np.ndarray) -> Any:
+        if not self._as_torch:
+            return unique
+        import torch
+
+        return torch.from_numpy(unique)
+
+    def _gather(self, batch: dict, state: tuple[int, int], uniques: dict) -> tuple:
+        marks = {}
+        for field, (unique, inverse) in uniques.items():
+            table = self._embeddings[field]
+            marks[field] = table._updates.mark()  # before the gather: later updates are redone
+            batch[f"{field}_unique"] = self._tensor(unique)
+            batch[f"{field}_inverse"] = self._tensor(inverse)
+            batch[f"{field}_rows"] = table.gather(self._ids(unique), device=self._device)
+        return batch, state, uniques, marks
+
+    # The consumer.
+    def next(self) -> tuple[dict, tuple[int, int]] | None:
+        """The next batch with its rows, and the C++ loader's state after it; None at the end."""
+        while True:
+            try:
+                item = self._ready.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._ready.empty():
+                    raise RuntimeError("sluice.Loader: [internal] the embedding thread ended "
+                                       "without a word") from None
+        if item is _END:
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        batch, state, uniques, marks = item
+        for field, (unique, _) in uniques.items():
+            table = self._embeddings[field]
+            changed = table._updates.since(marks[field])
+            table._updates.release(marks[field])
+            if changed.size:
+                stale = np.nonzero(np.isin(unique, changed))[0]
+                if stale.size:
+                    rows = batch[f"{field}_rows"]
+                    fresh = table.gather(self._ids(unique[stale]), device=self._device)
+                    if self._as_torch:
+                        import torch
+
+                        rows[torch.from_numpy(stale).to(rows.device)] = fresh
+                    else:
+                        rows[stale] = fresh
+        return batch, state
+
+    def close(self) -> None:
+        """Stops the thread; marks of batches never delivered are released."""
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                self._release(self._ready.get_nowait())
+            except queue.Empty:
+                break
