@@ -139,6 +139,56 @@ def zipf_stream(rows: int, n: int, per: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def lookahead(d: Path, step_ms: float, steps: int, batch_size: int,
+              ahead: bool = True) -> dict[str, float]:
+    """The Loader with embeddings feeding a synthetic training step (a sleep of `step_ms`,
+    as a step whose time is on the GPU, then a sparse update of the batch's rows and a flush
+    every 50 steps): the share of the loop's time spent waiting for the next batch, over the
+    first `steps` steps from a cold table (rows come from disk while the cache fills) and over
+    the `steps` after them. `ahead=False`: the plain Loader, the loop gathering each batch's
+    rows itself (np.unique, then table.gather, counted as waiting)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from train_recsys import DIM as RDIM, FIELDS, make_click_log
+
+    data, table_path, vocab = d / "clicks", d / "clicks-table", 250_000
+    if not data.exists():
+        make_click_log(data, 200_000, vocab, seed=3)
+    shutil.rmtree(table_path, ignore_errors=True)
+    table = sluice.EmbeddingTable.create(table_path, rows=FIELDS * vocab, dim=RDIM,
+                                         init="normal:0.01", cache_bytes=64 << 20)
+    drop_caches()
+    loader = sluice.Loader({"dataset": str(data), "batch_size": batch_size, "seed": 0},
+                           embeddings={"sparse": table} if ahead else None)
+    out = {}
+    it = iter(loader)
+    for phase in ("cold", "warm"):
+        waited, done, start = 0.0, 0, time.perf_counter()
+        while done < steps:
+            t = time.perf_counter()
+            b = next(it, None)
+            waited += time.perf_counter() - t
+            if b is None:
+                loader.set_epoch(loader.epoch + 1)
+                it = iter(loader)
+                continue
+            if not ahead:
+                unique, inverse = np.unique(b["sparse"].numpy(), return_inverse=True)
+                b["sparse_unique"], b["sparse_rows"] = unique, table.gather(unique)
+                waited += time.perf_counter() - t
+            time.sleep(step_ms / 1000)
+            table.update(b["sparse_unique"], b["sparse_rows"] * 0.99)
+            done += 1
+            if done % 50 == 0:
+                table.flush()
+        total = time.perf_counter() - start
+        out[f"{phase}_wait_fraction"] = waited / total
+        out[f"{phase}_steps_per_s"] = done / total
+    out["rows_from_disk"] = table.stats()["rows_from_disk"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, required=True)
@@ -146,6 +196,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--zipf-rows", type=int, default=200_000)
+    ap.add_argument("--step-ms", type=float, default=20.0)
+    ap.add_argument("--parts", default="gather,zipf,lookahead")
     ap.add_argument("--zipf-batches", type=int, default=300)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +211,8 @@ def main() -> None:
         rows.setdefault(name, []).append(value)
         print(f"  {name:44s} {value:14,.0f}", flush=True)
 
-    for r in range(args.rounds):
+    parts = args.parts.split(",")
+    for r in range(args.rounds if "gather" in parts else 0):
         print(f"round {r}", flush=True)
         seed, n = 100 + r, args.rows
         note("fio 4k randread IOPS, best of QD 32/64/128",
@@ -192,42 +245,61 @@ def main() -> None:
         speed, _ = rate(t.gather, n, seed, 1e9, n_t)
         note("sluice gather, warm (rows/s)", speed)
         t.close()
-    # The cache on a Zipf stream over a table of its own: rows read from disk, not timed.
-    zipf_path = args.dir / "zipf-table"
-    if not zipf_path.exists():
-        sluice.EmbeddingTable.create(zipf_path, rows=args.zipf_rows, dim=DIM, seed=2)
-    stream = zipf_stream(args.zipf_rows, args.zipf_batches, BATCH // 4, 7)
-    capacity = args.zipf_rows // 10
-    minimum = belady(stream, capacity)
-    disk = {}
-    for policy in ("clairvoyant", "lru"):
-        t = sluice.EmbeddingTable(zipf_path, cache_bytes=capacity * DIM * 4, policy=policy)
-        if policy == "clairvoyant":
+    results: dict = {"rows": rows}
+    if "gather" in parts:
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        results["medians"] = med
+        print(f"\n{args.rows} rows x {DIM} float32, batches of {BATCH} uniform ids, "
+              f"{args.rounds} rounds, medians")
+        for k, v in med.items():
+            print(f"{k:48s} {v:14,.0f}")
+        cold = med["sluice gather, cold (rows/s)"]
+        print(f"sluice cold / fio IOPS {cold / med['fio 4k randread IOPS, best of QD 32/64/128']:.2f}; "
+              f"/ memmap cold {cold / med['memmap fancy index, cold (rows/s)']:.1f}x; / rocksdb "
+              f"cold {cold / med['rocksdb multi_get, cold (rows/s)']:.1f}x; sluice warm / rocksdb "
+              f"warm {med['sluice gather, warm (rows/s)'] / med['rocksdb multi_get, warm (rows/s)']:.1f}x")
+    if "zipf" in parts:
+        # The cache on a Zipf stream over a table of its own: rows read from disk, not timed.
+        zipf_path = args.dir / "zipf-table"
+        if not zipf_path.exists():
+            sluice.EmbeddingTable.create(zipf_path, rows=args.zipf_rows, dim=DIM, seed=2)
+        stream = zipf_stream(args.zipf_rows, args.zipf_batches, BATCH // 4, 7)
+        capacity = args.zipf_rows // 10
+        minimum = belady(stream, capacity)
+        disk = {}
+        for policy in ("clairvoyant", "lru"):
+            t = sluice.EmbeddingTable(zipf_path, cache_bytes=capacity * DIM * 4, policy=policy)
+            if policy == "clairvoyant":
+                for b in stream:
+                    t.feed_future(b)
             for b in stream:
-                t.feed_future(b)
-        for b in stream:
-            t.gather(b)
-        disk[policy] = t.stats()["rows_from_disk"]
-        t.close()
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"\n{args.rows} rows x {DIM} float32, batches of {BATCH} uniform ids, "
-          f"{args.rounds} rounds, medians")
-    for k, v in med.items():
-        print(f"{k:48s} {v:14,.0f}")
-    fio_iops = med["fio 4k randread IOPS, best of QD 32/64/128"]
-    cold = med["sluice gather, cold (rows/s)"]
-    print(f"sluice cold / fio IOPS {cold / fio_iops:.2f}; / memmap cold "
-          f"{cold / med['memmap fancy index, cold (rows/s)']:.1f}x; / rocksdb cold "
-          f"{cold / med['rocksdb multi_get, cold (rows/s)']:.1f}x; sluice warm / rocksdb warm "
-          f"{med['sluice gather, warm (rows/s)'] / med['rocksdb multi_get, warm (rows/s)']:.1f}x")
-    requests = sum(len(b) for b in stream)
-    print(f"Zipf(1.05) stream: {len(stream)} batches, {requests} row requests, "
-          f"{len({i for b in stream for i in b.tolist()})} distinct rows; cache of {capacity} rows "
-          f"(10% of {args.zipf_rows}): rows from disk Belady's minimum {minimum}, clairvoyant {disk['clairvoyant']} "
-          f"({disk['clairvoyant'] / minimum:.3f}x), LRU {disk['lru']} ({disk['lru'] / minimum:.3f}x)")
-    (args.dir / "results.json").write_text(json.dumps(
-        {"rows": rows, "medians": med, "zipf": {"belady": minimum, **disk}}, indent=1))
-
+                t.gather(b)
+            disk[policy] = t.stats()["rows_from_disk"]
+            t.close()
+        results["zipf"] = {"belady": minimum, **disk}
+        requests = sum(len(b) for b in stream)
+        print(f"Zipf(1.05) stream: {len(stream)} batches, {requests} row requests, "
+              f"{len({i for b in stream for i in b.tolist()})} distinct rows; cache of {capacity} "
+              f"rows (10% of {args.zipf_rows}): rows from disk Belady's minimum {minimum}, "
+              f"clairvoyant {disk['clairvoyant']} ({disk['clairvoyant'] / minimum:.3f}x), "
+              f"LRU {disk['lru']} ({disk['lru'] / minimum:.3f}x)")
+    if "lookahead" in parts:
+        runs, plain = [], []
+        for _ in range(args.rounds):  # alternating
+            runs.append(lookahead(args.dir, args.step_ms, 200, 2048))
+            plain.append(lookahead(args.dir, args.step_ms, 200, 2048, ahead=False))
+        results["lookahead"], results["gather_in_the_loop"] = runs, plain
+        for phase in ("cold", "warm"):
+            waits = [r[f"{phase}_wait_fraction"] for r in plain]
+            print(f"plain Loader, the loop gathers, {phase} table: consumer wait "
+                  f"{statistics.median(waits):.3f} ({', '.join(f'{w:.3f}' for w in waits)}), "
+                  f"{statistics.median(r[f'{phase}_steps_per_s'] for r in plain):.1f} steps/s")
+            waits = [r[f"{phase}_wait_fraction"] for r in runs]
+            print(f"Loader with embeddings, {phase} table ({'the first' if phase == 'cold' else 'the next'} "
+                  f"200 steps), a {args.step_ms:g} ms step + update, batch 2048: consumer wait "
+                  f"{statistics.median(waits):.3f} of the loop ({', '.join(f'{w:.3f}' for w in waits)}), "
+                  f"{statistics.median(r[f'{phase}_steps_per_s'] for r in runs):.1f} steps/s")
+    (args.dir / "results.json").write_text(json.dumps(results, indent=1))
 
 if __name__ == "__main__":
     main()

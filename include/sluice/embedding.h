@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace sluice {
 
@@ -92,9 +93,21 @@ class SLUICE_EXPORT EmbeddingTable {
   /// or a later update, never parts of two.
   virtual void flush() = 0;
   /// Tells the cache one future gather's ids, in the order gathers will come (the clairvoyant
-  /// policy evicts the row whose next use is farthest). A gather of exactly the oldest fed
-  /// batch's ids (as a set) consumes it.
+  /// policy evicts the row whose next use is farthest). A gather of exactly a fed batch's ids
+  /// (as a set) consumes it, and drops the batches fed before it that never came.
   virtual void feed_future(std::span<const int64_t> ids) = 0;
+
+  /// Rows gathered ahead and handed out later (the Loader's look-ahead): mark() before the
+  /// gather; when the rows are handed out, stale(ids, mark) gives the positions in `ids`
+  /// whose rows were updated since (gather those again); then release(mark). Updated ids are
+  /// remembered only while a mark is out.
+  virtual uint64_t mark() = 0;
+  virtual std::vector<uint64_t> stale(std::span<const int64_t> ids, uint64_t mark) const = 0;
+  virtual void release(uint64_t mark) = 0;
+  /// stale() and the gather in one: the rows of `ids` updated since `mark` gathered again into
+  /// their places in `rows` (ids.size() x row_bytes()). Returns how many.
+  virtual size_t refresh(std::span<const int64_t> ids, std::span<std::byte> rows,
+                         uint64_t mark) = 0;
   virtual EmbeddingStats stats() const = 0;
 };
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .embedding import _bytes_view
+
 _END = object()
 
 
@@ -62,9 +64,8 @@ class LookAhead:
                     ids = batch[field]
                     flat = (ids.detach().cpu().numpy() if hasattr(ids, "detach")
                             else np.asarray(ids)).reshape(-1)
-                    unique, inverse = np.unique(flat.astype(np.int64, copy=False),
-                                                return_inverse=True)
-                    table.feed_future(unique)
+                    unique, inverse = table._t.unique_and_feed(
+                        np.ascontiguousarray(flat, dtype=np.int64))
                     uniques[field] = (unique, inverse.reshape(tuple(ids.shape)))
                 pending.append((batch, self._state(), uniques))
                 if len(pending) > self._depth:
@@ -87,7 +88,7 @@ class LookAhead:
     def _release(self, item: Any) -> None:
         if isinstance(item, tuple):
             for field, mark in item[3].items():
-                self._embeddings[field]._updates.release(mark)
+                self._embeddings[field]._t.release(mark)
 
     def _tensor(self, array: np.ndarray) -> Any:
         if not self._as_torch:
@@ -110,7 +111,7 @@ class LookAhead:
         marks = {}
         for field, (unique, inverse) in uniques.items():
             table = self._embeddings[field]
-            marks[field] = table._updates.mark()  # before the gather: later updates are redone
+            marks[field] = table._t.mark()  # before the gather: later updates are redone
             batch[f"{field}_unique"] = self._tensor(unique)
             batch[f"{field}_inverse"] = self._tensor(inverse)
             batch[f"{field}_rows"] = table.gather(self._ids(unique), device=self._device)
@@ -133,20 +134,18 @@ class LookAhead:
             raise item.error
         batch, state, uniques, marks = item
         for field, (unique, _) in uniques.items():
-            table = self._embeddings[field]
-            changed = table._updates.since(marks[field])
-            table._updates.release(marks[field])
-            if changed.size:
-                stale = np.nonzero(np.isin(unique, changed))[0]
+            table, rows = self._embeddings[field], batch[f"{field}_rows"]
+            if not self._device.startswith("cuda"):  # in place, one call without the GIL
+                view = rows.view(np.uint8) if not self._as_torch else _bytes_view(rows)
+                table._t.refresh_into(unique, view, marks[field])
+            else:
+                stale = table._t.stale(unique, marks[field])  # positions updated since
                 if stale.size:
-                    rows = batch[f"{field}_rows"]
-                    fresh = table.gather(self._ids(unique[stale]), device=self._device)
-                    if self._as_torch:
-                        import torch
+                    import torch
 
-                        rows[torch.from_numpy(stale).to(rows.device)] = fresh
-                    else:
-                        rows[stale] = fresh
+                    fresh = table.gather(self._ids(unique[stale]), device=self._device)
+                    rows[torch.from_numpy(stale).to(rows.device)] = fresh
+            table._t.release(marks[field])
         return batch, state
 
     def close(self) -> None:

@@ -13,9 +13,7 @@ ahead. numpy arrays in, numpy out; torch tensors in, torch out (bfloat16 tables 
 
 from __future__ import annotations
 
-import collections
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -58,42 +56,6 @@ def _bytes_view(t: Any) -> np.ndarray:
     return t.view(torch.uint8).numpy() if t.dim() > 0 else t.reshape(1).view(torch.uint8).numpy()
 
 
-class _UpdateLog:
-    """Ids updated since a mark, for the Loader's look-ahead: a batch gathered before an update
-    of its rows is gathered again at delivery. Kept only while marks are out."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._log: collections.deque = collections.deque()  # (seq, ids)
-        self._marks: collections.Counter = collections.Counter()
-
-    def mark(self) -> int:
-        with self._lock:
-            self._marks[self._seq] += 1
-            return self._seq
-
-    def release(self, mark: int) -> None:
-        with self._lock:
-            self._marks[mark] -= 1
-            if self._marks[mark] <= 0:
-                del self._marks[mark]
-            oldest = min(self._marks) if self._marks else self._seq
-            while self._log and self._log[0][0] <= oldest:
-                self._log.popleft()
-
-    def note(self, ids: np.ndarray) -> None:
-        with self._lock:
-            self._seq += 1
-            if self._marks:
-                self._log.append((self._seq, ids.copy()))
-
-    def since(self, mark: int) -> np.ndarray:
-        with self._lock:
-            parts = [ids for seq, ids in self._log if seq > mark]
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
-
-
 class EmbeddingTable:
     """A table of `rows` x `dim` elements on disk. Thread-safe: gathers from many threads,
     updates and flushes from any."""
@@ -102,7 +64,7 @@ class EmbeddingTable:
                  policy: str = "clairvoyant", readonly: bool = False, queue_depth: int = 64) -> None:
         self._t = _C.EmbeddingTable(os.fspath(path), int(cache_bytes), policy, bool(readonly),
                                     int(queue_depth))
-        self._updates = _UpdateLog()
+
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, rows: int, dim: int, dtype: str = "float32",
@@ -185,7 +147,6 @@ class EmbeddingTable:
         data = (_bytes_view(values.detach().cpu().contiguous()) if _is_torch(values)
                 else np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         self._t.update(ids, data)
-        self._updates.note(ids)
 
     def flush(self) -> None:
         """Every update before it is durable: after a crash each row holds its last flushed

@@ -6,7 +6,10 @@
 #include <sluice/embedding.h>
 #include <sluice/error.h>
 
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include <algorithm>
 
 #include "bindings.h"
 
@@ -118,6 +121,64 @@ void bind_embedding(py::module_& m) {
             auto i = ids_of(ids);
             py::gil_scoped_release nogil;
             t.feed_future(i);
+          },
+          py::arg("ids"))
+      .def("mark", &EmbeddingTable::mark)
+      .def("release", &EmbeddingTable::release, py::arg("mark"))
+      .def(
+          "stale",
+          [](const EmbeddingTable& t, const py::buffer& ids, uint64_t mark) {
+            auto i = ids_of(ids);
+            std::vector<uint64_t> positions;
+            {
+              py::gil_scoped_release nogil;
+              positions = t.stale(i, mark);
+            }
+            // Shape and strides spelled out: array_t(count) made a stride-0 array here.
+            py::array_t<int64_t> out(
+                std::vector<py::ssize_t>{static_cast<py::ssize_t>(positions.size())},
+                std::vector<py::ssize_t>{static_cast<py::ssize_t>(sizeof(int64_t))});
+            std::copy(positions.begin(), positions.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("ids"), py::arg("mark"))
+      .def(
+          "refresh_into",
+          [](EmbeddingTable& t, const py::buffer& ids, const py::buffer& rows, uint64_t mark) {
+            auto i = ids_of(ids);
+            auto r = bytes(rows, "rows", true);
+            py::gil_scoped_release nogil;
+            return t.refresh(i, r, mark);
+          },
+          py::arg("ids"), py::arg("rows"), py::arg("mark"))
+      .def(
+          "unique_and_feed",
+          [](EmbeddingTable& t, const py::buffer& ids) {
+            // A batch's ids made unique (sorted) with each id's place among them, and the unique
+            // ids fed to the table's future: the look-ahead's work on a batch, without the GIL.
+            auto i = ids_of(ids);
+            const auto n = static_cast<py::ssize_t>(i.size());
+            py::array_t<int64_t> inverse(std::vector<py::ssize_t>{n}, std::vector<py::ssize_t>{8});
+            std::vector<int64_t> unique;
+            {
+              py::gil_scoped_release nogil;
+              std::vector<uint32_t> order(i.size());
+              for (uint32_t k = 0; k < order.size(); ++k) order[k] = k;
+              std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+                return i[a] < i[b] || (i[a] == i[b] && a < b);
+              });
+              int64_t* inv = inverse.mutable_data();
+              for (uint32_t k : order) {
+                if (unique.empty() || unique.back() != i[k]) unique.push_back(i[k]);
+                inv[k] = static_cast<int64_t>(unique.size() - 1);
+              }
+              t.feed_future(unique);
+            }
+            py::array_t<int64_t> u(
+                std::vector<py::ssize_t>{static_cast<py::ssize_t>(unique.size())},
+                std::vector<py::ssize_t>{8});
+            std::copy(unique.begin(), unique.end(), u.mutable_data());
+            return py::make_tuple(u, inverse);
           },
           py::arg("ids"))
       .def("stats", [](const EmbeddingTable& t) {

@@ -90,19 +90,26 @@ void RowCache::feed(std::span<const int64_t> ids) {
 }
 
 bool RowCache::consume(std::span<const int64_t> ids) {
-  if (future_.empty() ||
-      !std::equal(ids.begin(), ids.end(), future_.front().begin(), future_.front().end()))
-    return false;
-  for (int64_t id : future_.front()) {
-    auto u = uses_.find(id);
-    u->second.pop_front();
-    const uint64_t next = u->second.empty() ? kNever : u->second.front();
-    if (u->second.empty()) uses_.erase(u);
-    auto it = slot_of_.find(id);
-    if (it != slot_of_.end()) set_next(id, it->second, next);
+  // The oldest fed batch, or a later one: batches fed and never gathered (a loop left early)
+  // are dropped with it, so the future does not stall behind them.
+  size_t match = 0;
+  const size_t look = std::min<size_t>(future_.size(), kConsumeWindow);
+  while (match < look &&
+         !std::equal(ids.begin(), ids.end(), future_[match].begin(), future_[match].end()))
+    ++match;
+  if (match == look) return false;
+  for (size_t k = 0; k <= match; ++k) {
+    for (int64_t id : future_.front()) {
+      auto u = uses_.find(id);
+      u->second.pop_front();
+      const uint64_t next = u->second.empty() ? kNever : u->second.front();
+      if (u->second.empty()) uses_.erase(u);
+      auto it = slot_of_.find(id);
+      if (it != slot_of_.end()) set_next(id, it->second, next);
+    }
+    future_.pop_front();
+    ++consumed_;
   }
-  future_.pop_front();
-  ++consumed_;
   return true;
 }
 

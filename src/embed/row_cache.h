@@ -32,9 +32,11 @@ class RowCache {
 
   /// One future gather's ids (sorted, unique), after those fed before.
   void feed(std::span<const int64_t> ids);
-  /// A gather of `ids` (sorted, unique): when they are the oldest fed batch's, that batch is
-  /// used now and every id's next use moves on. Returns whether it was.
+  /// A gather of `ids` (sorted, unique): when they are a fed batch's (the oldest, or one of the
+  /// next kConsumeWindow - 1, the ones before it dropped as never to come), that batch is used
+  /// now and every id's next use moves on. Returns whether it was.
   bool consume(std::span<const int64_t> ids);
+  static constexpr size_t kConsumeWindow = 1024;
 
   uint64_t size() const { return slot_of_.size(); }
   uint64_t future_batches() const { return future_.size(); }

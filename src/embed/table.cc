@@ -24,6 +24,7 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <shared_mutex>
 #include <unordered_map>
 #include <vector>
@@ -71,6 +72,14 @@ class DiskGate {
   bool writing_ = false;
 };
 
+// `ids` sorted, without repeats (ids the look-ahead hands over are already: no sort then).
+std::vector<int64_t> sorted_unique(std::span<const int64_t> ids) {
+  std::vector<int64_t> out(ids.begin(), ids.end());
+  if (!std::is_sorted(out.begin(), out.end())) std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 // One read or write of whole units: `units` units of shard `shard` from unit `first`.
 struct Run {
   uint32_t shard;
@@ -116,10 +125,11 @@ class Table final : public EmbeddingTable {
            "embedding table {}: gather of {} ids into {} bytes (expected {} x {})", path_.string(),
            ids.size(), out.size(), ids.size(), rb);
     check_ids(ids, "gather");
-    std::vector<int64_t> unique(ids.begin(), ids.end());
-    std::sort(unique.begin(), unique.end());
-    unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
-    std::vector<std::byte> rows(unique.size() * rb);
+    const std::vector<int64_t> unique = sorted_unique(ids);
+    // Ids already sorted and unique (the look-ahead's): the rows go straight into `out`.
+    const bool in_place = std::equal(ids.begin(), ids.end(), unique.begin(), unique.end());
+    std::vector<std::byte> scratch(in_place ? 0 : unique.size() * rb);
+    std::span<std::byte> rows = in_place ? out : std::span<std::byte>(scratch);
     std::vector<uint32_t> misses;  // indices into unique, ascending (so by shard and unit)
     uint64_t flushes_seen, hits = 0, dirty = 0;
     {
@@ -150,7 +160,7 @@ class Table final : public EmbeddingTable {
         for (uint32_t u : misses)
           if (!dirty_.count(unique[u])) cache_->offer(unique[u], rows.data() + u * rb);
     }
-    for (size_t i = 0; i < ids.size(); ++i) {
+    for (size_t i = 0; !in_place && i < ids.size(); ++i) {
       const size_t u = static_cast<size_t>(std::lower_bound(unique.begin(), unique.end(), ids[i]) -
                                            unique.begin());
       std::memcpy(out.data() + i * rb, rows.data() + u * rb, rb);
@@ -190,11 +200,54 @@ class Table final : public EmbeddingTable {
 
   void feed_future(std::span<const int64_t> ids) override {
     check_ids(ids, "feed_future");
-    std::vector<int64_t> unique(ids.begin(), ids.end());
-    std::sort(unique.begin(), unique.end());
-    unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
+    const std::vector<int64_t> unique = sorted_unique(ids);
     std::lock_guard lock(state_mu_);
     if (cache_) cache_->feed(unique);
+  }
+
+  uint64_t mark() override {
+    std::lock_guard lock(state_mu_);
+    marks_.insert(update_seq_);
+    return update_seq_;
+  }
+
+  std::vector<uint64_t> stale(std::span<const int64_t> ids, uint64_t mark) const override {
+    std::vector<uint64_t> out;
+    std::lock_guard lock(state_mu_);
+    if (updated_at_.empty() || update_seq_ == mark) return out;
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (auto it = updated_at_.find(ids[i]); it != updated_at_.end() && it->second > mark)
+        out.push_back(i);
+    return out;
+  }
+
+  size_t refresh(std::span<const int64_t> ids, std::span<std::byte> rows, uint64_t mark) override {
+    const size_t rb = layout_.row_bytes;
+    if (rows.size() != ids.size() * rb)
+      fail(ErrorCode::kInvalidArgument,
+           "embedding table {}: refresh of {} ids in {} bytes (expected {} x {})", path_.string(),
+           ids.size(), rows.size(), ids.size(), rb);
+    const std::vector<uint64_t> positions = stale(ids, mark);
+    if (positions.empty()) return 0;
+    std::vector<int64_t> again(positions.size());
+    for (size_t k = 0; k < positions.size(); ++k) again[k] = ids[positions[k]];
+    std::vector<std::byte> fresh(again.size() * rb);
+    gather(again, fresh);
+    for (size_t k = 0; k < positions.size(); ++k)
+      std::memcpy(rows.data() + positions[k] * rb, fresh.data() + k * rb, rb);
+    return positions.size();
+  }
+
+  void release(uint64_t mark) override {
+    std::lock_guard lock(state_mu_);
+    if (auto it = marks_.find(mark); it != marks_.end()) marks_.erase(it);
+    if (marks_.empty()) {
+      updated_at_.clear();
+    } else if (updated_at_.size() > 2 * pruned_size_ + 1024) {
+      const uint64_t oldest = *marks_.begin();
+      std::erase_if(updated_at_, [&](const auto& e) { return e.second <= oldest; });
+      pruned_size_ = updated_at_.size();
+    }
   }
 
   EmbeddingStats stats() const override {
@@ -252,9 +305,12 @@ class Table final : public EmbeddingTable {
       auto [it, added] = dirty_.try_emplace(ids[i], dirty_rows_.size());
       if (added) dirty_rows_.resize(dirty_rows_.size() + rb);
       std::memcpy(dirty_rows_.data() + it->second, rows.data() + i * rb, rb);
-      if (cache_) cache_->overwrite(ids[i], rows.data() + i * rb);
+      if (cache_) cache_->offer(ids[i], rows.data() + i * rb);  // kept past the flush
     }
     stats_.rows_updated += ids.size();
+    ++update_seq_;
+    if (!marks_.empty())
+      for (int64_t id : ids) updated_at_[id] = update_seq_;
   }
 
   // The units that hold `wanted` (indices into `ids`, ascending), merged into runs.
@@ -455,6 +511,11 @@ class Table final : public EmbeddingTable {
   std::optional<embed::RowCache> cache_;
   uint64_t flushes_ = 0;
   EmbeddingStats stats_;
+  // Marks out (mark()), and the ids updated since the oldest of them, by update number.
+  uint64_t update_seq_ = 0;
+  std::multiset<uint64_t> marks_;
+  std::unordered_map<int64_t, uint64_t> updated_at_;
+  size_t pruned_size_ = 0;
 };
 
 }  // namespace

@@ -43,6 +43,15 @@ std::vector<float> row_value(int64_t row, uint32_t version, uint32_t dim) {
   return std::vector<float>(dim, static_cast<float>(row) * 4096.0f + static_cast<float>(version));
 }
 
+// A new table of rows x dim float32 zeros, at TMP/t.
+fs::path zero_table(const testing::TempDir& tmp, uint64_t rows, uint32_t dim) {
+  EmbeddingSpec spec;
+  spec.rows = rows;
+  spec.dim = dim;
+  EmbeddingTable::create(tmp / "t", spec);
+  return tmp / "t";
+}
+
 // Sets `count` random rows (of `rows`) to their (row, version) value.
 void update_random_rows(EmbeddingTable& t, std::mt19937_64& rng, size_t count, uint64_t rows,
                         uint32_t version) {
@@ -222,12 +231,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, EmbedModelTest,
 
 TEST(EmbedTable, BadInputIsNamed) {
   testing::TempDir tmp;
-  EmbeddingSpec spec;
-  spec.rows = 100;
-  spec.dim = 4;
-  EmbeddingTable::create(tmp / "t", spec);
-  EXPECT_NE(error_of([&] { EmbeddingTable::create(tmp / "t", spec); }).find("already exists"),
-            std::string::npos);
+  zero_table(tmp, 100, 4);
+  EXPECT_NE(error_of([&] { zero_table(tmp, 100, 4); }).find("already exists"), std::string::npos);
   auto t = EmbeddingTable::open(tmp / "t");
   std::vector<float> out(3 * 4);
   std::vector<int64_t> ids = {1, 100, 2};
@@ -370,10 +375,7 @@ TEST(EmbedTable, ManyThreadsGatherWhileRowsChange) {
   constexpr uint32_t kDim = 64;
   constexpr uint64_t kRows = 4000;
   testing::TempDir tmp;
-  EmbeddingSpec spec;
-  spec.rows = kRows;
-  spec.dim = kDim;
-  EmbeddingTable::create(tmp / "t", spec);
+  zero_table(tmp, kRows, kDim);
   EmbeddingOptions options;
   options.cache_bytes = 500 * kDim * 4;
   options.policy = CachePolicy::kLru;
@@ -451,13 +453,50 @@ uint64_t belady_misses(const std::vector<std::vector<int64_t>>& batches, uint64_
   return misses;
 }
 
+// What the look-ahead asks at delivery: which rows changed since they were gathered.
+TEST(EmbedTable, StaleNamesTheRowsUpdatedSinceAMark) {
+  testing::TempDir tmp;
+  zero_table(tmp, 100, 2);
+  auto t = EmbeddingTable::open(tmp / "t");
+  std::vector<int64_t> ids = {1, 5, 7, 9};
+  std::vector<float> v(4, -1.0f);
+  std::vector<int64_t> before = {5};
+  t->update(before, std::as_bytes(std::span(v).first(2)));  // no mark out: not remembered
+  const uint64_t m = t->mark();
+  EXPECT_TRUE(t->stale(ids, m).empty());
+  std::vector<int64_t> changed = {9, 1};
+  t->update(changed, std::as_bytes(std::span(v)));
+  EXPECT_EQ(t->stale(ids, m), (std::vector<uint64_t>{0, 3}));
+  const uint64_t later = t->mark();
+  EXPECT_TRUE(t->stale(ids, later).empty());
+  t->release(m);
+  t->release(later);
+  EXPECT_TRUE(t->stale(ids, m).empty());  // no marks out: nothing remembered
+}
+
+// A loop left early leaves fed batches never gathered: the next planned gather drops them.
+TEST(EmbedCache, FedBatchesNeverGatheredDoNotStallTheFuture) {
+  testing::TempDir tmp;
+  zero_table(tmp, 100, 2);
+  EmbeddingOptions o;
+  o.cache_bytes = 10 * 8;
+  auto t = EmbeddingTable::open(tmp / "t", o);
+  const std::vector<std::vector<int64_t>> fed = {{1, 2}, {3, 4}, {5, 6}, {7, 8}};
+  for (const auto& b : fed) t->feed_future(b);
+  std::vector<float> out(4);
+  std::vector<int64_t> unplanned = {9, 10};
+  t->gather(unplanned, std::as_writable_bytes(std::span(out)));
+  EXPECT_EQ(t->stats().future_batches, 4u);
+  t->gather(fed[2], std::as_writable_bytes(std::span(out)));  // {1,2} and {3,4} never came
+  EXPECT_EQ(t->stats().future_batches, 1u);
+  t->gather(fed[3], std::as_writable_bytes(std::span(out)));
+  EXPECT_EQ(t->stats().future_batches, 0u);
+}
+
 TEST(EmbedCache, ClairvoyantReadsWhatBeladysMinimumReadsAndLessThanLru) {
   constexpr uint64_t kRows = 5000;
   testing::TempDir tmp;
-  EmbeddingSpec spec;
-  spec.rows = kRows;
-  spec.dim = 8;
-  EmbeddingTable::create(tmp / "t", spec);
+  zero_table(tmp, kRows, 8);
   // Zipf(1.05) ids, batches of 200 unique ids.
   std::vector<double> cdf(kRows);
   double total = 0;

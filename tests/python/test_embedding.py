@@ -229,3 +229,16 @@ def test_resume_with_embeddings_is_exact(mixed: Path, tmp_path: Path) -> None:
         r.load_state_dict(state)
         halves += [i for b in r for i in real_indices(b)]
     assert sorted(halves) == sorted(i for b in rest for i in b)
+
+
+def test_the_recsys_example_learns(tmp_path: Path) -> None:
+    """examples/train_recsys.py: a DLRM-style model, its table on disk updated by sparse SGD."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_recsys.py"
+    out = subprocess.run([sys.executable, str(example), "--dir", str(tmp_path / "recsys"),
+                          "--samples", "20000", "--epochs", "2"], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after = result["before"], result["after"]
+    assert after["loss"] < before["loss"] - 0.1, result
+    assert after["auc"] > 0.75 > before["auc"], result
+    assert result["table"]["rows_updated"] > 0 and result["table"]["flushes"] > 0
