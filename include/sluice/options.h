@@ -143,9 +143,15 @@ enum class TransformErrors {
 /// YAML text in between (a string stays a string even when it reads as YAML: "a: b", "[x]",
 /// "null"). A mapping keeps its keys in order.
 struct ConfigValue {
+  struct Entry;  // a mapping's key and value (a struct of its own: clang 14 refuses a
+                 // std::pair of the type being defined inside its own variant)
   using List = std::vector<ConfigValue>;
-  using Map = std::vector<std::pair<std::string, ConfigValue>>;
+  using Map = std::vector<Entry>;
   std::variant<std::monostate, bool, int64_t, uint64_t, double, std::string, List, Map> value;
+};
+struct ConfigValue::Entry {
+  std::string key;
+  ConfigValue value;
 };
 
 /// Everything a Loader needs, as in the YAML config (README.md, "Config"). Plain values with

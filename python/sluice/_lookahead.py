@@ -32,6 +32,10 @@ class _Failed:
 
 
 class LookAhead:
+    # Kept on the class: close() may run at interpreter exit (a generator left open), after
+    # the module's globals are gone.
+    _Empty = queue.Empty
+
     def __init__(self, next_batch: Callable[[], Any], state: Callable[[], tuple[int, int]],
                  count: int, embeddings: dict[str, Any], depth: int, device: str,
                  as_torch: bool) -> None:
@@ -155,5 +159,5 @@ class LookAhead:
         while True:
             try:
                 self._release(self._ready.get_nowait())
-            except queue.Empty:
+            except self._Empty:
                 break

@@ -53,7 +53,7 @@ ConfigValue config_value(const std::string& key, const py::handle& v) {
       if (!PyUnicode_Check(k.ptr()))
         throw py::type_error("sluice.Loader: " + key + ": mapping keys must be strings, got " +
                              py::repr(k).cast<std::string>());
-      map.emplace_back(k.cast<std::string>(), config_value(key, v[k]));
+      map.push_back({k.cast<std::string>(), config_value(key, v[k])});
     }
     return {std::move(map)};
   }

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <fstream>
-#include <tuple>
 
 namespace sluice {
 namespace {
@@ -286,18 +285,21 @@ TEST(Config, TypedValuesMeetTheSameSettersWithoutYaml) {
     return std::string("no error");
   };
   // The errors are the text path's, word for word (an override's has no line: always 1).
-  for (const auto& [key, typed, text] :
-       std::vector<std::tuple<std::string, ConfigValue, std::string>>{
-           {"batch_size", {int64_t{-1}}, "-1"},
-           {"batch_size", {true}, "true"},
-           {"drop_last", {2.5}, "2.5"},
-           {"shuffle", {std::string("none")}, "none"},
-           {"shuffle.mod", {std::string("global")}, "global"},
-           {"io.threads", {}, "null"}}) {
+  struct Case {
+    std::string key;
+    ConfigValue typed;
+    std::string text;
+  };
+  for (const Case& c : std::vector<Case>{{"batch_size", {int64_t{-1}}, "-1"},
+                                         {"batch_size", {true}, "true"},
+                                         {"drop_last", {2.5}, "2.5"},
+                                         {"shuffle", {std::string("none")}, "none"},
+                                         {"shuffle.mod", {std::string("global")}, "global"},
+                                         {"io.threads", {}, "null"}}) {
     LoaderOptions a, b;
-    std::string typed_error = error([&] { a.set(key, typed); });
-    EXPECT_NE(typed_error, "no error") << key;
-    EXPECT_EQ(typed_error, error([&] { b.set(key, std::string_view(text)); })) << key;
+    std::string typed_error = error([&] { a.set(c.key, c.typed); });
+    EXPECT_NE(typed_error, "no error") << c.key;
+    EXPECT_EQ(typed_error, error([&] { b.set(c.key, std::string_view(c.text)); })) << c.key;
   }
 }
 
