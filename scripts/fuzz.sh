@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-20}
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_manifest fuzz_index fuzz_config fuzz_wire fuzz_handshake fuzz_sources fuzz_s3_list fuzz_image)
+[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_manifest fuzz_index fuzz_config fuzz_wire fuzz_handshake fuzz_sources fuzz_s3_list fuzz_image fuzz_embed)
 jobs=$(nproc)
 CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DSLUICE_FUZZ=ON -DSLUICE_SANITIZE=address,undefined -DSLUICE_BUILD_TESTS=OFF \

@@ -49,6 +49,8 @@ size_t element_bytes(EmbeddingDtype dtype) { return dtype == EmbeddingDtype::kFl
 
 namespace {
 
+constexpr uint64_t kMaxShards = 1 << 20;
+
 // Writes one shard: its rows unit by unit, from `data` or the init, in 4 MiB pieces.
 void write_shard(const fs::path& file, const embed::Layout& l, uint64_t shard,
                  const EmbeddingSpec& spec, const embed::Init& init, const std::byte* data) {
@@ -98,6 +100,14 @@ void EmbeddingTable::create(const fs::path& path, const EmbeddingSpec& spec,
   std::error_code ec;
   if (fs::exists(path, ec))
     fail(ErrorCode::kInvalidArgument, "embedding table {}: already exists", path.string());
+  const uint64_t row_bytes = uint64_t{spec.dim} * element_bytes(spec.dtype);
+  const uint64_t shards =
+      spec.rows / std::max<uint64_t>(1, spec.shard_bytes / std::max<uint64_t>(row_bytes, 1)) + 1;
+  if (shards > kMaxShards)
+    fail(ErrorCode::kInvalidArgument,
+         "embedding table {}: {} rows of {} bytes need about {} shard files of {} bytes (at most "
+         "{}): raise shard_bytes",
+         path.string(), spec.rows, row_bytes, shards, spec.shard_bytes, kMaxShards);
   const embed::Layout l = embed::Layout::make(spec.rows, spec.dim, spec.dtype, spec.shard_bytes);
   const fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
   fs::create_directories(parent, ec);

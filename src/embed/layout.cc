@@ -18,7 +18,18 @@ using detail::fail;
 
 namespace {
 constexpr const char* kFormat = "sluice-embedding";
-constexpr int kVersion = 1;
+constexpr uint64_t kVersion = 1;
+
+// A manifest number: an integer in [0, max]. A float or a negative number is damage (and
+// converting one would be undefined).
+uint64_t number(const nlohmann::json& j, const char* key, const fs::path& file,
+                uint64_t max = UINT64_MAX) {
+  const auto& v = j.at(key);
+  if (!v.is_number_unsigned() || v.get<uint64_t>() > max)
+    fail(ErrorCode::kCorruption, "{}: {}: expected an integer from 0 to {}, got {}", file.string(),
+         key, max, v.dump());
+  return v.get<uint64_t>();
+}
 }  // namespace
 
 Layout Layout::make(uint64_t rows, uint32_t dim, EmbeddingDtype dtype, uint64_t shard_bytes) {
@@ -85,11 +96,11 @@ Layout read_manifest(const fs::path& dir) {
     if (m.at("format").get<std::string>() != kFormat)
       fail(ErrorCode::kCorruption, "{}: format \"{}\", not {}", file.string(),
            m.at("format").get<std::string>(), kFormat);
-    if (m.at("version").get<int>() != kVersion)
-      fail(ErrorCode::kUnsupported, "{}: version {} (this sluice reads {})", file.string(),
-           m.at("version").get<int>(), kVersion);
-    const auto rows = m.at("rows").get<uint64_t>();
-    const auto dim = m.at("dim").get<uint32_t>();
+    if (const uint64_t version = number(m, "version", file); version != kVersion)
+      fail(ErrorCode::kUnsupported, "{}: version {} (this sluice reads {})", file.string(), version,
+           kVersion);
+    const uint64_t rows = number(m, "rows", file);
+    const auto dim = static_cast<uint32_t>(number(m, "dim", file, UINT32_MAX));
     EmbeddingDtype dtype;
     try {
       dtype = embedding_dtype(m.at("dtype").get<std::string>());
@@ -98,7 +109,7 @@ Layout read_manifest(const fs::path& dir) {
     }
     if (rows == 0 || dim == 0) fail(ErrorCode::kCorruption, "{}: rows or dim is 0", file.string());
     const auto shard_files = m.at("shards");
-    const uint64_t rows_per_shard = m.at("rows_per_shard").get<uint64_t>();
+    const uint64_t rows_per_shard = number(m, "rows_per_shard", file);
     // The layout is a function of (rows, dim, dtype, rows per shard): recompute and compare.
     const uint64_t row_bytes = uint64_t{dim} * element_bytes(dtype);
     const uint64_t unit = row_bytes <= kPage ? kPage : (row_bytes + kPage - 1) / kPage * kPage;
@@ -106,18 +117,23 @@ Layout read_manifest(const fs::path& dir) {
     if (rows_per_shard == 0 || rows_per_shard % per_unit != 0)
       fail(ErrorCode::kCorruption, "{}: rows_per_shard {} is not a whole number of units",
            file.string(), rows_per_shard);
+    // The shard list first: a damaged row count must not make a layout of 2^50 shards.
+    if (rows > (uint64_t{1} << 62) || rows_per_shard / per_unit > UINT64_MAX / unit ||
+        rows / rows_per_shard + (rows % rows_per_shard != 0) != shard_files.size())
+      fail(ErrorCode::kCorruption, "{}: {} rows in shards of {} do not make its {} shards",
+           file.string(), rows, rows_per_shard, shard_files.size());
     Layout l = Layout::make(rows, dim, dtype, rows_per_shard / per_unit * unit);
-    if (m.at("row_bytes").get<uint64_t>() != l.row_bytes ||
-        m.at("unit_bytes").get<uint64_t>() != l.unit_bytes ||
-        m.at("rows_per_unit").get<uint64_t>() != l.rows_per_unit ||
-        l.rows_per_shard != rows_per_shard || shard_files.size() != l.shards())
+    if (number(m, "row_bytes", file) != l.row_bytes ||
+        number(m, "unit_bytes", file) != l.unit_bytes ||
+        number(m, "rows_per_unit", file) != l.rows_per_unit || l.rows_per_shard != rows_per_shard ||
+        shard_files.size() != l.shards())
       fail(ErrorCode::kCorruption, "{}: the layout fields disagree with rows, dim and dtype",
            file.string());
     for (uint64_t s = 0; s < l.shards(); ++s) {
       const auto& e = shard_files.at(s);
       if (e.at("file").get<std::string>() != l.shard_files[s] ||
-          e.at("rows").get<uint64_t>() != l.rows_in_shard(s) ||
-          e.at("bytes").get<uint64_t>() != l.shard_bytes(s))
+          number(e, "rows", file) != l.rows_in_shard(s) ||
+          number(e, "bytes", file) != l.shard_bytes(s))
         fail(ErrorCode::kCorruption, "{}: shard {} disagrees with the layout", file.string(), s);
     }
     return l;

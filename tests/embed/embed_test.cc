@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -264,6 +265,29 @@ TEST(EmbedTable, BadInputIsNamed) {
             std::string::npos);
   EXPECT_NE(error_of([&] { EmbeddingTable::open(tmp / "none"); }).find("no such directory"),
             std::string::npos);
+  // A table that would need millions of shard files is refused before any is made.
+  EmbeddingSpec huge;
+  huge.rows = uint64_t{1} << 50;
+  huge.dim = 128;
+  huge.shard_bytes = 1 << 20;
+  EXPECT_NE(error_of([&] { EmbeddingTable::create(tmp / "huge", huge); }).find("raise shard_bytes"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(tmp / "huge"));
+  // A manifest whose numbers were damaged (a float where a count belongs) is named.
+  {
+    std::ofstream(tmp / "t" / "manifest.json", std::ios::app) << " ";  // still valid JSON
+    std::string text;
+    {
+      std::ifstream in(tmp / "t" / "manifest.json");
+      text.assign(std::istreambuf_iterator<char>(in), {});
+    }
+    text.replace(text.find("\"rows\": 100"), 11, "\"rows\": 1e30");
+    std::ofstream(tmp / "t" / "manifest.json", std::ios::trunc) << text;
+    EXPECT_NE(error_of([&] {
+                EmbeddingTable::open(tmp / "t");
+              }).find("rows: expected an integer from 0 to"),
+              std::string::npos);
+  }
 }
 
 // The crash rule: a child updates rows (each row's elements all say (row, version)) and
