@@ -4,6 +4,7 @@
 #include "checkpoint/files.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/json_number.h"
 #include "common/keep.h"
 #include "common/log.h"
 #include "format/layout.h"
@@ -444,7 +445,8 @@ static void log_removed_partials(const fs::path& dir, const std::vector<std::str
 
 namespace {
 constexpr const char* kIndex = "index.json";
-constexpr int kIndexVersion = 1;
+constexpr uint64_t kIndexVersion = 1;
+
 }  // namespace
 
 CheckpointWriteResult save_checkpoint(const fs::path& dir, std::span<const CheckpointPart> parts,
@@ -499,15 +501,18 @@ std::vector<LoadedPart> load_checkpoint(const fs::path& dir, const CheckpointOpt
   std::vector<CheckpointReadPart> reads;
   try {
     auto index = nlohmann::json::parse(text);
-    if (index.at("version").get<int>() != kIndexVersion)
+    if (const uint64_t version = detail::json_number(index, "version", index_path);
+        version != kIndexVersion)
       fail(ErrorCode::kUnsupported, "{}: index version {} (this sluice reads {})",
-           index_path.string(), index.at("version").get<int>(), kIndexVersion);
+           index_path.string(), version, kIndexVersion);
     for (const auto& p : index.at("parts")) {
       out.push_back({p.at("name").get<std::string>(), {}});
-      reads.push_back({out.back().name,
-                       {p.at("offset").get<uint64_t>(), p.at("length").get<uint64_t>(),
-                        p.at("checksum").get<uint32_t>()},
-                       {}});
+      reads.push_back(
+          {out.back().name,
+           {detail::json_number(p, "offset", index_path),
+            detail::json_number(p, "length", index_path),
+            static_cast<uint32_t>(detail::json_number(p, "checksum", index_path, UINT32_MAX))},
+           {}});
     }
   } catch (const nlohmann::json::exception& e) {
     fail(ErrorCode::kCorruption, "{}: not a sluice checkpoint index: {}", index_path.string(),

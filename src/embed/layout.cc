@@ -4,6 +4,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/json_number.h"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -20,16 +21,6 @@ namespace {
 constexpr const char* kFormat = "sluice-embedding";
 constexpr uint64_t kVersion = 1;
 
-// A manifest number: an integer in [0, max]. A float or a negative number is damage (and
-// converting one would be undefined).
-uint64_t number(const nlohmann::json& j, const char* key, const fs::path& file,
-                uint64_t max = UINT64_MAX) {
-  const auto& v = j.at(key);
-  if (!v.is_number_unsigned() || v.get<uint64_t>() > max)
-    fail(ErrorCode::kCorruption, "{}: {}: expected an integer from 0 to {}, got {}", file.string(),
-         key, max, v.dump());
-  return v.get<uint64_t>();
-}
 }  // namespace
 
 Layout Layout::make(uint64_t rows, uint32_t dim, EmbeddingDtype dtype, uint64_t shard_bytes) {
@@ -96,11 +87,11 @@ Layout read_manifest(const fs::path& dir) {
     if (m.at("format").get<std::string>() != kFormat)
       fail(ErrorCode::kCorruption, "{}: format \"{}\", not {}", file.string(),
            m.at("format").get<std::string>(), kFormat);
-    if (const uint64_t version = number(m, "version", file); version != kVersion)
+    if (const uint64_t version = detail::json_number(m, "version", file); version != kVersion)
       fail(ErrorCode::kUnsupported, "{}: version {} (this sluice reads {})", file.string(), version,
            kVersion);
-    const uint64_t rows = number(m, "rows", file);
-    const auto dim = static_cast<uint32_t>(number(m, "dim", file, UINT32_MAX));
+    const uint64_t rows = detail::json_number(m, "rows", file);
+    const auto dim = static_cast<uint32_t>(detail::json_number(m, "dim", file, UINT32_MAX));
     EmbeddingDtype dtype;
     try {
       dtype = embedding_dtype(m.at("dtype").get<std::string>());
@@ -109,7 +100,7 @@ Layout read_manifest(const fs::path& dir) {
     }
     if (rows == 0 || dim == 0) fail(ErrorCode::kCorruption, "{}: rows or dim is 0", file.string());
     const auto shard_files = m.at("shards");
-    const uint64_t rows_per_shard = number(m, "rows_per_shard", file);
+    const uint64_t rows_per_shard = detail::json_number(m, "rows_per_shard", file);
     // The layout is a function of (rows, dim, dtype, rows per shard): recompute and compare.
     const uint64_t row_bytes = uint64_t{dim} * element_bytes(dtype);
     const uint64_t unit = row_bytes <= kPage ? kPage : (row_bytes + kPage - 1) / kPage * kPage;
@@ -123,17 +114,17 @@ Layout read_manifest(const fs::path& dir) {
       fail(ErrorCode::kCorruption, "{}: {} rows in shards of {} do not make its {} shards",
            file.string(), rows, rows_per_shard, shard_files.size());
     Layout l = Layout::make(rows, dim, dtype, rows_per_shard / per_unit * unit);
-    if (number(m, "row_bytes", file) != l.row_bytes ||
-        number(m, "unit_bytes", file) != l.unit_bytes ||
-        number(m, "rows_per_unit", file) != l.rows_per_unit || l.rows_per_shard != rows_per_shard ||
-        shard_files.size() != l.shards())
+    if (detail::json_number(m, "row_bytes", file) != l.row_bytes ||
+        detail::json_number(m, "unit_bytes", file) != l.unit_bytes ||
+        detail::json_number(m, "rows_per_unit", file) != l.rows_per_unit ||
+        l.rows_per_shard != rows_per_shard || shard_files.size() != l.shards())
       fail(ErrorCode::kCorruption, "{}: the layout fields disagree with rows, dim and dtype",
            file.string());
     for (uint64_t s = 0; s < l.shards(); ++s) {
       const auto& e = shard_files.at(s);
       if (e.at("file").get<std::string>() != l.shard_files[s] ||
-          number(e, "rows", file) != l.rows_in_shard(s) ||
-          number(e, "bytes", file) != l.shard_bytes(s))
+          detail::json_number(e, "rows", file) != l.rows_in_shard(s) ||
+          detail::json_number(e, "bytes", file) != l.shard_bytes(s))
         fail(ErrorCode::kCorruption, "{}: shard {} disagrees with the layout", file.string(), s);
     }
     return l;

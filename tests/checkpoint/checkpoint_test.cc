@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 
 #include <chrono>
+#include <fstream>
 #include <thread>
 
 namespace sluice {
@@ -104,6 +105,37 @@ TEST(CheckpointTest, AFlippedByteFailsNamingFileAndPart) {
     EXPECT_NE(what.find((tmp / "ckpt" / "data").string()), std::string::npos) << what;
     EXPECT_NE(what.find("part t5 "), std::string::npos) << what;
     EXPECT_NE(what.find("checksum mismatch"), std::string::npos) << what;
+  }
+}
+
+// index.json's numbers are integers in range: a float or a negative one is named, not
+// converted (which would be undefined behaviour).
+TEST(CheckpointTest, ADamagedIndexNumberIsNamed) {
+  testing::TempDir tmp;
+  auto data = awkward_parts(8);
+  save_checkpoint(tmp / "ckpt", as_parts(data), small_chunks(true));
+  const fs::path index = tmp / "ckpt" / "index.json";
+  std::string text;
+  {
+    std::ifstream in(index);
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  for (const char* bad : {"1e30", "-5", "2.5"}) {
+    std::string damaged = text;
+    const size_t at = damaged.find("\"length\": ");
+    ASSERT_NE(at, std::string::npos) << text;
+    const size_t end = damaged.find_first_of(",\n}", at + 10);
+    damaged.replace(at + 10, end - at - 10, bad);
+    std::ofstream(index, std::ios::trunc) << damaged;
+    try {
+      load_checkpoint(tmp / "ckpt");
+      FAIL() << bad << " went unnoticed";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kCorruption) << e.what();
+      EXPECT_NE(std::string(e.what()).find("length: expected an integer from 0 to"),
+                std::string::npos)
+          << e.what();
+    }
   }
 }
 
