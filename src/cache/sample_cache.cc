@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "common/thread.h"
 #include "format/layout.h"
 #include "index/internals.h"
 
@@ -616,6 +617,7 @@ CacheStats SampleCache::stats() const {
 }
 
 void SampleCache::fetch_loop() {
+  detail::background_thread("sluice-fetch");
   std::unique_lock lock(*shared_);
   auto& h = shared_->header();
   bool blocked = false;  // the last walk stopped: the cache is full of sooner needs

@@ -1,4 +1,5 @@
 #include "io/service.h"
+#include "common/thread.h"
 
 #include "io/read_queue.h"
 
@@ -19,6 +20,7 @@ Service::Service(const EngineOptions& options, std::span<const int> files,
   std::promise<void> made;
   auto ready = made.get_future();
   thread_ = std::thread([&, files = std::vector<int>(files.begin(), files.end())] {
+    detail::background_thread("sluice-io");
     try {
       engine_ = make_engine(options, files, on_choice);
     } catch (...) {

@@ -1,6 +1,7 @@
 // The fallback engine: a small pool of threads doing pread, for machines where io_uring is
 // blocked (Docker's default seccomp profile, kernel.io_uring_disabled) or short of memlock.
 
+#include "common/thread.h"
 #include "io/engine.h"
 
 #include <fmt/format.h>
@@ -69,6 +70,7 @@ class ThreadEngine final : public Engine {
 
  private:
   void work() {
+    detail::background_thread("sluice-io-pool");
     std::unique_lock lock(mu_);
     while (true) {
       work_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });

@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "common/thread.h"
 #include "net/checkpoint_replies.h"
 #include "net/connections.h"
 #include "net/record_replies.h"
@@ -96,6 +97,7 @@ class ServerImpl final : public ShardServer {
   // --- progress thread: connections, handshakes and everything that touches UCX ---------------
 
   void progress_loop() {
+    detail::background_thread("sluice-serve");
     auto next_check = Clock::now();
     while (true) {
       worker_.progress();
@@ -343,6 +345,7 @@ class ServerImpl final : public ShardServer {
   // --- reader threads ----------------------------------------------------------------------------
 
   void read_loop() {
+    detail::background_thread("sluice-serve-io");
     while (true) {
       Job job;
       {

@@ -20,6 +20,7 @@
 #include "common/file.h"
 #include "common/keep.h"
 #include "common/log.h"
+#include "common/thread.h"
 #include "format/layout.h"
 #include "index/internals.h"
 #include "io/engine.h"
@@ -431,6 +432,7 @@ class LoaderImpl final : public Loader {
   }
 
   void work(uint32_t worker) {
+    detail::background_thread(fmt::format("sluice-load{}", worker));
     std::unique_ptr<io::Engine> engine;
     const uint32_t threads = options_.io.threads;
     const uint64_t window = std::max(options_.prefetch, threads);  // steps in flight

@@ -1,4 +1,5 @@
 #include "read/dataset_files.h"
+#include "common/thread.h"
 
 #include "common/host.h"
 #include "index/internals.h"
@@ -34,7 +35,10 @@ uint64_t DatasetFiles::alignment() const { return direct_.on ? dataset_->alignme
 
 void DatasetFiles::start_warming() {
   if (direct_.warm && !warm_thread_.joinable())
-    warm_thread_ = std::thread([this] { warm_page_cache(*dataset_, warm_stop_); });
+    warm_thread_ = std::thread([this] {
+      detail::background_thread("sluice-warm");
+      warm_page_cache(*dataset_, warm_stop_);
+    });
 }
 
 void DatasetFiles::map_shards() {

@@ -11,6 +11,7 @@
 
 #include <dirent.h>
 #include <fmt/format.h>
+#include <sched.h>
 
 #include <condition_variable>
 #include <cstring>
@@ -20,6 +21,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 namespace sluice {
@@ -108,6 +110,41 @@ void expect_exactly_once(std::vector<uint64_t> seen, uint64_t n) {
   std::sort(seen.begin(), seen.end());
   ASSERT_EQ(seen.size(), n);
   for (uint64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i], i);
+}
+
+// Each thread of this process named NAME: its scheduling policy (/proc/self/task/TID/stat,
+// field 41).
+std::vector<int> policies_of_threads_named(const std::string& name) {
+  std::vector<int> out;
+  for (const auto& task : fs::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string got;
+    std::getline(comm, got);
+    if (got != name) continue;
+    std::ifstream stat(task.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    std::istringstream fields(line.substr(line.rfind(')') + 2));  // after "pid (comm) "
+    std::string field;
+    for (int k = 3; k <= 41 && fields >> field; ++k) {
+    }
+    out.push_back(std::stoi(field));
+  }
+  return out;
+}
+
+// Loader threads are SCHED_BATCH: woken by next(), they do not take the consumer's core
+// (common/thread.h).
+TEST_F(LoaderTest, LoaderThreadsAreNamedAndNeverPreemptTheConsumer) {
+  LoaderOptions o = options();
+  o.io.threads = 2;
+  auto loader = open(o);
+  ASSERT_NE(loader->next(), nullptr);
+  for (const char* name : {"sluice-load0", "sluice-load1"}) {
+    const std::vector<int> policies = policies_of_threads_named(name);
+    ASSERT_EQ(policies.size(), 1u) << name;
+    EXPECT_EQ(policies[0], SCHED_BATCH) << name;
+  }
 }
 
 TEST_F(LoaderTest, EveryEngineAndModeDeliversTheDatasetExactlyOnce) {
