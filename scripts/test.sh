@@ -46,7 +46,7 @@ if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   # is registered with a NIC, so turning them off here leaves nothing stale.
   (cd build-tsan && UCX_MEM_EVENTS=no TSAN_OPTIONS=halt_on_error=1 ctest -j "$jobs" \
      --output-on-failure --timeout 600 \
-     -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|RemoteSlotsTest|PeersTest|ServerTest|ServerFilesTest|CacheTest|RanksTest|FakeS3Test|MotoTest|DirSourceTest|EmbedTable\.ManyThreads|Shapes/EmbedModelTest)')
+     -R '^(Engines/|EngineChoice|LoaderTest|RemoteLoaderTest|RemoteSlotsTest|PeersTest|ServerTest|ServerFilesTest|CacheTest|RanksTest|FakeS3Test|MotoTest|DirSourceTest|EmbedTable\.(ManyThreads|HeldRows)|Shapes/EmbedModelTest)')
 fi
 if [[ -z "${SLUICE_SKIP_SANITIZERS:-}" ]]; then
   echo "== fuzz: every parser of outside bytes, ${SLUICE_FUZZ_SECONDS:-15} s each (build-fuzz)"

@@ -97,17 +97,15 @@ class SLUICE_EXPORT EmbeddingTable {
   /// (as a set) consumes it, and drops the batches fed before it that never came.
   virtual void feed_future(std::span<const int64_t> ids) = 0;
 
-  /// Rows gathered ahead and handed out later (the Loader's look-ahead): mark() before the
-  /// gather; when the rows are handed out, stale(ids, mark) gives the positions in `ids`
-  /// whose rows were updated since (gather those again); then release(mark). Updated ids are
-  /// remembered only while a mark is out.
-  virtual uint64_t mark() = 0;
-  virtual std::vector<uint64_t> stale(std::span<const int64_t> ids, uint64_t mark) const = 0;
-  virtual void release(uint64_t mark) = 0;
-  /// stale() and the gather in one: the rows of `ids` updated since `mark` gathered again into
-  /// their places in `rows` (ids.size() x row_bytes()). Returns how many.
-  virtual size_t refresh(std::span<const int64_t> ids, std::span<std::byte> rows,
-                         uint64_t mark) = 0;
+  /// Rows gathered ahead and handed out later (the Loader's look-ahead): gathers `ids` (sorted,
+  /// without repeats; kInvalidArgument otherwise) into `rows` (ids.size() x row_bytes()) as
+  /// gather() does, and until release(hold) every update() of one of them also writes the new
+  /// row into its place in `rows`, from the updating thread. So the rows are current whenever
+  /// they are handed out, and the update pays for it, not the consumer's wait. `rows` must stay
+  /// valid and untouched until release() returns.
+  virtual uint64_t gather_held(std::span<const int64_t> ids, std::span<std::byte> rows) = 0;
+  /// Ends a hold: later updates leave its rows alone. An unknown hold is ignored.
+  virtual void release(uint64_t hold) = 0;
   virtual EmbeddingStats stats() const = 0;
 };
 

@@ -4,8 +4,11 @@ A thread takes batches from the C++ loader ahead of the consumer. For each it ma
 unique (`FIELD_unique`, `FIELD_inverse`) and tells the table they are a future gather
 (`feed_future`, what the clairvoyant cache evicts by); `depth` batches later it gathers the
 rows (`FIELD_rows`), so each gather is made knowing the ids of the next `depth` batches, and
-the consumer finds `depth` batches with their rows ready. At delivery, rows updated since
-their gather are gathered again: a batch always carries its rows' latest values.
+the consumer finds `depth` batches with their rows ready. While the consumer has none ready
+(an epoch's first batches) a batch is gathered as soon as it is taken. The rows are held (`gather_held`):
+until the batch is delivered, every `table.update` of one of them writes it into the batch
+too, so a batch always carries its rows' latest values and delivery does no work. For
+device "cuda:N" the rows are held in pinned host memory and copied at delivery.
 
 The consumer's place is the C++ loader's state after the last batch it was given (not after
 the last batch the thread took), so state_dict() stays exact; a loop that stops early puts
@@ -15,13 +18,12 @@ the C++ loader back there.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 from typing import Any, Callable
 
 import numpy as np
-
-from .embedding import _bytes_view
 
 _END = object()
 
@@ -54,6 +56,12 @@ class LookAhead:
 
     # The thread.
     def _run(self) -> None:
+        # SCHED_BATCH, as sluice's C++ threads (common/thread.h): woken, it does not preempt
+        # the consumer on its core. Linux applies it to the calling thread alone.
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
         pending: collections.deque = collections.deque()
         try:
             for _ in range(self._count):
@@ -72,7 +80,9 @@ class LookAhead:
                         np.ascontiguousarray(flat, dtype=np.int64))
                     uniques[field] = (unique, inverse.reshape(tuple(ids.shape)))
                 pending.append((batch, self._state(), uniques))
-                if len(pending) > self._depth:
+                # Gathered once `depth` batches after it are fed, or at once while the consumer
+                # has nothing ready (an epoch's first batches: latency before foresight).
+                while pending and (len(pending) > self._depth or self._ready.empty()):
                     self._put(self._gather(*pending.popleft()))
             while pending:
                 self._put(self._gather(*pending.popleft()))
@@ -91,8 +101,8 @@ class LookAhead:
 
     def _release(self, item: Any) -> None:
         if isinstance(item, tuple):
-            for field, mark in item[3].items():
-                self._embeddings[field]._t.release(mark)
+            for field, hold in item[3].items():
+                self._embeddings[field]._t.release(hold)
 
     def _tensor(self, array: np.ndarray) -> Any:
         if not self._as_torch:
@@ -104,22 +114,17 @@ class LookAhead:
             return t.pin_memory().to(self._device, non_blocking=True)
         return t.pin_memory() if self._device == "pinned" else t
 
-    def _ids(self, unique: np.ndarray) -> Any:
-        if not self._as_torch:
-            return unique
-        import torch
-
-        return torch.from_numpy(unique)
-
     def _gather(self, batch: dict, state: tuple[int, int], uniques: dict) -> tuple:
-        marks = {}
+        holds = {}
         for field, (unique, inverse) in uniques.items():
             table = self._embeddings[field]
-            marks[field] = table._t.mark()  # before the gather: later updates are redone
             batch[f"{field}_unique"] = self._tensor(unique)
             batch[f"{field}_inverse"] = self._tensor(inverse)
-            batch[f"{field}_rows"] = table.gather(self._ids(unique), device=self._device)
-        return batch, state, uniques, marks
+            as_torch = self._as_torch or self._device != "cpu" or table.dtype == "bfloat16"
+            rows, view = table._empty(len(unique), as_torch, pinned=self._device != "cpu")
+            holds[field] = table._t.gather_held(unique, view)
+            batch[f"{field}_rows"] = rows
+        return batch, state, uniques, holds
 
     # The consumer.
     def next(self) -> tuple[dict, tuple[int, int]] | None:
@@ -136,20 +141,12 @@ class LookAhead:
             return None
         if isinstance(item, _Failed):
             raise item.error
-        batch, state, uniques, marks = item
-        for field, (unique, _) in uniques.items():
-            table, rows = self._embeddings[field], batch[f"{field}_rows"]
-            if not self._device.startswith("cuda"):  # in place, one call without the GIL
-                view = rows.view(np.uint8) if not self._as_torch else _bytes_view(rows)
-                table._t.refresh_into(unique, view, marks[field])
-            else:
-                stale = table._t.stale(unique, marks[field])  # positions updated since
-                if stale.size:
-                    import torch
-
-                    fresh = table.gather(self._ids(unique[stale]), device=self._device)
-                    rows[torch.from_numpy(stale).to(rows.device)] = fresh
-            table._t.release(marks[field])
+        self._release(item)  # the rows are the consumer's now: updates leave them alone
+        batch, state, _, holds = item
+        if self._device.startswith("cuda"):
+            for field in holds:
+                key = f"{field}_rows"
+                batch[key] = batch[key].to(self._device, non_blocking=True)
         return batch, state
 
     def close(self) -> None:

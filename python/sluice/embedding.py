@@ -119,16 +119,19 @@ class EmbeddingTable:
         ids = _ids(ids, "gather")
         if device not in ("cpu", "pinned") and not device.startswith("cuda"):
             raise ValueError(f"sluice.EmbeddingTable.gather: device {device!r}; expected cpu, pinned or cuda:N")
+        out, view = self._empty(len(ids), as_torch, pinned=device != "cpu")
+        self._t.gather_into(ids, view)
+        return out.to(device, non_blocking=True) if device.startswith("cuda") else out
+
+    def _empty(self, n: int, as_torch: bool, pinned: bool) -> tuple[Any, np.ndarray]:
+        """n rows' host memory (numpy, or torch, page-locked when `pinned`) and its bytes."""
         if not as_torch:
-            out = np.empty((len(ids), self.dim), dtype=_NUMPY_DTYPES[self.dtype])
-            self._t.gather_into(ids, out.reshape(-1).view(np.uint8))
-            return out
+            out = np.empty((n, self.dim), dtype=_NUMPY_DTYPES[self.dtype])
+            return out, out.reshape(-1).view(np.uint8)
         import torch
 
-        out = torch.empty((len(ids), self.dim), dtype=_torch_dtype(self.dtype),
-                          pin_memory=device != "cpu")
-        self._t.gather_into(ids, _bytes_view(out))
-        return out.to(device, non_blocking=True) if device.startswith("cuda") else out
+        out = torch.empty((n, self.dim), dtype=_torch_dtype(self.dtype), pin_memory=pinned)
+        return out, _bytes_view(out)
 
     def update(self, ids: Any, values: Any) -> None:
         """Overwrites rows `ids` with `values` ([len(ids), dim], the table's dtype); a repeated

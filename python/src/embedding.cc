@@ -45,10 +45,16 @@ CachePolicy policy_of(const std::string& name) {
               "EmbeddingTable: policy \"" + name + "\": expected clairvoyant or lru");
 }
 
+// The buffers of the holds out (gather_held), by hold: kept alive until release().
+py::dict held_of(const py::object& table) {
+  if (!py::hasattr(table, "_held")) table.attr("_held") = py::dict();
+  return table.attr("_held");
+}
+
 }  // namespace
 
 void bind_embedding(py::module_& m) {
-  py::class_<EmbeddingTable>(m, "EmbeddingTable")
+  py::class_<EmbeddingTable>(m, "EmbeddingTable", py::dynamic_attr())
       .def(py::init([](const std::string& path, uint64_t cache_bytes, const std::string& policy,
                        bool readonly, uint32_t queue_depth) {
              EmbeddingOptions o;
@@ -123,34 +129,32 @@ void bind_embedding(py::module_& m) {
             t.feed_future(i);
           },
           py::arg("ids"))
-      .def("mark", &EmbeddingTable::mark)
-      .def("release", &EmbeddingTable::release, py::arg("mark"))
       .def(
-          "stale",
-          [](const EmbeddingTable& t, const py::buffer& ids, uint64_t mark) {
-            auto i = ids_of(ids);
-            std::vector<uint64_t> positions;
-            {
-              py::gil_scoped_release nogil;
-              positions = t.stale(i, mark);
-            }
-            // Shape and strides spelled out: array_t(count) made a stride-0 array here.
-            py::array_t<int64_t> out(
-                std::vector<py::ssize_t>{static_cast<py::ssize_t>(positions.size())},
-                std::vector<py::ssize_t>{static_cast<py::ssize_t>(sizeof(int64_t))});
-            std::copy(positions.begin(), positions.end(), out.mutable_data());
-            return out;
-          },
-          py::arg("ids"), py::arg("mark"))
-      .def(
-          "refresh_into",
-          [](EmbeddingTable& t, const py::buffer& ids, const py::buffer& rows, uint64_t mark) {
+          "gather_held",
+          [](py::object self, const py::buffer& ids, const py::buffer& rows) {
+            EmbeddingTable& t = self.cast<EmbeddingTable&>();
             auto i = ids_of(ids);
             auto r = bytes(rows, "rows", true);
-            py::gil_scoped_release nogil;
-            return t.refresh(i, r, mark);
+            uint64_t hold;
+            {
+              py::gil_scoped_release nogil;
+              hold = t.gather_held(i, r);
+            }
+            // Updates write into `rows` until release(): it lives at least that long.
+            held_of(self)[py::int_(hold)] = rows;
+            return hold;
           },
-          py::arg("ids"), py::arg("rows"), py::arg("mark"))
+          py::arg("ids"), py::arg("rows"))
+      .def(
+          "release",
+          [](py::object self, uint64_t hold) {
+            // With the GIL: a release waits only for an update's patches (holds_mu_), and
+            // letting the GIL go here hands it to the look-ahead thread mid-delivery.
+            self.cast<EmbeddingTable&>().release(hold);
+            py::dict held = held_of(self);
+            if (held.contains(py::int_(hold))) PyDict_DelItem(held.ptr(), py::int_(hold).ptr());
+          },
+          py::arg("hold"))
       .def(
           "unique_and_feed",
           [](EmbeddingTable& t, const py::buffer& ids) {

@@ -22,9 +22,9 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <shared_mutex>
 #include <unordered_map>
 #include <vector>
@@ -38,6 +38,7 @@ namespace {
 
 constexpr uint64_t kMaxRead = 256 << 10;  // adjacent units merged into reads up to this
 constexpr uint64_t kFlushUnits = 4096;    // units read, patched and written per round
+constexpr size_t kLookupChunk = 512;      // a gather's lookups per hold of the state lock
 
 // Gathers' disk reads share it; a flush's writes take it alone, and a flush that waits keeps new
 // reads out (std::shared_mutex, glibc's rwlock, lets a stream of readers starve it).
@@ -120,60 +121,36 @@ class Table final : public EmbeddingTable {
 
   void gather(std::span<const int64_t> ids, std::span<std::byte> out) override {
     const size_t rb = layout_.row_bytes;
-    if (out.size() != ids.size() * rb)
-      fail(ErrorCode::kInvalidArgument,
-           "embedding table {}: gather of {} ids into {} bytes (expected {} x {})", path_.string(),
-           ids.size(), out.size(), ids.size(), rb);
+    check_size(ids, out, "gather");
     check_ids(ids, "gather");
     const std::vector<int64_t> unique = sorted_unique(ids);
     // Ids already sorted and unique (the look-ahead's): the rows go straight into `out`.
     const bool in_place = std::equal(ids.begin(), ids.end(), unique.begin(), unique.end());
     std::vector<std::byte> scratch(in_place ? 0 : unique.size() * rb);
-    std::span<std::byte> rows = in_place ? out : std::span<std::byte>(scratch);
-    std::vector<uint32_t> misses;  // indices into unique, ascending (so by shard and unit)
-    uint64_t flushes_seen, hits = 0, dirty = 0;
-    {
-      std::lock_guard lock(state_mu_);
-      if (cache_) cache_->consume(unique);
-      flushes_seen = flushes_;
-      for (uint32_t u = 0; u < unique.size(); ++u) {
-        const std::byte* from = nullptr;
-        if (auto d = dirty_.find(unique[u]); d != dirty_.end()) {
-          from = dirty_rows_.data() + d->second;
-          ++dirty;
-        } else if (cache_ && (from = cache_->find(unique[u]))) {
-          ++hits;
-        }
-        if (from)
-          std::memcpy(rows.data() + u * rb, from, rb);
-        else
-          misses.push_back(u);
-      }
-    }
-    uint64_t ios = 0, bytes = 0;
-    if (!misses.empty()) {
-      read_rows(unique, misses, rows, &ios, &bytes);
-      std::lock_guard lock(state_mu_);
-      // A flush since the lookup may have put newer rows in place than were read; a row
-      // updated since is newer in the dirty map: neither goes into the cache.
-      if (cache_ && flushes_ == flushes_seen)
-        for (uint32_t u : misses)
-          if (!dirty_.count(unique[u])) cache_->offer(unique[u], rows.data() + u * rb);
-    }
+    gather_unique(unique, in_place ? out : std::span<std::byte>(scratch), nullptr);
     for (size_t i = 0; !in_place && i < ids.size(); ++i) {
       const size_t u = static_cast<size_t>(std::lower_bound(unique.begin(), unique.end(), ids[i]) -
                                            unique.begin());
-      std::memcpy(out.data() + i * rb, rows.data() + u * rb, rb);
+      std::memcpy(out.data() + i * rb, scratch.data() + u * rb, rb);
     }
     std::lock_guard lock(state_mu_);
-    stats_.gathers++;
     stats_.ids += ids.size();
-    stats_.unique_ids += unique.size();
-    stats_.rows_from_disk += misses.size();
-    stats_.read_ios += ios;
-    stats_.bytes_read += bytes;
-    stats_.cache_hits += hits;
-    stats_.dirty_hits += dirty;
+  }
+
+  uint64_t gather_held(std::span<const int64_t> ids, std::span<std::byte> rows) override {
+    check_size(ids, rows, "gather_held");
+    check_ids(ids, "gather_held");
+    for (size_t i = 1; i < ids.size(); ++i)
+      if (ids[i] <= ids[i - 1])
+        fail(ErrorCode::kInvalidArgument,
+             "embedding table {}: gather_held: ids must be sorted without repeats; id {} at "
+             "position {} follows {}",
+             path_.string(), ids[i], i, ids[i - 1]);
+    uint64_t hold = 0;
+    gather_unique(ids, rows, &hold);
+    std::lock_guard lock(state_mu_);
+    stats_.ids += ids.size();
+    return hold;
   }
 
   void update(std::span<const int64_t> ids, std::span<const std::byte> values) override {
@@ -205,49 +182,9 @@ class Table final : public EmbeddingTable {
     if (cache_) cache_->feed(unique);
   }
 
-  uint64_t mark() override {
-    std::lock_guard lock(state_mu_);
-    marks_.insert(update_seq_);
-    return update_seq_;
-  }
-
-  std::vector<uint64_t> stale(std::span<const int64_t> ids, uint64_t mark) const override {
-    std::vector<uint64_t> out;
-    std::lock_guard lock(state_mu_);
-    if (updated_at_.empty() || update_seq_ == mark) return out;
-    for (size_t i = 0; i < ids.size(); ++i)
-      if (auto it = updated_at_.find(ids[i]); it != updated_at_.end() && it->second > mark)
-        out.push_back(i);
-    return out;
-  }
-
-  size_t refresh(std::span<const int64_t> ids, std::span<std::byte> rows, uint64_t mark) override {
-    const size_t rb = layout_.row_bytes;
-    if (rows.size() != ids.size() * rb)
-      fail(ErrorCode::kInvalidArgument,
-           "embedding table {}: refresh of {} ids in {} bytes (expected {} x {})", path_.string(),
-           ids.size(), rows.size(), ids.size(), rb);
-    const std::vector<uint64_t> positions = stale(ids, mark);
-    if (positions.empty()) return 0;
-    std::vector<int64_t> again(positions.size());
-    for (size_t k = 0; k < positions.size(); ++k) again[k] = ids[positions[k]];
-    std::vector<std::byte> fresh(again.size() * rb);
-    gather(again, fresh);
-    for (size_t k = 0; k < positions.size(); ++k)
-      std::memcpy(rows.data() + positions[k] * rb, fresh.data() + k * rb, rb);
-    return positions.size();
-  }
-
-  void release(uint64_t mark) override {
-    std::lock_guard lock(state_mu_);
-    if (auto it = marks_.find(mark); it != marks_.end()) marks_.erase(it);
-    if (marks_.empty()) {
-      updated_at_.clear();
-    } else if (updated_at_.size() > 2 * pruned_size_ + 1024) {
-      const uint64_t oldest = *marks_.begin();
-      std::erase_if(updated_at_, [&](const auto& e) { return e.second <= oldest; });
-      pruned_size_ = updated_at_.size();
-    }
+  void release(uint64_t hold) override {
+    std::lock_guard lock(holds_mu_);  // not state_mu_: a delivery never waits for a gather
+    holds_.erase(hold);
   }
 
   EmbeddingStats stats() const override {
@@ -288,6 +225,83 @@ class Table final : public EmbeddingTable {
     }
   }
 
+  void check_size(std::span<const int64_t> ids, std::span<const std::byte> rows,
+                  const char* what) const {
+    if (rows.size() != ids.size() * layout_.row_bytes)
+      fail(ErrorCode::kInvalidArgument,
+           "embedding table {}: {} of {} ids into {} bytes (expected {} x {})", path_.string(),
+           what, ids.size(), rows.size(), ids.size(), layout_.row_bytes);
+  }
+
+  // Rows `unique` (sorted, no repeats) into `rows`, each from the dirty map, the cache or disk.
+  // `hold`: also register them as a hold (gather_held), under the same lock as the lookups, so
+  // every update after the lookups patches them; rows read from disk then go in only where no
+  // update patched them meanwhile.
+  void gather_unique(std::span<const int64_t> unique, std::span<std::byte> rows, uint64_t* hold) {
+    const size_t rb = layout_.row_bytes;
+    std::vector<uint32_t> misses;  // indices into unique, ascending (so by shard and unit)
+    uint64_t flushes_seen, hits = 0, dirty = 0;
+    Hold* h = nullptr;  // std::map nodes stay put; only this gather touches it until it returns
+    {
+      std::lock_guard lock(state_mu_);
+      if (cache_) cache_->consume(unique);
+      flushes_seen = flushes_;
+      if (hold) {
+        std::lock_guard held(holds_mu_);
+        *hold = ++last_hold_;
+        h = &holds_
+                 .emplace(*hold, Hold{std::vector<int64_t>(unique.begin(), unique.end()), rows,
+                                      std::vector<bool>(unique.size(), false)})
+                 .first->second;
+      }
+    }
+    // The lookups a chunk at a time, so that updates (and their patches) wait for one chunk,
+    // not for the whole gather. A row patched since the hold began is already current.
+    for (size_t begin = 0; begin < unique.size(); begin += kLookupChunk) {
+      std::lock_guard lock(state_mu_);
+      const size_t end = std::min(unique.size(), begin + kLookupChunk);
+      for (auto u = static_cast<uint32_t>(begin); u < end; ++u) {
+        if (h && h->patched[u]) continue;
+        const std::byte* from = nullptr;
+        if (auto d = dirty_.find(unique[u]); d != dirty_.end()) {
+          from = dirty_rows_.data() + d->second;
+          ++dirty;
+        } else if (cache_ && (from = cache_->find(unique[u]))) {
+          ++hits;
+        }
+        if (from)
+          std::memcpy(rows.data() + u * rb, from, rb);
+        else
+          misses.push_back(u);
+      }
+    }
+    uint64_t ios = 0, bytes = 0;
+    if (!misses.empty()) {
+      std::vector<std::byte> fresh(hold ? misses.size() * rb : 0);  // the k-th miss at k * rb
+      read_rows(unique, misses, hold ? std::span<std::byte>(fresh) : rows, hold != nullptr, &ios,
+                &bytes);
+      std::lock_guard lock(state_mu_);
+      if (h) {
+        for (size_t k = 0; k < misses.size(); ++k)
+          if (!h->patched[misses[k]])
+            std::memcpy(rows.data() + misses[k] * rb, fresh.data() + k * rb, rb);
+      }
+      // A flush since the lookup may have put newer rows in place than were read; a row
+      // updated since is newer in the dirty map: neither goes into the cache.
+      if (cache_ && flushes_ == flushes_seen)
+        for (uint32_t u : misses)
+          if (!dirty_.count(unique[u])) cache_->offer(unique[u], rows.data() + u * rb);
+    }
+    std::lock_guard lock(state_mu_);
+    stats_.gathers++;
+    stats_.unique_ids += unique.size();
+    stats_.rows_from_disk += misses.size();
+    stats_.read_ios += ios;
+    stats_.bytes_read += bytes;
+    stats_.cache_hits += hits;
+    stats_.dirty_hits += dirty;
+  }
+
   void check_ids(std::span<const int64_t> ids, const char* what) const {
     for (size_t i = 0; i < ids.size(); ++i)
       if (ids[i] < 0 || static_cast<uint64_t>(ids[i]) >= layout_.rows)
@@ -308,9 +322,37 @@ class Table final : public EmbeddingTable {
       if (cache_) cache_->offer(ids[i], rows.data() + i * rb);  // kept past the flush
     }
     stats_.rows_updated += ids.size();
-    ++update_seq_;
-    if (!marks_.empty())
-      for (int64_t id : ids) updated_at_[id] = update_seq_;
+    std::lock_guard held(holds_mu_);
+    if (!holds_.empty()) patch_holds(ids, rows);
+  }
+
+  // Under state_mu_ and holds_mu_: rows just updated written into the holds that have them. Both
+  // sides in id order, merged: a hold of U rows costs U + ids.size() steps, whatever the overlap.
+  void patch_holds(std::span<const int64_t> ids, std::span<const std::byte> rows) {
+    const size_t rb = layout_.row_bytes;
+    std::vector<uint32_t> order(ids.size());  // positions in id order; of a repeat, the last
+    for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+    bool ascending = true;
+    for (size_t i = 1; i < ids.size() && ascending; ++i) ascending = ids[i] > ids[i - 1];
+    if (!ascending) {
+      std::stable_sort(order.begin(), order.end(),
+                       [&](uint32_t a, uint32_t b) { return ids[a] < ids[b]; });
+      std::vector<uint32_t> last;
+      last.reserve(order.size());
+      for (size_t k = 0; k < order.size(); ++k)
+        if (k + 1 == order.size() || ids[order[k + 1]] != ids[order[k]]) last.push_back(order[k]);
+      order.swap(last);
+    }
+    for (auto& [number, h] : holds_) {
+      size_t at = 0;
+      for (uint32_t i : order) {
+        while (at < h.ids.size() && h.ids[at] < ids[i]) ++at;
+        if (at == h.ids.size()) break;
+        if (h.ids[at] != ids[i]) continue;
+        std::memcpy(h.rows.data() + at * rb, rows.data() + i * rb, rb);
+        h.patched[at] = true;
+      }
+    }
   }
 
   // The units that hold `wanted` (indices into `ids`, ascending), merged into runs.
@@ -372,8 +414,10 @@ class Table final : public EmbeddingTable {
     detail::fail_errno(-f.error, fmt::format("{} {}", what, where));
   }
 
+  // Rows unique[misses[k]] from disk into `rows`: at misses[k] * row_bytes, or at k * row_bytes
+  // when `compact`.
   void read_rows(std::span<const int64_t> unique, std::span<const uint32_t> misses,
-                 std::span<std::byte> rows, uint64_t* ios, uint64_t* bytes) {
+                 std::span<std::byte> rows, bool compact, uint64_t* ios, uint64_t* bytes) {
     uint64_t staging_bytes = 0;
     const std::vector<Run> runs = runs_of(unique, misses, &staging_bytes);
     memory::AlignedBuffer staging;
@@ -384,7 +428,8 @@ class Table final : public EmbeddingTable {
       run_ops(ops, staging, "read");
     }
     size_t r = 0;
-    for (uint32_t u : misses) {
+    for (size_t k = 0; k < misses.size(); ++k) {
+      const uint32_t u = misses[k];
       const uint64_t row = static_cast<uint64_t>(unique[u]);
       const auto shard = static_cast<uint32_t>(layout_.shard_of(row));
       const uint64_t unit = layout_.unit_of(row);
@@ -392,7 +437,7 @@ class Table final : public EmbeddingTable {
       const std::byte* from = staging.data() + runs[r].at +
                               (unit - runs[r].first) * layout_.unit_bytes +
                               layout_.offset_in_unit(row);
-      std::memcpy(rows.data() + u * layout_.row_bytes, from, layout_.row_bytes);
+      std::memcpy(rows.data() + (compact ? k : u) * layout_.row_bytes, from, layout_.row_bytes);
     }
     *ios = ops.size();
     *bytes = staging_bytes;
@@ -511,11 +556,17 @@ class Table final : public EmbeddingTable {
   std::optional<embed::RowCache> cache_;
   uint64_t flushes_ = 0;
   EmbeddingStats stats_;
-  // Marks out (mark()), and the ids updated since the oldest of them, by update number.
-  uint64_t update_seq_ = 0;
-  std::multiset<uint64_t> marks_;
-  std::unordered_map<int64_t, uint64_t> updated_at_;
-  size_t pruned_size_ = 0;
+  // Rows handed out later (gather_held), by number: updates write into them until released.
+  struct Hold {
+    std::vector<int64_t> ids;  // ascending
+    std::span<std::byte> rows;
+    std::vector<bool> patched;  // by an update since the hold began: already current
+  };
+  // The map under holds_mu_ (taken after state_mu_); a hold's rows and patched flags under
+  // state_mu_ too (written by updates, which hold both).
+  std::mutex holds_mu_;
+  std::map<uint64_t, Hold> holds_;
+  uint64_t last_hold_ = 0;
 };
 
 }  // namespace
