@@ -14,7 +14,7 @@ RowCache::RowCache(uint64_t capacity_rows, size_t row_bytes, CachePolicy policy)
 
 uint64_t RowCache::next_use(int64_t id) const {
   auto it = uses_.find(id);
-  return it == uses_.end() ? kNever : it->second.front();
+  return it == uses_.end() ? kNever : it->second.first;
 }
 
 void RowCache::set_next(int64_t id, Entry& e, uint64_t next) {
@@ -78,14 +78,18 @@ void RowCache::offer(int64_t id, const std::byte* row) {
 void RowCache::feed(std::span<const int64_t> ids) {
   if (capacity_ == 0 || policy_ != CachePolicy::kClairvoyant) return;
   const uint64_t at = consumed_ + future_.size();
-  future_.emplace_back(ids.begin(), ids.end());
-  for (int64_t id : ids) {
-    auto& uses = uses_[id];
-    uses.push_back(at);
-    if (uses.size() == 1) {  // its next use was never: now it is `at`
-      auto it = slot_of_.find(id);
-      if (it != slot_of_.end()) set_next(id, it->second, at);
+  future_.push_back(
+      {std::vector<int64_t>(ids.begin(), ids.end()), std::vector<uint64_t>(ids.size(), kNever)});
+  for (size_t k = 0; k < ids.size(); ++k) {
+    auto [u, added] = uses_.try_emplace(ids[k], Uses{at, at, k});
+    if (added) {  // its next use was never: now it is `at`
+      auto it = slot_of_.find(ids[k]);
+      if (it != slot_of_.end()) set_next(ids[k], it->second, at);
+      continue;
     }
+    future_[u->second.last - consumed_].next[u->second.last_index] = at;
+    u->second.last = at;
+    u->second.last_index = k;
   }
 }
 
@@ -95,15 +99,18 @@ bool RowCache::consume(std::span<const int64_t> ids) {
   size_t match = 0;
   const size_t look = std::min<size_t>(future_.size(), kConsumeWindow);
   while (match < look &&
-         !std::equal(ids.begin(), ids.end(), future_[match].begin(), future_[match].end()))
+         !std::equal(ids.begin(), ids.end(), future_[match].ids.begin(), future_[match].ids.end()))
     ++match;
   if (match == look) return false;
   for (size_t k = 0; k <= match; ++k) {
-    for (int64_t id : future_.front()) {
-      auto u = uses_.find(id);
-      u->second.pop_front();
-      const uint64_t next = u->second.empty() ? kNever : u->second.front();
-      if (u->second.empty()) uses_.erase(u);
+    const Fed& front = future_.front();
+    for (size_t i = 0; i < front.ids.size(); ++i) {
+      const int64_t id = front.ids[i];
+      const uint64_t next = front.next[i];
+      if (next == kNever)
+        uses_.erase(id);
+      else
+        uses_.find(id)->second.first = next;
       auto it = slot_of_.find(id);
       if (it != slot_of_.end()) set_next(id, it->second, next);
     }

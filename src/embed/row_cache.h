@@ -60,10 +60,19 @@ class RowCache {
   std::unordered_map<int64_t, Entry> slot_of_;
   std::set<std::pair<uint64_t, int64_t>> by_next_;  // clairvoyant: farthest last
   std::list<int64_t> recency_;                      // LRU: most recent first
-  // The future: fed batches not yet gathered, and per id the positions it is used at.
-  std::deque<std::vector<int64_t>> future_;
+  // The future: fed batches not yet gathered, each id linked to its next fed use.
+  struct Fed {
+    std::vector<int64_t> ids;
+    std::vector<uint64_t> next;  // per id: the position of its next fed use, or kNever
+  };
+  std::deque<Fed> future_;
   uint64_t consumed_ = 0;  // position of future_.front()
-  std::unordered_map<int64_t, std::deque<uint64_t>> uses_;
+  // Per id in the fed future: its first use (its key) and its last (where a new use links).
+  struct Uses {
+    uint64_t first, last;
+    size_t last_index;  // its place in future_[last]'s ids
+  };
+  std::unordered_map<int64_t, Uses> uses_;
 };
 
 }  // namespace sluice::embed
