@@ -66,7 +66,8 @@ struct EmbeddingStats {
 class SLUICE_EXPORT EmbeddingTable {
  public:
   /// Makes a new table at `path` (a directory that must not exist yet): shard files and a
-  /// manifest, written beside it and renamed into place, so a killed create leaves nothing.
+  /// manifest, written beside it and renamed into place, so a killed create leaves no table
+  /// (and the next create beside it removes what it left).
   /// `data`, when given, holds spec.rows x spec.dim elements row-major in spec.dtype (the
   /// rows of from_array); otherwise spec.init says the values.
   static void create(const std::filesystem::path& path, const EmbeddingSpec& spec,

@@ -11,6 +11,7 @@
 
 #include "bindings.h"
 #include "checkpoint/files.h"
+#include "common/partial_dir.h"
 
 namespace py = pybind11;
 
@@ -160,15 +161,14 @@ void bind_checkpoint(py::module_& m) {
   m.def(
       "checkpoint_copy_name", [](const std::string& dir) { return checkpoint_copy_name(dir); },
       "The name of `dir`'s copy on a peer: its name and a hash of its absolute path.");
-  py::class_<PartialCheckpointDir>(m, "PartialCheckpointDir",
-                                   "A save's staging directory, locked while this object lives.")
-      .def_property_readonly("path",
-                             [](const PartialCheckpointDir& d) { return d.path().string(); })
-      .def("release", &PartialCheckpointDir::release, "Lets go of the lock (after publishing).");
+  py::class_<detail::PartialDir>(m, "PartialCheckpointDir",
+                                 "A save's staging directory, locked while this object lives.")
+      .def_property_readonly("path", [](const detail::PartialDir& d) { return d.path().string(); })
+      .def("release", &detail::PartialDir::release, "Lets go of the lock (after publishing).");
   m.def("make_partial_checkpoint_dir",
-        [](const std::string& dir) { return make_partial_checkpoint_dir(dir); });
+        [](const std::string& dir) { return detail::make_partial_dir(dir); });
   m.def("remove_partial_checkpoints",
-        [](const std::string& dir) { return remove_partial_checkpoints(dir); });
+        [](const std::string& dir) { return detail::remove_partial_dirs(dir); });
 }
 
 }  // namespace sluice::python

@@ -54,39 +54,6 @@ void read_checkpoint_file(const std::filesystem::path& path,
 void publish_checkpoint_dir(const std::filesystem::path& staging, const std::filesystem::path& dir,
                             bool durable = true);
 
-/// A save's staging directory, `.NAME.partial-XXXXXX` beside the checkpoint `NAME`, made with
-/// the umask's permissions (as mkdir makes the checkpoint's parent). While this object lives it
-/// holds an flock on the directory, so that remove_partial_checkpoints in any process leaves it
-/// alone; publish it before letting go.
-class PartialCheckpointDir {
- public:
-  PartialCheckpointDir(std::filesystem::path path, int lock_fd)
-      : path_(std::move(path)), fd_(lock_fd) {}
-  PartialCheckpointDir(PartialCheckpointDir&& other) noexcept;
-  PartialCheckpointDir& operator=(PartialCheckpointDir&& other) noexcept;
-  PartialCheckpointDir(const PartialCheckpointDir&) = delete;
-  PartialCheckpointDir& operator=(const PartialCheckpointDir&) = delete;
-  ~PartialCheckpointDir() { release(); }
-
-  const std::filesystem::path& path() const { return path_; }
-  operator const std::filesystem::path&() const { return path_; }
-  /// Lets go of the lock (a published directory is no longer a partial one).
-  void release();
-
- private:
-  std::filesystem::path path_;
-  int fd_ = -1;
-};
-
-/// A fresh staging directory for `dir`, locked (see PartialCheckpointDir).
-PartialCheckpointDir make_partial_checkpoint_dir(const std::filesystem::path& dir);
-
-/// Removes the staging directories that saves which never finished (killed mid-save) left in
-/// `dir`'s parent, under any checkpoint name: each one no process holds (its flock is free).
-/// Where the file system has no flock, only `dir`'s own are removed, so call it when no save of
-/// `dir` is running. Returns their names.
-std::vector<std::string> remove_partial_checkpoints(const std::filesystem::path& dir);
-
 /// Copies the files `files` of the local checkpoint directory `dir` to the replica as
 /// checkpoint `name` (8 MiB chunks, 4 in flight, each with its XXH3 checksum). A copied file is
 /// durable on the peer but not visible until publish_checkpoint_copy names it. Throws

@@ -7,6 +7,7 @@
 #include "checkpoint/files.h"
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/partial_dir.h"
 #include "net/client.h"
 #include "net/wire.h"
 
@@ -331,8 +332,8 @@ bool restore_checkpoint_dir(const CheckpointReplica& r, const std::string& name,
   fs::create_directories(parent, ec);
   FileLock lock(parent / fmt::format(".{}.restore-lock", dir.filename().string()));
   if (matches(dir, files)) return false;  // another process restored it meanwhile
-  remove_partial_checkpoints(dir);        // what a killed restore or save left
-  const PartialCheckpointDir staging_dir = make_partial_checkpoint_dir(dir);
+  detail::remove_partial_dirs(dir);       // what a killed restore or save left
+  const detail::PartialDir staging_dir = detail::make_partial_dir(dir);
   const fs::path& staging = staging_dir.path();
   try {
     fetch(replica, files, staging);

@@ -6,6 +6,8 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/log.h"
+#include "common/partial_dir.h"
 #include "embed/layout.h"
 #include "embed/values.h"
 
@@ -17,7 +19,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <random>
 #include <vector>
 
 namespace sluice {
@@ -110,11 +111,18 @@ void EmbeddingTable::create(const fs::path& path, const EmbeddingSpec& spec,
          path.string(), spec.rows, row_bytes, shards, spec.shard_bytes, kMaxShards);
   const embed::Layout l = embed::Layout::make(spec.rows, spec.dim, spec.dtype, spec.shard_bytes);
   const fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
-  fs::create_directories(parent, ec);
-  std::random_device rd;
-  const fs::path staging =
-      parent / fmt::format(".{}.partial-{:08x}", path.filename().string(), rd());
-  if (::mkdir(staging.c_str(), 0777) != 0) detail::fail_errno(errno, "make " + staging.string());
+  // What creates killed midway left beside it (a table's worth of shards, perhaps): gone first.
+  const std::vector<std::string> removed = detail::remove_partial_dirs(path);
+  if (!removed.empty()) {
+    std::string list;
+    for (const auto& n : removed) list += (list.empty() ? "" : ", ") + n;
+    detail::log_line(fmt::format(
+        "embedding table {}: removed {} unfinished staging director{} "
+        "in {}: {}",
+        path.string(), removed.size(), removed.size() == 1 ? "y" : "ies", parent.string(), list));
+  }
+  detail::PartialDir staging_dir = detail::make_partial_dir(path);  // locked until renamed
+  const fs::path& staging = staging_dir.path();
   try {
     for (uint64_t s = 0; s < l.shards(); ++s)
       write_shard(staging / l.shard_files[s], l, s, spec, init, data);

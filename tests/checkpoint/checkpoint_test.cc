@@ -5,6 +5,7 @@
 #include <sluice/checkpoint.h>
 
 #include "checkpoint/files.h"
+#include "common/partial_dir.h"
 #include "io/priority.h"
 #include "test_util.h"
 
@@ -204,14 +205,14 @@ TEST(CheckpointTest, TheNextSaveClearsKilledSavesOfAnyNameButNotLiveOnesOrDatase
   pid_t child = fork();
   ASSERT_GE(child, 0);
   if (child == 0) {  // a save of step-4 killed after making its staging directory
-    PartialCheckpointDir staging = make_partial_checkpoint_dir(ck / "step-4");
+    detail::PartialDir staging = detail::make_partial_dir(ck / "step-4");
     raise(SIGKILL);
   }
   int status = 0;
   waitpid(child, &status, 0);
   ASSERT_EQ(partials_beside(ck / "step-4"), 1u);
-  PartialCheckpointDir live = make_partial_checkpoint_dir(ck / "step-5");  // still saving
-  fs::create_directories(ck / ".data.partial-123-0badcafe");  // a DatasetWriter's staging
+  detail::PartialDir live = detail::make_partial_dir(ck / "step-5");  // still saving
+  fs::create_directories(ck / ".data.partial-123-0badcafe");          // a DatasetWriter's staging
   const mode_t umask_was = ::umask(022);
   save_checkpoint(ck / "step-6", as_parts(v));
   ::umask(umask_was);

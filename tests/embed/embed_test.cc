@@ -6,6 +6,7 @@
 #include <sluice/embedding.h>
 #include <sluice/error.h>
 
+#include "common/partial_dir.h"
 #include "embed/layout.h"
 #include "embed/row_cache.h"
 #include "embed/values.h"
@@ -475,6 +476,32 @@ uint64_t belady_misses(const std::vector<std::vector<int64_t>>& batches, uint64_
     }
   }
   return misses;
+}
+
+// A create killed midway leaves its staging directory; the next create beside it removes it,
+// not one a live create holds.
+TEST(EmbedTable, TheNextCreateRemovesWhatAKilledCreateLeft) {
+  testing::TempDir tmp;
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // a create of "old" killed after making its staging directory
+    detail::PartialDir staging = detail::make_partial_dir(tmp / "old");
+    std::ofstream(staging.path() / "shard-00000.bin") << "half a table";
+    raise(SIGKILL);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  detail::PartialDir live = detail::make_partial_dir(tmp / "busy");  // still creating
+  auto partials = [&] {
+    size_t n = 0;
+    for (const auto& e : fs::directory_iterator(tmp.path()))
+      n += e.path().filename().string().find(".partial-") != std::string::npos;
+    return n;
+  };
+  ASSERT_EQ(partials(), 2u);
+  zero_table(tmp, 10, 2);
+  EXPECT_EQ(partials(), 1u) << "the killed create's staging directory was left";
+  EXPECT_TRUE(fs::exists(live.path())) << "a live create's staging directory was removed";
 }
 
 // The look-ahead's rows: held, they follow every update until released.
