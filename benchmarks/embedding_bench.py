@@ -140,13 +140,17 @@ def zipf_stream(rows: int, n: int, per: int, seed: int) -> list[np.ndarray]:
 
 
 def lookahead(d: Path, step_ms: float, steps: int, batch_size: int,
-              ahead: bool = True) -> dict[str, float]:
+              mode: str = "ahead") -> dict[str, float]:
     """The Loader with embeddings feeding a synthetic training step (a sleep of `step_ms`,
     as a step whose time is on the GPU, then a sparse update of the batch's rows and a flush
     every 50 steps): the share of the loop's time spent waiting for the next batch, over the
     first `steps` steps from a cold table (rows come from disk while the cache fills) and over
-    the `steps` after them. `ahead=False`: the plain Loader, the loop gathering each batch's
-    rows itself (np.unique, then table.gather, counted as waiting)."""
+    the `steps` after them. mode "plain": the plain Loader, the loop gathering each batch's
+    rows itself (np.unique, then table.gather, counted as waiting); "bare": the plain Loader
+    and the sleep alone (no rows, no update), the loader's own share. The update's arithmetic
+    is numpy's in every mode: torch's CPU kernels spin their OpenMP threads after each op,
+    which on two cores takes the loader's CPU (a GPU step would not)."""
+    ahead = mode == "ahead"
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -173,13 +177,16 @@ def lookahead(d: Path, step_ms: float, steps: int, batch_size: int,
                 loader.set_epoch(loader.epoch + 1)
                 it = iter(loader)
                 continue
-            if not ahead:
+            if mode == "plain":
                 unique, inverse = np.unique(b["sparse"].numpy(), return_inverse=True)
                 b["sparse_unique"], b["sparse_rows"] = unique, table.gather(unique)
                 waited += time.perf_counter() - t
             time.sleep(step_ms / 1000)
-            table.update(b["sparse_unique"], b["sparse_rows"] * 0.99)
             done += 1
+            if mode == "bare":
+                continue
+            rows = b["sparse_rows"]
+            table.update(b["sparse_unique"], np.asarray(rows.numpy() if hasattr(rows, "numpy") else rows) * 0.99)
             if done % 50 == 0:
                 table.flush()
         total = time.perf_counter() - start
@@ -284,12 +291,17 @@ def main() -> None:
               f"clairvoyant {disk['clairvoyant']} ({disk['clairvoyant'] / minimum:.3f}x), "
               f"LRU {disk['lru']} ({disk['lru'] / minimum:.3f}x)")
     if "lookahead" in parts:
-        runs, plain = [], []
+        runs, plain, bare = [], [], []
         for _ in range(args.rounds):  # alternating
             runs.append(lookahead(args.dir, args.step_ms, 200, 2048))
-            plain.append(lookahead(args.dir, args.step_ms, 200, 2048, ahead=False))
+            plain.append(lookahead(args.dir, args.step_ms, 200, 2048, mode="plain"))
+            bare.append(lookahead(args.dir, args.step_ms, 200, 2048, mode="bare"))
         results["lookahead"], results["gather_in_the_loop"] = runs, plain
+        results["loader_alone"] = bare
         for phase in ("cold", "warm"):
+            waits = [r[f"{phase}_wait_fraction"] for r in bare]
+            print(f"plain Loader alone (no rows, no update), {phase}: consumer wait "
+                  f"{statistics.median(waits):.3f} ({', '.join(f'{w:.3f}' for w in waits)})")
             waits = [r[f"{phase}_wait_fraction"] for r in plain]
             print(f"plain Loader, the loop gathers, {phase} table: consumer wait "
                   f"{statistics.median(waits):.3f} ({', '.join(f'{w:.3f}' for w in waits)}), "
