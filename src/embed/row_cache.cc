@@ -18,9 +18,29 @@ uint64_t RowCache::next_use(int64_t id) const {
 }
 
 void RowCache::set_next(int64_t id, Entry& e, uint64_t next) {
-  by_next_.erase({e.next, id});
+  if (e.next == next) return;
   e.next = next;
-  by_next_.insert({e.next, id});
+  push_next(next, id);
+}
+
+void RowCache::push_next(uint64_t next, int64_t id) {
+  if (by_next_.size() > 2 * slot_of_.size() + 1024) {  // mostly stale: rebuilt from the live
+    by_next_.clear();
+    for (const auto& [cached, e] : slot_of_) by_next_.emplace_back(e.next, cached);
+    std::make_heap(by_next_.begin(), by_next_.end());
+  }
+  by_next_.emplace_back(next, id);
+  std::push_heap(by_next_.begin(), by_next_.end());
+}
+
+const std::pair<uint64_t, int64_t>& RowCache::farthest() {
+  while (true) {
+    const auto& [next, id] = by_next_.front();
+    auto it = slot_of_.find(id);
+    if (it != slot_of_.end() && it->second.next == next) return by_next_.front();
+    std::pop_heap(by_next_.begin(), by_next_.end());
+    by_next_.pop_back();
+  }
 }
 
 const std::byte* RowCache::find(int64_t id) {
@@ -39,11 +59,8 @@ void RowCache::overwrite(int64_t id, const std::byte* row) {
 void RowCache::evict(int64_t id) {
   auto it = slot_of_.find(id);
   free_slots_.push_back(it->second.slot);
-  if (policy_ == CachePolicy::kLru)
-    recency_.erase(it->second.lru);
-  else
-    by_next_.erase({it->second.next, id});
-  slot_of_.erase(it);
+  if (policy_ == CachePolicy::kLru) recency_.erase(it->second.lru);
+  slot_of_.erase(it);  // clairvoyant: its heap entries are stale now
 }
 
 void RowCache::offer(int64_t id, const std::byte* row) {
@@ -57,9 +74,9 @@ void RowCache::offer(int64_t id, const std::byte* row) {
     if (policy_ == CachePolicy::kLru) {
       evict(recency_.back());
     } else {
-      auto farthest = std::prev(by_next_.end());
-      if (next >= farthest->first) return;  // used later than every cached row: bypass
-      evict(farthest->second);
+      const auto [far_next, far_id] = farthest();
+      if (next >= far_next) return;  // used later than every cached row: bypass
+      evict(far_id);
     }
   }
   Entry e{free_slots_.back(), kNever, {}};
@@ -70,9 +87,9 @@ void RowCache::offer(int64_t id, const std::byte* row) {
     e.lru = recency_.begin();
   } else {
     e.next = next;
-    by_next_.insert({next, id});
   }
   slot_of_.emplace(id, e);
+  if (policy_ == CachePolicy::kClairvoyant) push_next(next, id);
 }
 
 void RowCache::feed(std::span<const int64_t> ids) {

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <deque>
 #include <list>
-#include <set>
 #include <span>
 #include <unordered_map>
 #include <utility>
@@ -50,6 +49,9 @@ class RowCache {
   };
   uint64_t next_use(int64_t id) const;
   void set_next(int64_t id, Entry& e, uint64_t next);
+  void push_next(uint64_t next, int64_t id);
+  // The cached row used farthest ahead (clairvoyant), its stale entries dropped first.
+  const std::pair<uint64_t, int64_t>& farthest();
   void evict(int64_t id);
 
   uint64_t capacity_;
@@ -58,8 +60,12 @@ class RowCache {
   std::vector<std::byte> rows_;  // capacity_ x row_bytes_
   std::vector<uint64_t> free_slots_;
   std::unordered_map<int64_t, Entry> slot_of_;
-  std::set<std::pair<uint64_t, int64_t>> by_next_;  // clairvoyant: farthest last
-  std::list<int64_t> recency_;                      // LRU: most recent first
+  // Clairvoyant: (next use, id) of the cached rows as a max-heap (farthest on top). Lazy: a
+  // row's entry goes stale when its next use moves (a new entry is pushed) or it leaves the
+  // cache; stale entries are dropped when they reach the top, and all at once when they
+  // outnumber the live ones. A std::set did the same with an allocation per move.
+  std::vector<std::pair<uint64_t, int64_t>> by_next_;
+  std::list<int64_t> recency_;  // LRU: most recent first
   // The future: fed batches not yet gathered, each id linked to its next fed use.
   struct Fed {
     std::vector<int64_t> ids;
