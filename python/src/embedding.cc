@@ -19,8 +19,7 @@ namespace sluice::python {
 namespace {
 
 // A contiguous buffer's bytes (the Python side makes them so; this only refuses).
-std::span<std::byte> bytes(const py::buffer& b, const char* what, bool writable) {
-  py::buffer_info info = b.request(writable);
+std::span<std::byte> bytes(const py::buffer_info& info, const char* what) {
   py::ssize_t expect = info.itemsize;
   for (py::ssize_t d = info.ndim; d-- > 0;) {
     if (info.shape[d] > 1 && info.strides[d] != expect)
@@ -29,12 +28,15 @@ std::span<std::byte> bytes(const py::buffer& b, const char* what, bool writable)
   }
   return {static_cast<std::byte*>(info.ptr), static_cast<size_t>(info.size * info.itemsize)};
 }
+std::span<std::byte> bytes(const py::buffer& b, const char* what, bool writable) {
+  return bytes(b.request(writable), what);
+}
 
 std::span<const int64_t> ids_of(const py::buffer& b) {
   py::buffer_info info = b.request();
   if (info.itemsize != 8 || (info.format != "q" && info.format != "l"))
     throw Error(ErrorCode::kInvalidArgument, "ids: expected int64, got format " + info.format);
-  auto s = bytes(b, "ids", false);
+  auto s = bytes(info, "ids");
   return {reinterpret_cast<const int64_t*>(s.data()), s.size() / 8};
 }
 

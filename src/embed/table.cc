@@ -105,7 +105,7 @@ class Table final : public EmbeddingTable {
     std::error_code ec;
     if (fs::exists(journal, ec))
       embed::Journal::replay(journal, layout_.row_bytes,
-                             [&](auto ids, auto rows) { hold_dirty(ids, rows); });
+                             [&](auto ids, auto rows) { hold_dirty(ids, rows, false); });
     if (!options_.readonly) {
       journal_.emplace(journal);
       std::lock_guard lock(write_mu_);
@@ -165,7 +165,7 @@ class Table final : public EmbeddingTable {
     if (ids.empty()) return;
     std::lock_guard lock(write_mu_);
     journal_->append(ids, values);
-    hold_dirty(ids, values);
+    hold_dirty(ids, values, true);
     if (dirty_rows_.size() > options_.max_dirty_bytes) apply_and_clear();
   }
 
@@ -312,7 +312,8 @@ class Table final : public EmbeddingTable {
   }
 
   // Rows not yet in place: the newest value of each, seen by gathers and in the cache.
-  void hold_dirty(std::span<const int64_t> ids, std::span<const std::byte> rows) {
+  // `counted`: an update of this process (stats' rows_updated), not a replayed journal record.
+  void hold_dirty(std::span<const int64_t> ids, std::span<const std::byte> rows, bool counted) {
     const size_t rb = layout_.row_bytes;
     std::lock_guard lock(state_mu_);
     for (size_t i = 0; i < ids.size(); ++i) {
@@ -321,7 +322,7 @@ class Table final : public EmbeddingTable {
       std::memcpy(dirty_rows_.data() + it->second, rows.data() + i * rb, rb);
       if (cache_) cache_->offer(ids[i], rows.data() + i * rb);  // kept past the flush
     }
-    stats_.rows_updated += ids.size();
+    if (counted) stats_.rows_updated += ids.size();
     std::lock_guard held(holds_mu_);
     if (!holds_.empty()) patch_holds(ids, rows);
   }

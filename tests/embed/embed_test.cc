@@ -504,6 +504,26 @@ TEST(EmbedTable, TheNextCreateRemovesWhatAKilledCreateLeft) {
   EXPECT_TRUE(fs::exists(live.path())) << "a live create's staging directory was removed";
 }
 
+// Updates not flushed when the process ends are replayed on open: seen by gathers, and not
+// counted as this process's updates.
+TEST(EmbedTable, AReplayedJournalIsSeenAndNotCountedAsUpdates) {
+  testing::TempDir tmp;
+  zero_table(tmp, 10, 2);
+  {
+    auto t = EmbeddingTable::open(tmp / "t");
+    std::vector<int64_t> ids = {3};
+    std::vector<float> v = {7, 7};
+    t->update(ids, std::as_bytes(std::span(v)));
+    EXPECT_EQ(t->stats().rows_updated, 1u);
+  }  // closed without a flush: the update is in the journal only
+  auto t = EmbeddingTable::open(tmp / "t");
+  std::vector<int64_t> ids = {3};
+  std::vector<float> got(2);
+  t->gather(ids, std::as_writable_bytes(std::span(got)));
+  EXPECT_EQ(got, (std::vector<float>{7, 7}));
+  EXPECT_EQ(t->stats().rows_updated, 0u);
+}
+
 // The look-ahead's rows: held, they follow every update until released.
 TEST(EmbedTable, HeldRowsFollowUpdatesUntilReleased) {
   testing::TempDir tmp;
