@@ -168,14 +168,13 @@ void bind_embedding(py::module_& m) {
             std::vector<int64_t> unique;
             {
               py::gil_scoped_release nogil;
-              std::vector<uint32_t> order(i.size());
-              for (uint32_t k = 0; k < order.size(); ++k) order[k] = k;
-              std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
-                return i[a] < i[b] || (i[a] == i[b] && a < b);
-              });
+              // (id, position) pairs sorted in place: no comparator reaching back into `i`.
+              std::vector<std::pair<int64_t, uint32_t>> order(i.size());
+              for (uint32_t k = 0; k < order.size(); ++k) order[k] = {i[k], k};
+              std::sort(order.begin(), order.end());
               int64_t* inv = inverse.mutable_data();
-              for (uint32_t k : order) {
-                if (unique.empty() || unique.back() != i[k]) unique.push_back(i[k]);
+              for (const auto& [id, k] : order) {
+                if (unique.empty() || unique.back() != id) unique.push_back(id);
                 inv[k] = static_cast<int64_t>(unique.size() - 1);
               }
               t.feed_future(unique);
