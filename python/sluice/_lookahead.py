@@ -5,10 +5,10 @@ unique (`FIELD_unique`, `FIELD_inverse`) and tells the table they are a future g
 (`feed_future`, what the clairvoyant cache evicts by); `depth` batches later it gathers the
 rows (`FIELD_rows`), so each gather is made knowing the ids of the next `depth` batches, and
 the consumer finds `depth` batches with their rows ready. While the consumer has none ready
-(an epoch's first batches) a batch is gathered as soon as it is taken. The rows are held (`gather_held`):
-until the batch is delivered, every `table.update` of one of them writes it into the batch
-too, so a batch always carries its rows' latest values and delivery does no work. For
-device "cuda:N" the rows are held in pinned host memory and copied at delivery.
+(an epoch's first batches) a batch is gathered as soon as it is taken. The rows are held
+(`gather_held`): until the batch is delivered, every `table.update` of one of them writes it
+into the batch too, so a batch always carries its rows' latest values and delivery does no
+work. For device "cuda:N" the rows are held in pinned host memory and copied at delivery.
 
 The consumer's place is the C++ loader's state after the last batch it was given (not after
 the last batch the thread took), so state_dict() stays exact; a loop that stops early puts

@@ -188,10 +188,7 @@ class Writer(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # The coordinator, before any rank writes: clear what killed saves left, make the
         # staging directory, and tell each rank its file.
-        removed = _C.remove_partial_checkpoints(str(self.path))
-        if removed:
-            print(f"sluice: checkpoint: removed {len(removed)} unfinished save(s) in "
-                  f"{self.path.parent}: {', '.join(removed)}", file=sys.stderr)
+        _C.remove_partial_checkpoints(str(self.path))  # says what it removed on stderr
         # Held (its flock) until published, so that other saves in this directory leave it be.
         self._staging_dir = _C.make_partial_checkpoint_dir(str(self.path))
         self._staging = staging = self._staging_dir.path

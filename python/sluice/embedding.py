@@ -65,7 +65,6 @@ class EmbeddingTable:
         self._t = _C.EmbeddingTable(os.fspath(path), int(cache_bytes), policy, bool(readonly),
                                     int(queue_depth))
 
-
     @classmethod
     def create(cls, path: str | os.PathLike, *, rows: int, dim: int, dtype: str = "float32",
                init: str = "zeros", seed: int = 0, shard_bytes: int = 1 << 30,

@@ -168,7 +168,7 @@ void bind_checkpoint(py::module_& m) {
   m.def("make_partial_checkpoint_dir",
         [](const std::string& dir) { return detail::make_partial_dir(dir); });
   m.def("remove_partial_checkpoints",
-        [](const std::string& dir) { return detail::remove_partial_dirs(dir); });
+        [](const std::string& dir) { return detail::remove_partial_dirs(dir, "checkpoint"); });
 }
 
 }  // namespace sluice::python

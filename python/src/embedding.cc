@@ -153,8 +153,7 @@ void bind_embedding(py::module_& m) {
             // With the GIL: a release waits only for an update's patches (holds_mu_), and
             // letting the GIL go here hands it to the look-ahead thread mid-delivery.
             self.cast<EmbeddingTable&>().release(hold);
-            py::dict held = held_of(self);
-            if (held.contains(py::int_(hold))) PyDict_DelItem(held.ptr(), py::int_(hold).ptr());
+            held_of(self).attr("pop")(hold, py::none());
           },
           py::arg("hold"))
       .def(

@@ -346,18 +346,6 @@ void publish_checkpoint_dir(const fs::path& staging, const fs::path& dir, bool d
   detail::replace_dir(staging, dir, durable);
 }
 
-static fs::path parent_of(const fs::path& dir) {
-  return dir.parent_path().empty() ? fs::path(".") : dir.parent_path();
-}
-
-static void log_removed_partials(const fs::path& dir, const std::vector<std::string>& names) {
-  if (names.empty()) return;
-  std::string list;
-  for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
-  detail::log_line(fmt::format("checkpoint: removed {} unfinished save{} in {}: {}", names.size(),
-                               names.size() == 1 ? "" : "s", parent_of(dir).string(), list));
-}
-
 namespace {
 constexpr const char* kIndex = "index.json";
 constexpr uint64_t kIndexVersion = 1;
@@ -366,7 +354,7 @@ constexpr uint64_t kIndexVersion = 1;
 
 CheckpointWriteResult save_checkpoint(const fs::path& dir, std::span<const CheckpointPart> parts,
                                       const CheckpointOptions& options) {
-  log_removed_partials(dir, detail::remove_partial_dirs(dir));
+  detail::remove_partial_dirs(dir, "checkpoint");
   const detail::PartialDir staging_dir = detail::make_partial_dir(dir);
   const fs::path& staging = staging_dir.path();
   CheckpointWriteResult r = write_checkpoint_file(staging / "data", parts, options);

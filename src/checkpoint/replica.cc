@@ -331,8 +331,8 @@ bool restore_checkpoint_dir(const CheckpointReplica& r, const std::string& name,
   std::error_code ec;
   fs::create_directories(parent, ec);
   FileLock lock(parent / fmt::format(".{}.restore-lock", dir.filename().string()));
-  if (matches(dir, files)) return false;  // another process restored it meanwhile
-  detail::remove_partial_dirs(dir);       // what a killed restore or save left
+  if (matches(dir, files)) return false;           // another process restored it meanwhile
+  detail::remove_partial_dirs(dir, "checkpoint");  // what a killed restore or save left
   const detail::PartialDir staging_dir = detail::make_partial_dir(dir);
   const fs::path& staging = staging_dir.path();
   try {

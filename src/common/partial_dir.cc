@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 #include "common/file.h"
+#include "common/log.h"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -87,7 +88,7 @@ PartialDir make_partial_dir(const fs::path& dir) {
   fail(ErrorCode::kIo, "could not make a staging directory beside {}", dir.string());
 }
 
-std::vector<std::string> remove_partial_dirs(const fs::path& dir) {
+std::vector<std::string> remove_partial_dirs(const fs::path& dir, std::string_view what) {
   std::vector<std::string> removed;
   std::error_code ec;
   const std::string own = partial_prefix(dir);
@@ -106,6 +107,13 @@ std::vector<std::string> remove_partial_dirs(const fs::path& dir) {
     if (!rec) removed.push_back(name);
   }
   std::sort(removed.begin(), removed.end());
+  if (!removed.empty()) {
+    std::string list;
+    for (const auto& n : removed) list += (list.empty() ? "" : ", ") + n;
+    log_line(fmt::format("{}: removed {} unfinished staging director{} in {}: {}", what,
+                         removed.size(), removed.size() == 1 ? "y" : "ies", parent_of(dir).string(),
+                         list));
+  }
   return removed;
 }
 

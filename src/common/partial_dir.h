@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace sluice::detail {
@@ -38,7 +39,9 @@ PartialDir make_partial_dir(const std::filesystem::path& dir);
 /// Removes the staging directories that writers which never finished (killed midway) left in
 /// `dir`'s parent, under any name: each one no process holds (its flock is free). Where the
 /// file system has no flock, only `dir`'s own are removed, so call it when no writer of `dir`
-/// is running. Returns their names, sorted.
-std::vector<std::string> remove_partial_dirs(const std::filesystem::path& dir);
+/// is running. Says what it removed in one log line starting with `what` ("checkpoint");
+/// returns their names, sorted.
+std::vector<std::string> remove_partial_dirs(const std::filesystem::path& dir,
+                                             std::string_view what);
 
 }  // namespace sluice::detail

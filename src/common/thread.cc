@@ -12,8 +12,8 @@
 namespace sluice::detail {
 
 void background_thread(const std::string& name) {
-  pthread_setname_np(pthread_self(),
-                     name.c_str());  // ERANGE past 15 characters: the name is a nicety
+  // ERANGE past 15 characters: the name is a nicety, the scheduling is what counts.
+  pthread_setname_np(pthread_self(), name.c_str());
   sched_param param{};
   param.sched_priority = 0;
   const int err = pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);

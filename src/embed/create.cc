@@ -6,7 +6,6 @@
 
 #include "common/errors.h"
 #include "common/file.h"
-#include "common/log.h"
 #include "common/partial_dir.h"
 #include "embed/layout.h"
 #include "embed/values.h"
@@ -112,15 +111,7 @@ void EmbeddingTable::create(const fs::path& path, const EmbeddingSpec& spec,
   const embed::Layout l = embed::Layout::make(spec.rows, spec.dim, spec.dtype, spec.shard_bytes);
   const fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
   // What creates killed midway left beside it (a table's worth of shards, perhaps): gone first.
-  const std::vector<std::string> removed = detail::remove_partial_dirs(path);
-  if (!removed.empty()) {
-    std::string list;
-    for (const auto& n : removed) list += (list.empty() ? "" : ", ") + n;
-    detail::log_line(fmt::format(
-        "embedding table {}: removed {} unfinished staging director{} "
-        "in {}: {}",
-        path.string(), removed.size(), removed.size() == 1 ? "y" : "ies", parent.string(), list));
-  }
+  detail::remove_partial_dirs(path, "embedding table " + path.string());
   detail::PartialDir staging_dir = detail::make_partial_dir(path);  // locked until renamed
   const fs::path& staging = staging_dir.path();
   try {

@@ -331,19 +331,12 @@ class Table final : public EmbeddingTable {
   // sides in id order, merged: a hold of U rows costs U + ids.size() steps, whatever the overlap.
   void patch_holds(std::span<const int64_t> ids, std::span<const std::byte> rows) {
     const size_t rb = layout_.row_bytes;
-    std::vector<uint32_t> order(ids.size());  // positions in id order; of a repeat, the last
+    // Positions in id order, a repeated id's in update order: its last copy is the one that stays.
+    std::vector<uint32_t> order(ids.size());
     for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
-    bool ascending = true;
-    for (size_t i = 1; i < ids.size() && ascending; ++i) ascending = ids[i] > ids[i - 1];
-    if (!ascending) {
+    if (!std::is_sorted(ids.begin(), ids.end()))
       std::stable_sort(order.begin(), order.end(),
                        [&](uint32_t a, uint32_t b) { return ids[a] < ids[b]; });
-      std::vector<uint32_t> last;
-      last.reserve(order.size());
-      for (size_t k = 0; k < order.size(); ++k)
-        if (k + 1 == order.size() || ids[order[k + 1]] != ids[order[k]]) last.push_back(order[k]);
-      order.swap(last);
-    }
     for (auto& [number, h] : holds_) {
       size_t at = 0;
       for (uint32_t i : order) {
